@@ -1,0 +1,165 @@
+"""The `memfuse` command: mount and umount.
+
+`memfuse mount AGENT_ID [MOUNTPOINT]` starts the daemon in the background and returns once the
+mount is ready (or prints why it could not start); `--foreground` serves in this process.
+`memfuse umount AGENT_ID|MOUNTPOINT` asks the daemon to flush, snapshot and unmount, and waits.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+from .config import Config, RunningMount, agent_dir, running_mounts
+from .daemon import MountError, serve
+
+READY = "ready"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memfuse", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    mount = sub.add_parser("mount", help="mount an agent's memory")
+    mount.add_argument("agent_id", help="the agent, e.g. agent-1234...")
+    mount.add_argument("mountpoint", nargs="?",
+                       help="where to mount (default ~/.letta/agents/AGENT_ID/memory)")
+    mount.add_argument("--base-url", help="Letta server (default $LETTA_BASE_URL or "
+                                          "http://localhost:8283)")
+    mount.add_argument("--history-dir", help="history repository (default "
+                                             "~/.letta/agents/AGENT_ID/memory.git)")
+    mount.add_argument("--revalidate", type=float, default=1.0, metavar="SECONDS",
+                       help="re-read a block from the server on open when the cached copy is "
+                            "older than this (default 1)")
+    mount.add_argument("--foreground", action="store_true", help="serve in this process")
+    mount.add_argument("--debug", action="store_true", help="log every server call")
+    mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    umount = sub.add_parser("umount", help="flush, snapshot and unmount")
+    umount.add_argument("target", help="AGENT_ID or MOUNTPOINT")
+    umount.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="how long to wait for the daemon to finish (default 60)")
+    return parser
+
+
+def _setup_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not debug:  # httpx logs every request at INFO
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _mount_foreground(config: Config, ready_fd: int | None) -> int:
+    _setup_logging(config.debug)
+
+    def on_ready(error: str | None) -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, (f"error {error}" if error else READY).encode() + b"\n")
+            os.close(ready_fd)
+        elif error is None:
+            print(f"memfuse: serving agent {config.agent_id} at {config.mountpoint} "
+                  f"(Ctrl-C to unmount)", file=sys.stderr)
+
+    try:
+        trio.run(serve, config, on_ready)
+    except MountError as exc:
+        logging.getLogger("memfuse").error("%s", exc)
+        return 1
+    return 0
+
+
+def _mount_background(args: argparse.Namespace, config: Config) -> int:
+    """Start `memfuse mount --foreground` detached, logging to the agent's log file, and wait
+    for its one-line report on a pipe."""
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    read_fd, write_fd = os.pipe()
+    argv = [sys.executable, "-m", "memfuse.cli", "mount", config.agent_id, str(config.mountpoint),
+            "--foreground", "--ready-fd", str(write_fd), "--base-url", config.base_url,
+            "--history-dir", str(config.history_dir), "--revalidate", str(config.revalidate)]
+    if args.debug:
+        argv.append("--debug")
+    with open(config.log_file, "ab") as log_file:
+        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                         pass_fds=(write_fd,), start_new_session=True)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as report:
+        ready, _, _ = select.select([report], [], [], 180)
+        line = report.readline().strip() if ready else "error the daemon did not report in 180 s"
+    if line == READY:
+        print(f"memfuse: mounted agent {config.agent_id} at {config.mountpoint}")
+        return 0
+    reason = line.removeprefix("error ") if line else "the daemon exited during start-up"
+    print(f"memfuse: {reason} (log: {config.log_file})", file=sys.stderr)
+    return 1
+
+
+def _find_mount(target: str) -> tuple[Path | None, RunningMount | None, Path]:
+    """(pid file, record, mountpoint) for an agent id or a mountpoint path."""
+    if os.sep not in target and not target.startswith("."):
+        pid_file = agent_dir(target) / "memfuse.pid"
+        record = RunningMount.load(pid_file)
+        mountpoint = Path(record.mountpoint) if record else agent_dir(target) / "memory"
+        return pid_file, record, mountpoint
+    mountpoint = Path(target).expanduser().absolute()
+    for pid_file, record in running_mounts():
+        if Path(record.mountpoint) == mountpoint:
+            return pid_file, record, mountpoint
+    return None, None, mountpoint
+
+
+def _is_mounted(path: Path) -> bool:
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError:  # ENOTCONN: a FUSE mount whose daemon is gone
+        return True
+    return os.path.ismount(path)
+
+
+def umount(target: str, timeout: float) -> int:
+    """Stop the daemon serving `target` (SIGTERM, then wait), clearing a stale mount if needed."""
+    pid_file, record, mountpoint = _find_mount(target)
+    if record is not None and record.alive():
+        os.kill(record.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while record.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if record.alive():
+            print(f"memfuse: daemon {record.pid} did not finish within {timeout:g} s "
+                  f"(log: {record.log_file})", file=sys.stderr)
+            return 1
+    elif not _is_mounted(mountpoint):
+        print(f"memfuse: nothing is mounted at {mountpoint}", file=sys.stderr)
+        return 1
+    if _is_mounted(mountpoint):  # the daemon died without unmounting: clear the stale mount
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+    if pid_file is not None:
+        pid_file.unlink(missing_ok=True)
+    print(f"memfuse: unmounted {mountpoint}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `memfuse` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    if args.command == "umount":
+        return umount(args.target, args.timeout)
+    config = Config.build(args.agent_id, args.mountpoint, base_url=args.base_url,
+                          history_dir=args.history_dir, revalidate=args.revalidate,
+                          debug=args.debug)
+    if args.foreground:
+        return _mount_foreground(config, args.ready_fd)
+    return _mount_background(args, config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

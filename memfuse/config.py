@@ -1,0 +1,108 @@
+"""Settings of one mount, from command-line flags and the environment.
+
+Environment: LETTA_BASE_URL (default http://localhost:8283), LETTA_API_KEY (sent as a Bearer
+token; never logged or written to disk). Paths default under `~/.letta/agents/<agent-id>/`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .letta import DEFAULT_BASE_URL
+
+
+def letta_home() -> Path:
+    """`~/.letta`: where Letta tools keep per-agent state."""
+    return Path(os.path.expanduser("~")) / ".letta"
+
+
+def agent_dir(agent_id: str) -> Path:
+    """`~/.letta/agents/<agent_id>`: the default mountpoint's parent, history, log and pid file."""
+    return letta_home() / "agents" / agent_id
+
+
+@dataclass
+class Config:
+    """One mount. Times are in seconds."""
+
+    agent_id: str
+    mountpoint: Path
+    history_dir: Path
+    base_url: str = DEFAULT_BASE_URL
+    api_key: str | None = field(default=None, repr=False)
+    revalidate: float = 1.0
+    quiet_period: float = 1.0
+    retry_budget: float = 10.0
+    debug: bool = False
+
+    @classmethod
+    def build(cls, agent_id: str, mountpoint: str | None = None, *, base_url: str | None = None,
+              history_dir: str | None = None, **settings) -> "Config":
+        """Fill the defaults: mountpoint `~/.letta/agents/<id>/memory`, history next to it as
+        `memory.git`, base URL from `--base-url`, else LETTA_BASE_URL, else localhost:8283."""
+        home = agent_dir(agent_id)
+        return cls(
+            agent_id=agent_id,
+            mountpoint=Path(mountpoint).expanduser().absolute() if mountpoint else home / "memory",
+            history_dir=(Path(history_dir).expanduser().absolute() if history_dir
+                         else home / "memory.git"),
+            base_url=base_url or os.environ.get("LETTA_BASE_URL") or DEFAULT_BASE_URL,
+            api_key=os.environ.get("LETTA_API_KEY") or None,
+            **settings,
+        )
+
+    @property
+    def state_dir(self) -> Path:
+        return agent_dir(self.agent_id)
+
+    @property
+    def log_file(self) -> Path:
+        return self.state_dir / "memfuse.log"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.state_dir / "memfuse.pid"
+
+
+@dataclass
+class RunningMount:
+    """What a running daemon writes to its pid file (JSON) so `umount`/`status` can find it."""
+
+    agent_id: str
+    mountpoint: str
+    pid: int
+    base_url: str
+    log_file: str
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.__dict__) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "RunningMount | None":
+        """The record in `path`, or None when there is none or it cannot be read."""
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def alive(self) -> bool:
+        """Whether the daemon's process still exists."""
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def running_mounts() -> list[tuple[Path, RunningMount]]:
+    """Every pid file under `~/.letta/agents/*/memfuse.pid` with its record."""
+    found = []
+    for pid_file in sorted((letta_home() / "agents").glob("*/memfuse.pid")):
+        record = RunningMount.load(pid_file)
+        if record is not None:
+            found.append((pid_file, record))
+    return found

@@ -1,0 +1,142 @@
+"""The mount daemon: one trio nursery running pyfuse3's loop and the snapshotter.
+
+Start-up checks everything a person can get wrong before the mount appears (mountpoint busy,
+server unreachable, unknown agent) and reports it through `on_ready` as one sentence. Shutdown
+(SIGINT, SIGTERM, or an external `fusermount3 -u`) sends any unsent writes, unmounts, and takes
+a last snapshot.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Callable
+
+import pyfuse3
+import trio
+
+from .config import Config, RunningMount
+from .fs import MemoryFs
+from .history import HistoryRepo, Origin, Snapshotter, gitfile_content
+from .letta import Invalid, LettaClient, LettaError, NotFound, Unauthorized, Unreachable
+from .errors import FsError
+from .memory import AgentMemory
+from .tree import Tree
+
+log = logging.getLogger("memfuse.daemon")
+
+
+class MountError(Exception):
+    """The mount cannot start; the message is for a person."""
+
+
+def check_mountpoint(path: Path) -> None:
+    """Create `path` if missing; raise MountError when it is mounted, stale or not empty."""
+    try:
+        if os.path.ismount(path):
+            raise MountError(f"{path} is already a mount point (try: memfuse umount {path})")
+        path.mkdir(parents=True, exist_ok=True)
+        if any(path.iterdir()):
+            raise MountError(f"{path} is not empty; memfuse mounts only on an empty directory")
+    except OSError as exc:
+        raise MountError(f"{path} cannot be used as a mountpoint ({exc.strerror}; a stale mount "
+                         f"is cleared by: memfuse umount {path})") from None
+
+
+async def _connect(client: LettaClient, config: Config) -> None:
+    try:
+        await client.health()
+        await client.get_agent(config.agent_id)
+    except Unreachable as exc:
+        raise MountError(f"cannot reach the Letta server at {config.base_url} ({exc.detail})"
+                         ) from None
+    except (NotFound, Invalid):
+        raise MountError(f"agent {config.agent_id} not found on {config.base_url}") from None
+    except Unauthorized:
+        raise MountError(f"the Letta server at {config.base_url} refused the API key "
+                         f"(check LETTA_API_KEY)") from None
+    except LettaError as exc:
+        raise MountError(f"the Letta server at {config.base_url} answered: {exc}") from None
+
+
+async def _snapshot_at_mount(repo: HistoryRepo, snapshots: Snapshotter, tree: Tree) -> None:
+    committed = await trio.to_thread.run_sync(repo.files)
+    current = tree.files()
+    changes: dict[str, bytes | None] = {p: c for p, c in current.items() if committed.get(p) != c}
+    changes.update({p: None for p in committed if p not in current})
+    await snapshots.commit_now(changes, Origin.SERVER, "Snapshot at mount")
+
+
+async def serve(config: Config, on_ready: Callable[[str | None], None]) -> None:
+    """Mount `config.agent_id` at `config.mountpoint` and serve until unmounted or signalled.
+
+    on_ready(None) is called once the mount is usable; on_ready(message) when it cannot start
+    (then MountError is raised too).
+    """
+    try:
+        check_mountpoint(config.mountpoint)
+        async with LettaClient(config.base_url, config.api_key,
+                               retry_budget=config.retry_budget) as client:
+            await _connect(client, config)
+            repo = HistoryRepo(config.history_dir)
+            await trio.to_thread.run_sync(repo.open)
+            snapshots = Snapshotter(repo, quiet_period=config.quiet_period)
+            tree = Tree(gitfile=gitfile_content(config.history_dir))
+            memory = AgentMemory(client, config.agent_id, tree, revalidate=config.revalidate,
+                                 record=snapshots.record)
+            try:
+                await memory.load()
+            except LettaError as exc:
+                raise MountError(f"could not list the agent's blocks: {exc}") from None
+            await _snapshot_at_mount(repo, snapshots, tree)
+            await _serve_mounted(config, MemoryFs(memory), snapshots, on_ready)
+    except MountError as exc:
+        on_ready(str(exc))
+        raise
+
+
+async def _serve_mounted(config: Config, ops: MemoryFs, snapshots: Snapshotter,
+                         on_ready: Callable[[str | None], None]) -> None:
+    options = set(pyfuse3.default_options) | {"fsname=memfuse", "subtype=memfuse"}
+    try:
+        pyfuse3.init(ops, str(config.mountpoint), options)
+    except RuntimeError as exc:
+        raise MountError(f"could not mount at {config.mountpoint}: {exc}") from None
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    RunningMount(config.agent_id, str(config.mountpoint), os.getpid(), config.base_url,
+                 str(config.log_file)).save(config.pid_file)
+    unmounted = False
+    try:
+        async with trio.open_nursery() as nursery:
+            async def fuse_loop() -> None:
+                nonlocal unmounted
+                await pyfuse3.main()
+                unmounted = True  # the kernel ended the session (fusermount3 -u)
+                nursery.cancel_scope.cancel()
+
+            async def watch_signals() -> None:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        log.info("%s: unmounting", signal.Signals(signum).name)
+                        nursery.cancel_scope.cancel()
+
+            nursery.start_soon(fuse_loop)
+            nursery.start_soon(snapshots.run)
+            nursery.start_soon(watch_signals)
+            log.info("mounted agent %s at %s (server %s)", config.agent_id, config.mountpoint,
+                     config.base_url)
+            on_ready(None)
+    finally:
+        with trio.CancelScope(shield=True):
+            for handle in ops.dirty_handles():
+                try:
+                    await ops.memory.write(handle.node, bytes(handle.data))
+                    handle.dirty = False
+                except FsError as exc:
+                    log.error("%s: unsent write lost at unmount: %s",
+                              ops.tree.path(handle.node), exc.reason)
+            pyfuse3.close(unmount=not unmounted)
+            await snapshots.flush()
+            config.pid_file.unlink(missing_ok=True)
+            log.info("unmounted %s", config.mountpoint)

@@ -1,0 +1,211 @@
+"""Version history: a git repository (dulwich) whose tree mirrors the mount.
+
+The repository lives outside the mountpoint (default `~/.letta/agents/<id>/memory.git`); the
+mount's `.git` gitfile points at it, so plain git works inside the mount. Commits are built from
+the changed blobs only (`commit_tree_changes`) on top of the branch head, and the branch is moved
+compare-and-swap, so a commit someone made with git in between becomes the parent.
+"""
+from __future__ import annotations
+
+import enum
+import getpass
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+from dulwich.object_store import commit_tree_changes
+from dulwich.objects import Blob, Commit, Tree
+from dulwich.repo import Repo
+
+log = logging.getLogger("memfuse.history")
+
+BRANCH = b"refs/heads/main"
+FILE_MODE = 0o100644
+SERVER_AUTHOR = b"Letta server <server@letta>"
+
+
+class Origin(enum.Enum):
+    """Who made a change: the mounting user through the mount, or someone on the server."""
+
+    LOCAL = "local"
+    SERVER = "server"
+
+
+def local_author() -> bytes:
+    """`user <user@host>` for the mounting user."""
+    user = getpass.getuser()
+    return f"{user} <{user}@{socket.gethostname()}>".encode()
+
+
+def gitfile_content(repo_path: Path) -> bytes:
+    """The `.git` gitfile at the mount's root: `gitdir: <absolute repo path>\\n`."""
+    return f"gitdir: {repo_path.resolve()}\n".encode()
+
+
+class HistoryRepo:
+    """The history repository. Blocking (dulwich): call it from a worker thread.
+
+    path: the git directory (a bare layout with `core.bare = false`, so git run in the mount via
+    the gitfile treats the mount as its work tree).
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._repo: Repo | None = None
+
+    def open(self) -> None:
+        """Open the repository, creating it (HEAD -> refs/heads/main) if it does not exist."""
+        if (self.path / "HEAD").exists():
+            self._repo = Repo(str(self.path))
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        repo = Repo.init_bare(str(self.path))
+        config = repo.get_config()
+        config.set((b"core",), b"bare", False)
+        config.write_to_path()
+        repo.refs.set_symbolic_ref(b"HEAD", BRANCH)
+        self._repo = repo
+
+    @property
+    def repo(self) -> Repo:
+        assert self._repo is not None, "open() first"
+        return self._repo
+
+    def head(self) -> bytes | None:
+        """The branch's commit id, or None before the first commit."""
+        return self.repo.refs.as_dict().get(BRANCH)
+
+    def files(self) -> dict[str, bytes]:
+        """Path -> content of every file at the branch head ({} when there is no commit)."""
+        head = self.head()
+        if head is None:
+            return {}
+        store = self.repo.object_store
+        return {path.decode(): store[sha].as_raw_string()
+                for path, _mode, sha in store.iter_tree_contents(store[head].tree)}
+
+    def commit(self, changes: dict[str, bytes | None], author: bytes, subject: str
+               ) -> bytes | None:
+        """Commit `changes` (path -> new content, None = deleted) on top of the branch head.
+
+        Paths whose content is already there are dropped; returns None when nothing is left,
+        else the new commit id. The message is `subject: <paths>` with one `A/M/D path` line per
+        file. Retries when the branch moved under it (compare-and-swap).
+        """
+        store = self.repo.object_store
+        while True:
+            head = self.head()
+            tree = store[store[head].tree] if head else Tree()
+            entries, lines, names = [], [], []
+            for path, content in sorted(changes.items()):
+                try:
+                    _mode, old_sha = tree.lookup_path(store.__getitem__, path.encode())
+                except KeyError:
+                    old_sha = None
+                if content is None:
+                    if old_sha is None:
+                        continue
+                    entries.append((path.encode(), None, None))
+                    lines.append(f"D {path}")
+                else:
+                    blob = Blob.from_string(content)
+                    if blob.id == old_sha:
+                        continue
+                    store.add_object(blob)
+                    entries.append((path.encode(), FILE_MODE, blob.id))
+                    lines.append(f"{'M' if old_sha else 'A'} {path}")
+                names.append(path)
+            if not entries:
+                return None
+            commit = Commit()
+            commit.tree = commit_tree_changes(store, tree, entries)
+            commit.parents = [head] if head else []
+            commit.author = author
+            commit.committer = local_author()
+            commit.author_time = commit.commit_time = int(time.time())
+            offset = -(time.altzone if time.localtime().tm_isdst > 0 else time.timezone)
+            commit.author_timezone = commit.commit_timezone = offset
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            commit.message = f"{subject}: {shown}\n\n" .encode() + "\n".join(lines).encode() + b"\n"
+            store.add_object(commit)
+            if self.repo.refs.set_if_equals(BRANCH, head, commit.id):
+                return commit.id
+            log.info("branch moved during a snapshot; committing on top of the new head")
+
+
+@dataclass
+class _Change:
+    origin: Origin
+    path: str
+    content: bytes | None
+
+
+@dataclass
+class Snapshotter:
+    """Batches changes and commits them after a quiet period, off the FUSE path.
+
+    `record` is cheap and synchronous (called from file operations). `run` commits once no change
+    has come for `quiet_period` seconds, or `max_delay` seconds after the first pending change,
+    whichever is first. Consecutive changes of one origin become one commit; local edits are
+    authored by the mounting user, server changes by SERVER_AUTHOR, in the order they happened.
+    """
+
+    repo: HistoryRepo
+    quiet_period: float = 1.0
+    max_delay: float = 10.0
+    _pending: list[_Change] = field(default_factory=list)
+    _lock: trio.Lock = field(default_factory=trio.Lock)
+    _wakeup: trio.Event = field(default_factory=trio.Event)
+    _last_change: float = 0.0
+    last_commit: bytes | None = None
+    last_error: str | None = None
+
+    def record(self, path: str, content: bytes | None, origin: Origin) -> None:
+        """Note that `path` now has `content` (None: gone) because of `origin`."""
+        self._pending.append(_Change(origin, path, content))
+        self._last_change = trio.current_time()
+        self._wakeup.set()
+
+    async def commit_now(self, changes: dict[str, bytes | None], origin: Origin, subject: str
+                         ) -> bytes | None:
+        """Commit `changes` right away (used for the snapshot at mount)."""
+        author = SERVER_AUTHOR if origin is Origin.SERVER else local_author()
+        async with self._lock:
+            sha = await trio.to_thread.run_sync(self.repo.commit, changes, author, subject)
+        if sha:
+            self.last_commit = sha
+        return sha
+
+    async def flush(self) -> None:
+        """Commit everything pending now, in order, one commit per run of one origin."""
+        pending, self._pending = self._pending, []
+        runs: list[tuple[Origin, dict[str, bytes | None]]] = []
+        for change in pending:
+            if not runs or runs[-1][0] is not change.origin:
+                runs.append((change.origin, {}))
+            runs[-1][1][change.path] = change.content
+        for origin, changes in runs:
+            subject = "Local edit" if origin is Origin.LOCAL else "Server change"
+            try:
+                await self.commit_now(changes, origin, subject)
+            except Exception as exc:  # history must never take the mount down
+                self.last_error = f"snapshot failed: {exc!r}"
+                log.exception("snapshot of %s failed", ", ".join(changes))
+
+    async def run(self) -> None:
+        """Commit pending changes after each quiet period, forever (cancel to stop)."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            first = trio.current_time()
+            while True:
+                now = trio.current_time()
+                wait = min(self._last_change + self.quiet_period, first + self.max_delay) - now
+                if wait <= 0:
+                    break
+                await trio.sleep(wait)
+            await self.flush()
+

@@ -1,0 +1,211 @@
+"""The async Letta client: the block API calls memfuse needs, over httpx under trio.
+
+Facts about the API are from the Letta server source (release 0.16.8) and were checked against a
+running server: list endpoints return JSON arrays and page with `limit` and `after` (a block id);
+errors carry `{"detail": ...}`; 409 means two server transactions raced and is worth a retry.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import trio
+
+log = logging.getLogger("memfuse.letta")
+
+DEFAULT_BASE_URL = "http://localhost:8283"
+PAGE_SIZE = 100
+
+
+@dataclass(frozen=True)
+class Block:
+    """One memory block as the server returned it.
+
+    `limit` is in characters of `value`. `description` may be None for blocks created without one.
+    `tags` is the block's tag set (owner tags look like `owner:<agent-id>`).
+    """
+
+    id: str
+    label: str
+    value: str
+    limit: int
+    description: str | None = None
+    read_only: bool = False
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Block":
+        """Build a Block from a block object of the Letta API (`GET /v1/blocks/{id}` and lists)."""
+        return cls(
+            id=data["id"],
+            label=data["label"],
+            value=data.get("value") or "",
+            limit=int(data.get("limit") or 0),
+            description=data.get("description"),
+            read_only=bool(data.get("read_only")),
+            tags=tuple(data.get("tags") or ()),
+        )
+
+
+class LettaError(Exception):
+    """A Letta API call failed. `status` is the HTTP status (None when no answer came back)."""
+
+    def __init__(self, method: str, path: str, status: int | None, detail: str):
+        self.method, self.path, self.status, self.detail = method, path, status, detail
+        where = f"{method} {path}"
+        super().__init__(f"{where}: {status} {detail}" if status else f"{where}: {detail}")
+
+
+class NotFound(LettaError):
+    """404: the agent or block does not exist."""
+
+
+class BadRequest(LettaError):
+    """400: the server refused the arguments."""
+
+
+class Conflict(LettaError):
+    """409: a conflict that outlasted the retry budget (e.g. a duplicate attached label)."""
+
+
+class Invalid(LettaError):
+    """422: request validation failed (e.g. an id of the wrong shape)."""
+
+
+class Unauthorized(LettaError):
+    """401/403: the API key is missing or wrong."""
+
+
+class ServerError(LettaError):
+    """5xx that outlasted the retry budget."""
+
+
+class Unreachable(LettaError):
+    """No HTTP answer (connect error, timeout) within the retry budget."""
+
+
+_BY_STATUS = {400: BadRequest, 401: Unauthorized, 403: Unauthorized, 404: NotFound,
+              409: Conflict, 422: Invalid}
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    return str(detail if detail is not None else response.text[:500] or response.reason_phrase)
+
+
+class LettaClient:
+    """Async client for the Letta block API (use as `async with LettaClient(...) as client`).
+
+    base_url: server root such as `http://localhost:8283`. api_key: sent as a Bearer token, never
+    logged. timeout: seconds per HTTP request. retry_budget: seconds within which transient failures
+    (connect errors and timeouts, 5xx, 409) are retried with exponential backoff (0.1 s doubling to
+    2 s); after it the typed error is raised. Non-idempotent calls (create) are retried only when
+    the request provably never reached the server (connect errors).
+    """
+
+    def __init__(self, base_url: str = DEFAULT_BASE_URL, api_key: str | None = None, *,
+                 timeout: float = 10.0, retry_budget: float = 10.0,
+                 transport: httpx.AsyncBaseTransport | None = None):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.base_url = base_url.rstrip("/")
+        self.retry_budget = retry_budget
+        self._http = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout,
+                                       transport=transport)
+
+    async def __aenter__(self) -> "LettaClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    async def _request(self, method: str, path: str, *, params: dict | None = None,
+                       json: dict | None = None, idempotent: bool = True) -> Any:
+        deadline = trio.current_time() + self.retry_budget
+        delay = 0.1
+        while True:
+            try:
+                response = await self._http.request(method, path, params=params, json=json)
+            except httpx.TransportError as exc:
+                retryable = idempotent or isinstance(exc, httpx.ConnectError)
+                error: LettaError = Unreachable(method, path, None,
+                                                f"{type(exc).__name__}: {exc}".rstrip(": "))
+            else:
+                if response.status_code < 400:
+                    return response.json() if response.content else None
+                status = response.status_code
+                retryable = (status >= 500 and idempotent) or status == 409
+                kind = ServerError if status >= 500 else _BY_STATUS.get(status, LettaError)
+                error = kind(method, path, status, _detail(response))
+            if not retryable or trio.current_time() + delay > deadline:
+                raise error
+            log.debug("retrying after %s (in %.1f s)", error, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _paginate(self, path: str, params: dict[str, Any]) -> list[Block]:
+        blocks: list[Block] = []
+        after: str | None = None
+        while True:
+            page_params = dict(params, limit=PAGE_SIZE, **({"after": after} if after else {}))
+            page = await self._request("GET", path, params=page_params)
+            blocks.extend(Block.from_json(item) for item in page)
+            if len(page) < PAGE_SIZE:
+                return blocks
+            after = page[-1]["id"]
+
+    async def health(self) -> dict[str, Any]:
+        """`GET /v1/health/` -> e.g. `{"version": "0.16.8", "status": "ok"}`."""
+        return await self._request("GET", "/v1/health/")
+
+    async def get_agent(self, agent_id: str) -> dict[str, Any]:
+        """`GET /v1/agents/{agent_id}` -> the agent object. NotFound/Invalid for a bad id."""
+        return await self._request("GET", f"/v1/agents/{agent_id}")
+
+    async def list_attached_blocks(self, agent_id: str) -> list[Block]:
+        """All blocks attached to the agent: `GET /v1/agents/{id}/core-memory/blocks`, paginated."""
+        return await self._paginate(f"/v1/agents/{agent_id}/core-memory/blocks", {})
+
+    async def list_owned_blocks(self, agent_id: str) -> list[Block]:
+        """All blocks tagged `owner:<agent_id>`: `GET /v1/blocks/?tags=owner:<id>`, paginated."""
+        return await self._paginate("/v1/blocks/", {"tags": f"owner:{agent_id}"})
+
+    async def get_block(self, block_id: str) -> Block:
+        """`GET /v1/blocks/{block_id}`. NotFound when it is gone."""
+        return Block.from_json(await self._request("GET", f"/v1/blocks/{block_id}"))
+
+    async def update_block(self, block_id: str, **fields: Any) -> Block:
+        """`PATCH /v1/blocks/{block_id}` with any of value, description, limit, label, tags.
+
+        Returns the block as the server stored it. Setting fields is idempotent, so it is retried.
+        """
+        return Block.from_json(await self._request("PATCH", f"/v1/blocks/{block_id}", json=fields))
+
+    async def create_block(self, *, label: str, value: str, description: str | None = None,
+                           limit: int | None = None, tags: list[str] | None = None) -> Block:
+        """`POST /v1/blocks/` -> the new block. Not retried once the request may have been sent."""
+        body: dict[str, Any] = {"label": label, "value": value}
+        if description is not None:
+            body["description"] = description
+        if limit is not None:
+            body["limit"] = limit
+        if tags is not None:
+            body["tags"] = tags
+        return Block.from_json(await self._request("POST", "/v1/blocks/", json=body,
+                                                   idempotent=False))
+
+    async def attach_block(self, agent_id: str, block_id: str) -> None:
+        """`PATCH /v1/agents/{agent_id}/core-memory/blocks/attach/{block_id}`."""
+        await self._request("PATCH", f"/v1/agents/{agent_id}/core-memory/blocks/attach/{block_id}")
+
+    async def detach_block(self, agent_id: str, block_id: str) -> None:
+        """`PATCH /v1/agents/{agent_id}/core-memory/blocks/detach/{block_id}`."""
+        await self._request("PATCH", f"/v1/agents/{agent_id}/core-memory/blocks/detach/{block_id}")

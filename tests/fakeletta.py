@@ -1,0 +1,78 @@
+"""A small in-memory stand-in for the Letta block API, served through httpx.MockTransport.
+
+Only for fast unit and filesystem-level tests; the integration tests use the real server.
+It records every request so tests can count PATCHes.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import uuid
+
+import httpx
+
+
+class FakeLetta:
+    """Agents and blocks in dicts; `requests` lists (method, path, json body) of every call."""
+
+    def __init__(self):
+        self.blocks: dict[str, dict] = {}
+        self.agents: dict[str, list[str]] = {}  # agent id -> attached block ids
+        self.requests: list[tuple[str, str, dict | None]] = []
+        self.fail_next: list[int] = []  # statuses to answer with before serving normally
+        self._ids = itertools.count(1)
+
+    def add_agent(self) -> str:
+        agent_id = f"agent-{uuid.uuid4()}"
+        self.agents[agent_id] = []
+        return agent_id
+
+    def add_block(self, label: str, value: str = "", *, agent: str | None = None,
+                  attached: bool = True, description: str | None = "desc", limit: int = 20000,
+                  read_only: bool = False, tags: list[str] | None = None) -> str:
+        block_id = f"block-{next(self._ids):08d}-0000-4000-8000-000000000000"
+        self.blocks[block_id] = {"id": block_id, "label": label, "value": value,
+                                 "description": description, "limit": limit,
+                                 "read_only": read_only, "tags": list(tags or [])}
+        if agent and attached:
+            self.agents[agent].append(block_id)
+        return block_id
+
+    def patches(self) -> list[dict]:
+        return [body for method, _path, body in self.requests if method == "PATCH"]
+
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self._handle)
+
+    def _page(self, items: list[dict], params) -> httpx.Response:
+        items = sorted(items, key=lambda b: b["id"])
+        if "after" in params:
+            items = [b for b in items if b["id"] > params["after"]]
+        return httpx.Response(200, json=items[: int(params.get("limit", 50))])
+
+    def _handle(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.content else None
+        path, params = request.url.path, request.url.params
+        self.requests.append((request.method, path, body))
+        if self.fail_next:
+            return httpx.Response(self.fail_next.pop(0), json={"detail": "injected failure"})
+        if path == "/v1/health/":
+            return httpx.Response(200, json={"version": "fake", "status": "ok"})
+        if m := re.fullmatch(r"/v1/agents/([^/]+)", path):
+            if m[1] not in self.agents:
+                return httpx.Response(404, json={"detail": f"Agent {m[1]} not found"})
+            return httpx.Response(200, json={"id": m[1]})
+        if m := re.fullmatch(r"/v1/agents/([^/]+)/core-memory/blocks", path):
+            return self._page([self.blocks[i] for i in self.agents[m[1]]], params)
+        if path == "/v1/blocks/" and request.method == "GET":
+            tag = params.get("tags")
+            return self._page([b for b in self.blocks.values() if tag in b["tags"]], params)
+        if m := re.fullmatch(r"/v1/blocks/([^/]+)", path):
+            block = self.blocks.get(m[1])
+            if block is None:
+                return httpx.Response(404, json={"detail": "Block not found"})
+            if request.method == "PATCH":
+                block.update(body)
+            return httpx.Response(200, json=block)
+        return httpx.Response(404, json={"detail": f"no route {request.method} {path}"})

@@ -1,0 +1,136 @@
+"""Unit tests of the block file format and the label <-> path mapping."""
+import errno
+
+import pytest
+import yaml
+
+from memfuse import blockfile
+from memfuse.blockfile import BlockFileError, parse, plan_update, render
+from memfuse.letta import Block
+
+
+def block(**kw) -> Block:
+    fields = dict(id="block-1", label="human", value="Hello.\n", limit=20000,
+                  description="What this block contains")
+    fields.update(kw)
+    return Block(**fields)
+
+
+def test_render_layout_is_frontmatter_then_value_byte_for_byte():
+    assert render(block()) == (b"---\ndescription: What this block contains\nlimit: 20000\n"
+                               b"---\nHello.\n")
+
+
+@pytest.mark.parametrize("description", [
+    "What: a colon", "'single' and \"double\" quotes", "line one\nline two", "# not a comment",
+    "yes", "null", "123", "  padded  ", "ünïcödé ✓", "- list-looking", "---", "a" * 300,
+])
+@pytest.mark.parametrize("value", ["", "plain", "---\nlooks like frontmatter\n---\n", "\n\n",
+                                   "no newline at end", "tabs\tand trailing spaces  \n",
+                                   "emoji 🧠\n", "line\r\nwith CRLF"])
+def test_round_trip_is_a_no_op(description, value):
+    original = block(description=description, value=value)
+    parsed = parse(render(original))
+    assert parsed.value == value
+    assert parsed.fields["description"] == description
+    assert plan_update(original, parsed) == {}
+
+
+def test_read_only_rendered_only_when_true():
+    assert b"read_only" not in render(block())
+    assert b"read_only: true\n" in render(block(read_only=True))
+
+
+def test_missing_description_is_left_out_and_round_trips():
+    original = block(description=None)
+    data = render(original)
+    assert b"description" not in data
+    assert plan_update(original, parse(data)) == {}
+
+
+def test_no_frontmatter_replaces_value_only():
+    parsed = parse(b"The human is Ada.\n")
+    assert not parsed.has_frontmatter
+    assert plan_update(block(), parsed) == {"value": "The human is Ada.\n"}
+
+
+def test_changed_metadata_is_sent():
+    data = b"---\ndescription: New words\nlimit: 50\n---\nHello.\n"
+    assert plan_update(block(), parse(data)) == {"description": "New words", "limit": 50}
+
+
+def test_frontmatter_closing_at_end_of_file():
+    assert parse(b"---\nlimit: 5\n---").value == ""
+    assert parse(b"---\n---\nbody").fields == {}
+
+
+@pytest.mark.parametrize("data, words", [
+    (b"---\nfoo: 1\n---\nx", "unknown frontmatter key(s): foo"),
+    (b"---\ndescription: ''\n---\nx", "description must be a non-empty string"),
+    (b"---\ndescription: 5\n---\nx", "description must be a non-empty string"),
+    (b"---\nlimit: 0\n---\nx", "limit must be a positive integer"),
+    (b"---\nlimit: -3\n---\nx", "limit must be a positive integer"),
+    (b"---\nlimit: true\n---\nx", "limit must be a positive integer"),
+    (b"---\nlimit: '12'\n---\nx", "limit must be a positive integer"),
+    (b"---\nread_only: maybe\n---\nx", "read_only must be true or false"),
+    (b"---\nlimit: [1\n---\nx", "not valid YAML"),
+    (b"---\n- a list\n---\nx", "must be a mapping"),
+    (b"---\nlimit: 5\nno closing", "never closed"),
+    (b"caf\xe9", "not valid UTF-8 (byte offset 3)"),
+    (b"a\0b", "NUL byte at offset 1"),
+])
+def test_bad_files_are_einval_with_reason(data, words):
+    with pytest.raises(BlockFileError) as caught:
+        parse(data)
+    assert caught.value.errno == errno.EINVAL
+    assert words in caught.value.reason
+
+
+def test_read_only_cannot_change():
+    with pytest.raises(BlockFileError) as caught:
+        plan_update(block(), parse(b"---\nread_only: true\n---\nx"))
+    assert caught.value.errno == errno.EINVAL
+
+
+def test_value_over_limit_is_efbig_counting_characters():
+    fits = parse(("é" * 10).encode())
+    assert plan_update(block(limit=10), fits) == {"value": "é" * 10}  # 20 bytes, 10 characters
+    with pytest.raises(BlockFileError) as caught:
+        plan_update(block(limit=10), parse(("é" * 11).encode()))
+    assert caught.value.errno == errno.EFBIG
+    assert "11 characters, over the limit of 10" in caught.value.reason
+
+
+def test_new_limit_in_same_write_is_what_counts():
+    data = b"---\nlimit: 3\n---\nabcd"
+    with pytest.raises(BlockFileError) as caught:
+        plan_update(block(limit=100), parse(data))
+    assert caught.value.errno == errno.EFBIG
+
+
+def test_render_is_valid_yaml_even_for_hostile_descriptions():
+    data = render(block(description="key: value\n---\n- x"))
+    front = data.split(b"\n---\n", 1)[0][4:]
+    assert yaml.safe_load(front)["description"] == "key: value\n---\n- x"
+
+
+@pytest.mark.parametrize("label, parts", [
+    ("human", ["human.md"]),
+    ("projects/letta", ["projects", "letta.md"]),
+    ("a/b/c", ["a", "b", "c.md"]),
+    ("notes.md", ["notes.md.md"]),
+])
+def test_label_path_round_trip(label, parts):
+    assert blockfile.label_to_parts(label) == parts
+    assert blockfile.parts_to_label(parts) == label
+
+
+@pytest.mark.parametrize("label", ["", "/x", "x/", "a//b", "a/../b", "./a", "../x", "a\0b",
+                                   "x" * 253])
+def test_labels_that_cannot_be_paths(label):
+    assert blockfile.label_to_parts(label) is None
+
+
+@pytest.mark.parametrize("parts", [[], ["x.txt"], [".md"], ["human.md.swp"], ["dir", "4913"]])
+def test_paths_that_are_not_blocks(parts):
+    assert blockfile.parts_to_label(parts) is None

@@ -1,0 +1,82 @@
+"""The history repository and the snapshotter (dulwich, on a temporary directory)."""
+import subprocess
+
+import trio
+from dulwich.objects import Commit
+
+from memfuse.history import SERVER_AUTHOR, HistoryRepo, Origin, Snapshotter, local_author
+
+
+def git(repo, *args) -> str:
+    return subprocess.run(["git", f"--git-dir={repo.path}", *args], check=True,
+                          capture_output=True, text=True).stdout
+
+
+def make_repo(tmp_path) -> HistoryRepo:
+    repo = HistoryRepo(tmp_path / "memory.git")
+    repo.open()
+    return repo
+
+
+def test_new_repo_is_not_bare_and_heads_to_main(tmp_path):
+    repo = make_repo(tmp_path)
+    assert git(repo, "config", "core.bare").strip() == "false"
+    assert git(repo, "symbolic-ref", "HEAD").strip() == "refs/heads/main"
+    assert repo.head() is None and repo.files() == {}
+
+
+def test_commit_adds_modifies_deletes_and_names_paths(tmp_path):
+    repo = make_repo(tmp_path)
+    first = repo.commit({"system/human.md": b"a", "notes.md": b"n"}, SERVER_AUTHOR, "Snapshot")
+    assert repo.files() == {"system/human.md": b"a", "notes.md": b"n"}
+    second = repo.commit({"system/human.md": b"b", "notes.md": None}, local_author(), "Local edit")
+    assert repo.files() == {"system/human.md": b"b"}
+    commit = repo.repo[second]
+    assert isinstance(commit, Commit) and commit.parents == [first]
+    assert commit.message.decode() == ("Local edit: notes.md, system/human.md\n\n"
+                                       "D notes.md\nM system/human.md\n")
+    assert git(repo, "show", "main:system/human.md") == "b"
+
+
+def test_unchanged_content_makes_no_commit(tmp_path):
+    repo = make_repo(tmp_path)
+    repo.commit({"a.md": b"x"}, SERVER_AUTHOR, "Snapshot")
+    assert repo.commit({"a.md": b"x", "gone.md": None}, SERVER_AUTHOR, "Again") is None
+
+
+def test_a_commit_made_with_git_becomes_the_parent(tmp_path):
+    repo = make_repo(tmp_path)
+    repo.commit({"a.md": b"1"}, SERVER_AUTHOR, "Snapshot")
+    # Someone commits with plain git in between (a new file, via a temporary index).
+    blob = subprocess.run(["git", f"--git-dir={repo.path}", "hash-object", "-w", "--stdin"],
+                          input=b"user", capture_output=True, check=True).stdout.strip()
+    tree = subprocess.run(["git", f"--git-dir={repo.path}", "mktree"],
+                          input=git(repo, "ls-tree", "main").encode()
+                          + b"100644 blob " + blob + b"\tuser.md\n",
+                          capture_output=True, check=True).stdout.strip()
+    user_commit = subprocess.run(["git", f"--git-dir={repo.path}", "commit-tree", tree, "-p",
+                                  "main", "-m", "by hand"], capture_output=True,
+                                 check=True).stdout.strip()
+    git(repo, "update-ref", "refs/heads/main", user_commit.decode())
+    new = repo.commit({"a.md": b"2"}, local_author(), "Local edit")
+    assert repo.repo[new].parents == [user_commit]
+    assert repo.files() == {"a.md": b"2", "user.md": b"user"}
+
+
+async def test_snapshotter_batches_a_quiet_period_and_keeps_origin_order(tmp_path):
+    repo = make_repo(tmp_path)
+    snapshots = Snapshotter(repo, quiet_period=0.2)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(snapshots.run)
+        snapshots.record("system/human.md", b"local 1", Origin.LOCAL)
+        snapshots.record("system/human.md", b"local 2", Origin.LOCAL)
+        snapshots.record("system/persona.md", b"server", Origin.SERVER)
+        snapshots.record("system/human.md", b"local 3", Origin.LOCAL)
+        await trio.sleep(0.6)
+        nursery.cancel_scope.cancel()
+    log = git(repo, "log", "--format=%an|%s", "main").splitlines()
+    user = local_author().decode().split(" <")[0]
+    assert log == [f"{user}|Local edit: system/human.md",
+                   "Letta server|Server change: system/persona.md",
+                   f"{user}|Local edit: system/human.md"]
+    assert repo.files() == {"system/human.md": b"local 3", "system/persona.md": b"server"}

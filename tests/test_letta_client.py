@@ -1,0 +1,118 @@
+"""The Letta client over httpx.MockTransport: pagination, auth, retries, typed errors."""
+import httpx
+import pytest
+
+from memfuse import letta
+from memfuse.letta import LettaClient
+
+from .fakeletta import FakeLetta
+
+
+def client_for(handler, **kw) -> LettaClient:
+    kw.setdefault("retry_budget", 2.0)
+    return LettaClient("http://letta.test", kw.pop("api_key", None),
+                       transport=httpx.MockTransport(handler), **kw)
+
+
+async def test_pagination_follows_after_until_a_short_page(monkeypatch):
+    monkeypatch.setattr(letta, "PAGE_SIZE", 2)
+    fake = FakeLetta()
+    agent = fake.add_agent()
+    ids = [fake.add_block(f"b{i}", agent=agent) for i in range(5)]
+    async with LettaClient("http://letta.test", transport=fake.transport()) as client:
+        blocks = await client.list_attached_blocks(agent)
+    assert [b.id for b in blocks] == sorted(ids)
+    gets = [p for m, p, _ in fake.requests if m == "GET"]
+    assert len(gets) == 3  # pages of 2, 2, 1
+
+
+async def test_owned_blocks_are_listed_by_owner_tag():
+    fake = FakeLetta()
+    agent = fake.add_agent()
+    mine = fake.add_block("notes", agent=agent, attached=False, tags=[f"owner:{agent}"])
+    fake.add_block("other", attached=False, tags=["owner:agent-else"])
+    async with LettaClient("http://letta.test", transport=fake.transport()) as client:
+        assert [b.id for b in await client.list_owned_blocks(agent)] == [mine]
+
+
+async def test_bearer_key_is_sent():
+    seen = []
+
+    def handler(request):
+        seen.append(request.headers.get("authorization"))
+        return httpx.Response(200, json={"status": "ok"})
+
+    async with client_for(handler, api_key="sekrit") as client:
+        await client.health()
+    assert seen == ["Bearer sekrit"]
+
+
+@pytest.mark.parametrize("status", [409, 500, 503])
+async def test_transient_statuses_are_retried(status):
+    calls = []
+
+    def handler(request):
+        calls.append(1)
+        if len(calls) < 3:
+            return httpx.Response(status, json={"detail": "busy"})
+        return httpx.Response(200, json={"id": "block-1", "label": "x", "value": "v",
+                                         "limit": 5})
+
+    async with client_for(handler) as client:
+        block = await client.update_block("block-1", value="v")
+    assert block.value == "v" and len(calls) == 3
+
+
+async def test_connect_errors_are_retried_then_raise_unreachable():
+    calls = []
+
+    def handler(request):
+        calls.append(1)
+        raise httpx.ConnectError("refused", request=request)
+
+    async with client_for(handler, retry_budget=0.5) as client:
+        with pytest.raises(letta.Unreachable):
+            await client.get_block("block-1")
+    assert len(calls) >= 3
+
+
+@pytest.mark.parametrize("status, kind", [(400, letta.BadRequest), (401, letta.Unauthorized),
+                                          (404, letta.NotFound), (422, letta.Invalid)])
+async def test_client_errors_raise_typed_without_retry(status, kind):
+    calls = []
+
+    def handler(request):
+        calls.append(1)
+        return httpx.Response(status, json={"detail": "nope"})
+
+    async with client_for(handler) as client:
+        with pytest.raises(kind) as caught:
+            await client.get_block("block-1")
+    assert len(calls) == 1
+    assert caught.value.status == status and caught.value.detail == "nope"
+
+
+async def test_create_is_not_retried_after_a_5xx():
+    calls = []
+
+    def handler(request):
+        calls.append(1)
+        return httpx.Response(502, text="bad gateway")
+
+    async with client_for(handler) as client:
+        with pytest.raises(letta.ServerError):
+            await client.create_block(label="x", value="")
+    assert len(calls) == 1
+
+
+async def test_budget_bounds_the_retries():
+    calls = []
+
+    def handler(request):
+        calls.append(1)
+        return httpx.Response(503, json={"detail": "down"})
+
+    async with client_for(handler, retry_budget=0.3) as client:
+        with pytest.raises(letta.ServerError):
+            await client.get_block("block-1")
+    assert 2 <= len(calls) <= 4  # 0.1 + 0.2 s of backoff fit in 0.3 s
