@@ -1,6 +1,6 @@
 """Postgres for the development Letta server, run by the server's own venv.
 
-Usage: python letta_server_db.py start DATA_DIR   -> prints the postgres URI
+Usage: python letta_server_db.py start DATA_DIR
        python letta_server_db.py stop DATA_DIR
 
 `start` starts Postgres (pgvector included) from the pgserver wheel, and on the
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 
-def start(data_dir: Path) -> str:
+def start(data_dir: Path) -> None:
     import pgserver
 
     server = pgserver.get_server(str(data_dir), cleanup_mode=None)
@@ -35,7 +35,6 @@ def start(data_dir: Path) -> str:
                 "ALTER TABLE messages ALTER COLUMN sequence_id SET DEFAULT nextval('message_seq_id')"))
         engine.dispose()
         marker.write_text("schema created\n")
-    return uri
 
 
 def stop(data_dir: Path) -> None:
@@ -50,7 +49,7 @@ def stop(data_dir: Path) -> None:
 if __name__ == "__main__":
     command, data = sys.argv[1], Path(sys.argv[2]).resolve()
     if command == "start":
-        print(start(data))
+        start(data)
     elif command == "stop":
         stop(data)
     else:

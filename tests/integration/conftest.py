@@ -1,0 +1,123 @@
+"""Fixtures for tests against the real Letta server and a real FUSE mount.
+
+scripts/test starts the server and exports MEMFUSE_TEST_LETTA_URL. Without it these tests fail
+(never skip): a green run must mean the real thing was exercised.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+MEMFUSE = str(Path(sys.executable).parent / "memfuse")
+
+
+@pytest.fixture(scope="session")
+def letta_url() -> str:
+    url = os.environ.get("MEMFUSE_TEST_LETTA_URL")
+    if not url:
+        pytest.fail("MEMFUSE_TEST_LETTA_URL is not set: run the tests with scripts/test, which "
+                    "starts the real Letta server")
+    try:
+        httpx.get(f"{url}/v1/health/", timeout=5).raise_for_status()
+    except httpx.HTTPError as exc:
+        pytest.fail(f"the Letta server at {url} does not answer: {exc}")
+    return url
+
+
+@pytest.fixture
+def api(letta_url):
+    with httpx.Client(base_url=letta_url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture
+def agent(api) -> str:
+    """A fresh agent with two attached blocks (no LLM key needed: letta-free, no tools)."""
+    response = api.post("/v1/agents/", json={
+        "name": f"memfuse-test-{uuid.uuid4().hex[:8]}",
+        "model": "letta/letta-free", "embedding": "letta/letta-free",
+        "include_base_tools": False,
+        "memory_blocks": [
+            {"label": "human", "value": "The human.\n", "limit": 2000,
+             "description": "About the human"},
+            {"label": "persona", "value": "I am a test agent.\n", "limit": 40,
+             "description": "Who I am"},
+        ],
+    })
+    response.raise_for_status()
+    agent_id = response.json()["id"]
+    yield agent_id
+    api.delete(f"/v1/agents/{agent_id}")
+
+
+def block_by_label(api, agent_id: str, label: str) -> dict:
+    blocks = api.get(f"/v1/agents/{agent_id}/core-memory/blocks").json()
+    return next(b for b in blocks if b["label"] == label)
+
+
+@dataclass
+class Mount:
+    """A memfuse mount started with the real CLI; `env` has HOME pointed into tmp_path."""
+
+    agent_id: str
+    path: Path
+    env: dict
+    state: Path
+    extra_args: list = field(default_factory=list)
+
+    def memfuse(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run([MEMFUSE, *args], env=self.env, capture_output=True, text=True,
+                                timeout=240)
+        if check and result.returncode != 0:
+            raise AssertionError(f"memfuse {' '.join(args)} failed: {result.stderr}")
+        return result
+
+    def sh(self, script: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(["sh", "-c", script], cwd=self.path, env=self.env,
+                              capture_output=True, text=True, check=check, timeout=60)
+
+    def log(self) -> str:
+        return (self.state / "memfuse.log").read_text()
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.1):
+    """Poll `predicate` until it returns a truthy value; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def home(tmp_path, letta_url) -> dict:
+    """An environment whose HOME is a fresh directory, pointed at the test server."""
+    env = dict(os.environ, HOME=str(tmp_path / "home"), LETTA_BASE_URL=letta_url)
+    env.pop("LETTA_API_KEY", None)
+    (tmp_path / "home").mkdir()
+    return env
+
+
+@pytest.fixture
+def mount(agent, home, tmp_path):
+    state = Path(home["HOME"]) / ".letta" / "agents" / agent
+    m = Mount(agent, state / "memory", home, state)
+    m.memfuse("mount", agent, "--revalidate", "0.5")
+    assert os.path.ismount(m.path)
+    yield m
+    if os.path.ismount(m.path):
+        result = m.memfuse("umount", agent, check=False)
+        if os.path.ismount(m.path):
+            subprocess.run(["fusermount3", "-u", "-z", str(m.path)], check=False)
+            pytest.fail(f"umount left the mount in place: {result.stderr}")

@@ -1,0 +1,205 @@
+"""A real mount of a real agent on the real Letta server, driven by real programs."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import MEMFUSE, block_by_label, wait_for
+
+pytestmark = pytest.mark.integration
+
+HUMAN = "---\ndescription: About the human\nlimit: 2000\n---\nThe human.\n"
+
+
+def git_log(mount) -> list[str]:
+    return mount.sh("git log --format='%an|%s'").stdout.splitlines()
+
+
+def test_ls_and_cat_show_the_attached_blocks(mount):
+    assert mount.sh("ls -A").stdout.split() == [".git", "system"]
+    assert mount.sh("ls system").stdout.split() == ["human.md", "persona.md"]
+    assert mount.sh("cat system/human.md").stdout == HUMAN
+    assert (mount.path / "system/human.md").stat().st_size == len(HUMAN.encode())
+    assert mount.sh("grep -rl 'test agent' system").stdout.split() == ["system/persona.md"]
+
+
+def test_echo_redirect_reaches_the_server(mount, api):
+    mount.sh('echo "The human is Ada." > system/human.md')
+    block = block_by_label(api, mount.agent_id, "human")
+    assert block["value"] == "The human is Ada.\n"
+    assert block["description"] == "About the human"  # no frontmatter: the value only
+    assert mount.sh("cat system/human.md").stdout.endswith("---\nThe human is Ada.\n")
+
+
+def test_python_write_with_frontmatter_changes_description_and_value(mount, api):
+    path = mount.path / "system/human.md"
+    with open(path, "w") as f:
+        f.write("---\ndescription: Facts about Ada\nlimit: 2000\n---\nAda likes tea.\n")
+    block = block_by_label(api, mount.agent_id, "human")
+    assert (block["description"], block["value"]) == ("Facts about Ada", "Ada likes tea.\n")
+
+
+def test_writing_back_what_cat_printed_changes_nothing(mount, api):
+    before = block_by_label(api, mount.agent_id, "human")
+    path = mount.path / "system/human.md"
+    path.write_bytes(path.read_bytes())
+    assert block_by_label(api, mount.agent_id, "human") == before
+
+
+@pytest.mark.parametrize("new_value", ["A much longer value than the one before it.\n" * 3,
+                                       "short\n"])
+def test_api_side_change_is_seen_by_cat_after_the_window(mount, api, new_value):
+    assert mount.sh("cat system/human.md").stdout == HUMAN  # warm the caches
+    block = block_by_label(api, mount.agent_id, "human")
+    api.patch(f"/v1/blocks/{block['id']}", json={"value": new_value}).raise_for_status()
+    time.sleep(0.7)  # the mount was started with --revalidate 0.5
+    expected = HUMAN.replace("The human.\n", new_value)
+    assert mount.sh("cat system/human.md").stdout == expected  # no stale bytes, no garbage
+    assert (mount.path / "system/human.md").stat().st_size == len(expected.encode())
+
+
+def test_over_limit_write_fails_at_close_and_leaves_the_server_alone(mount, api):
+    before = block_by_label(api, mount.agent_id, "persona")
+    with pytest.raises(OSError) as caught:
+        with open(mount.path / "system/persona.md", "w") as f:
+            f.write("x" * 41)  # the persona block's limit is 40 characters
+    assert caught.value.errno == errno.EFBIG
+    assert block_by_label(api, mount.agent_id, "persona") == before
+    assert "system/persona.md: value is 41 characters, over the limit of 40 (EFBIG)" in mount.log()
+
+
+def test_bad_frontmatter_fails_with_einval(mount, api):
+    before = block_by_label(api, mount.agent_id, "human")
+    with pytest.raises(OSError) as caught:
+        with open(mount.path / "system/human.md", "w") as f:
+            f.write("---\ncolour: red\n---\nx")
+    assert caught.value.errno == errno.EINVAL
+    assert block_by_label(api, mount.agent_id, "human") == before
+    assert "system/human.md: unknown frontmatter key(s): colour" in mount.log()
+
+
+def test_git_log_in_the_mount_shows_initial_and_later_commits(mount, api):
+    assert git_log(mount) == ["Letta server|Snapshot at mount: system/human.md, system/persona.md"]
+    mount.sh('echo "Edited locally." > system/human.md')
+    user = mount.sh("id -un").stdout.strip()
+    wait_for(lambda: len(git_log(mount)) == 2)
+    assert git_log(mount)[0] == f"{user}|Local edit: system/human.md"
+    assert mount.sh("git show HEAD:system/human.md").stdout == mount.sh(
+        "cat system/human.md").stdout
+    assert "-The human.\n+Edited locally." in mount.sh("git log -p -1 system/human.md").stdout
+
+
+def test_umount_leaves_nothing_mounted_and_no_daemon(mount):
+    record = json.loads((mount.state / "memfuse.pid").read_text())
+    mount.memfuse("umount", str(mount.path))
+    assert not os.path.ismount(mount.path)
+    with pytest.raises(ProcessLookupError):
+        os.kill(record["pid"], 0)
+    assert not (mount.state / "memfuse.pid").exists()
+    assert "unmounted" in mount.log()
+
+
+def test_umount_takes_the_last_snapshot(mount):
+    mount.sh('echo "Last words." > system/human.md')
+    mount.memfuse("umount", mount.agent_id)  # at once: inside the quiet period
+    log = subprocess.run(["git", f"--git-dir={mount.state / 'memory.git'}", "log",
+                          "--format=%s", "-1"], capture_output=True, text=True).stdout
+    assert log.strip() == "Local edit: system/human.md"
+
+
+def test_second_mount_reuses_history_and_records_server_changes(mount, api):
+    mount.memfuse("umount", mount.agent_id)
+    block = block_by_label(api, mount.agent_id, "human")
+    api.patch(f"/v1/blocks/{block['id']}", json={"value": "Changed while unmounted.\n"})
+    mount.memfuse("mount", mount.agent_id)
+    assert git_log(mount) == ["Letta server|Snapshot at mount: system/human.md",
+                              "Letta server|Snapshot at mount: system/human.md, system/persona.md"]
+
+
+def test_foreground_mount_unmounts_on_sigint(agent, home, tmp_path):
+    mountpoint = tmp_path / "mnt"
+    proc = subprocess.Popen([MEMFUSE, "mount", agent, str(mountpoint), "--foreground"],
+                            env=home, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: os.path.ismount(mountpoint), timeout=60)
+        assert (mountpoint / "system/human.md").read_text() == HUMAN
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert not os.path.ismount(mountpoint)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+
+
+def run_memfuse(env, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([MEMFUSE, *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_unknown_agent_is_a_clear_error(home, tmp_path):
+    result = run_memfuse(home, "mount", "agent-123e4567-e89b-42d3-8456-426614174000",
+                         str(tmp_path / "m"))
+    assert result.returncode == 1
+    assert "agent agent-123e4567-e89b-42d3-8456-426614174000 not found" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not os.path.ismount(tmp_path / "m")
+
+
+def test_unreachable_server_is_a_clear_error(agent, home, tmp_path):
+    env = dict(home, LETTA_BASE_URL="http://127.0.0.1:9")  # nothing listens on port 9
+    result = run_memfuse(env, "mount", agent, str(tmp_path / "m"))
+    assert result.returncode == 1
+    assert "cannot reach the Letta server at http://127.0.0.1:9" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_busy_mountpoint_is_a_clear_error(mount, agent, home, tmp_path):
+    again = run_memfuse(home, "mount", agent, str(mount.path))
+    assert again.returncode == 1 and "already a mount point" in again.stderr
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    result = run_memfuse(home, "mount", agent, str(full))
+    assert result.returncode == 1 and "is not empty" in result.stderr
+    assert (full / "keep.txt").read_text() == "mine"
+
+
+def test_umount_of_nothing_is_a_clear_error(home, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run_memfuse(home, "umount", str(tmp_path / "empty"))
+    assert result.returncode == 1 and "nothing is mounted" in result.stderr
+
+
+def test_api_key_is_sent_and_never_written(agent, home, tmp_path):
+    env = dict(home, LETTA_API_KEY="sk-memfuse-test-secret")
+    mountpoint = tmp_path / "m"
+    result = run_memfuse(env, "mount", agent, str(mountpoint), "--debug")
+    assert result.returncode == 0, result.stderr
+    try:
+        (mountpoint / "system/human.md").write_text("x\n")
+    finally:
+        run_memfuse(env, "umount", str(mountpoint))
+    state = Path(home["HOME"]) / ".letta"
+    for path in state.rglob("*"):
+        if path.is_file():
+            assert b"sk-memfuse-test-secret" not in path.read_bytes(), path
+
+
+def test_chmod_chown_touch_are_accepted_and_send_nothing(mount, api):
+    before = block_by_label(api, mount.agent_id, "human")
+    mount.sh("chmod 600 system/human.md && chown $(id -u):$(id -g) system/human.md"
+             " && touch -d '2020-01-02 03:04:05' system/human.md")
+    assert block_by_label(api, mount.agent_id, "human") == before
+    assert time.gmtime((mount.path / "system/human.md").stat().st_mtime)[:3] == (2020, 1, 2)
+
+
+def test_statfs_answers(mount):
+    fields = mount.sh("df -P .").stdout.splitlines()[1].split()
+    assert fields[0] == "memfuse" and int(fields[3]) > 0  # filesystem name, available 1K blocks
