@@ -135,13 +135,16 @@ def plan_update(block: Block, parsed: ParsedFile) -> dict[str, Any]:
 def label_to_parts(label: str) -> list[str] | None:
     """The path components of `label`'s file (last one with `.md`), or None if it has no valid path.
 
-    `projects/letta` -> ["projects", "letta.md"]. Empty, `.`/`..` components, NUL or a component
-    over 255 bytes make a label that cannot be shown as a file.
+    `projects/letta` -> ["projects", "letta.md"]. Empty, `.`/`..` components, control
+    characters (NUL, newline, ...: they would break the prompt and git paths) or a component over
+    255 bytes make a label that cannot be shown as a file.
     """
+    if any(ord(c) < 32 or ord(c) == 127 for c in label):
+        return None
     parts = label.split("/")
     parts[-1] += SUFFIX
     for part in parts:
-        if part in ("", SUFFIX, ".", "..") or "\0" in part or len(part.encode()) > 255:
+        if part in ("", SUFFIX, ".", "..") or len(part.encode()) > 255:
             return None
     return parts
 

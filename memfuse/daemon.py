@@ -22,6 +22,7 @@ from .history import HistoryRepo, Origin, Snapshotter, gitfile_content
 from .letta import Invalid, LettaClient, LettaError, NotFound, Unauthorized, Unreachable
 from .errors import FsError
 from .memory import AgentMemory
+from .namespace import Namespace
 from .tree import Tree
 
 log = logging.getLogger("memfuse.daemon")
@@ -90,7 +91,8 @@ async def serve(config: Config, on_ready: Callable[[str | None], None]) -> None:
             except LettaError as exc:
                 raise MountError(f"could not list the agent's blocks: {exc}") from None
             await _snapshot_at_mount(repo, snapshots, tree)
-            await _serve_mounted(config, MemoryFs(memory), snapshots, on_ready)
+            await _serve_mounted(config, MemoryFs(memory, Namespace(memory)), snapshots,
+                                 on_ready)
     except MountError as exc:
         on_ready(str(exc))
         raise
@@ -123,6 +125,7 @@ async def _serve_mounted(config: Config, ops: MemoryFs, snapshots: Snapshotter,
 
             nursery.start_soon(fuse_loop)
             nursery.start_soon(snapshots.run)
+            nursery.start_soon(ops.namespace.run)
             nursery.start_soon(watch_signals)
             log.info("mounted agent %s at %s (server %s)", config.agent_id, config.mountpoint,
                      config.base_url)
@@ -131,11 +134,12 @@ async def _serve_mounted(config: Config, ops: MemoryFs, snapshots: Snapshotter,
         with trio.CancelScope(shield=True):
             for handle in ops.dirty_handles():
                 try:
-                    await ops.memory.write(handle.node, bytes(handle.data))
+                    await ops.memory.send(handle.node, bytes(handle.data))
                     handle.dirty = False
                 except FsError as exc:
                     log.error("%s: unsent write lost at unmount: %s",
                               ops.tree.path(handle.node), exc.reason)
+            await ops.namespace.retire_all()
             pyfuse3.close(unmount=not unmounted)
             await snapshots.flush()
             config.pid_file.unlink(missing_ok=True)

@@ -18,18 +18,19 @@ class FsError(Exception):
 def from_letta(exc: LettaError) -> FsError:
     """The errno a program sees when the server refused or could not be reached.
 
-    404 -> ESTALE (the block is gone), 409 -> EBUSY, 401/403 -> EACCES, 400/422 -> EINVAL,
-    no answer or 5xx -> EIO.
+    404 -> ESTALE (the block is gone), 409 -> EEXIST (a conflict that outlived the retries is in
+    practice a label an attached block already has), 401/403 -> EACCES, 400/422 -> EINVAL, no
+    answer or 5xx -> EIO.
     """
     if isinstance(exc, NotFound):
         code = errno.ESTALE
     elif isinstance(exc, Conflict):
-        code = errno.EBUSY
+        code = errno.EEXIST
     elif isinstance(exc, Unauthorized):
         code = errno.EACCES
     elif exc.status in (400, 422):
         code = errno.EINVAL
     else:
         code = errno.EIO
-    what = "server unreachable" if isinstance(exc, Unreachable) else "server refused the write"
+    what = "server unreachable" if isinstance(exc, Unreachable) else "server refused"
     return FsError(code, f"{what}: {exc}")

@@ -1,8 +1,9 @@
-"""pyfuse3 Operations: translate FUSE requests into tree lookups and AgentMemory calls.
+"""pyfuse3 Operations: translate FUSE requests into Namespace and AgentMemory calls.
 
-Kept thin on purpose: the semantics live in memory.py (server I/O), tree.py (namespace) and
-blockfile.py (format). What is here is the per-open-file write buffer and the FUSE plumbing.
-Every refusal that reaches a program is also logged as one line naming the file and the reason.
+Kept thin on purpose: the semantics live in namespace.py (create/unlink/rename), memory.py
+(server I/O), tree.py (the namespace data) and blockfile.py (the format). What is here is the
+per-open-file write buffer, lookup counting, and the FUSE plumbing. Every refusal that reaches a
+program is also logged as one line naming the file and the reason.
 """
 from __future__ import annotations
 
@@ -17,28 +18,32 @@ import trio
 
 from .errors import FsError
 from .memory import AgentMemory
+from .namespace import Namespace
 from .tree import Kind, Node
 
 log = logging.getLogger("memfuse.fs")
 
-# Block files: attributes are never cached by the kernel, so `st_size` always matches what a read
+# Files: attributes are never cached by the kernel, so `st_size` always matches what a read
 # returns after the content changed on the server (getattr is served from memory, so it is cheap).
 FILE_ATTR_TIMEOUT = 0.0
 DIR_ATTR_TIMEOUT = 1.0
 ENTRY_TIMEOUT = 1.0
 BLOCK_SIZE = 4096
+SCRATCH_LIMIT = 64 << 20  # bytes of scratch files (swap files, backups) the daemon keeps
 
 
 @dataclass(eq=False)
 class OpenFile:
-    """One open file description: the bytes it reads and, once written, the bytes it will send.
+    """One open file description.
 
-    dirty: `data` has changes not yet accepted by the server. written: a write or ftruncate came
-    since open; an `O_TRUNC` open alone is dirty but not written (see `flush`).
+    data: the bytes this handle reads and, once written, will send; None for a scratch file,
+    which is read and written in place. dirty: `data` has changes the server has not accepted.
+    written: a write or ftruncate came since open; an `O_TRUNC` or `O_CREAT` open alone is dirty
+    but not written (see `flush`).
     """
 
     node: Node
-    data: bytes | bytearray
+    data: bytes | bytearray | None
     writable: bool
     dirty: bool = False
     written: bool = False
@@ -50,9 +55,10 @@ class MemoryFs(pyfuse3.Operations):
 
     supports_dot_lookup = True
 
-    def __init__(self, memory: AgentMemory):
+    def __init__(self, memory: AgentMemory, namespace: Namespace):
         super().__init__()
         self.memory = memory
+        self.namespace = namespace
         self.tree = memory.tree
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, list[tuple[str, int]]] = {}
@@ -67,10 +73,14 @@ class MemoryFs(pyfuse3.Operations):
         except KeyError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
 
-    def _refuse(self, node: Node, exc: FsError) -> pyfuse3.FUSEError:
-        name = errno.errorcode.get(exc.errno, str(exc.errno))
-        log.error("%s: %s (%s)", self.tree.path(node) or "/", exc.reason, name)
+    def _refuse(self, where: str, exc: FsError) -> pyfuse3.FUSEError:
+        if exc.errno != errno.ENOENT:
+            name = errno.errorcode.get(exc.errno, str(exc.errno))
+            log.error("%s: %s (%s)", where or "/", exc.reason, name)
         return pyfuse3.FUSEError(exc.errno)
+
+    def _child_path(self, parent: Node, name: str) -> str:
+        return "/".join(p for p in (self.tree.path(parent), name) if p)
 
     def _fh(self) -> int:
         fh, self._next_fh = self._next_fh, self._next_fh + 1
@@ -85,17 +95,23 @@ class MemoryFs(pyfuse3.Operations):
     def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = node.inode
+        attr.st_nlink = 1
+        attr.attr_timeout = FILE_ATTR_TIMEOUT
         if node.kind is Kind.DIR:
             attr.st_mode = stat.S_IFDIR | 0o755
             subdirs = sum(1 for i in node.children.values() if self.tree.node(i).kind is Kind.DIR)
             attr.st_nlink = 2 + subdirs
             attr.st_size = BLOCK_SIZE
             attr.attr_timeout = DIR_ATTR_TIMEOUT
+        elif node.kind is Kind.SYMLINK:
+            attr.st_mode = stat.S_IFLNK | 0o777
+            attr.st_size = len(node.content)
+        elif node.kind is Kind.SCRATCH:
+            attr.st_mode = stat.S_IFREG | (node.mode & 0o7777)
+            attr.st_size = self._size(node)
         else:
             attr.st_mode = stat.S_IFREG | (0o444 if node.read_only else 0o644)
-            attr.st_nlink = 1
             attr.st_size = self._size(node)
-            attr.attr_timeout = FILE_ATTR_TIMEOUT
         attr.st_blocks = (attr.st_size + 511) // 512
         attr.st_blksize = BLOCK_SIZE
         attr.st_uid, attr.st_gid = self._uid, self._gid
@@ -104,19 +120,34 @@ class MemoryFs(pyfuse3.Operations):
         attr.entry_timeout = ENTRY_TIMEOUT
         return attr
 
+    def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        """Attributes of an entry handed to the kernel (which then holds a lookup on it)."""
+        self.tree.looked_up(node)
+        return self._attr(node)
+
+    def _dir(self, inode: int) -> Node:
+        node = self._node(inode)
+        if node.kind is not Kind.DIR:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return node
+
     # -- namespace -----------------------------------------------------------------------------
 
     async def lookup(self, parent_inode, name, ctx=None):
-        parent = self._node(parent_inode)
+        parent = self._dir(parent_inode)
         name = os.fsdecode(name)
         if name == ".":
-            return self._attr(parent)
+            return self._entry(parent)
         if name == "..":
-            return self._attr(self._node(parent.parent))
-        child = self.tree.child(parent, name) if parent.kind is Kind.DIR else None
+            return self._entry(self._node(parent.parent))
+        child = self.tree.child(parent, name)
         if child is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attr(child)
+        return self._entry(child)
+
+    async def forget(self, inode_list):
+        for inode, count in inode_list:
+            self.tree.forget(inode, count)
 
     async def getattr(self, inode, ctx=None):
         return self._attr(self._node(inode))
@@ -125,34 +156,50 @@ class MemoryFs(pyfuse3.Operations):
         node = self._node(inode)
         if fields.update_size:
             await self._truncate(node, attr.st_size, self._files.get(fh) if fh else None)
+        if getattr(fields, "update_mode", False) and node.kind is Kind.SCRATCH:
+            node.mode = attr.st_mode & 0o7777  # scratch files keep their mode; blocks have none
         if fields.update_mtime:  # kept in the daemon only: nothing about times goes to the server
             node.mtime_ns = attr.st_mtime_ns
-        # chmod/chown/atime: accepted, nothing sent (blocks have no owner or mode).
+        # chown, atime, a block's mode: accepted, nothing sent.
         return self._attr(node)
 
     async def _truncate(self, node: Node, size: int, handle: OpenFile | None) -> None:
-        if node.kind is not Kind.BLOCK or node.read_only:
-            raise self._refuse(node, FsError(errno.EACCES, "file is read-only"))
+        if node.kind is Kind.SCRATCH and (handle is None or handle.data is None):
+            self._check_scratch_room(node, size)
+            del node.content[size:]
+            node.content.extend(b"\0" * (size - len(node.content)))
+            node.touch()
+            return
+        if node.kind not in (Kind.BLOCK, Kind.SCRATCH) or node.read_only:
+            raise self._refuse(self.tree.path(node), FsError(errno.EACCES, "file is read-only"))
         if handle is not None:
             self._resize(handle, size)
             handle.written = True
             return
-        data = node.content[:size].ljust(size, b"\0")
+        data = bytes(node.content[:size]).ljust(size, b"\0")
         try:  # truncate(2) by path has no close to wait for: it is one write now.
-            await self.memory.write(node, data)
+            await self.memory.send(node, data)
         except FsError as exc:
-            raise self._refuse(node, exc) from None
+            raise self._refuse(self.tree.path(node), exc) from None
 
     def _resize(self, handle: OpenFile, size: int) -> None:
-        data = bytearray(handle.data)
+        base = handle.data if handle.data is not None else handle.node.content
+        data = bytearray(base)
         del data[size:]
         data.extend(b"\0" * (size - len(data)))
         handle.data, handle.dirty, handle.written_at = data, True, trio.current_time()
 
+    def _check_scratch_room(self, node: Node, size: int) -> None:
+        used = sum(len(n.content) for n in self._scratch_nodes() if n is not node)
+        if used + size > SCRATCH_LIMIT:
+            raise self._refuse(self.tree.path(node), FsError(
+                errno.ENOSPC, f"scratch files are limited to {SCRATCH_LIMIT >> 20} MiB"))
+
+    def _scratch_nodes(self):
+        return [n for n in self.tree.walk(self.tree.root) if n.kind is Kind.SCRATCH]
+
     async def opendir(self, inode, ctx):
-        node = self._node(inode)
-        if node.kind is not Kind.DIR:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        node = self._dir(inode)
         fh = self._fh()
         self._dirs[fh] = sorted(node.children.items())
         return fh
@@ -162,14 +209,63 @@ class MemoryFs(pyfuse3.Operations):
         for index in range(start_id, len(entries)):
             name, inode = entries[index]
             try:
-                attr = self._attr(self.tree.node(inode))
+                node = self.tree.node(inode)
             except KeyError:
                 continue
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), attr, index + 1):
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(node), index + 1):
                 return
+            self.tree.looked_up(node)
 
     async def releasedir(self, fh):
         self._dirs.pop(fh, None)
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        parent, name = self._dir(parent_inode), os.fsdecode(name)
+        try:
+            return self._entry(self.namespace.mkdir(parent, name))
+        except FsError as exc:
+            raise self._refuse(self._child_path(parent, name), exc) from None
+
+    async def rmdir(self, parent_inode, name, ctx):
+        parent, name = self._dir(parent_inode), os.fsdecode(name)
+        try:
+            self.namespace.rmdir(parent, name)
+        except FsError as exc:
+            raise self._refuse(self._child_path(parent, name), exc) from None
+
+    async def unlink(self, parent_inode, name, ctx):
+        parent, name = self._dir(parent_inode), os.fsdecode(name)
+        try:
+            self.namespace.unlink(parent, name)
+        except FsError as exc:
+            raise self._refuse(self._child_path(parent, name), exc) from None
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        parent, name = self._dir(parent_inode_old), os.fsdecode(name_old)
+        new_parent, new_name = self._dir(parent_inode_new), os.fsdecode(name_new)
+        try:
+            await self.namespace.rename(parent, name, new_parent, new_name, flags)
+        except FsError as exc:
+            where = f"{self._child_path(parent, name)} -> {self._child_path(new_parent, new_name)}"
+            raise self._refuse(where, exc) from None
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        parent, name = self._dir(parent_inode), os.fsdecode(name)
+        try:
+            return self._entry(self.namespace.symlink(parent, name, target))
+        except FsError as exc:
+            raise self._refuse(self._child_path(parent, name), exc) from None
+
+    async def readlink(self, inode, ctx):
+        node = self._node(inode)
+        if node.kind is not Kind.SYMLINK:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return bytes(node.content)
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        node = self._node(inode)
+        raise self._refuse(self.tree.path(node), FsError(errno.EPERM, "hard links are not "
+                                                                      "supported"))
 
     async def statfs(self, ctx):
         stats = pyfuse3.StatvfsData()
@@ -182,11 +278,21 @@ class MemoryFs(pyfuse3.Operations):
         stats.f_namemax = 255
         return stats
 
-    async def forget(self, inode_list):
-        # Inodes are never reused within a mount (blocks keep theirs), so there is nothing to free.
-        pass
-
     # -- files ---------------------------------------------------------------------------------
+
+    def _open_handle(self, node: Node, flags: int) -> pyfuse3.FileInfo:
+        writable = (flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
+        data = None if node.kind is Kind.SCRATCH else node.content
+        handle = OpenFile(node, data, writable)
+        if writable and flags & os.O_TRUNC:  # libfuse 3 passes O_TRUNC here, not as setattr
+            if node.kind is Kind.SCRATCH:
+                node.content.clear()
+                node.touch()
+            else:
+                self._resize(handle, 0)
+        fh = self._fh()
+        self._files[fh] = handle
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False)
 
     async def open(self, inode, flags, ctx):
         node = self._node(inode)
@@ -194,37 +300,61 @@ class MemoryFs(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         writable = (flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
         if writable and node.read_only:
-            what = "gitfile" if node.kind is Kind.GITFILE else "block"
-            raise self._refuse(node, FsError(errno.EACCES, f"{what} is read-only"))
+            what = "the .git file" if node.kind is Kind.GITFILE else "the block"
+            raise self._refuse(self.tree.path(node), FsError(errno.EACCES, f"{what} is read-only"))
         if node.kind is Kind.BLOCK:
             await self.memory.revalidate(node)
-        handle = OpenFile(node, node.content, writable)
-        if writable and flags & os.O_TRUNC:  # libfuse 3 passes O_TRUNC here, not as setattr
-            self._resize(handle, 0)
-        fh = self._fh()
-        self._files[fh] = handle
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False)
+        return self._open_handle(node, flags)
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        parent, name = self._dir(parent_inode), os.fsdecode(name)
+        try:
+            node = self.namespace.create(parent, name)
+        except FsError as exc:
+            raise self._refuse(self._child_path(parent, name), exc) from None
+        if node.kind is Kind.SCRATCH:
+            node.mode = mode & 0o7777
+        info = self._open_handle(node, flags)
+        if node.kind is Kind.BLOCK:  # a new (or re-created) block file: empty until written
+            self._resize(self._files[info.fh], 0)
+        return info, self._entry(node)
 
     async def read(self, fh, off, size):
-        return bytes(self._files[fh].data[off:off + size])
+        handle = self._files[fh]
+        data = handle.data if handle.data is not None else handle.node.content
+        return bytes(data[off:off + size])
 
     async def write(self, fh, off, buf):
         handle = self._files[fh]
         if not handle.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
-        data = handle.data if isinstance(handle.data, bytearray) else bytearray(handle.data)
+        node = handle.node
+        if handle.data is None and node.kind is Kind.SCRATCH:
+            data = node.content
+            self._check_scratch_room(node, max(len(data), off + len(buf)))
+            node.touch()
+        else:
+            if handle.data is None or not isinstance(handle.data, bytearray):
+                handle.data = bytearray(handle.data if handle.data is not None else node.content)
+            data = handle.data
+            handle.dirty, handle.written_at = True, trio.current_time()
         if off > len(data):
             data.extend(b"\0" * (off - len(data)))
         data[off:off + len(buf)] = buf
-        handle.data, handle.dirty, handle.written_at = data, True, trio.current_time()
         handle.written = True
         return len(buf)
 
     async def _send(self, handle: OpenFile) -> None:
+        node = handle.node
+        if node.kind is not Kind.BLOCK:  # the file stopped being a block while open
+            if node.kind is Kind.SCRATCH:
+                node.content = bytearray(handle.data)
+            handle.dirty = False
+            return
         try:
-            await self.memory.write(handle.node, bytes(handle.data))
+            await self.memory.send(node, bytes(handle.data))
         except FsError as exc:
-            raise self._refuse(handle.node, exc) from None
+            raise self._refuse(self.tree.path(node), exc) from None
         handle.dirty = False
 
     async def flush(self, fh):
@@ -242,7 +372,7 @@ class MemoryFs(pyfuse3.Operations):
 
     async def release(self, fh):
         handle = self._files.pop(fh)
-        if handle.dirty and not handle.written:  # `: > file`: opened with O_TRUNC, never written
+        if handle.dirty and not handle.written:  # `: > file`, `touch new.md`: never written
             try:
                 await self._send(handle)
             except pyfuse3.FUSEError:
@@ -253,4 +383,4 @@ class MemoryFs(pyfuse3.Operations):
 
     def dirty_handles(self) -> list[OpenFile]:
         """Open files with writes not yet sent (flushed by the daemon at shutdown)."""
-        return [f for f in self._files.values() if f.dirty]
+        return [f for f in self._files.values() if f.dirty and f.node.kind is Kind.BLOCK]

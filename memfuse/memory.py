@@ -1,14 +1,15 @@
 """The agent's memory as the mount serves it: the tree kept in step with the Letta server.
 
 This is where file contents meet the API: loading the blocks at mount, revalidating a block when a
-file is opened (close-to-open consistency), and turning a flushed file into one PATCH. Every
-change it makes to the tree is reported to history with its origin.
+file is opened (close-to-open consistency), sending a flushed file as one PATCH (or creating its
+block), relabelling and attaching/detaching on rename, and retiring a block on unlink. Every
+change it makes to a block file is reported to history with its origin.
 """
 from __future__ import annotations
 
 import errno
 import logging
-from typing import Callable
+from typing import Any, Callable
 
 import trio
 
@@ -27,12 +28,14 @@ class AgentMemory:
     """Blocks of one agent, cached in `tree`, read and written through `client`.
 
     revalidate: seconds a cached block is trusted before `open` asks the server again.
-    record: called as record(path, content, origin) after each change to a file's content.
+    record: called as record(path, content, origin) after each change to a block file (content
+    None: the file is gone).
     """
 
     def __init__(self, client: LettaClient, agent_id: str, tree: Tree, *, revalidate: float,
                  record: Recorder):
         self.client, self.agent_id, self.tree = client, agent_id, tree
+        self.owner_tag = f"owner:{agent_id}"
         self.revalidate_after = revalidate
         self.record = record
         self._locks: dict[str, trio.Lock] = {}
@@ -50,11 +53,10 @@ class AgentMemory:
 
         When the server cannot be reached the cached copy keeps being served (logged).
         """
-        assert node.block is not None
-        if trio.current_time() - node.checked_at < self.revalidate_after:
+        if node.block is None or trio.current_time() - node.checked_at < self.revalidate_after:
             return
         async with self._lock(node.block.id):
-            if trio.current_time() - node.checked_at < self.revalidate_after:
+            if node.block is None or trio.current_time() - node.checked_at < self.revalidate_after:
                 return
             try:
                 block = await self.client.get_block(node.block.id)
@@ -66,34 +68,111 @@ class AgentMemory:
                 log.warning("%s: could not revalidate (%s); serving the cached copy",
                             self.tree.path(node), exc)
                 return
-            if self.tree.set_block(node, block, trio.current_time()):
-                self.record(self.tree.path(node), node.content, Origin.SERVER)
+            if node.block is not None and self.tree.bind(node, block, trio.current_time()):
+                self.record(self.tree.path(node), bytes(node.content), Origin.SERVER)
 
-    async def write(self, node: Node, data: bytes) -> None:
-        """Make the block of `node` say what the file bytes `data` say: one PATCH, or none when
-        nothing changed. Returns after the server accepted it.
+    def where(self, node: Node) -> tuple[bool, str]:
+        """(attached, label) that the node's path gives its block. Raises FsError(EINVAL)."""
+        parts = self.tree.parts(node)
+        where = self.tree.location(parts) if parts else None
+        if where is None:
+            raise FsError(errno.EINVAL, "this path cannot hold a block")
+        return where
 
-        Raises FsError: EINVAL (bad frontmatter, non-UTF-8, NUL, read_only changed), EFBIG (value
-        over the limit, in characters), EACCES (read-only block), or the errno of a server refusal
-        (errors.from_letta). The server is not touched when the content is refused.
+    async def send(self, node: Node, data: bytes) -> None:
+        """Make the block file `node` say what the bytes `data` say (a flushed file): `update`
+        its block, or `create` one when the node has none yet; bind the node to the result and
+        record the change. Raises FsError as `update` and `create` do."""
+        parsed = blockfile.parse(data)
+        if node.block is None:
+            attached, label = self.where(node)
+            block = await self.create(attached, label, parsed)
+            log.info("%s: created block %s", self.tree.path(node), block.id)
+        else:
+            block = await self.update(node.block, parsed, self.tree.path(node))
+        self.tree.bind(node, block, trio.current_time())
+        # Recorded even when unchanged: after an unlink + re-create the history must see it back.
+        self.record(self.tree.path(node), bytes(node.content), Origin.LOCAL)
+
+    async def update(self, block: Block, parsed: blockfile.ParsedFile, path: str) -> Block:
+        """One `PATCH /v1/blocks/{id}` with the fields `parsed` changes (none: no call); returns
+        the block as the server has it now.
+
+        Raises FsError: EINVAL (read_only changed), EFBIG (value over the limit, in characters),
+        EACCES (read-only block), or the errno of a server refusal (errors.from_letta). Content
+        that is refused never reaches the server.
         """
-        block = node.block
-        assert block is not None
         if block.read_only:
             raise FsError(errno.EACCES, "block is read-only")
-        parsed = blockfile.parse(data)
         async with self._lock(block.id):
-            block = node.block
             changes = blockfile.plan_update(block, parsed)
             if not changes:
-                return
+                return block
+            updated = await self._call(self.client.update_block(block.id, **changes))
+        log.info("%s: wrote %s", path, ", ".join(sorted(changes)))
+        return updated
+
+    async def create(self, attached: bool, label: str, parsed: blockfile.ParsedFile) -> Block:
+        """A new block for a new file: `POST /v1/blocks/` tagged `owner:<agent>`, then attach it
+        when `attached`. A file without frontmatter gets `Memory block: <label>` and limit
+        20000. Raises FsError: EINVAL (read_only set), EFBIG, EEXIST (an attached block has the
+        label), or the errno of a server refusal."""
+        if parsed.fields.get("read_only"):
+            raise FsError(errno.EINVAL, "read_only cannot be set from a file")
+        limit = parsed.fields.get("limit", blockfile.DEFAULT_LIMIT)
+        if len(parsed.value) > limit:
+            raise FsError(errno.EFBIG, f"value is {len(parsed.value)} characters, over the "
+                                       f"limit of {limit}")
+        description = parsed.fields.get("description") or f"Memory block: {label}"
+        block = await self._call(self.client.create_block(
+            label=label, value=parsed.value, description=description, limit=limit,
+            tags=[self.owner_tag]))
+        if attached:
+            await self._call(self.client.attach_block(self.agent_id, block.id))
+        return block
+
+    async def relocate(self, block: Block, was_attached: bool, attached: bool, label: str
+                       ) -> Block:
+        """Give `block` a new label and attachment (a rename): PATCH `label`, attach or detach.
+        A block moved to the root keeps (or gets) the owner tag, so it stays visible. Returns the
+        block as the server has it now. Raises FsError."""
+        async with self._lock(block.id):
+            fields: dict[str, Any] = {}
+            if label != block.label:
+                fields["label"] = label
+            if not attached and self.owner_tag not in block.tags:
+                fields["tags"] = [*block.tags, self.owner_tag]
+            if fields:
+                block = await self._call(self.client.update_block(block.id, **fields))
+            if attached and not was_attached:
+                await self._call(self.client.attach_block(self.agent_id, block.id))
+            elif was_attached and not attached:
+                await self._call(self.client.detach_block(self.agent_id, block.id))
+        return block
+
+    async def retire(self, block: Block, attached: bool, path: str) -> None:
+        """What unlinking a block file means on the server: detach it (when attached) and drop
+        the owner tag. The block itself is never deleted. Raises FsError."""
+        async with self._lock(block.id):
             try:
-                updated: Block = await self.client.update_block(block.id, **changes)
+                current = await self.client.get_block(block.id)
+            except NotFound:
+                return
             except LettaError as exc:
                 raise from_letta(exc) from None
-            if self.tree.set_block(node, updated, trio.current_time()):
-                self.record(self.tree.path(node), node.content, Origin.LOCAL)
-            log.info("%s: wrote %s", self.tree.path(node), ", ".join(sorted(changes)))
+            if attached:
+                await self._call(self.client.detach_block(self.agent_id, block.id))
+            if self.owner_tag in current.tags:
+                tags = [t for t in current.tags if t != self.owner_tag]
+                await self._call(self.client.update_block(block.id, tags=tags))
+        log.info("%s: block %s %s", path, block.id,
+                 "detached and untagged" if attached else "untagged")
+
+    async def _call(self, coro):
+        try:
+            return await coro
+        except LettaError as exc:
+            raise from_letta(exc) from None
 
     def _lock(self, block_id: str) -> trio.Lock:
         return self._locks.setdefault(block_id, trio.Lock())

@@ -1,8 +1,11 @@
-"""The in-memory namespace of a mount: inodes, directories, block files and their cached content.
+"""The in-memory namespace of a mount: inodes, directories, block files, scratch files.
 
 No I/O happens here. Attached blocks live under `system/`, detached blocks the agent owns at the
-root; a `/` in a label makes directories. Inode numbers are stable for the life of the mount: a
-block keeps its inode (keyed by block id) and a directory keeps its inode (keyed by its path).
+root; a `/` in a label makes directories. Names that are not block names (editor swap files,
+backups, temp files, lock links) are scratch nodes that live only in the daemon.
+
+Inode numbers are never reused within a mount. A node removed from its directory stays reachable
+by inode while the kernel still holds lookups on it (FUSE `forget` releases them).
 """
 from __future__ import annotations
 
@@ -23,15 +26,24 @@ GITFILE_NAME = ".git"
 
 class Kind(enum.Enum):
     DIR = "dir"
-    BLOCK = "block"
+    BLOCK = "block"      # a block file; `block` is None until a new file is first sent
+    SCRATCH = "scratch"  # a regular file kept only by the daemon
+    SYMLINK = "symlink"  # kept only by the daemon (emacs lock links); `content` is the target
     GITFILE = "gitfile"
+
+
+def is_block_name(name: str) -> bool:
+    """Whether a file called `name` is a block: `*.md`, except emacs's `#x.md#`/`.#x.md`."""
+    return (name.endswith(blockfile.SUFFIX) and name != blockfile.SUFFIX
+            and not name.startswith(("#", ".#")))
 
 
 @dataclass(eq=False)
 class Node:
-    """One inode. `content` is the rendered file (BLOCK, GITFILE); `children` maps names to inodes
-    (DIR). Times are nanoseconds since the epoch; `checked_at` is the trio clock (seconds) of the
-    last time the block was read from the server."""
+    """One inode. `content`: the rendered file (BLOCK, GITFILE), the bytes (SCRATCH), the link
+    target (SYMLINK). `children` maps names to inodes (DIR). `parent` is 0 once unlinked. Times
+    are nanoseconds since the epoch; `checked_at` is the trio clock (seconds) when the block was
+    last read from the server; `lookups` is the kernel's lookup count."""
 
     inode: int
     kind: Kind
@@ -41,54 +53,58 @@ class Node:
     ctime_ns: int
     children: dict[str, int] = field(default_factory=dict)
     block: Block | None = None
-    content: bytes = b""
+    content: bytes | bytearray = b""
     checked_at: float = 0.0
+    lookups: int = 0
+    mode: int = 0o644
 
     @property
     def read_only(self) -> bool:
         return self.kind is Kind.GITFILE or (self.block is not None and self.block.read_only)
 
+    def touch(self) -> None:
+        self.mtime_ns = self.ctime_ns = time.time_ns()
+
 
 class Tree:
-    """The namespace. Build it with `load`; look nodes up with `node`, `child`, `path`."""
+    """The namespace: build it with `load`, change it with `add`, `move`, `unlink`, `bind`."""
 
     def __init__(self, gitfile: bytes | None = None):
         now = time.time_ns()
         self._nodes: dict[int, Node] = {}
         self._next_inode = ROOT_INODE + 1
-        self._block_inodes: dict[str, int] = {}
-        self._dir_inodes: dict[tuple[str, ...], int] = {}
-        self.root = Node(ROOT_INODE, Kind.DIR, ROOT_INODE, "", now, now)
+        self._by_block: dict[str, int] = {}
+        self.root = Node(ROOT_INODE, Kind.DIR, ROOT_INODE, "", now, now, mode=0o755)
         self._nodes[ROOT_INODE] = self.root
-        self._dir_inodes[()] = ROOT_INODE
-        self._mkdirs((SYSTEM_DIR,), now)
+        self.system = self.add(Kind.DIR, self.root, SYSTEM_DIR)
         if gitfile is not None:
-            git = self._new_node(Kind.GITFILE, self.root, GITFILE_NAME, now)
-            git.content = gitfile
+            self.add(Kind.GITFILE, self.root, GITFILE_NAME, content=gitfile)
 
-    def _new_node(self, kind: Kind, parent: Node, name: str, now: int, inode: int | None = None
-                  ) -> Node:
-        if inode is None:
-            inode, self._next_inode = self._next_inode, self._next_inode + 1
-        node = Node(inode, kind, parent.inode, name, now, now)
+    # -- building ------------------------------------------------------------------------------
+
+    def add(self, kind: Kind, parent: Node, name: str, **fields) -> Node:
+        """A new node `name` in directory `parent` (which must not have that name yet)."""
+        assert name not in parent.children, name
+        inode, self._next_inode = self._next_inode, self._next_inode + 1
+        now = time.time_ns()
+        fields.setdefault("mode", 0o755 if kind is Kind.DIR else 0o644)
+        node = Node(inode, kind, parent.inode, name, now, now, **fields)
         self._nodes[inode] = node
         parent.children[name] = inode
-        parent.mtime_ns = parent.ctime_ns = now
+        parent.touch()
         return node
 
-    def _mkdirs(self, parts: tuple[str, ...], now: int) -> Node | None:
-        """The directory at `parts`, created with its parents; None if a file is in the way."""
+    def makedirs(self, parts: tuple[str, ...]) -> Node | None:
+        """The directory at `parts` from the root, created with its parents; None if a
+        non-directory is in the way."""
         node = self.root
-        for depth in range(1, len(parts) + 1):
-            name = parts[depth - 1]
-            inode = node.children.get(name)
-            if inode is None:
-                node = self._new_node(Kind.DIR, node, name, now, self._dir_inodes.get(parts[:depth]))
-                self._dir_inodes[parts[:depth]] = node.inode
-            else:
-                node = self._nodes[inode]
-                if node.kind is not Kind.DIR:
-                    return None
+        for name in parts:
+            child = self.child(node, name)
+            if child is None:
+                child = self.add(Kind.DIR, node, name)
+            elif child.kind is not Kind.DIR:
+                return None
+            node = child
         return node
 
     def load(self, attached: list[Block], detached: list[Block], checked_at: float) -> None:
@@ -97,27 +113,20 @@ class Tree:
         A block whose label cannot be a path, or whose path is already taken, is left out with a
         warning in the log (labels are unique only among one agent's attached blocks).
         """
-        now = time.time_ns()
         for block, top in [(b, (SYSTEM_DIR,)) for b in attached] + [(b, ()) for b in detached]:
-            parts = blockfile.label_to_parts(block.label)
-            if parts is None:
-                log.warning("block %s: label %r cannot be a file name; not shown", block.id,
+            path = self.block_path(block.label, attached=bool(top))
+            if path is None:
+                log.warning("block %s: label %r cannot be shown as a file; left out", block.id,
                             block.label)
                 continue
-            path = top + tuple(parts)
-            if not top and parts[0] == SYSTEM_DIR and len(parts) > 1:
-                log.warning("block %s: detached label %r would land inside system/; not shown",
-                            block.id, block.label)
-                continue
-            parent = self._mkdirs(path[:-1], now)
+            parent = self.makedirs(path[:-1])
             if parent is None or path[-1] in parent.children:
-                log.warning("block %s: path %s is already taken; not shown", block.id,
-                            "/".join(path))
+                log.warning("block %s: %s is already taken; left out", block.id, "/".join(path))
                 continue
-            node = self._new_node(Kind.BLOCK, parent, path[-1], now,
-                                  self._block_inodes.get(block.id))
-            self._block_inodes[block.id] = node.inode
-            node.block, node.content, node.checked_at = block, blockfile.render(block), checked_at
+            node = self.add(Kind.BLOCK, parent, path[-1])
+            self.bind(node, block, checked_at)
+
+    # -- queries -------------------------------------------------------------------------------
 
     def node(self, inode: int) -> Node:
         """The node for `inode`. Raises KeyError when there is none."""
@@ -128,33 +137,127 @@ class Tree:
         inode = parent.children.get(name)
         return None if inode is None else self._nodes[inode]
 
-    def path(self, node: Node) -> str:
-        """The node's path relative to the mount root, e.g. `system/human.md` (root: "")."""
+    def parts(self, node: Node) -> tuple[str, ...] | None:
+        """Path components from the root, or None for an unlinked node."""
         names = []
         while node.inode != ROOT_INODE:
+            if not node.parent:
+                return None
             names.append(node.name)
             node = self._nodes[node.parent]
-        return "/".join(reversed(names))
+        return tuple(reversed(names))
+
+    def path(self, node: Node) -> str:
+        """The path relative to the mount root (`system/human.md`; root: ""; unlinked: the name
+        in angle brackets)."""
+        parts = self.parts(node)
+        return f"<unlinked {node.name}>" if parts is None else "/".join(parts)
+
+    @staticmethod
+    def block_path(label: str, attached: bool) -> tuple[str, ...] | None:
+        """Where a block with `label` is shown, or None when it cannot be shown."""
+        parts = blockfile.label_to_parts(label)
+        if parts is None or not is_block_name(parts[-1]):
+            return None
+        if not attached and parts[0] == SYSTEM_DIR and len(parts) > 1:
+            return None  # would land inside system/
+        if not attached and parts == [GITFILE_NAME]:
+            return None
+        return ((SYSTEM_DIR,) if attached else ()) + tuple(parts)
+
+    @staticmethod
+    def location(parts: tuple[str, ...]) -> tuple[bool, str] | None:
+        """(attached, label) for a block file at `parts`, or None when that path is no block."""
+        if not parts or not is_block_name(parts[-1]):
+            return None
+        attached = parts[0] == SYSTEM_DIR and len(parts) > 1
+        label = blockfile.parts_to_label(list(parts[1:] if attached else parts))
+        if label is None or blockfile.label_to_parts(label) != list(parts[1:] if attached
+                                                                    else parts):
+            return None
+        return attached, label
+
+    def block_node(self, block_id: str) -> Node | None:
+        """The linked node showing block `block_id`, or None."""
+        inode = self._by_block.get(block_id)
+        return None if inode is None else self._nodes.get(inode)
+
+    def walk(self, node: Node):
+        """`node` and every node below it, parents first."""
+        yield node
+        for inode in list(node.children.values()):
+            yield from self.walk(self._nodes[inode])
 
     def blocks(self) -> list[Node]:
-        """Every block file node."""
-        return [n for n in self._nodes.values() if n.kind is Kind.BLOCK]
+        """Every linked block file node that has a block on the server."""
+        return [self._nodes[i] for i in self._by_block.values()]
 
     def files(self) -> dict[str, bytes]:
         """Path -> content of every block file: what the history's tree mirrors."""
-        return {self.path(n): n.content for n in self.blocks()}
-
-    def set_block(self, node: Node, block: Block, checked_at: float) -> bool:
-        """Store the server's `block` in `node`; returns True when the file content changed
-        (and then moves mtime/ctime to now)."""
-        content = blockfile.render(block)
-        node.block, node.checked_at = block, checked_at
-        if content == node.content:
-            return False
-        node.content = content
-        node.mtime_ns = node.ctime_ns = time.time_ns()
-        return True
+        return {self.path(n): bytes(n.content) for n in self.blocks()}
 
     def inode_count(self) -> int:
         """How many inodes exist (for statfs)."""
         return len(self._nodes)
+
+    # -- changing ------------------------------------------------------------------------------
+
+    def bind(self, node: Node, block: Block, checked_at: float) -> bool:
+        """Make `node` show the server's `block`; returns True when the content changed (and
+        then moves mtime/ctime to now)."""
+        if node.block is not None and node.block.id != block.id:
+            self._by_block.pop(node.block.id, None)
+        node.kind, node.block, node.checked_at = Kind.BLOCK, block, checked_at
+        self._by_block[block.id] = node.inode
+        content = blockfile.render(block)
+        if content == node.content:
+            return False
+        node.content = content
+        node.touch()
+        return True
+
+    def unbind(self, node: Node) -> Block | None:
+        """Turn a block file into a scratch file with the same bytes; returns the block it
+        showed (None if it had none)."""
+        block, node.block = node.block, None
+        if block is not None:
+            self._by_block.pop(block.id, None)
+        node.kind = Kind.SCRATCH
+        node.content = bytearray(node.content)
+        return block
+
+    def move(self, node: Node, parent: Node, name: str) -> None:
+        """Put `node` at `name` in `parent` (the name must be free)."""
+        assert name not in parent.children, name
+        if node.parent:
+            old = self._nodes[node.parent]
+            del old.children[node.name]
+            old.touch()
+        node.parent, node.name = parent.inode, name
+        parent.children[name] = node.inode
+        parent.touch()
+        node.ctime_ns = time.time_ns()
+
+    def unlink(self, node: Node) -> None:
+        """Take `node` out of its directory; it is dropped once the kernel forgets it."""
+        if node.block is not None:
+            self._by_block.pop(node.block.id, None)
+        parent = self._nodes[node.parent]
+        del parent.children[node.name]
+        parent.touch()
+        node.parent = 0
+        if node.lookups <= 0:
+            self._nodes.pop(node.inode, None)
+
+    def looked_up(self, node: Node) -> None:
+        """The kernel got an entry for `node` (lookup, create, mkdir, symlink, readdirplus)."""
+        node.lookups += 1
+
+    def forget(self, inode: int, count: int) -> None:
+        """FUSE forget: drop `count` lookups; an unlinked node with none left is gone."""
+        node = self._nodes.get(inode)
+        if node is None or inode == ROOT_INODE:
+            return
+        node.lookups -= count
+        if node.lookups <= 0 and not node.parent:
+            del self._nodes[inode]

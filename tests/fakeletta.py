@@ -40,7 +40,18 @@ class FakeLetta:
         return block_id
 
     def patches(self) -> list[dict]:
-        return [body for method, _path, body in self.requests if method == "PATCH"]
+        """Bodies of block PATCHes (attach/detach calls are listed by `calls`)."""
+        return [body for method, path, body in self.requests
+                if method == "PATCH" and path.startswith("/v1/blocks/")]
+
+    def calls(self, kind: str) -> list[str]:
+        """Paths of `create`, `attach` or `detach` calls, in order."""
+        if kind == "create":
+            return [p for m, p, _ in self.requests if m == "POST" and p == "/v1/blocks/"]
+        return [p for m, p, _ in self.requests if m == "PATCH" and f"/{kind}/" in p]
+
+    def by_label(self, label: str) -> list[dict]:
+        return [b for b in self.blocks.values() if b["label"] == label]
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self._handle)
@@ -68,6 +79,24 @@ class FakeLetta:
         if path == "/v1/blocks/" and request.method == "GET":
             tag = params.get("tags")
             return self._page([b for b in self.blocks.values() if tag in b["tags"]], params)
+        if path == "/v1/blocks/" and request.method == "POST":
+            block_id = self.add_block(body["label"], body.get("value", ""),
+                                      description=body.get("description"),
+                                      limit=body.get("limit", 100000), tags=body.get("tags"))
+            return httpx.Response(200, json=self.blocks[block_id])
+        if m := re.fullmatch(r"/v1/agents/([^/]+)/core-memory/blocks/(attach|detach)/([^/]+)",
+                             path):
+            agent, verb, block_id = m[1], m[2], m[3]
+            attached = self.agents[agent]
+            if verb == "attach":
+                label = self.blocks[block_id]["label"]
+                if any(self.blocks[i]["label"] == label for i in attached if i != block_id):
+                    return httpx.Response(409, json={"detail": "duplicate label"})
+                if block_id not in attached:
+                    attached.append(block_id)
+            elif block_id in attached:
+                attached.remove(block_id)
+            return httpx.Response(200, json={"id": agent})
         if m := re.fullmatch(r"/v1/blocks/([^/]+)", path):
             block = self.blocks.get(m[1])
             if block is None:

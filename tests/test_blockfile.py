@@ -125,7 +125,7 @@ def test_label_path_round_trip(label, parts):
     assert blockfile.parts_to_label(parts) == label
 
 
-@pytest.mark.parametrize("label", ["", "/x", "x/", "a//b", "a/../b", "./a", "../x", "a\0b",
+@pytest.mark.parametrize("label", ["", "/x", "x/", "a//b", "a/../b", "./a", "../x", "a\0b", "a\nb", "tab\there",
                                    "x" * 253])
 def test_labels_that_cannot_be_paths(label):
     assert blockfile.label_to_parts(label) is None
