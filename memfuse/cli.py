@@ -53,8 +53,9 @@ def _parser() -> argparse.ArgumentParser:
 def _setup_logging(debug: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if not debug:  # httpx logs every request at INFO
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+    # httpx logs every request at INFO (shown with --debug); httpcore's wire chatter never.
+    logging.getLogger("httpx").setLevel(logging.INFO if debug else logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
 def _mount_foreground(config: Config, ready_fd: int | None) -> int:

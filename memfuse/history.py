@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
+from dulwich.file import FileLocked
+from dulwich.index import Index, IndexEntry
 from dulwich.object_store import commit_tree_changes
 from dulwich.objects import Blob, Commit, Tree
 from dulwich.repo import Repo
@@ -132,8 +134,29 @@ class HistoryRepo:
             commit.message = f"{subject}: {shown}\n\n" .encode() + "\n".join(lines).encode() + b"\n"
             store.add_object(commit)
             if self.repo.refs.set_if_equals(BRANCH, head, commit.id):
+                self._update_index(entries)
                 return commit.id
             log.info("branch moved during a snapshot; committing on top of the new head")
+
+    def _update_index(self, entries: list[tuple[bytes, int | None, bytes | None]]) -> None:
+        """Point the index entries of the committed paths at their new blobs, so `git status` in
+        the mount is clean after a snapshot; other entries (a user's staging) are left alone.
+
+        The entries carry size 0 and no stat data: git then compares the file's content and
+        refreshes the stat data itself.
+        """
+        try:
+            index = Index(str(self.path / "index"))
+            for path, mode, sha in entries:
+                if sha is None:
+                    if path in index:
+                        del index[path]
+                else:
+                    index[path] = IndexEntry(ctime=0, mtime=0, dev=0, ino=0, mode=mode, uid=0,
+                                             gid=0, size=0, sha=sha)
+            index.write()
+        except (FileLocked, OSError) as exc:  # a git command holds index.lock: it wins
+            log.info("index not updated (%s); git status may list snapshot paths", exc)
 
 
 @dataclass

@@ -98,6 +98,7 @@ class Namespace:
         if name in parent.children:
             raise FsError(errno.EEXIST, "file exists")
         parts = (self.tree.parts(parent) or ()) + (name,)
+        log.debug("create %s", "/".join(parts))
         if not is_block_name(name):
             return self.tree.add(Kind.SCRATCH, parent, name, content=bytearray())
         self._location(parts)
@@ -130,6 +131,7 @@ class Namespace:
         node = self.tree.child(parent, name)
         if node is None:
             raise FsError(errno.ENOENT, "no such file")
+        log.debug("unlink %s", self.tree.path(node))
         if node.kind is Kind.DIR:
             raise FsError(errno.EISDIR, "is a directory")
         if self._protected(node):
@@ -160,6 +162,7 @@ class Namespace:
         src = self.tree.child(parent, name)
         if src is None:
             raise FsError(errno.ENOENT, "no such file")
+        log.debug("rename %s -> %s/%s", self.tree.path(src), self.tree.path(new_parent), new_name)
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
         dst = self.tree.child(new_parent, new_name)

@@ -80,3 +80,19 @@ async def test_snapshotter_batches_a_quiet_period_and_keeps_origin_order(tmp_pat
                    "Letta server|Server change: system/persona.md",
                    f"{user}|Local edit: system/human.md"]
     assert repo.files() == {"system/human.md": b"local 3", "system/persona.md": b"server"}
+
+
+def test_index_follows_the_snapshots_so_git_status_is_clean(tmp_path):
+    repo = make_repo(tmp_path)
+    work = tmp_path / "work"
+    (work / "system").mkdir(parents=True)
+    (work / ".git").write_text(f"gitdir: {repo.path}\n")
+    (work / "system/human.md").write_bytes(b"v1")
+    (work / "notes.md").write_bytes(b"n")
+    repo.commit({"system/human.md": b"v1", "notes.md": b"n"}, SERVER_AUTHOR, "Snapshot")
+    status = ["git", "-C", str(work), "status", "--porcelain"]
+    assert subprocess.run(status, capture_output=True, text=True, check=True).stdout == ""
+    (work / "system/human.md").write_bytes(b"version 2")
+    (work / "notes.md").unlink()
+    repo.commit({"system/human.md": b"version 2", "notes.md": None}, local_author(), "Edit")
+    assert subprocess.run(status, capture_output=True, text=True, check=True).stdout == ""

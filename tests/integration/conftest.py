@@ -6,6 +6,7 @@ scripts/test starts the server and exports MEMFUSE_TEST_LETTA_URL. Without it th
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -65,7 +66,7 @@ def block_by_label(api, agent_id: str, label: str) -> dict:
 
 @dataclass
 class Mount:
-    """A memfuse mount started with the real CLI; `env` has HOME pointed into tmp_path."""
+    """A memfuse mount started with the real CLI; `env` has HOME pointed at a fresh dir."""
 
     agent_id: str
     path: Path
@@ -101,16 +102,24 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.1):
 
 
 @pytest.fixture
-def home(tmp_path, letta_url) -> dict:
-    """An environment whose HOME is a fresh directory, pointed at the test server."""
-    env = dict(os.environ, HOME=str(tmp_path / "home"), LETTA_BASE_URL=letta_url)
+def home(letta_url) -> dict:
+    """An environment whose HOME is a fresh directory, pointed at the test server.
+
+    It is under ~/.cache, not /tmp: editors treat files under /tmp specially (vim's
+    'backupskip', emacs's backup predicate) and the tests must see what users get.
+    """
+    root = Path(os.environ.get("MEMFUSE_TEST_HOMES",
+                               Path.home() / ".cache" / "memfuse" / "test-homes"))
+    path = root / uuid.uuid4().hex[:12]
+    path.mkdir(parents=True)
+    env = dict(os.environ, HOME=str(path), LETTA_BASE_URL=letta_url)
     env.pop("LETTA_API_KEY", None)
-    (tmp_path / "home").mkdir()
-    return env
+    yield env
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
-def mount(agent, home, tmp_path):
+def mount(agent, home):
     state = Path(home["HOME"]) / ".letta" / "agents" / agent
     m = Mount(agent, state / "memory", home, state)
     m.memfuse("mount", agent, "--revalidate", "0.5")
