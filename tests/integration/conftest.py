@@ -39,22 +39,27 @@ def api(letta_url):
         yield client
 
 
-@pytest.fixture
-def agent(api) -> str:
-    """A fresh agent with two attached blocks (no LLM key needed: letta-free, no tools)."""
+DEFAULT_BLOCKS = [
+    {"label": "human", "value": "The human.\n", "limit": 2000, "description": "About the human"},
+    {"label": "persona", "value": "I am a test agent.\n", "limit": 40, "description": "Who I am"},
+]
+
+
+def make_agent(api, blocks: list[dict]) -> str:
+    """A new agent with `blocks` attached (no LLM key needed: letta-free, no tools)."""
     response = api.post("/v1/agents/", json={
         "name": f"memfuse-test-{uuid.uuid4().hex[:8]}",
         "model": "letta/letta-free", "embedding": "letta/letta-free",
-        "include_base_tools": False,
-        "memory_blocks": [
-            {"label": "human", "value": "The human.\n", "limit": 2000,
-             "description": "About the human"},
-            {"label": "persona", "value": "I am a test agent.\n", "limit": 40,
-             "description": "Who I am"},
-        ],
+        "include_base_tools": False, "memory_blocks": blocks,
     })
     response.raise_for_status()
-    agent_id = response.json()["id"]
+    return response.json()["id"]
+
+
+@pytest.fixture
+def agent(api) -> str:
+    """A fresh agent with the DEFAULT_BLOCKS attached."""
+    agent_id = make_agent(api, DEFAULT_BLOCKS)
     yield agent_id
     api.delete(f"/v1/agents/{agent_id}")
 
@@ -118,15 +123,26 @@ def home(letta_url) -> dict:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def mount(agent, home):
-    state = Path(home["HOME"]) / ".letta" / "agents" / agent
-    m = Mount(agent, state / "memory", home, state)
-    m.memfuse("mount", agent, "--revalidate", "0.5")
+def start_mount(agent_id: str, env: dict) -> Mount:
+    """Mount `agent_id` at its default mountpoint under env's HOME with the real CLI."""
+    state = Path(env["HOME"]) / ".letta" / "agents" / agent_id
+    m = Mount(agent_id, state / "memory", env, state)
+    m.memfuse("mount", agent_id, "--revalidate", "0.5")
     assert os.path.ismount(m.path)
-    yield m
+    return m
+
+
+def stop_mount(m: Mount) -> None:
+    """Unmount; fail the test if the mount stays."""
     if os.path.ismount(m.path):
-        result = m.memfuse("umount", agent, check=False)
+        result = m.memfuse("umount", m.agent_id, check=False)
         if os.path.ismount(m.path):
             subprocess.run(["fusermount3", "-u", "-z", str(m.path)], check=False)
             pytest.fail(f"umount left the mount in place: {result.stderr}")
+
+
+@pytest.fixture
+def mount(agent, home):
+    m = start_mount(agent, home)
+    yield m
+    stop_mount(m)
