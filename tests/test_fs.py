@@ -158,7 +158,7 @@ async def test_unreachable_server_on_open_serves_the_cache(world):
 
 
 @pytest.mark.parametrize("status, code", [(400, errno.EINVAL), (404, errno.ESTALE),
-                                          (503, errno.EIO)])
+                                          (409, errno.EEXIST), (503, errno.EIO)])
 async def test_server_refusal_at_close_is_an_errno(world, status, code):
     world.fake.fail_next = [status] * 50
     with pytest.raises(pyfuse3.FUSEError) as caught:

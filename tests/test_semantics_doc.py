@@ -1,0 +1,35 @@
+"""SEMANTICS.md stays honest: every table row names tests, and every named test exists."""
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFIXES = {"fs": "tests/test_fs.py", "ns": "tests/test_namespace.py",
+            "history": "tests/test_history.py", "mount": "tests/integration/test_mount.py",
+            "ns-mount": "tests/integration/test_namespace.py",
+            "editors": "tests/integration/test_editors.py"}
+
+
+def rows():
+    for line in (ROOT / "SEMANTICS.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and not set(line) <= set("|- ") and cells[0] not in (
+                "operation", "event"):
+            yield cells[0], cells[-1]
+
+
+def test_every_row_names_a_test_or_points_to_one():
+    for operation, tests in rows():
+        assert re.search(r"`test_\w+`", tests) or tests in ("same", "(the create rows)"), operation
+
+
+def test_every_named_test_exists_in_the_file_its_prefix_names():
+    sources = {prefix: (ROOT / path).read_text() for prefix, path in PREFIXES.items()}
+    for operation, tests in rows():
+        prefix = None
+        for token in re.findall(r"([\w-]+(?= `)|`test_\w+`)", tests):
+            if token.startswith("`"):
+                assert prefix, f"{operation}: {token} has no file prefix"
+                name = token.strip("`")
+                assert f"def {name}(" in sources[prefix], f"{operation}: {prefix} {name} missing"
+            elif token in PREFIXES:
+                prefix = token
