@@ -1,7 +1,8 @@
-"""The `memfuse` command: mount and umount.
+"""The `memfuse` command: mount, status and umount.
 
 `memfuse mount AGENT_ID [MOUNTPOINT]` starts the daemon in the background and returns once the
 mount is ready (or prints why it could not start); `--foreground` serves in this process.
+`memfuse status [AGENT_ID|MOUNTPOINT]` reports what a mount is doing.
 `memfuse umount AGENT_ID|MOUNTPOINT` asks the daemon to flush, snapshot and unmount, and waits.
 """
 from __future__ import annotations
@@ -20,6 +21,8 @@ import trio
 
 from .config import Config, RunningMount, agent_dir, running_mounts
 from .daemon import MountError, serve
+from .memory import CONFLICT_POLICIES
+from .status import Status
 
 READY = "ready"
 
@@ -39,9 +42,19 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("--revalidate", type=float, default=1.0, metavar="SECONDS",
                        help="re-read a block from the server on open when the cached copy is "
                             "older than this (default 1)")
+    mount.add_argument("--poll-interval", type=float, default=1.0, metavar="SECONDS",
+                       help="how often to list the agent's blocks for server-side changes "
+                            "(default 1)")
+    mount.add_argument("--on-conflict", choices=CONFLICT_POLICIES, default="overwrite",
+                       help="when a file is written after the server changed its block since "
+                            "the file was opened: overwrite (the file wins; default) or reject "
+                            "(close fails with ESTALE); either way both versions are in history")
     mount.add_argument("--foreground", action="store_true", help="serve in this process")
     mount.add_argument("--debug", action="store_true", help="log every server call")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    status = sub.add_parser("status", help="what a running mount is doing")
+    status.add_argument("target", nargs="?", help="AGENT_ID or MOUNTPOINT (default: every mount)")
 
     umount = sub.add_parser("umount", help="flush, snapshot and unmount")
     umount.add_argument("target", help="AGENT_ID or MOUNTPOINT")
@@ -84,7 +97,8 @@ def _mount_background(args: argparse.Namespace, config: Config) -> int:
     read_fd, write_fd = os.pipe()
     argv = [sys.executable, "-m", "memfuse.cli", "mount", config.agent_id, str(config.mountpoint),
             "--foreground", "--ready-fd", str(write_fd), "--base-url", config.base_url,
-            "--history-dir", str(config.history_dir), "--revalidate", str(config.revalidate)]
+            "--history-dir", str(config.history_dir), "--revalidate", str(config.revalidate),
+            "--poll-interval", str(config.poll_interval), "--on-conflict", config.on_conflict]
     if args.debug:
         argv.append("--debug")
     with open(config.log_file, "ab") as log_file:
@@ -149,13 +163,40 @@ def umount(target: str, timeout: float) -> int:
     return 0
 
 
+def status(target: str | None) -> int:
+    """Print the status of the mount serving `target`, or of every running mount."""
+    if target is None:
+        found = [(Path(r.mountpoint), r) for _, r in running_mounts()]
+    else:
+        _, record, mountpoint = _find_mount(target)
+        found = [(mountpoint, record)]
+    if not found:
+        print("memfuse: no mounts are running")
+        return 0
+    code = 0
+    for mountpoint, record in found:
+        if record is None or not record.alive():
+            print(f"memfuse: nothing is mounted at {mountpoint}"
+                  + (" (the daemon is gone; clear it with memfuse umount)"
+                     if _is_mounted(mountpoint) else ""))
+            code = 1
+            continue
+        report = Status.load(agent_dir(record.agent_id) / "memfuse.status.json")
+        print(report.render() if report else f"agent {record.agent_id} at {mountpoint} (pid "
+              f"{record.pid}): starting, no status yet")
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `memfuse` console script; returns the exit status."""
     args = _parser().parse_args(argv)
     if args.command == "umount":
         return umount(args.target, args.timeout)
+    if args.command == "status":
+        return status(args.target)
     config = Config.build(args.agent_id, args.mountpoint, base_url=args.base_url,
                           history_dir=args.history_dir, revalidate=args.revalidate,
+                          poll_interval=args.poll_interval, on_conflict=args.on_conflict,
                           debug=args.debug)
     if args.foreground:
         return _mount_foreground(config, args.ready_fd)

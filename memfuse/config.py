@@ -33,6 +33,8 @@ class Config:
     base_url: str = DEFAULT_BASE_URL
     api_key: str | None = field(default=None, repr=False)
     revalidate: float = 1.0
+    poll_interval: float = 1.0
+    on_conflict: str = "overwrite"
     quiet_period: float = 1.0
     retry_budget: float = 10.0
     debug: bool = False
@@ -64,6 +66,10 @@ class Config:
     @property
     def pid_file(self) -> Path:
         return self.state_dir / "memfuse.pid"
+
+    @property
+    def status_file(self) -> Path:
+        return self.state_dir / "memfuse.status.json"
 
 
 @dataclass

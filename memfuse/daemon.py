@@ -1,4 +1,5 @@
-"""The mount daemon: one trio nursery running pyfuse3's loop and the snapshotter.
+"""The mount daemon: one trio nursery running pyfuse3's loop, the poller, the snapshotter, the
+retirer of unlinked blocks, the memory_filesystem keeper and the status publisher.
 
 Start-up checks everything a person can get wrong before the mount appears (mountpoint busy,
 server unreachable, unknown agent) and reports it through `on_ready` as one sentence. Shutdown
@@ -10,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -23,9 +26,13 @@ from .letta import Invalid, LettaClient, LettaError, NotFound, Unauthorized, Unr
 from .errors import FsError
 from .memory import AgentMemory
 from .namespace import Namespace
+from .status import LastProblem, Status
+from .sync import KernelInvalidator, Poller, TreeBlockKeeper
 from .tree import Tree
 
 log = logging.getLogger("memfuse.daemon")
+
+STATUS_INTERVAL = 1.0  # seconds between status file updates
 
 
 class MountError(Exception):
@@ -69,12 +76,27 @@ async def _snapshot_at_mount(repo: HistoryRepo, snapshots: Snapshotter, tree: Tr
     await snapshots.commit_now(changes, Origin.SERVER, "Snapshot at mount")
 
 
+@dataclass
+class Parts:
+    """Everything one mount runs."""
+
+    repo: HistoryRepo
+    snapshots: Snapshotter
+    memory: AgentMemory
+    ops: MemoryFs
+    poller: Poller
+    keeper: TreeBlockKeeper
+    problems: LastProblem
+
+
 async def serve(config: Config, on_ready: Callable[[str | None], None]) -> None:
     """Mount `config.agent_id` at `config.mountpoint` and serve until unmounted or signalled.
 
     on_ready(None) is called once the mount is usable; on_ready(message) when it cannot start
     (then MountError is raised too).
     """
+    problems = LastProblem()
+    logging.getLogger("memfuse").addHandler(problems)
     try:
         check_mountpoint(config.mountpoint)
         async with LettaClient(config.base_url, config.api_key,
@@ -85,21 +107,51 @@ async def serve(config: Config, on_ready: Callable[[str | None], None]) -> None:
             snapshots = Snapshotter(repo, quiet_period=config.quiet_period)
             tree = Tree(gitfile=gitfile_content(config.history_dir))
             memory = AgentMemory(client, config.agent_id, tree, revalidate=config.revalidate,
-                                 record=snapshots.record)
+                                 record=snapshots.record, on_conflict=config.on_conflict)
             try:
                 await memory.load()
             except LettaError as exc:
                 raise MountError(f"could not list the agent's blocks: {exc}") from None
             await _snapshot_at_mount(repo, snapshots, tree)
-            await _serve_mounted(config, MemoryFs(memory, Namespace(memory)), snapshots,
-                                 on_ready)
+            namespace = Namespace(memory)
+            parts = Parts(repo, snapshots, memory, MemoryFs(memory, namespace),
+                          Poller(memory, namespace, KernelInvalidator(),
+                                 interval=config.poll_interval),
+                          TreeBlockKeeper(memory), problems)
+            await _serve_mounted(config, parts, on_ready)
     except MountError as exc:
         on_ready(str(exc))
         raise
+    finally:
+        logging.getLogger("memfuse").removeHandler(problems)
 
 
-async def _serve_mounted(config: Config, ops: MemoryFs, snapshots: Snapshotter,
+def _status(config: Config, parts: Parts) -> Status:
+    snapshots, poller = parts.snapshots, parts.poller
+    return Status(
+        agent_id=config.agent_id, mountpoint=str(config.mountpoint), base_url=config.base_url,
+        pid=os.getpid(), reachable=poller.reachable, last_poll=poller.last_poll,
+        pending_writes=len(parts.ops.dirty_handles()),
+        pending_unlinks=len(parts.ops.namespace.pending_block_ids()),
+        uncommitted=snapshots.pending(),
+        last_commit=snapshots.last_commit.decode() if snapshots.last_commit else None,
+        last_commit_message=parts.repo.last_message, last_commit_at=snapshots.last_commit_at,
+        last_conflict=parts.memory.last_conflict, last_error=parts.problems.message,
+        last_error_at=parts.problems.at, updated_at=time.time())
+
+
+async def _publish_status(config: Config, parts: Parts) -> None:
+    while True:
+        try:
+            _status(config, parts).save(config.status_file)
+        except OSError as exc:
+            log.warning("could not write %s: %s", config.status_file, exc)
+        await trio.sleep(STATUS_INTERVAL)
+
+
+async def _serve_mounted(config: Config, parts: Parts,
                          on_ready: Callable[[str | None], None]) -> None:
+    ops = parts.ops
     options = set(pyfuse3.default_options) | {"fsname=memfuse", "subtype=memfuse"}
     try:
         pyfuse3.init(ops, str(config.mountpoint), options)
@@ -124,8 +176,11 @@ async def _serve_mounted(config: Config, ops: MemoryFs, snapshots: Snapshotter,
                         nursery.cancel_scope.cancel()
 
             nursery.start_soon(fuse_loop)
-            nursery.start_soon(snapshots.run)
+            nursery.start_soon(parts.snapshots.run)
             nursery.start_soon(ops.namespace.run)
+            nursery.start_soon(parts.poller.run)
+            nursery.start_soon(parts.keeper.run)
+            nursery.start_soon(_publish_status, config, parts)
             nursery.start_soon(watch_signals)
             log.info("mounted agent %s at %s (server %s)", config.agent_id, config.mountpoint,
                      config.base_url)
@@ -134,13 +189,14 @@ async def _serve_mounted(config: Config, ops: MemoryFs, snapshots: Snapshotter,
         with trio.CancelScope(shield=True):
             for handle in ops.dirty_handles():
                 try:
-                    await ops.memory.send(handle.node, bytes(handle.data))
+                    await ops.memory.send(handle.node, bytes(handle.data), handle.base)
                     handle.dirty = False
                 except FsError as exc:
                     log.error("%s: unsent write lost at unmount: %s",
                               ops.tree.path(handle.node), exc.reason)
             await ops.namespace.retire_all()
             pyfuse3.close(unmount=not unmounted)
-            await snapshots.flush()
+            await parts.snapshots.flush()
             config.pid_file.unlink(missing_ok=True)
+            config.status_file.unlink(missing_ok=True)
             log.info("unmounted %s", config.mountpoint)

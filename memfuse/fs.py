@@ -17,6 +17,7 @@ import pyfuse3
 import trio
 
 from .errors import FsError
+from .letta import Block
 from .memory import AgentMemory
 from .namespace import Namespace
 from .tree import Kind, Node
@@ -45,6 +46,7 @@ class OpenFile:
     node: Node
     data: bytes | bytearray | None
     writable: bool
+    base: Block | None = None  # the block as this handle read it: a later server change conflicts
     dirty: bool = False
     written: bool = False
     written_at: float = 0.0
@@ -178,7 +180,7 @@ class MemoryFs(pyfuse3.Operations):
             return
         data = bytes(node.content[:size]).ljust(size, b"\0")
         try:  # truncate(2) by path has no close to wait for: it is one write now.
-            await self.memory.send(node, data)
+            await self.memory.send(node, data, node.block)
         except FsError as exc:
             raise self._refuse(self.tree.path(node), exc) from None
 
@@ -283,7 +285,7 @@ class MemoryFs(pyfuse3.Operations):
     def _open_handle(self, node: Node, flags: int) -> pyfuse3.FileInfo:
         writable = (flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
         data = None if node.kind is Kind.SCRATCH else node.content
-        handle = OpenFile(node, data, writable)
+        handle = OpenFile(node, data, writable, base=node.block)
         if writable and flags & os.O_TRUNC:  # libfuse 3 passes O_TRUNC here, not as setattr
             if node.kind is Kind.SCRATCH:
                 node.content.clear()
@@ -352,10 +354,10 @@ class MemoryFs(pyfuse3.Operations):
             handle.dirty = False
             return
         try:
-            await self.memory.send(node, bytes(handle.data))
+            await self.memory.send(node, bytes(handle.data), handle.base)
         except FsError as exc:
             raise self._refuse(self.tree.path(node), exc) from None
-        handle.dirty = False
+        handle.dirty, handle.base = False, node.block
 
     async def flush(self, fh):
         # flush comes with every close() of every dup of the descriptor. A shell's `> file` opens

@@ -30,10 +30,16 @@ SERVER_AUTHOR = b"Letta server <server@letta>"
 
 
 class Origin(enum.Enum):
-    """Who made a change: the mounting user through the mount, or someone on the server."""
+    """Who made a change: the mounting user through the mount, or someone on the server; or a
+    local write refused because the server changed first (kept so nothing is lost)."""
 
     LOCAL = "local"
     SERVER = "server"
+    REJECTED = "rejected"
+
+
+SUBJECTS = {Origin.LOCAL: "Local edit", Origin.SERVER: "Server change",
+            Origin.REJECTED: "Rejected local edit (the server changed first)"}
 
 
 def local_author() -> bytes:
@@ -57,6 +63,7 @@ class HistoryRepo:
     def __init__(self, path: Path):
         self.path = path
         self._repo: Repo | None = None
+        self.last_message: str | None = None  # first line of the last commit made here
 
     def open(self) -> None:
         """Open the repository, creating it (HEAD -> refs/heads/main) if it does not exist."""
@@ -135,6 +142,7 @@ class HistoryRepo:
             store.add_object(commit)
             if self.repo.refs.set_if_equals(BRANCH, head, commit.id):
                 self._update_index(entries)
+                self.last_message = commit.message.decode().splitlines()[0]
                 return commit.id
             log.info("branch moved during a snapshot; committing on top of the new head")
 
@@ -184,7 +192,12 @@ class Snapshotter:
     _wakeup: trio.Event = field(default_factory=trio.Event)
     _last_change: float = 0.0
     last_commit: bytes | None = None
+    last_commit_at: float | None = None  # time.time()
     last_error: str | None = None
+
+    def pending(self) -> int:
+        """Changes recorded and not committed yet."""
+        return len(self._pending)
 
     def record(self, path: str, content: bytes | None, origin: Origin) -> None:
         """Note that `path` now has `content` (None: gone) because of `origin`."""
@@ -199,7 +212,7 @@ class Snapshotter:
         async with self._lock:
             sha = await trio.to_thread.run_sync(self.repo.commit, changes, author, subject)
         if sha:
-            self.last_commit = sha
+            self.last_commit, self.last_commit_at = sha, time.time()
         return sha
 
     async def flush(self) -> None:
@@ -211,9 +224,8 @@ class Snapshotter:
                 runs.append((change.origin, {}))
             runs[-1][1][change.path] = change.content
         for origin, changes in runs:
-            subject = "Local edit" if origin is Origin.LOCAL else "Server change"
             try:
-                await self.commit_now(changes, origin, subject)
+                await self.commit_now(changes, origin, SUBJECTS[origin])
             except Exception as exc:  # history must never take the mount down
                 self.last_error = f"snapshot failed: {exc!r}"
                 log.exception("snapshot of %s failed", ", ".join(changes))

@@ -7,6 +7,7 @@ change it makes to a block file is reported to history with its origin.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 from typing import Any, Callable
@@ -22,6 +23,20 @@ from .tree import Node, Tree
 log = logging.getLogger("memfuse.memory")
 
 Recorder = Callable[[str, "bytes | None", Origin], None]
+CONFLICT_POLICIES = ("overwrite", "reject")
+
+
+class Stale(FsError):
+    """A write was rejected because the server changed the block after the file was opened
+    (`--on-conflict reject`); `current` is the server's block."""
+
+    def __init__(self, reason: str, current: Block):
+        super().__init__(errno.ESTALE, reason)
+        self.current = current
+
+
+def _content(block: Block) -> tuple:
+    return block.value, block.description, block.limit
 
 
 class AgentMemory:
@@ -33,11 +48,17 @@ class AgentMemory:
     """
 
     def __init__(self, client: LettaClient, agent_id: str, tree: Tree, *, revalidate: float,
-                 record: Recorder):
+                 record: Recorder, on_conflict: str = "overwrite"):
         self.client, self.agent_id, self.tree = client, agent_id, tree
         self.owner_tag = f"owner:{agent_id}"
         self.revalidate_after = revalidate
         self.record = record
+        self.on_conflict = on_conflict
+        self.last_conflict: str | None = None
+        # Server calls that change state: `in_flight` now, `generation` ever. The poller drops a
+        # listing that raced one of them, so it never undoes a local change it has not seen.
+        self.in_flight = 0
+        self.generation = 0
         self._locks: dict[str, trio.Lock] = {}
 
     async def load(self) -> None:
@@ -79,38 +100,77 @@ class AgentMemory:
             raise FsError(errno.EINVAL, "this path cannot hold a block")
         return where
 
-    async def send(self, node: Node, data: bytes) -> None:
+    async def send(self, node: Node, data: bytes, base: Block | None = None) -> None:
         """Make the block file `node` say what the bytes `data` say (a flushed file): `update`
         its block, or `create` one when the node has none yet; bind the node to the result and
-        record the change. Raises FsError as `update` and `create` do."""
+        record the change. base: the block as the writer read it (conflict detection). Raises
+        FsError as `update` and `create` do; on Stale the node shows the server's block."""
         parsed = blockfile.parse(data)
         if node.block is None:
             attached, label = self.where(node)
             block = await self.create(attached, label, parsed)
             log.info("%s: created block %s", self.tree.path(node), block.id)
         else:
-            block = await self.update(node.block, parsed, self.tree.path(node))
+            try:
+                block = await self.update(node.block, parsed, self.tree.path(node), base)
+            except Stale as exc:
+                self.tree.bind(node, exc.current, trio.current_time())
+                raise
         self.tree.bind(node, block, trio.current_time())
         # Recorded even when unchanged: after an unlink + re-create the history must see it back.
         self.record(self.tree.path(node), bytes(node.content), Origin.LOCAL)
 
-    async def update(self, block: Block, parsed: blockfile.ParsedFile, path: str) -> Block:
+    async def update(self, block: Block, parsed: blockfile.ParsedFile, path: str,
+                     base: Block | None = None) -> Block:
         """One `PATCH /v1/blocks/{id}` with the fields `parsed` changes (none: no call); returns
         the block as the server has it now.
 
+        base: the block as the writer read it. Then the server's block is read first
+        (`GET /v1/blocks/{id}`); if it changed since (value, description or limit), that is a
+        conflict: the server's version is recorded to history first, and then either the file
+        wins (`overwrite`, the default; fields are planned against the server's version) or the
+        write is refused (`reject`: Stale/ESTALE, the refused version recorded too).
+
         Raises FsError: EINVAL (read_only changed), EFBIG (value over the limit, in characters),
-        EACCES (read-only block), or the errno of a server refusal (errors.from_letta). Content
-        that is refused never reaches the server.
+        EACCES (read-only block), ESTALE (Stale), or the errno of a server refusal
+        (errors.from_letta). Content that is refused never reaches the server.
         """
         if block.read_only:
             raise FsError(errno.EACCES, "block is read-only")
         async with self._lock(block.id):
+            if base is not None:
+                block = await self._check_conflict(base, parsed, path)
             changes = blockfile.plan_update(block, parsed)
             if not changes:
                 return block
             updated = await self._call(self.client.update_block(block.id, **changes))
         log.info("%s: wrote %s", path, ", ".join(sorted(changes)))
         return updated
+
+    async def _check_conflict(self, base: Block, parsed: blockfile.ParsedFile, path: str
+                              ) -> Block:
+        try:
+            current = await self.client.get_block(base.id)
+        except LettaError as exc:
+            raise from_letta(exc) from None
+        if _content(current) == _content(base):
+            return current
+        blockfile.plan_update(current, parsed)  # a refused file is refused, conflict or not
+        self.record(path, blockfile.render(current), Origin.SERVER)
+        if self.on_conflict == "reject":
+            fields = {k: v for k, v in parsed.fields.items() if k in ("description", "limit")}
+            mine = dataclasses.replace(current, value=parsed.value, **fields)
+            self.record(path, blockfile.render(mine), Origin.REJECTED)
+            self.record(path, blockfile.render(current), Origin.SERVER)
+            self.last_conflict = (f"{path}: changed on the server after it was opened; the "
+                                  f"write was rejected (both versions are in history)")
+            log.warning("%s", self.last_conflict)
+            raise Stale("changed on the server after it was opened (--on-conflict reject); "
+                        "both versions are in history", current)
+        self.last_conflict = (f"{path}: changed on the server after it was opened; the file's "
+                              f"version was written over it (both versions are in history)")
+        log.warning("%s", self.last_conflict)
+        return current
 
     async def create(self, attached: bool, label: str, parsed: blockfile.ParsedFile) -> Block:
         """A new block for a new file: `POST /v1/blocks/` tagged `owner:<agent>`, then attach it
@@ -168,11 +228,27 @@ class AgentMemory:
         log.info("%s: block %s %s", path, block.id,
                  "detached and untagged" if attached else "untagged")
 
+    async def set_value(self, node: Node, value: str) -> None:
+        """Write a block memfuse itself keeps (memory_filesystem): one PATCH of the value, no
+        checks; failures are logged, not raised (the next refresh retries)."""
+        try:
+            block = await self._call(self.client.update_block(node.block.id, value=value))
+        except FsError as exc:
+            log.warning("%s: could not update: %s", self.tree.path(node), exc.reason)
+            return
+        if self.tree.bind(node, block, trio.current_time()):
+            self.record(self.tree.path(node), bytes(node.content), Origin.LOCAL)
+
     async def _call(self, coro):
+        """Await a state-changing server call; LettaError becomes FsError."""
+        self.in_flight += 1
         try:
             return await coro
         except LettaError as exc:
             raise from_letta(exc) from None
+        finally:
+            self.in_flight -= 1
+            self.generation += 1
 
     def _lock(self, block_id: str) -> trio.Lock:
         return self._locks.setdefault(block_id, trio.Lock())

@@ -136,6 +136,8 @@ class Namespace:
             raise FsError(errno.EISDIR, "is a directory")
         if self._protected(node):
             raise FsError(errno.EPERM, "the .git file belongs to memfuse")
+        if node.read_only:
+            raise FsError(errno.EACCES, "the block is read-only")
         if node.kind is Kind.BLOCK:
             self._bury(node)
         self.tree.unlink(node)
@@ -172,6 +174,8 @@ class Namespace:
             raise FsError(errno.EEXIST, "target exists (RENAME_NOREPLACE)")
         if self._protected(src) or (dst is not None and self._protected(dst)):
             raise FsError(errno.EPERM, "system/ and .git cannot be renamed or replaced")
+        if src.read_only or (dst is not None and dst.read_only):
+            raise FsError(errno.EACCES, "a read-only block cannot be renamed or replaced")
         if src.kind is Kind.DIR:
             await self._rename_dir(src, new_parent, new_name, dst)
         elif dst is not None and dst.kind is Kind.DIR:
@@ -201,7 +205,7 @@ class Namespace:
             # Replacing a block file (sed -i, atomic savers, rename over): the target block takes
             # the source's content; the source's own block, if any, is retired.
             parsed = blockfile.parse(bytes(src.content))
-            result = await self.memory.update(target, parsed, "/".join(new_parts))
+            result = await self.memory.update(target, parsed, "/".join(new_parts), base=target)
         elif src.block is not None:
             src_parts = self.tree.parts(src)
             was_attached = bool(src_parts) and src_parts[0] == "system"

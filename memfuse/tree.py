@@ -22,6 +22,7 @@ log = logging.getLogger("memfuse.tree")
 ROOT_INODE = 1  # the FUSE root inode (pyfuse3.ROOT_INODE)
 SYSTEM_DIR = "system"
 GITFILE_NAME = ".git"
+MEMORY_FILESYSTEM_LABEL = "memory_filesystem"  # kept by memfuse: read-only in the mount
 
 
 class Kind(enum.Enum):
@@ -60,7 +61,8 @@ class Node:
 
     @property
     def read_only(self) -> bool:
-        return self.kind is Kind.GITFILE or (self.block is not None and self.block.read_only)
+        return self.kind is Kind.GITFILE or (self.block is not None and (
+            self.block.read_only or self.block.label == MEMORY_FILESYSTEM_LABEL))
 
     def touch(self) -> None:
         self.mtime_ns = self.ctime_ns = time.time_ns()

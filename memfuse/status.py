@@ -1,0 +1,96 @@
+"""`memfuse status`: what a running mount is doing, in words a person reads at a glance.
+
+The daemon writes a small JSON file next to its pid file every second
+(`~/.letta/agents/<id>/memfuse.status.json`); `memfuse status` reads it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+STALE_AFTER = 10.0  # seconds without an update before the daemon is called unresponsive
+
+
+@dataclass
+class Status:
+    """One snapshot of a mount's state. Times are time.time() seconds; None when never."""
+
+    agent_id: str
+    mountpoint: str
+    base_url: str
+    pid: int
+    reachable: bool
+    last_poll: float | None
+    pending_writes: int
+    pending_unlinks: int
+    uncommitted: int
+    last_commit: str | None
+    last_commit_message: str | None
+    last_commit_at: float | None
+    last_conflict: str | None
+    last_error: str | None
+    last_error_at: float | None
+    updated_at: float
+
+    def save(self, path: Path) -> None:
+        """Write atomically (tmp + rename), so a reader never sees half a file."""
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self)) + "\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "Status | None":
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def render(self, now: float | None = None) -> str:
+        """The human-readable report."""
+        now = time.time() if now is None else now
+
+        def ago(t: float | None) -> str:
+            if t is None:
+                return "never"
+            seconds = max(0.0, now - t)
+            if seconds < 60:
+                return f"{seconds:.1f} s ago"
+            if seconds < 3600:
+                return f"{seconds / 60:.0f} min ago"
+            return f"{seconds / 3600:.1f} h ago"
+
+        server = "reachable" if self.reachable else "UNREACHABLE (serving the last known state)"
+        pending = (f"{self.pending_writes} unsent write(s), {self.pending_unlinks} unlink(s) in "
+                   f"their grace period, {self.uncommitted} change(s) not yet committed")
+        commit = (f"{self.last_commit[:7]} {ago(self.last_commit_at)}: {self.last_commit_message}"
+                  if self.last_commit else "none since mount")
+        error = f"{self.last_error} ({ago(self.last_error_at)})" if self.last_error else "none"
+        lines = [
+            f"agent {self.agent_id} mounted at {self.mountpoint} (pid {self.pid})",
+            f"  server         {self.base_url}: {server}",
+            f"  last poll      {ago(self.last_poll)}",
+            f"  pending        {pending}",
+            f"  last commit    {commit}",
+            f"  last conflict  {self.last_conflict or 'none'}",
+            f"  last error     {error}",
+        ]
+        if now - self.updated_at > STALE_AFTER:
+            lines.insert(1, f"  WARNING        the daemon has not reported for "
+                            f"{now - self.updated_at:.0f} s")
+        return "\n".join(lines)
+
+
+class LastProblem(logging.Handler):
+    """Remembers the last WARNING or ERROR logged by memfuse (every refusal is one)."""
+
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.message: str | None = None
+        self.at: float | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.message, self.at = record.getMessage(), record.created

@@ -1,0 +1,212 @@
+"""Server -> mount (the poller), conflicts, the memory_filesystem block, and the status report,
+at the filesystem level over the fake API."""
+import errno
+import os
+import time
+
+import pyfuse3
+import pytest
+import trio
+
+from memfuse.blockfile import render
+from memfuse.history import Origin
+from memfuse.letta import Block
+from memfuse.status import Status
+from memfuse.sync import Poller, TreeBlockKeeper, render_memory_filesystem
+from memfuse.tree import Kind, Tree
+
+from .fsworld import inode_of, read_all
+from .test_namespace import create, listdir, unlink
+
+
+class RecordingInvalidator:
+    def __init__(self):
+        self.entries, self.inodes = [], []
+
+    def entry(self, parent_inode, name):
+        self.entries.append((parent_inode, name))
+
+    async def inode(self, inode):
+        self.inodes.append(inode)
+
+
+@pytest.fixture
+def poller(world):
+    return Poller(world.memory, world.namespace, RecordingInvalidator())
+
+
+def server_paths(world):
+    return [(p, o) for p, _c, o in world.records]
+
+
+async def test_value_change_is_applied_invalidated_and_recorded(world, poller):
+    world.fake.blocks[world.ids["human"]]["value"] = "Changed remotely.\n"
+    assert await poller.poll_once()
+    inode = await inode_of(world.fs, "system/human.md")
+    assert (await read_all(world.fs, "system/human.md")).endswith(b"---\nChanged remotely.\n")
+    assert poller.invalidator.inodes == [inode]
+    assert server_paths(world) == [("system/human.md", Origin.SERVER)]
+
+
+async def test_shorter_value_leaves_no_stale_bytes(world, poller):
+    inode = await inode_of(world.fs, "system/human.md")
+    world.fake.blocks[world.ids["human"]]["value"] = "x"
+    await poller.poll_once()
+    data = await read_all(world.fs, "system/human.md")
+    assert data.endswith(b"---\nx") and (await world.fs.getattr(inode, None)).st_size == len(data)
+
+
+async def test_created_attached_and_detached_blocks_appear(world, poller):
+    fake = world.fake
+    fake.add_block("new/idea", "i", agent=world.agent)
+    fake.add_block("loose", "l", agent=world.agent, attached=False,
+                   tags=[f"owner:{world.agent}"])
+    await poller.poll_once()
+    assert "idea.md" in await listdir(world.fs, "system/new")
+    assert "loose.md" in await listdir(world.fs, "")
+    assert (await world.fs.lookup(await inode_of(world.fs, "system"), b"new", None)).st_ino
+    assert (await inode_of(world.fs, "system/new"), "idea.md") in poller.invalidator.entries
+
+
+async def test_detach_attach_relabel_and_delete_move_the_same_inode(world, poller):
+    fake, agent = world.fake, world.agent
+    inode = await inode_of(world.fs, "system/persona.md")
+    fake.agents[agent].remove(world.ids["persona"])  # detached on the server, not owned
+    await poller.poll_once()
+    assert "persona.md" not in await listdir(world.fs, "system")
+    fake.agents[agent].append(world.ids["persona"])
+    await poller.poll_once()
+    new_inode = await inode_of(world.fs, "system/persona.md")
+    fake.blocks[world.ids["notes"]]["label"] = "journal"  # relabelled (detached, owned)
+    notes_inode = await inode_of(world.fs, "notes.md")
+    await poller.poll_once()
+    assert await inode_of(world.fs, "journal.md") == notes_inode
+    fake.agents[agent].append(world.ids["notes"])  # attached on the server
+    await poller.poll_once()
+    assert await inode_of(world.fs, "system/journal.md") == notes_inode
+    del fake.blocks[world.ids["notes"]]
+    fake.agents[agent].remove(world.ids["notes"])
+    await poller.poll_once()
+    assert "journal.md" not in await listdir(world.fs, "system")
+    assert new_inode != inode  # a block gone and back is a new file, never a reused inode
+
+
+async def test_a_block_in_its_grace_period_is_not_brought_back(world, poller):
+    await unlink(world.fs, "system/human.md")
+    await poller.poll_once()  # still attached on the server: the retirer has not run yet
+    assert "human.md" not in await listdir(world.fs, "system")
+
+
+async def test_a_listing_that_raced_a_local_change_is_dropped(world, poller):
+    real_list = world.memory.client.list_owned_blocks
+
+    async def list_then_local_change(agent_id):
+        blocks = await real_list(agent_id)
+        await create(world.fs, "system/racer.md", b"r")  # lands while the poll is listing
+        return blocks
+
+    world.memory.client.list_owned_blocks = list_then_local_change
+    assert not await poller.poll_once()
+    assert "racer.md" in await listdir(world.fs, "system")
+
+
+async def test_conflict_overwrite_keeps_both_versions_in_order(world):
+    fs, fake = world.fs, world.fake
+    info = await fs.open(await inode_of(fs, "system/human.md"), os.O_WRONLY | os.O_TRUNC, None)
+    fake.blocks[world.ids["human"]]["value"] = "Server's words.\n"
+    await fs.write(info.fh, 0, b"Mine.\n")
+    await fs.flush(info.fh)
+    await fs.release(info.fh)
+    assert fake.blocks[world.ids["human"]]["value"] == "Mine.\n"
+    assert [(c.split(b"---\n")[-1], o) for _p, c, o in world.records] == [
+        (b"Server's words.\n", Origin.SERVER), (b"Mine.\n", Origin.LOCAL)]
+    assert "changed on the server after it was opened" in world.memory.last_conflict
+
+
+async def test_conflict_reject_fails_estale_and_keeps_both_versions(world):
+    fs, fake = world.fs, world.fake
+    world.memory.on_conflict = "reject"
+    info = await fs.open(await inode_of(fs, "system/human.md"), os.O_WRONLY | os.O_TRUNC, None)
+    fake.blocks[world.ids["human"]]["value"] = "Server's words.\n"
+    await fs.write(info.fh, 0, b"Mine.\n")
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await fs.flush(info.fh)
+    await fs.release(info.fh)
+    assert caught.value.errno == errno.ESTALE
+    assert fake.blocks[world.ids["human"]]["value"] == "Server's words.\n"
+    assert [(c.split(b"---\n")[-1], o) for _p, c, o in world.records] == [
+        (b"Server's words.\n", Origin.SERVER), (b"Mine.\n", Origin.REJECTED),
+        (b"Server's words.\n", Origin.SERVER)]
+    assert (await read_all(fs, "system/human.md")).endswith(b"---\nServer's words.\n")
+
+
+async def test_no_conflict_when_the_server_did_not_change(world):
+    world.memory.on_conflict = "reject"
+    info = await world.fs.open(await inode_of(world.fs, "system/human.md"),
+                               os.O_RDWR | os.O_TRUNC, None)
+    await world.fs.write(info.fh, 0, b"first")
+    await world.fs.flush(info.fh)
+    await world.fs.write(info.fh, 0, b"second")  # its own first write is no conflict
+    await world.fs.flush(info.fh)
+    await world.fs.release(info.fh)
+    assert world.fake.blocks[world.ids["human"]]["value"] == "second"
+    assert world.memory.last_conflict is None
+
+
+def test_memory_filesystem_rendering_matches_letta_code():
+    tree = Tree()
+    blocks = [Block(f"b{i}", label, "v", 100) for i, label in enumerate(
+        ["persona", "human", "projects/letta", "projects/memfuse", "memory_filesystem"])]
+    tree.load(blocks, [Block("d1", "notes", "n", 10), Block("d2", "archive/old", "o", 10)], 0)
+    tree.add(Kind.SCRATCH, tree.system, ".human.md.swp")
+    assert render_memory_filesystem(tree) == "\n".join([
+        "/memory/",
+        "├── archive/",
+        "│   └── old.md",
+        "├── system/",
+        "│   ├── projects/",
+        "│   │   ├── letta.md",
+        "│   │   └── memfuse.md",
+        "│   ├── human.md",
+        "│   ├── memory_filesystem.md",
+        "│   └── persona.md",
+        "└── notes.md",
+    ])
+
+
+async def test_memory_filesystem_block_follows_the_tree_and_is_read_only(world):
+    fake = world.fake
+    block_id = fake.add_block("memory_filesystem", "/memory/", agent=world.agent)
+    await Poller(world.memory, world.namespace, RecordingInvalidator()).poll_once()
+    keeper = TreeBlockKeeper(world.memory)
+    await keeper.refresh()
+    assert fake.blocks[block_id]["value"] == render_memory_filesystem(world.memory.tree)
+    await create(world.fs, "system/todo.md", b"t")
+    await keeper.refresh()
+    assert "│   └── todo.md" in fake.blocks[block_id]["value"]
+    inode = await inode_of(world.fs, "system/memory_filesystem.md")
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await world.fs.open(inode, os.O_WRONLY, None)
+    assert caught.value.errno == errno.EACCES
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await unlink(world.fs, "system/memory_filesystem.md")
+    assert caught.value.errno == errno.EACCES
+
+
+def test_status_report_reads_at_a_glance():
+    now = time.time()
+    status = Status(agent_id="agent-1", mountpoint="/m", base_url="http://s", pid=7,
+                    reachable=False, last_poll=now - 3, pending_writes=1, pending_unlinks=2,
+                    uncommitted=0, last_commit="0123456789abcdef", last_commit_message="Local "
+                    "edit: system/human.md", last_commit_at=now - 1, last_conflict=None,
+                    last_error="system/x.md: value too long (EFBIG)", last_error_at=now - 5,
+                    updated_at=now)
+    text = status.render(now)
+    assert "agent agent-1 mounted at /m (pid 7)" in text
+    assert "http://s: UNREACHABLE (serving the last known state)" in text
+    assert "last poll      3.0 s ago" in text
+    assert "1 unsent write(s), 2 unlink(s) in their grace period" in text
+    assert "last commit    0123456 1.0 s ago: Local edit: system/human.md" in text
+    assert "last conflict  none" in text
+    assert "system/x.md: value too long (EFBIG) (5.0 s ago)" in text
+    assert "WARNING" in status.render(now + 60)
