@@ -4,16 +4,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIXES = {"fs": "tests/test_fs.py", "ns": "tests/test_namespace.py",
-            "history": "tests/test_history.py", "mount": "tests/integration/test_mount.py",
+            "sync": "tests/test_sync.py", "history": "tests/test_history.py",
+            "mount": "tests/integration/test_mount.py",
             "ns-mount": "tests/integration/test_namespace.py",
-            "editors": "tests/integration/test_editors.py"}
+            "editors": "tests/integration/test_editors.py",
+            "live": "tests/integration/test_live.py"}
 
 
 def rows():
     for line in (ROOT / "SEMANTICS.md").read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if line.startswith("|") and not set(line) <= set("|- ") and cells[0] not in (
-                "operation", "event"):
+                "operation", "event", "change on the server", "policy"):
             yield cells[0], cells[-1]
 
 
@@ -26,7 +28,7 @@ def test_every_named_test_exists_in_the_file_its_prefix_names():
     sources = {prefix: (ROOT / path).read_text() for prefix, path in PREFIXES.items()}
     for operation, tests in rows():
         prefix = None
-        for token in re.findall(r"([\w-]+(?= `)|`test_\w+`)", tests):
+        for token in re.findall(r"([\w-]+(?= (?:\(\w+\) )?`)|`test_\w+`)", tests):
             if token.startswith("`"):
                 assert prefix, f"{operation}: {token} has no file prefix"
                 name = token.strip("`")

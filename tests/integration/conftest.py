@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -77,7 +77,6 @@ class Mount:
     path: Path
     env: dict
     state: Path
-    extra_args: list = field(default_factory=list)
 
     def memfuse(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run([MEMFUSE, *args], env=self.env, capture_output=True, text=True,
@@ -123,11 +122,11 @@ def home(letta_url) -> dict:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def start_mount(agent_id: str, env: dict) -> Mount:
+def start_mount(agent_id: str, env: dict, *args: str) -> Mount:
     """Mount `agent_id` at its default mountpoint under env's HOME with the real CLI."""
     state = Path(env["HOME"]) / ".letta" / "agents" / agent_id
     m = Mount(agent_id, state / "memory", env, state)
-    m.memfuse("mount", agent_id, "--revalidate", "0.5")
+    m.memfuse("mount", agent_id, "--revalidate", "0.5", *args)
     assert os.path.ismount(m.path)
     return m
 
