@@ -221,26 +221,22 @@ class MemoryFs(pyfuse3.Operations):
     async def releasedir(self, fh):
         self._dirs.pop(fh, None)
 
-    async def mkdir(self, parent_inode, name, mode, ctx):
+    def _in_dir(self, parent_inode: int, name: bytes, operation):
+        """Run operation(parent, name) of the namespace; refusals are logged and raised."""
         parent, name = self._dir(parent_inode), os.fsdecode(name)
         try:
-            return self._entry(self.namespace.mkdir(parent, name))
+            return operation(parent, name)
         except FsError as exc:
             raise self._refuse(self._child_path(parent, name), exc) from None
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        return self._entry(self._in_dir(parent_inode, name, self.namespace.mkdir))
 
     async def rmdir(self, parent_inode, name, ctx):
-        parent, name = self._dir(parent_inode), os.fsdecode(name)
-        try:
-            self.namespace.rmdir(parent, name)
-        except FsError as exc:
-            raise self._refuse(self._child_path(parent, name), exc) from None
+        self._in_dir(parent_inode, name, self.namespace.rmdir)
 
     async def unlink(self, parent_inode, name, ctx):
-        parent, name = self._dir(parent_inode), os.fsdecode(name)
-        try:
-            self.namespace.unlink(parent, name)
-        except FsError as exc:
-            raise self._refuse(self._child_path(parent, name), exc) from None
+        self._in_dir(parent_inode, name, self.namespace.unlink)
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         parent, name = self._dir(parent_inode_old), os.fsdecode(name_old)
@@ -252,11 +248,8 @@ class MemoryFs(pyfuse3.Operations):
             raise self._refuse(where, exc) from None
 
     async def symlink(self, parent_inode, name, target, ctx):
-        parent, name = self._dir(parent_inode), os.fsdecode(name)
-        try:
-            return self._entry(self.namespace.symlink(parent, name, target))
-        except FsError as exc:
-            raise self._refuse(self._child_path(parent, name), exc) from None
+        return self._entry(self._in_dir(
+            parent_inode, name, lambda parent, n: self.namespace.symlink(parent, n, target)))
 
     async def readlink(self, inode, ctx):
         node = self._node(inode)
@@ -309,11 +302,7 @@ class MemoryFs(pyfuse3.Operations):
         return self._open_handle(node, flags)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
-        parent, name = self._dir(parent_inode), os.fsdecode(name)
-        try:
-            node = self.namespace.create(parent, name)
-        except FsError as exc:
-            raise self._refuse(self._child_path(parent, name), exc) from None
+        node = self._in_dir(parent_inode, name, self.namespace.create)
         if node.kind is Kind.SCRATCH:
             node.mode = mode & 0o7777
         info = self._open_handle(node, flags)
