@@ -338,6 +338,8 @@ class MemoryFs(pyfuse3.Operations):
     async def _send(self, handle: OpenFile) -> None:
         node = handle.node
         if node.kind is not Kind.BLOCK:  # the file stopped being a block while open
+            if node.parent == 0:
+                log.warning("%s: removed while open; the write stays local", node.name)
             if node.kind is Kind.SCRATCH:
                 node.content = bytearray(handle.data)
             handle.dirty = False

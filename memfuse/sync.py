@@ -122,6 +122,7 @@ class Poller:
                     self.namespace.pending_block_ids()):
                 path = self.tree.path(node)
                 parent = node.parent
+                self.tree.unbind(node)  # a descriptor still open on it now writes to scratch
                 self.tree.unlink(node)
                 self.invalidator.entry(parent, node.name)
                 self.memory.record(path, None, Origin.SERVER)

@@ -210,7 +210,8 @@ class Tree:
         if node.block is not None and node.block.id != block.id:
             self._by_block.pop(node.block.id, None)
         node.kind, node.block, node.checked_at = Kind.BLOCK, block, checked_at
-        self._by_block[block.id] = node.inode
+        if node.parent:  # an unlinked node shows no block in the mount
+            self._by_block[block.id] = node.inode
         content = blockfile.render(block)
         if content == node.content:
             return False

@@ -210,3 +210,17 @@ def test_status_report_reads_at_a_glance():
     assert "last conflict  none" in text
     assert "system/x.md: value too long (EFBIG) (5.0 s ago)" in text
     assert "WARNING" in status.render(now + 60)
+
+
+async def test_a_block_removed_on_the_server_while_open_takes_no_write(world, poller, caplog):
+    fs = world.fs
+    info = await fs.open(await inode_of(fs, "system/persona.md"), os.O_WRONLY | os.O_TRUNC, None)
+    world.fake.agents[world.agent].remove(world.ids["persona"])  # detached on the server
+    await poller.poll_once()
+    await fs.write(info.fh, 0, b"too late")
+    await fs.flush(info.fh)
+    await fs.release(info.fh)
+    assert world.fake.patches() == []
+    assert "persona.md: removed while open; the write stays local" in caplog.text
+    assert "persona.md" not in await listdir(fs, "system")
+    assert "system/persona.md" not in world.memory.tree.files()
