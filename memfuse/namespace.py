@@ -247,31 +247,33 @@ class Namespace:
         new_parts = (self.tree.parts(new_parent) or ()) + (new_name,)
         moves = []  # (node, old path, was_attached, attached, label)
         for node in self.tree.walk(src):
+            if node.read_only:
+                raise FsError(errno.EACCES, f"{self.tree.path(node)} is read-only and cannot be "
+                                            f"renamed")
             if node.kind is Kind.BLOCK and node.block is not None:
                 rel = self.tree.parts(node)[len(old_parts):]
                 was_attached = old_parts[0] == "system"
                 attached, label = self._location(new_parts + rel)
                 moves.append((node, "/".join(old_parts + rel), was_attached, attached, label))
-        done: list[tuple[Node, Block]] = []
+        done: list[tuple[tuple, Block]] = []
         try:
-            for node, _path, was_attached, attached, label in moves:
-                done.append((node, await self.memory.relocate(node.block, was_attached, attached,
+            for move in moves:
+                node, _path, was_attached, attached, label = move
+                done.append((move, await self.memory.relocate(node.block, was_attached, attached,
                                                               label)))
         except FsError:
-            for node, block in reversed(done):  # put the ones already moved back
-                old = next(m for m in moves if m[0] is node)
-                try:
-                    await self.memory.relocate(block, old[3], old[2], node.block.label)
+            for (node, path, was_attached, attached, _label), block in reversed(done):
+                try:  # put the ones already moved back
+                    await self.memory.relocate(block, attached, was_attached, node.block.label)
                 except FsError as exc:
-                    log.error("%s: could not undo a partial directory rename: %s", old[1],
+                    log.error("%s: could not undo a partial directory rename: %s", path,
                               exc.reason)
             raise
         if dst is not None:
             self.tree.unlink(dst)
         self.tree.move(src, new_parent, new_name)
-        for node, block in done:
-            path = next(m[1] for m in moves if m[0] is node)
-            self._record(path, None)
+        for (node, old_path, *_rest), block in done:
+            self._record(old_path, None)
             self.tree.bind(node, block, trio.current_time())
             self._record(self.tree.path(node), bytes(node.content))
 

@@ -21,6 +21,7 @@ class FakeLetta:
         self.agents: dict[str, list[str]] = {}  # agent id -> attached block ids
         self.requests: list[tuple[str, str, dict | None]] = []
         self.fail_next: list[int] = []  # statuses to answer with before serving normally
+        self.fail_paths: dict[str, int] = {}  # path -> status for every request to it
         self._ids = itertools.count(1)
 
     def add_agent(self) -> str:
@@ -68,6 +69,8 @@ class FakeLetta:
         self.requests.append((request.method, path, body))
         if self.fail_next:
             return httpx.Response(self.fail_next.pop(0), json={"detail": "injected failure"})
+        if path in self.fail_paths:
+            return httpx.Response(self.fail_paths[path], json={"detail": "injected failure"})
         if path == "/v1/health/":
             return httpx.Response(200, json={"version": "fake", "status": "ok"})
         if m := re.fullmatch(r"/v1/agents/([^/]+)", path):

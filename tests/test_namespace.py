@@ -200,11 +200,15 @@ async def test_rename_over_an_existing_block_updates_the_target(world):
 
 async def test_directory_rename_relabels_everything_under_it(world):
     fs, fake = world.fs, world.fake
-    await create(fs, "system/projects/memfuse.md", b"fuse\n")
-    await rename(fs, "system/projects", "system/work")
-    assert fake.blocks[world.ids["policy"]]["label"] == "work/policy"
+    await fs.mkdir(await inode_of(fs, "system"), b"drafts", 0o755, None)
+    await create(fs, "system/drafts/memfuse.md", b"fuse\n")
+    await create(fs, "system/drafts/letta.md", b"letta\n")
+    await rename(fs, "system/drafts", "system/work")
+    assert fake.by_label("work/letta")[0]["value"] == "letta\n"
     assert fake.by_label("work/memfuse")[0]["value"] == "fuse\n"
-    assert await listdir(fs, "system/work") == ["memfuse.md", "policy.md"]
+    assert await listdir(fs, "system/work") == ["letta.md", "memfuse.md"]
+    await rename(fs, "system/work", "work")  # out of system/: detached
+    assert fake.by_label("work/letta")[0]["id"] not in fake.agents[world.agent]
 
 
 async def test_rename_flags(world):
@@ -266,3 +270,34 @@ async def test_write_to_an_unlinked_file_stays_local(world):
 async def test_write_file_of_existing_block_still_one_patch(world):
     await write_file(world.fs, "system/human.md", b"plain\n")
     assert world.fake.patches() == [{"value": "plain\n"}]
+
+
+async def test_a_directory_rename_the_server_refuses_halfway_is_undone(world):
+    fs, fake = world.fs, world.fake
+    await fs.mkdir(await inode_of(fs, "system"), b"drafts", 0o755, None)
+    await create(fs, "system/drafts/a.md", b"a")
+    await create(fs, "system/drafts/z.md", b"z")
+    z_id = fake.by_label("drafts/z")[0]["id"]
+    fake.fail_paths[f"/v1/blocks/{z_id}"] = 400  # the second relabel is refused
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await rename(fs, "system/drafts", "system/work")
+    assert caught.value.errno == errno.EINVAL
+    assert fake.by_label("drafts/a") and not fake.by_label("work/a")  # moved back
+    assert await listdir(fs, "system/drafts") == ["a.md", "z.md"]
+
+
+async def test_a_directory_holding_a_read_only_block_cannot_be_renamed(world):
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await rename(world.fs, "system/projects", "system/work")
+    assert caught.value.errno == errno.EACCES
+    assert world.fake.patches() == []
+
+
+async def test_a_read_only_block_cannot_be_unlinked_or_renamed(world):
+    for call in (unlink(world.fs, "system/projects/policy.md"),
+                 rename(world.fs, "system/projects/policy.md", "system/projects/p.md"),
+                 rename(world.fs, "system/human.md", "system/projects/policy.md")):
+        with pytest.raises(pyfuse3.FUSEError) as caught:
+            await call
+        assert caught.value.errno == errno.EACCES
+    assert world.fake.patches() == [] and world.namespace.pending_block_ids() == set()
