@@ -117,8 +117,9 @@ def _mount_background(args: argparse.Namespace, config: Config) -> int:
 
 
 def _find_mount(target: str) -> tuple[Path | None, RunningMount | None, Path]:
-    """(pid file, record, mountpoint) for an agent id or a mountpoint path."""
-    if os.sep not in target and not target.startswith("."):
+    """(pid file, record, mountpoint) for an agent id or a mountpoint path (anything with a
+    `/`, or an existing directory or mount here)."""
+    if os.sep not in target and not os.path.isdir(target) and not _is_mounted(Path(target)):
         pid_file = agent_dir(target) / "memfuse.pid"
         record = RunningMount.load(pid_file)
         mountpoint = Path(record.mountpoint) if record else agent_dir(target) / "memory"

@@ -98,6 +98,10 @@ async def serve(config: Config, on_ready: Callable[[str | None], None]) -> None:
     problems = LastProblem()
     logging.getLogger("memfuse").addHandler(problems)
     try:
+        running = RunningMount.load(config.pid_file)
+        if running is not None and running.alive():
+            raise MountError(f"agent {config.agent_id} is already mounted at "
+                             f"{running.mountpoint} (pid {running.pid})")
         check_mountpoint(config.mountpoint)
         async with LettaClient(config.base_url, config.api_key,
                                retry_budget=config.retry_budget) as client:

@@ -35,6 +35,16 @@ class Stale(FsError):
         self.current = current
 
 
+def block_location(parts: tuple[str, ...]) -> tuple[bool, str]:
+    """(attached, label) of a block file at path `parts`. Raises FsError(EINVAL) when the path
+    cannot be a block file."""
+    where = Tree.location(parts)
+    if where is None:
+        raise FsError(errno.EINVAL, f"{'/'.join(parts)} cannot be a block file (its label "
+                                    f"would be invalid)")
+    return where
+
+
 def _content(block: Block) -> tuple:
     return block.value, block.description, block.limit
 
@@ -95,10 +105,9 @@ class AgentMemory:
     def where(self, node: Node) -> tuple[bool, str]:
         """(attached, label) that the node's path gives its block. Raises FsError(EINVAL)."""
         parts = self.tree.parts(node)
-        where = self.tree.location(parts) if parts else None
-        if where is None:
-            raise FsError(errno.EINVAL, "this path cannot hold a block")
-        return where
+        if parts is None:
+            raise FsError(errno.EINVAL, f"{node.name} was removed: it holds no block")
+        return block_location(parts)
 
     async def send(self, node: Node, data: bytes, base: Block | None = None) -> None:
         """Make the block file `node` say what the bytes `data` say (a flushed file): `update`

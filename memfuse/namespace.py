@@ -22,7 +22,7 @@ from . import blockfile
 from .errors import FsError
 from .history import Origin
 from .letta import Block
-from .memory import AgentMemory
+from .memory import AgentMemory, block_location
 from .tree import Kind, Node, is_block_name
 
 log = logging.getLogger("memfuse.namespace")
@@ -60,13 +60,6 @@ class Namespace:
     def _record(self, path: str, content: bytes | None) -> None:
         self.memory.record(path, content, Origin.LOCAL)
 
-    def _location(self, parts: tuple[str, ...]) -> tuple[bool, str]:
-        where = self.tree.location(parts)
-        if where is None:
-            raise FsError(errno.EINVAL, f"{'/'.join(parts)} cannot be a block file (its label "
-                                        f"would be invalid)")
-        return where
-
     def _bury(self, node: Node) -> None:
         """Turn the block file `node` (still linked) into scratch and schedule its block's
         retirement at its current path."""
@@ -101,7 +94,7 @@ class Namespace:
         log.debug("create %s", "/".join(parts))
         if not is_block_name(name):
             return self.tree.add(Kind.SCRATCH, parent, name, content=bytearray())
-        self._location(parts)
+        block_location(parts)
         node = self.tree.add(Kind.BLOCK, parent, name)
         tomb = self._claim(parts)
         if tomb is not None:
@@ -194,7 +187,7 @@ class Namespace:
         if src.kind is Kind.SYMLINK:
             raise FsError(errno.EPERM, "a symbolic link cannot become a block file")
         new_parts = (self.tree.parts(new_parent) or ()) + (new_name,)
-        attached, label = self._location(new_parts)
+        attached, label = block_location(new_parts)
         target = dst.block if dst is not None and dst.block is not None else None
         tomb = None if target is not None else self._tombstones.get(new_parts)
         if tomb is not None:
@@ -253,7 +246,7 @@ class Namespace:
             if node.kind is Kind.BLOCK and node.block is not None:
                 rel = self.tree.parts(node)[len(old_parts):]
                 was_attached = old_parts[0] == "system"
-                attached, label = self._location(new_parts + rel)
+                attached, label = block_location(new_parts + rel)
                 moves.append((node, "/".join(old_parts + rel), was_attached, attached, label))
         done: list[tuple[tuple, Block]] = []
         try:

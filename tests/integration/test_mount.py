@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import MEMFUSE, block_by_label, wait_for
+from .conftest import MEMFUSE, block_by_label, make_agent, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -160,15 +160,30 @@ def test_unreachable_server_is_a_clear_error(agent, home, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_busy_mountpoint_is_a_clear_error(mount, agent, home, tmp_path):
-    again = run_memfuse(home, "mount", agent, str(mount.path))
-    assert again.returncode == 1 and "already a mount point" in again.stderr
+def test_busy_mountpoint_is_a_clear_error(mount, agent, home, tmp_path, api):
+    other = make_agent(api, [{"label": "human", "value": "x"}])
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_text("mine")
-    result = run_memfuse(home, "mount", agent, str(full))
-    assert result.returncode == 1 and "is not empty" in result.stderr
-    assert (full / "keep.txt").read_text() == "mine"
+    try:
+        again = run_memfuse(home, "mount", other, str(mount.path))
+        assert again.returncode == 1 and "already a mount point" in again.stderr
+        result = run_memfuse(home, "mount", other, str(full))
+        assert result.returncode == 1 and "is not empty" in result.stderr
+        assert (full / "keep.txt").read_text() == "mine"
+    finally:
+        api.delete(f"/v1/agents/{other}")
+    twice = run_memfuse(home, "mount", agent, str(tmp_path / "second"))
+    assert twice.returncode == 1
+    assert f"agent {agent} is already mounted at {mount.path}" in twice.stderr
+
+
+def test_umount_by_a_relative_mountpoint(agent, home, tmp_path):
+    assert run_memfuse(home, "mount", agent, str(tmp_path / "mnt")).returncode == 0
+    result = subprocess.run([MEMFUSE, "umount", "mnt"], cwd=tmp_path, env=home,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert not os.path.ismount(tmp_path / "mnt")
 
 
 def test_umount_of_nothing_is_a_clear_error(home, tmp_path):
