@@ -18,7 +18,7 @@ from . import blockfile
 from .errors import FsError, from_letta
 from .history import Origin
 from .letta import Block, LettaClient, LettaError, NotFound
-from .tree import Node, Tree
+from .tree import Kind, Node, Tree
 
 log = logging.getLogger("memfuse.memory")
 
@@ -99,8 +99,15 @@ class AgentMemory:
                 log.warning("%s: could not revalidate (%s); serving the cached copy",
                             self.tree.path(node), exc)
                 return
-            if node.block is not None and self.tree.bind(node, block, trio.current_time()):
+            if self._shows(node, block.id) and self.tree.bind(node, block, trio.current_time()):
                 self.record(self.tree.path(node), bytes(node.content), Origin.SERVER)
+
+    @staticmethod
+    def _shows(node: Node, block_id: str) -> bool:
+        """Whether `node` is still a linked block file for `block_id` (or for a block not
+        created yet): state may change while a server call is awaited."""
+        return (node.parent != 0 and node.kind is Kind.BLOCK
+                and (node.block is None or node.block.id == block_id))
 
     def where(self, node: Node) -> tuple[bool, str]:
         """(attached, label) that the node's path gives its block. Raises FsError(EINVAL)."""
@@ -123,8 +130,14 @@ class AgentMemory:
             try:
                 block = await self.update(node.block, parsed, self.tree.path(node), base)
             except Stale as exc:
-                self.tree.bind(node, exc.current, trio.current_time())
+                if self._shows(node, exc.current.id):
+                    self.tree.bind(node, exc.current, trio.current_time())
                 raise
+        if not self._shows(node, block.id):
+            # Unlinked or replaced while the server call was in flight: the server has the
+            # write, but the file no longer shows that block, so neither does history.
+            log.info("%s: removed while its write was in flight", node.name)
+            return
         self.tree.bind(node, block, trio.current_time())
         # Recorded even when unchanged: after an unlink + re-create the history must see it back.
         self.record(self.tree.path(node), bytes(node.content), Origin.LOCAL)
