@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .letta import DEFAULT_BASE_URL
@@ -72,26 +72,33 @@ class Config:
         return self.state_dir / "memfuse.status.json"
 
 
+class JsonRecord:
+    """A dataclass kept as one JSON object in a file (pid and status files)."""
+
+    def save(self, path: Path) -> None:
+        """Write atomically (tmp + rename), so a reader never sees half a file."""
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self)) + "\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path):
+        """The record in `path`, or None when there is none or it cannot be read."""
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+
 @dataclass
-class RunningMount:
-    """What a running daemon writes to its pid file (JSON) so `umount`/`status` can find it."""
+class RunningMount(JsonRecord):
+    """What a running daemon writes to its pid file so `umount`/`status` can find it."""
 
     agent_id: str
     mountpoint: str
     pid: int
     base_url: str
     log_file: str
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.__dict__) + "\n")
-
-    @classmethod
-    def load(cls, path: Path) -> "RunningMount | None":
-        """The record in `path`, or None when there is none or it cannot be read."""
-        try:
-            return cls(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):
-            return None
 
     def alive(self) -> bool:
         """Whether the daemon's process still exists."""

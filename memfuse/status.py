@@ -5,18 +5,17 @@ The daemon writes a small JSON file next to its pid file every second
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
+
+from .config import JsonRecord
 
 STALE_AFTER = 10.0  # seconds without an update before the daemon is called unresponsive
 
 
 @dataclass
-class Status:
+class Status(JsonRecord):
     """One snapshot of a mount's state. Times are time.time() seconds; None when never."""
 
     agent_id: str
@@ -35,19 +34,6 @@ class Status:
     last_error: str | None
     last_error_at: float | None
     updated_at: float
-
-    def save(self, path: Path) -> None:
-        """Write atomically (tmp + rename), so a reader never sees half a file."""
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self)) + "\n")
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: Path) -> "Status | None":
-        try:
-            return cls(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):
-            return None
 
     def render(self, now: float | None = None) -> str:
         """The human-readable report."""
