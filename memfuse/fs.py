@@ -158,7 +158,7 @@ class MemoryFs(pyfuse3.Operations):
         node = self._node(inode)
         if fields.update_size:
             await self._truncate(node, attr.st_size, self._files.get(fh) if fh else None)
-        if getattr(fields, "update_mode", False) and node.kind is Kind.SCRATCH:
+        if fields.update_mode and node.kind is Kind.SCRATCH:
             node.mode = attr.st_mode & 0o7777  # scratch files keep their mode; blocks have none
         if fields.update_mtime:  # kept in the daemon only: nothing about times goes to the server
             node.mtime_ns = attr.st_mtime_ns

@@ -118,7 +118,7 @@ async def test_read_only_block_is_0444_and_refuses_writers(world):
 
 async def test_truncate_by_path_is_one_write(world):
     inode = await inode_of(world.fs, "system/human.md")
-    fields = SimpleNamespace(update_size=True, update_mtime=False)
+    fields = SimpleNamespace(update_size=True, update_mode=False, update_mtime=False)
     attr = SimpleNamespace(st_size=0)
     # The value is emptied; the file keeps its frontmatter, as every block file does.
     empty = b"---\ndescription: desc\nlimit: 20000\n---\n"
@@ -131,7 +131,7 @@ async def test_ftruncate_on_open_file_waits_for_close(world):
     fs = world.fs
     inode = await inode_of(fs, "system/human.md")
     info = await fs.open(inode, os.O_RDWR, None)
-    fields = SimpleNamespace(update_size=True, update_mtime=False)
+    fields = SimpleNamespace(update_size=True, update_mode=False, update_mtime=False)
     await fs.setattr(inode, SimpleNamespace(st_size=0), fields, info.fh, None)
     await fs.write(info.fh, 0, b"new")
     assert world.fake.patches() == []
