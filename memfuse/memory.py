@@ -89,6 +89,7 @@ class AgentMemory:
         async with self._lock(node.block.id):
             if node.block is None or trio.current_time() - node.checked_at < self.revalidate_after:
                 return
+            started = trio.current_time()
             try:
                 block = await self.client.get_block(node.block.id)
             except NotFound:
@@ -99,7 +100,7 @@ class AgentMemory:
                 log.warning("%s: could not revalidate (%s); serving the cached copy",
                             self.tree.path(node), exc)
                 return
-            if self._shows(node, block.id) and self.tree.bind(node, block, trio.current_time()):
+            if self._shows(node, block.id) and self.tree.bind(node, block, started):
                 self.record(self.tree.path(node), bytes(node.content), Origin.SERVER)
 
     @staticmethod
@@ -254,7 +255,8 @@ class AgentMemory:
         """Write a block memfuse itself keeps (memory_filesystem): one PATCH of the value, no
         checks; failures are logged, not raised (the next refresh retries)."""
         try:
-            block = await self._call(self.client.update_block(node.block.id, value=value))
+            async with self._lock(node.block.id):
+                block = await self._call(self.client.update_block(node.block.id, value=value))
         except FsError as exc:
             log.warning("%s: could not update: %s", self.tree.path(node), exc.reason)
             return

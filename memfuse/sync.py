@@ -73,6 +73,7 @@ class Poller:
         """One listing and, unless a local change raced it, its application. Returns whether it
         was applied."""
         generation = self.memory.generation
+        started = trio.current_time()
         try:
             attached = await self.memory.client.list_attached_blocks(self.memory.agent_id)
             owned = await self.memory.client.list_owned_blocks(self.memory.agent_id)
@@ -86,7 +87,7 @@ class Poller:
         self.reachable, self.last_poll, self.last_error = True, time.time(), None
         if self.memory.in_flight or self.memory.generation != generation:
             return False  # a local change raced the listing: it may not show it yet
-        await self.apply(attached, owned)
+        await self.apply(attached, owned, started)
         return True
 
     def _desired(self, attached: list[Block], owned: list[Block]
@@ -111,11 +112,12 @@ class Poller:
             self._warned.add(key)
             log.warning("%s", message)
 
-    async def apply(self, attached: list[Block], owned: list[Block]) -> None:
+    async def apply(self, attached: list[Block], owned: list[Block], listed_at: float) -> None:
         """Make the tree show `attached` (under system/) and `owned` minus attached (at the
-        root), invalidating the kernel's caches and recording each change."""
+        root), invalidating the kernel's caches and recording each change. listed_at: when the
+        listing started (trio clock)."""
         desired = self._desired(attached, owned)
-        now = trio.current_time()
+        now = listed_at
         changed_inodes: list[int] = []
         for node in self.tree.blocks():
             if node.block.id not in desired and node.block.id not in (

@@ -43,8 +43,8 @@ def is_block_name(name: str) -> bool:
 class Node:
     """One inode. `content`: the rendered file (BLOCK, GITFILE), the bytes (SCRATCH), the link
     target (SYMLINK). `children` maps names to inodes (DIR). `parent` is 0 once unlinked. Times
-    are nanoseconds since the epoch; `checked_at` is the trio clock (seconds) when the block was
-    last read from the server; `lookups` is the kernel's lookup count."""
+    are nanoseconds since the epoch; `checked_at` is the trio clock (seconds) of the server view
+    the block shows (see `Tree.bind`); `lookups` is the kernel's lookup count."""
 
     inode: int
     kind: Kind
@@ -206,7 +206,15 @@ class Tree:
 
     def bind(self, node: Node, block: Block, checked_at: float) -> bool:
         """Make `node` show the server's `block`; returns True when the content changed (and
-        then moves mtime/ctime to now)."""
+        then moves mtime/ctime to now).
+
+        checked_at: when the server read that returned `block` started, or when the write that
+        returned it completed (trio clock). A read older than what the node already shows of
+        the same block is ignored: reads and writes overlap, and the newest view must win.
+        """
+        if (node.block is not None and node.block.id == block.id
+                and checked_at < node.checked_at):
+            return False
         if node.block is not None and node.block.id != block.id:
             self._by_block.pop(node.block.id, None)
         node.kind, node.block, node.checked_at = Kind.BLOCK, block, checked_at

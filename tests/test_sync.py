@@ -224,3 +224,23 @@ async def test_a_block_removed_on_the_server_while_open_takes_no_write(world, po
     assert "persona.md: removed while open; the write stays local" in caplog.text
     assert "persona.md" not in await listdir(fs, "system")
     assert "system/persona.md" not in world.memory.tree.files()
+
+
+async def test_a_read_that_started_before_a_newer_view_cannot_undo_it(world, poller):
+    fs = world.fs
+    world.memory.revalidate_after = 0
+    real_get = world.memory.client.get_block
+
+    async def stale_get(block_id):
+        old = await real_get(block_id)  # the server answers with the old value...
+        world.fake.blocks[world.ids["human"]]["value"] = "newer\n"
+        await trio.sleep(0.01)
+        assert await poller.poll_once()  # ...and a later listing is applied meanwhile
+        return old
+
+    world.memory.client.get_block = stale_get
+    info = await fs.open(await inode_of(fs, "system/human.md"), os.O_RDONLY, None)
+    await fs.release(info.fh)
+    world.memory.client.get_block = real_get
+    world.memory.revalidate_after = 3600
+    assert (await read_all(fs, "system/human.md")).endswith(b"---\nnewer\n")
