@@ -260,6 +260,7 @@ class AgentMemory:
         except FsError as exc:
             log.warning("%s: could not update: %s", self.tree.path(node), exc.reason)
             return
+        log.debug("%s: kept up to date (%d lines)", self.tree.path(node), value.count("\n") + 1)
         if self.tree.bind(node, block, trio.current_time()):
             self.record(self.tree.path(node), bytes(node.content), Origin.LOCAL)
 

@@ -145,9 +145,10 @@ def test_memory_filesystem_block_is_kept_equal_to_the_tree(api, home):
         expected = "\n".join(["/memory/", "├── system/", "│   ├── projects/",
                               "│   │   └── memfuse.md", "│   ├── human.md",
                               "│   └── memory_filesystem.md", "└── notes.md"])
-        wait_for(lambda: block_by_label(api, agent, "memory_filesystem")["value"] == expected,
-                 SEEN)
-        assert m.sh("cat system/memory_filesystem.md").stdout.endswith(expected)
+        # The file shows the block once the server has confirmed memfuse's write of it; the
+        # server may answer a reader a moment before that reply is back.
+        wait_for(lambda: block_by_label(api, agent, "memory_filesystem")["value"] == expected
+                 and m.sh("cat system/memory_filesystem.md").stdout.endswith(expected), SEEN)
         with pytest.raises(PermissionError):
             open(m.path / "system/memory_filesystem.md", "w")
     finally:
