@@ -57,18 +57,22 @@ class Config:
 
     @property
     def state_dir(self) -> Path:
+        """The agent's state directory: `~/.letta/agents/<id>`."""
         return agent_dir(self.agent_id)
 
     @property
     def log_file(self) -> Path:
+        """The daemon's log: `<state_dir>/memfuse.log`."""
         return self.state_dir / "memfuse.log"
 
     @property
     def pid_file(self) -> Path:
+        """The running daemon's record: `<state_dir>/memfuse.pid` (JSON)."""
         return self.state_dir / "memfuse.pid"
 
     @property
     def status_file(self) -> Path:
+        """The status report: `<state_dir>/memfuse.status.json`."""
         return self.state_dir / "memfuse.status.json"
 
 

@@ -136,6 +136,7 @@ class MemoryFs(pyfuse3.Operations):
     # -- namespace -----------------------------------------------------------------------------
 
     async def lookup(self, parent_inode, name, ctx=None):
+        """FUSE lookup: the entry `name` in a directory (`.` and `..` too); ENOENT if none."""
         parent = self._dir(parent_inode)
         name = os.fsdecode(name)
         if name == ".":
@@ -148,13 +149,17 @@ class MemoryFs(pyfuse3.Operations):
         return self._entry(child)
 
     async def forget(self, inode_list):
+        """FUSE forget: drop the kernel's lookups; unlinked nodes with none left are freed."""
         for inode, count in inode_list:
             self.tree.forget(inode, count)
 
     async def getattr(self, inode, ctx=None):
+        """FUSE getattr: attributes from memory (exact st_size; the pending write's size)."""
         return self._attr(self._node(inode))
 
     async def setattr(self, inode, attr, fields, fh, ctx):
+        """FUSE setattr: size = truncate (buffered with fh, else one PATCH now); mtime kept in
+        the daemon; a scratch file keeps its mode; chown, atime, a block's mode: accepted."""
         node = self._node(inode)
         if fields.update_size:
             await self._truncate(node, attr.st_size, self._files.get(fh) if fh else None)
@@ -201,12 +206,14 @@ class MemoryFs(pyfuse3.Operations):
         return [n for n in self.tree.walk(self.tree.root) if n.kind is Kind.SCRATCH]
 
     async def opendir(self, inode, ctx):
+        """FUSE opendir: snapshot the entries, so readdir offsets stay stable."""
         node = self._dir(inode)
         fh = self._fh()
         self._dirs[fh] = sorted(node.children.items())
         return fh
 
     async def readdir(self, fh, start_id, token):
+        """FUSE readdir(plus): entries from `start_id` (an index into the snapshot)."""
         entries = self._dirs[fh]
         for index in range(start_id, len(entries)):
             name, inode = entries[index]
@@ -219,6 +226,7 @@ class MemoryFs(pyfuse3.Operations):
             self.tree.looked_up(node)
 
     async def releasedir(self, fh):
+        """FUSE releasedir: drop the snapshot."""
         self._dirs.pop(fh, None)
 
     def _in_dir(self, parent_inode: int, name: bytes, operation):
@@ -230,15 +238,19 @@ class MemoryFs(pyfuse3.Operations):
             raise self._refuse(self._child_path(parent, name), exc) from None
 
     async def mkdir(self, parent_inode, name, mode, ctx):
+        """FUSE mkdir: a label prefix kept by the daemon (Namespace.mkdir)."""
         return self._entry(self._in_dir(parent_inode, name, self.namespace.mkdir))
 
     async def rmdir(self, parent_inode, name, ctx):
+        """FUSE rmdir: remove an empty directory (Namespace.rmdir)."""
         self._in_dir(parent_inode, name, self.namespace.rmdir)
 
     async def unlink(self, parent_inode, name, ctx):
+        """FUSE unlink: remove a file; a block is retired after the grace period."""
         self._in_dir(parent_inode, name, self.namespace.unlink)
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        """FUSE rename: relabel, attach/detach, or update a replaced block (Namespace.rename)."""
         parent, name = self._dir(parent_inode_old), os.fsdecode(name_old)
         new_parent, new_name = self._dir(parent_inode_new), os.fsdecode(name_new)
         try:
@@ -248,21 +260,25 @@ class MemoryFs(pyfuse3.Operations):
             raise self._refuse(where, exc) from None
 
     async def symlink(self, parent_inode, name, target, ctx):
+        """FUSE symlink: a scratch link (emacs lock files); EPERM for a block name."""
         return self._entry(self._in_dir(
             parent_inode, name, lambda parent, n: self.namespace.symlink(parent, n, target)))
 
     async def readlink(self, inode, ctx):
+        """FUSE readlink: the target of a scratch link."""
         node = self._node(inode)
         if node.kind is not Kind.SYMLINK:
             raise pyfuse3.FUSEError(errno.EINVAL)
         return bytes(node.content)
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
+        """FUSE link: hard links are refused with EPERM."""
         node = self._node(inode)
         raise self._refuse(self.tree.path(node), FsError(errno.EPERM, "hard links are not "
                                                                       "supported"))
 
     async def statfs(self, ctx):
+        """FUSE statfs: 4 KiB blocks, 1 GiB free, 255-byte names."""
         stats = pyfuse3.StatvfsData()
         stats.f_bsize = stats.f_frsize = BLOCK_SIZE
         used = sum(len(n.content) for n in self.tree.blocks()) // BLOCK_SIZE + 1
@@ -290,6 +306,8 @@ class MemoryFs(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=False)
 
     async def open(self, inode, flags, ctx):
+        """FUSE open: revalidate a block older than the window, then snapshot its bytes for this
+        handle; EACCES for writing a read-only file; O_TRUNC empties the handle's buffer."""
         node = self._node(inode)
         if node.kind is Kind.DIR:
             raise pyfuse3.FUSEError(errno.EISDIR)
@@ -302,6 +320,7 @@ class MemoryFs(pyfuse3.Operations):
         return self._open_handle(node, flags)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
+        """FUSE create: a new file, open (Namespace.create); a block file starts empty."""
         node = self._in_dir(parent_inode, name, self.namespace.create)
         if node.kind is Kind.SCRATCH:
             node.mode = mode & 0o7777
@@ -311,11 +330,15 @@ class MemoryFs(pyfuse3.Operations):
         return info, self._entry(node)
 
     async def read(self, fh, off, size):
+        """FUSE read: up to `size` bytes at `off` from the handle's bytes (a scratch file's
+        live bytes)."""
         handle = self._files[fh]
         data = handle.data if handle.data is not None else handle.node.content
         return bytes(data[off:off + size])
 
     async def write(self, fh, off, buf):
+        """FUSE write: into the handle's buffer (a scratch file: in place); nothing is sent.
+        Returns the byte count; ENOSPC past the scratch limit."""
         handle = self._files[fh]
         if not handle.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -351,6 +374,7 @@ class MemoryFs(pyfuse3.Operations):
         handle.dirty, handle.base = False, node.block
 
     async def flush(self, fh):
+        """FUSE flush (each close): send the handle's writes as one PATCH and wait for it."""
         # flush comes with every close() of every dup of the descriptor. A shell's `> file` opens
         # with O_TRUNC and closes a dup before the first write: sending then would blank the block
         # on the server for a moment, so a truncation with no write yet waits for release.
@@ -359,11 +383,13 @@ class MemoryFs(pyfuse3.Operations):
             await self._send(handle)
 
     async def fsync(self, fh, datasync):
+        """FUSE fsync/fdatasync: send any pending change now and wait for the server."""
         handle = self._files[fh]
         if handle.dirty:
             await self._send(handle)
 
     async def release(self, fh):
+        """FUSE release (last close): send an O_TRUNC/O_CREAT open that was never written."""
         handle = self._files.pop(fh)
         if handle.dirty and not handle.written:  # `: > file`, `touch new.md`: never written
             try:

@@ -80,6 +80,7 @@ class HistoryRepo:
 
     @property
     def repo(self) -> Repo:
+        """The open dulwich repository (after `open`)."""
         assert self._repo is not None, "open() first"
         return self._repo
 

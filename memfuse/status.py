@@ -79,4 +79,5 @@ class LastProblem(logging.Handler):
         self.at: float | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
+        """Keep the record's message and time."""
         self.message, self.at = record.getMessage(), record.created

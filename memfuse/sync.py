@@ -29,9 +29,11 @@ log = logging.getLogger("memfuse.sync")
 class Invalidator(Protocol):
     """Tells the kernel to drop what it cached (FUSE notify calls)."""
 
-    def entry(self, parent_inode: int, name: str) -> None: ...
+    def entry(self, parent_inode: int, name: str) -> None:
+        """Forget the directory entry `name` (it moved, appeared or went away)."""
 
-    async def inode(self, inode: int) -> None: ...
+    async def inode(self, inode: int) -> None:
+        """Forget the attributes and cached pages of `inode` (its content changed)."""
 
 
 class KernelInvalidator:
@@ -40,9 +42,11 @@ class KernelInvalidator:
     asynchronous queue."""
 
     def entry(self, parent_inode: int, name: str) -> None:
+        """`pyfuse3.invalidate_entry_async`; a name the kernel never saw is fine."""
         pyfuse3.invalidate_entry_async(parent_inode, os.fsencode(name), ignore_enoent=True)
 
     async def inode(self, inode: int) -> None:
+        """`pyfuse3.invalidate_inode` in a worker thread; an inode the kernel forgot is fine."""
         try:
             await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode)
         except OSError:  # the kernel never looked it up, or forgot it: nothing cached

@@ -26,6 +26,8 @@ MEMORY_FILESYSTEM_LABEL = "memory_filesystem"  # kept by memfuse: read-only in t
 
 
 class Kind(enum.Enum):
+    """What a node is."""
+
     DIR = "dir"
     BLOCK = "block"      # a block file; `block` is None until a new file is first sent
     SCRATCH = "scratch"  # a regular file kept only by the daemon
@@ -61,10 +63,12 @@ class Node:
 
     @property
     def read_only(self) -> bool:
+        """The .git file, a read-only block, or the memory_filesystem block memfuse keeps."""
         return self.kind is Kind.GITFILE or (self.block is not None and (
             self.block.read_only or self.block.label == MEMORY_FILESYSTEM_LABEL))
 
     def touch(self) -> None:
+        """The content or the entries changed: mtime and ctime move to now."""
         self.mtime_ns = self.ctime_ns = time.time_ns()
 
 
