@@ -244,3 +244,14 @@ async def test_a_read_that_started_before_a_newer_view_cannot_undo_it(world, pol
     world.memory.client.get_block = real_get
     world.memory.revalidate_after = 3600
     assert (await read_all(fs, "system/human.md")).endswith(b"---\nnewer\n")
+
+
+async def test_an_unreachable_server_keeps_the_last_known_state(world, poller):
+    before = world.memory.tree.files()
+    world.fake.fail_next = [503] * 50
+    assert not await poller.poll_once()
+    assert not poller.reachable and "poll failed" in poller.last_error
+    assert world.memory.tree.files() == before
+    assert (await read_all(world.fs, "system/human.md")).endswith(b"---\nThe human.\n")
+    world.fake.fail_next = []
+    assert await poller.poll_once() and poller.reachable and poller.last_error is None
