@@ -345,7 +345,8 @@ class MemoryFs(pyfuse3.Operations):
         node = handle.node
         if handle.data is None and node.kind is Kind.SCRATCH:
             data = node.content
-            self._check_scratch_room(node, max(len(data), off + len(buf)))
+            if off + len(buf) > len(data):  # only growth can pass the limit: skip the tree walk
+                self._check_scratch_room(node, off + len(buf))
             node.touch()
         else:
             if handle.data is None or not isinstance(handle.data, bytearray):

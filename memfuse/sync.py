@@ -94,9 +94,8 @@ class Poller:
         await self.apply(attached, owned, started)
         return True
 
-    def _desired(self, attached: list[Block], owned: list[Block]
+    def _desired(self, attached: list[Block], owned: list[Block], hidden: set[str]
                  ) -> dict[str, tuple[tuple[str, ...], Block]]:
-        hidden = self.namespace.pending_block_ids()
         attached_ids = {b.id for b in attached}
         desired = {}
         for block, is_attached in [(b, True) for b in attached] + [
@@ -120,12 +119,12 @@ class Poller:
         """Make the tree show `attached` (under system/) and `owned` minus attached (at the
         root), invalidating the kernel's caches and recording each change. listed_at: when the
         listing started (trio clock)."""
-        desired = self._desired(attached, owned)
+        hidden = self.namespace.pending_block_ids()  # unlinked here, not retired yet
+        desired = self._desired(attached, owned, hidden)
         now = listed_at
         changed_inodes: list[int] = []
         for node in self.tree.blocks():
-            if node.block.id not in desired and node.block.id not in (
-                    self.namespace.pending_block_ids()):
+            if node.block.id not in desired and node.block.id not in hidden:
                 path = self.tree.path(node)
                 parent = node.parent
                 self.tree.unbind(node)  # a descriptor still open on it now writes to scratch

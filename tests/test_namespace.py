@@ -320,3 +320,16 @@ async def test_a_file_unlinked_while_its_write_is_in_flight_leaves_history_alone
     assert world.fake.blocks[world.ids["human"]]["value"] == "in flight"
     assert [p for p, _c, _o in world.records] == ["system/human.md"]  # only the unlink
     assert [c for _p, c, _o in world.records] == [None]
+
+
+async def test_scratch_files_are_limited_and_refused_with_enospc(world, monkeypatch):
+    monkeypatch.setattr("memfuse.fs.SCRATCH_LIMIT", 10)
+    fs = world.fs
+    await create(fs, "system/.a.swp", b"12345678")
+    info = await fs.open(await inode_of(fs, "system/.a.swp"), os.O_WRONLY, None)
+    assert await fs.write(info.fh, 0, b"abcdefgh") == 8  # an overwrite does not grow
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await fs.write(info.fh, 8, b"xyz")  # 11 bytes > 10
+    assert caught.value.errno == errno.ENOSPC
+    await fs.release(info.fh)
+    assert await read_all(fs, "system/.a.swp") == b"abcdefgh"
