@@ -1,4 +1,4 @@
-"""The block file format (DESIGN.md §1) and the label <-> path mapping.
+"""The block file format (DESIGN.md §1): render, parse, validate, plan the PATCH.
 
 A block file is YAML frontmatter followed by the block value, byte for byte:
 
@@ -22,11 +22,10 @@ from typing import Any
 import yaml
 
 from .errors import FsError
-from .letta import Block
+from .model import SUFFIX, Block
 
 KEYS = ("description", "limit", "read_only")
 DEFAULT_LIMIT = 20000
-SUFFIX = ".md"
 OPEN = "---\n"
 
 
@@ -130,30 +129,3 @@ def plan_update(block: Block, parsed: ParsedFile) -> dict[str, Any]:
         if key in fields and fields[key] != getattr(block, key):
             changes[key] = fields[key]
     return changes
-
-
-def label_to_parts(label: str) -> list[str] | None:
-    """The path components of `label`'s file (last one with `.md`), or None if it has no valid path.
-
-    `projects/letta` -> ["projects", "letta.md"]. Empty, `.`/`..` components, control
-    characters (NUL, newline, ...: they would break the prompt and git paths) or a component over
-    255 bytes make a label that cannot be shown as a file.
-    """
-    if any(ord(c) < 32 or ord(c) == 127 for c in label):
-        return None
-    parts = label.split("/")
-    parts[-1] += SUFFIX
-    for part in parts:
-        if part in ("", SUFFIX, ".", "..") or len(part.encode()) > 255:
-            return None
-    return parts
-
-
-def parts_to_label(parts: list[str]) -> str | None:
-    """The label for a file at path components `parts` (relative to `system/` or the root).
-
-    None when the last component is not a block file name (`*.md` with something before it).
-    """
-    if not parts or not parts[-1].endswith(SUFFIX) or parts[-1] == SUFFIX:
-        return None
-    return "/".join(parts[:-1] + [parts[-1][: -len(SUFFIX)]])

@@ -21,7 +21,7 @@ import trio
 
 from .config import Config, RunningMount, agent_dir, running_mounts
 from .daemon import MountError, serve
-from .memory import CONFLICT_POLICIES
+from .remote import CONFLICT_POLICIES
 from .status import Status
 
 READY = "ready"

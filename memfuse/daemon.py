@@ -2,32 +2,39 @@
 retirer of unlinked blocks, the memory_filesystem keeper and the status publisher.
 
 Start-up checks everything a person can get wrong before the mount appears (mountpoint busy,
-server unreachable, unknown agent) and reports it through `on_ready` as one sentence. Shutdown
-(SIGINT, SIGTERM, or an external `fusermount3 -u`) sends any unsent writes, unmounts, and takes
-a last snapshot.
+server unreachable, unknown agent) and reports it through `on_ready` as one sentence. The
+lifecycle is one `contextlib.AsyncExitStack` (as in s3ql's mount.py): each resource registers
+its teardown where it is acquired, so shutdown (SIGINT, SIGTERM, an external `fusermount3 -u`,
+or a crash of any task) runs them all in reverse: send unsent writes and retire unlinked blocks,
+remove the pid and status files, unmount, take the last snapshot, close the history and the
+client. A teardown step that fails is logged and the others still run.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Awaitable, Callable
 
+import httpx
 import pyfuse3
 import trio
 
 from .config import Config, RunningMount
+from .files import BlockFiles
 from .fs import MemoryFs
-from .history import HistoryRepo, Origin, Snapshotter, gitfile_content
+from .history import HistoryRepo, Snapshotter, gitfile_content
+from .keeper import TreeBlockKeeper
 from .letta import Invalid, LettaClient, LettaError, NotFound, Unauthorized, Unreachable
-from .errors import FsError
-from .memory import AgentMemory
 from .namespace import Namespace
+from .poller import Poller
+from .remote import Remote
+from .state import KernelInvalidator, MountState
 from .status import LastProblem, Status
-from .sync import KernelInvalidator, Poller, TreeBlockKeeper
 from .tree import Tree
 
 log = logging.getLogger("memfuse.daemon")
@@ -68,139 +75,168 @@ async def _connect(client: LettaClient, config: Config) -> None:
         raise MountError(f"the Letta server at {config.base_url} answered: {exc}") from None
 
 
-async def _snapshot_at_mount(repo: HistoryRepo, snapshots: Snapshotter, tree: Tree) -> None:
-    committed = await trio.to_thread.run_sync(repo.files)
-    current = tree.files()
-    changes: dict[str, bytes | None] = {p: c for p, c in current.items() if committed.get(p) != c}
-    changes.update({p: None for p in committed if p not in current})
-    await snapshots.commit_now(changes, Origin.SERVER, "Snapshot at mount")
-
-
 @dataclass
-class Parts:
-    """Everything one mount runs."""
+class Mount:
+    """Everything one mount runs (built by `_start`)."""
 
+    config: Config
     repo: HistoryRepo
     snapshots: Snapshotter
-    memory: AgentMemory
+    state: MountState
+    files: BlockFiles
     ops: MemoryFs
     poller: Poller
     keeper: TreeBlockKeeper
     problems: LastProblem
+    unmounted: bool = False  # the kernel ended the session itself (fusermount3 -u)
+
+    def status(self) -> Status:
+        """The status report as of now."""
+        config, snapshots, poller = self.config, self.snapshots, self.poller
+        return Status(
+            agent_id=config.agent_id, mountpoint=str(config.mountpoint),
+            base_url=config.base_url, pid=os.getpid(), reachable=poller.reachable,
+            last_poll=poller.last_poll, pending_writes=self.ops.unsent(),
+            pending_unlinks=len(self.state.graveyard.pending_block_ids()),
+            uncommitted=snapshots.pending(),
+            last_commit=snapshots.last_commit.decode() if snapshots.last_commit else None,
+            last_commit_message=self.repo.last_message, last_commit_at=snapshots.last_commit_at,
+            last_conflict=self.files.last_conflict, last_error=self.problems.message,
+            last_error_at=self.problems.at, updated_at=time.time())
 
 
-async def serve(config: Config, on_ready: Callable[[str | None], None]) -> None:
-    """Mount `config.agent_id` at `config.mountpoint` and serve until unmounted or signalled.
+def _teardown(stack: contextlib.AsyncExitStack, what: str,
+              step: Callable[[], Awaitable[None] | None]) -> None:
+    """Register `step` to run at exit, shielded from cancellation; a failure is logged with its
+    traceback and does not stop the steps registered before it."""
+    async def run(*_exc) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                result = step()
+                if result is not None:
+                    await result
+            except Exception:
+                log.exception("unmount: %s failed", what)
+
+    stack.push_async_exit(run)
+
+
+async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: LastProblem,
+                 transport: httpx.AsyncBaseTransport | None) -> Mount:
+    """Acquire everything up to a loaded tree, each teardown registered on `stack`.
+    Raises MountError."""
+    running = RunningMount.load(config.pid_file)
+    if running is not None and running.alive():
+        raise MountError(f"agent {config.agent_id} is already mounted at "
+                         f"{running.mountpoint} (pid {running.pid})")
+    check_mountpoint(config.mountpoint)
+    client = await stack.enter_async_context(LettaClient(
+        config.base_url, config.api_key, retry_budget=config.retry_budget, transport=transport))
+    await _connect(client, config)
+    repo = HistoryRepo(config.history_dir)
+    await trio.to_thread.run_sync(repo.open)
+    _teardown(stack, "closing the history", repo.close)
+    snapshots = Snapshotter(repo, quiet_period=config.quiet_period)
+    _teardown(stack, "the last snapshot", snapshots.flush)
+    state = MountState(Tree(gitfile=gitfile_content(config.history_dir)), snapshots.record)
+    remote = Remote(client, config.agent_id, on_conflict=config.on_conflict)
+    try:
+        listed_at = trio.current_time()
+        attached, owned = await remote.listing()
+    except LettaError as exc:
+        raise MountError(f"could not list the agent's blocks: {exc}") from None
+    state.load(attached, owned, listed_at, await trio.to_thread.run_sync(repo.files))
+    await snapshots.flush(subject="Snapshot at mount")
+    files = BlockFiles(state, remote, revalidate=config.revalidate)
+    namespace = Namespace(state, remote, files)
+    return Mount(config, repo, snapshots, state, files, MemoryFs(state, files, namespace),
+                 Poller(state, remote, interval=config.poll_interval),
+                 TreeBlockKeeper(state, remote), problems)
+
+
+async def serve(config: Config, on_ready: Callable[[str | None], None], *,
+                transport: httpx.AsyncBaseTransport | None = None) -> None:
+    """Mount `config.agent_id` at `config.mountpoint` and serve until unmounted, signalled, or
+    a task fails (its exception propagates after the teardown).
 
     on_ready(None) is called once the mount is usable; on_ready(message) when it cannot start
-    (then MountError is raised too).
+    (then MountError is raised too). transport: an httpx transport for the client (tests).
     """
     problems = LastProblem()
-    logging.getLogger("memfuse").addHandler(problems)
+    logger = logging.getLogger("memfuse")
+    logger.addHandler(problems)
     try:
-        running = RunningMount.load(config.pid_file)
-        if running is not None and running.alive():
-            raise MountError(f"agent {config.agent_id} is already mounted at "
-                             f"{running.mountpoint} (pid {running.pid})")
-        check_mountpoint(config.mountpoint)
-        async with LettaClient(config.base_url, config.api_key,
-                               retry_budget=config.retry_budget) as client:
-            await _connect(client, config)
-            repo = HistoryRepo(config.history_dir)
-            await trio.to_thread.run_sync(repo.open)
-            snapshots = Snapshotter(repo, quiet_period=config.quiet_period)
-            tree = Tree(gitfile=gitfile_content(config.history_dir))
-            memory = AgentMemory(client, config.agent_id, tree, revalidate=config.revalidate,
-                                 record=snapshots.record, on_conflict=config.on_conflict)
+        async with contextlib.AsyncExitStack() as stack:
             try:
-                await memory.load()
-            except LettaError as exc:
-                raise MountError(f"could not list the agent's blocks: {exc}") from None
-            await _snapshot_at_mount(repo, snapshots, tree)
-            namespace = Namespace(memory)
-            parts = Parts(repo, snapshots, memory, MemoryFs(memory, namespace),
-                          Poller(memory, namespace, KernelInvalidator(),
-                                 interval=config.poll_interval),
-                          TreeBlockKeeper(memory), problems)
-            await _serve_mounted(config, parts, on_ready)
-    except MountError as exc:
-        on_ready(str(exc))
-        raise
+                mount = await _start(stack, config, problems, transport)
+                await _mount(stack, mount)
+            except MountError as exc:
+                on_ready(str(exc))
+                raise
+            await _serve(mount, on_ready)
     finally:
-        logging.getLogger("memfuse").removeHandler(problems)
+        logger.removeHandler(problems)
 
 
-def _status(config: Config, parts: Parts) -> Status:
-    snapshots, poller = parts.snapshots, parts.poller
-    return Status(
-        agent_id=config.agent_id, mountpoint=str(config.mountpoint), base_url=config.base_url,
-        pid=os.getpid(), reachable=poller.reachable, last_poll=poller.last_poll,
-        pending_writes=len(parts.ops.dirty_handles()),
-        pending_unlinks=len(parts.ops.namespace.pending_block_ids()),
-        uncommitted=snapshots.pending(),
-        last_commit=snapshots.last_commit.decode() if snapshots.last_commit else None,
-        last_commit_message=parts.repo.last_message, last_commit_at=snapshots.last_commit_at,
-        last_conflict=parts.memory.last_conflict, last_error=parts.problems.message,
-        last_error_at=parts.problems.at, updated_at=time.time())
-
-
-async def _publish_status(config: Config, parts: Parts) -> None:
-    while True:
-        try:
-            _status(config, parts).save(config.status_file)
-        except OSError as exc:
-            log.warning("could not write %s: %s", config.status_file, exc)
-        await trio.sleep(STATUS_INTERVAL)
-
-
-async def _serve_mounted(config: Config, parts: Parts,
-                         on_ready: Callable[[str | None], None]) -> None:
-    ops = parts.ops
+async def _mount(stack: contextlib.AsyncExitStack, mount: Mount) -> None:
+    """Mount the filesystem and write the pid file, registering their teardown. Raises
+    MountError."""
+    config, ops = mount.config, mount.ops
     options = set(pyfuse3.default_options) | {"fsname=memfuse", "subtype=memfuse"}
     try:
         pyfuse3.init(ops, str(config.mountpoint), options)
     except RuntimeError as exc:
         raise MountError(f"could not mount at {config.mountpoint}: {exc}") from None
+    mount.state.invalidator = KernelInvalidator()
+    _teardown(stack, "unmounting", lambda: pyfuse3.close(unmount=not mount.unmounted))
     config.state_dir.mkdir(parents=True, exist_ok=True)
+
+    def remove_records() -> None:
+        config.pid_file.unlink(missing_ok=True)
+        config.status_file.unlink(missing_ok=True)
+        log.info("unmounted %s", config.mountpoint)
+
+    _teardown(stack, "removing the pid file", remove_records)
     RunningMount(config.agent_id, str(config.mountpoint), os.getpid(), config.base_url,
                  str(config.log_file)).save(config.pid_file)
-    unmounted = False
-    try:
-        async with trio.open_nursery() as nursery:
-            async def fuse_loop() -> None:
-                nonlocal unmounted
-                await pyfuse3.main()
-                unmounted = True  # the kernel ended the session (fusermount3 -u)
-                nursery.cancel_scope.cancel()
 
-            async def watch_signals() -> None:
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for signum in signals:
-                        log.info("%s: unmounting", signal.Signals(signum).name)
-                        nursery.cancel_scope.cancel()
+    async def send_pending() -> None:
+        await ops.shutdown()
+        await ops.namespace.retire_all()
 
-            nursery.start_soon(fuse_loop)
-            nursery.start_soon(parts.snapshots.run)
-            nursery.start_soon(ops.namespace.run)
-            nursery.start_soon(parts.poller.run)
-            nursery.start_soon(parts.keeper.run)
-            nursery.start_soon(_publish_status, config, parts)
-            nursery.start_soon(watch_signals)
-            log.info("mounted agent %s at %s (server %s)", config.agent_id, config.mountpoint,
-                     config.base_url)
-            on_ready(None)
-    finally:
-        with trio.CancelScope(shield=True):
-            for handle in ops.dirty_handles():
-                try:
-                    await ops.memory.send(handle.node, bytes(handle.data), handle.base)
-                    handle.dirty = False
-                except FsError as exc:
-                    log.error("%s: unsent write lost at unmount: %s",
-                              ops.tree.path(handle.node), exc.reason)
-            await ops.namespace.retire_all()
-            pyfuse3.close(unmount=not unmounted)
-            await parts.snapshots.flush()
-            config.pid_file.unlink(missing_ok=True)
-            config.status_file.unlink(missing_ok=True)
-            log.info("unmounted %s", config.mountpoint)
+    _teardown(stack, "sending unsent writes", send_pending)
+
+
+async def _publish_status(mount: Mount) -> None:
+    while True:
+        try:
+            mount.status().save(mount.config.status_file)
+        except OSError as exc:
+            log.warning("could not write %s: %s", mount.config.status_file, exc)
+        await trio.sleep(STATUS_INTERVAL)
+
+
+async def _serve(mount: Mount, on_ready: Callable[[str | None], None]) -> None:
+    """Run the FUSE loop and the background tasks until unmounted or signalled."""
+    async with trio.open_nursery() as nursery:
+        async def fuse_loop() -> None:
+            await pyfuse3.main()
+            mount.unmounted = True  # the kernel ended the session (fusermount3 -u)
+            nursery.cancel_scope.cancel()
+
+        async def watch_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("%s: unmounting", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+
+        nursery.start_soon(fuse_loop)
+        nursery.start_soon(mount.snapshots.run)
+        nursery.start_soon(mount.ops.namespace.run)
+        nursery.start_soon(mount.poller.run)
+        nursery.start_soon(mount.keeper.run)
+        nursery.start_soon(_publish_status, mount)
+        nursery.start_soon(watch_signals)
+        log.info("mounted agent %s at %s (server %s)", mount.config.agent_id,
+                 mount.config.mountpoint, mount.config.base_url)
+        on_ready(None)

@@ -1,9 +1,10 @@
-"""pyfuse3 Operations: translate FUSE requests into Namespace and AgentMemory calls.
+"""pyfuse3 Operations: translate FUSE requests into Namespace, BlockFiles and MountState calls.
 
-Kept thin on purpose: the semantics live in namespace.py (create/unlink/rename), memory.py
-(server I/O), tree.py (the namespace data) and blockfile.py (the format). What is here is the
-per-open-file write buffer, lookup counting, and the FUSE plumbing. Every refusal that reaches a
-program is also logged as one line naming the file and the reason.
+Kept thin on purpose: the semantics live in namespace.py (create/unlink/rename), files.py
+(block contents to and from the server), state.py (the one writer of the mount's state) and
+blockfile.py (the format). What is here is the per-open-file buffer of a block file and the FUSE
+plumbing. Every refusal that reaches a program is also logged as one line naming the file and
+the reason.
 """
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ import pyfuse3
 import trio
 
 from .errors import FsError
-from .letta import Block
-from .memory import AgentMemory
+from .files import BlockFiles
+from .model import Block
 from .namespace import Namespace
+from .state import MountState
 from .tree import Kind, Node
 
 log = logging.getLogger("memfuse.fs")
@@ -30,21 +32,20 @@ FILE_ATTR_TIMEOUT = 0.0
 DIR_ATTR_TIMEOUT = 1.0
 ENTRY_TIMEOUT = 1.0
 BLOCK_SIZE = 4096
-SCRATCH_LIMIT = 64 << 20  # bytes of scratch files (swap files, backups) the daemon keeps
 
 
 @dataclass(eq=False)
 class OpenFile:
-    """One open file description.
+    """One open file description of a block file (or another file the daemon renders: `.git`).
 
-    data: the bytes this handle reads and, once written, will send; None for a scratch file,
-    which is read and written in place. dirty: `data` has changes the server has not accepted.
-    written: a write or ftruncate came since open; an `O_TRUNC` or `O_CREAT` open alone is dirty
-    but not written (see `flush`).
+    data: the bytes this handle reads and, once written, will send (a copy-on-write snapshot
+    taken at open). dirty: `data` has changes the server has not accepted. written: a write or
+    ftruncate came since open; an `O_TRUNC` or `O_CREAT` open alone is dirty but not written
+    (see `flush`).
     """
 
     node: Node
-    data: bytes | bytearray | None
+    data: bytes | bytearray
     writable: bool
     base: Block | None = None  # the block as this handle read it: a later server change conflicts
     dirty: bool = False
@@ -52,17 +53,24 @@ class OpenFile:
     written_at: float = 0.0
 
 
+@dataclass(eq=False)
+class ScratchFile:
+    """One open file description of a scratch file: reads and writes go to the scratch store."""
+
+    node: Node
+    writable: bool
+
+
 class MemoryFs(pyfuse3.Operations):
     """The FUSE filesystem of one agent's memory (see SEMANTICS.md for what each call does)."""
 
     supports_dot_lookup = True
 
-    def __init__(self, memory: AgentMemory, namespace: Namespace):
+    def __init__(self, state: MountState, files: BlockFiles, namespace: Namespace):
         super().__init__()
-        self.memory = memory
-        self.namespace = namespace
-        self.tree = memory.tree
-        self._files: dict[int, OpenFile] = {}
+        self.state, self.files, self.namespace = state, files, namespace
+        self.tree = state.tree
+        self._files: dict[int, OpenFile | ScratchFile] = {}
         self._dirs: dict[int, list[tuple[str, int]]] = {}
         self._next_fh = 1
         self._uid, self._gid = os.getuid(), os.getgid()
@@ -76,9 +84,10 @@ class MemoryFs(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT) from None
 
     def _refuse(self, where: str, exc: FsError) -> pyfuse3.FUSEError:
+        # A refusal is the program's error, not the daemon's: one warning line.
         if exc.errno != errno.ENOENT:
             name = errno.errorcode.get(exc.errno, str(exc.errno))
-            log.error("%s: %s (%s)", where or "/", exc.reason, name)
+            log.warning("%s: %s (%s)", where or "/", exc.reason, name)
         return pyfuse3.FUSEError(exc.errno)
 
     def _child_path(self, parent: Node, name: str) -> str:
@@ -89,10 +98,11 @@ class MemoryFs(pyfuse3.Operations):
         return fh
 
     def _size(self, node: Node) -> int:
-        writers = [f for f in self._files.values() if f.node is node and f.dirty]
+        writers = [f for f in self._files.values()
+                   if f.node is node and isinstance(f, OpenFile) and f.dirty]
         if writers:
             return len(max(writers, key=lambda f: f.written_at).data)
-        return len(node.content)
+        return self.state.size(node)
 
     def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
@@ -124,7 +134,7 @@ class MemoryFs(pyfuse3.Operations):
 
     def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
         """Attributes of an entry handed to the kernel (which then holds a lookup on it)."""
-        self.tree.looked_up(node)
+        self.state.looked_up(node)
         return self._attr(node)
 
     def _dir(self, inode: int) -> Node:
@@ -151,7 +161,7 @@ class MemoryFs(pyfuse3.Operations):
     async def forget(self, inode_list):
         """FUSE forget: drop the kernel's lookups; unlinked nodes with none left are freed."""
         for inode, count in inode_list:
-            self.tree.forget(inode, count)
+            self.state.forget(inode, count)
 
     async def getattr(self, inode, ctx=None):
         """FUSE getattr: attributes from memory (exact st_size; the pending write's size)."""
@@ -163,47 +173,35 @@ class MemoryFs(pyfuse3.Operations):
         node = self._node(inode)
         if fields.update_size:
             await self._truncate(node, attr.st_size, self._files.get(fh) if fh else None)
-        if fields.update_mode and node.kind is Kind.SCRATCH:
-            node.mode = attr.st_mode & 0o7777  # scratch files keep their mode; blocks have none
-        if fields.update_mtime:  # kept in the daemon only: nothing about times goes to the server
-            node.mtime_ns = attr.st_mtime_ns
+        if fields.update_mode:
+            self.state.set_mode(node, attr.st_mode)
+        if fields.update_mtime:
+            self.state.set_mtime(node, attr.st_mtime_ns)
         # chown, atime, a block's mode: accepted, nothing sent.
         return self._attr(node)
 
-    async def _truncate(self, node: Node, size: int, handle: OpenFile | None) -> None:
-        if node.kind is Kind.SCRATCH and (handle is None or handle.data is None):
-            self._check_scratch_room(node, size)
-            del node.content[size:]
-            node.content.extend(b"\0" * (size - len(node.content)))
-            node.touch()
-            return
-        if node.kind not in (Kind.BLOCK, Kind.SCRATCH) or node.read_only:
-            raise self._refuse(self.tree.path(node), FsError(errno.EACCES, "file is read-only"))
-        if handle is not None:
-            self._resize(handle, size)
-            handle.written = True
-            return
-        data = bytes(node.content[:size]).ljust(size, b"\0")
-        try:  # truncate(2) by path has no close to wait for: it is one write now.
-            await self.memory.send(node, data, node.block)
+    async def _truncate(self, node: Node, size: int, handle: OpenFile | ScratchFile | None
+                        ) -> None:
+        path = self.tree.path(node)
+        try:
+            if node.kind is Kind.SCRATCH and not isinstance(handle, OpenFile):
+                self.state.scratch_truncate(node, size)
+            elif node.kind not in (Kind.BLOCK, Kind.SCRATCH) or node.read_only:
+                raise FsError(errno.EACCES, "file is read-only")
+            elif isinstance(handle, OpenFile):
+                self._resize(handle, size)
+                handle.written = True
+            else:  # truncate(2) by path has no close to wait for: it is one write now.
+                data = bytes(node.content[:size]).ljust(size, b"\0")
+                await self.files.send(node, data, node.block)
         except FsError as exc:
-            raise self._refuse(self.tree.path(node), exc) from None
+            raise self._refuse(path, exc) from None
 
     def _resize(self, handle: OpenFile, size: int) -> None:
-        base = handle.data if handle.data is not None else handle.node.content
-        data = bytearray(base)
+        data = bytearray(handle.data)
         del data[size:]
         data.extend(b"\0" * (size - len(data)))
         handle.data, handle.dirty, handle.written_at = data, True, trio.current_time()
-
-    def _check_scratch_room(self, node: Node, size: int) -> None:
-        used = sum(len(n.content) for n in self._scratch_nodes() if n is not node)
-        if used + size > SCRATCH_LIMIT:
-            raise self._refuse(self.tree.path(node), FsError(
-                errno.ENOSPC, f"scratch files are limited to {SCRATCH_LIMIT >> 20} MiB"))
-
-    def _scratch_nodes(self):
-        return [n for n in self.tree.walk(self.tree.root) if n.kind is Kind.SCRATCH]
 
     async def opendir(self, inode, ctx):
         """FUSE opendir: snapshot the entries, so readdir offsets stay stable."""
@@ -223,7 +221,7 @@ class MemoryFs(pyfuse3.Operations):
                 continue
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(node), index + 1):
                 return
-            self.tree.looked_up(node)
+            self.state.looked_up(node)
 
     async def releasedir(self, fh):
         """FUSE releasedir: drop the snapshot."""
@@ -281,7 +279,8 @@ class MemoryFs(pyfuse3.Operations):
         """FUSE statfs: 4 KiB blocks, 1 GiB free, 255-byte names."""
         stats = pyfuse3.StatvfsData()
         stats.f_bsize = stats.f_frsize = BLOCK_SIZE
-        used = sum(len(n.content) for n in self.tree.blocks()) // BLOCK_SIZE + 1
+        used = (sum(len(n.content) for n in self.tree.blocks()) + self.state.scratch.used
+                ) // BLOCK_SIZE + 1
         stats.f_blocks = used + (1 << 18)  # report 1 GiB free: blocks are small
         stats.f_bfree = stats.f_bavail = 1 << 18
         stats.f_files = self.tree.inode_count() + (1 << 16)
@@ -293,13 +292,15 @@ class MemoryFs(pyfuse3.Operations):
 
     def _open_handle(self, node: Node, flags: int) -> pyfuse3.FileInfo:
         writable = (flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
-        data = None if node.kind is Kind.SCRATCH else node.content
-        handle = OpenFile(node, data, writable, base=node.block)
-        if writable and flags & os.O_TRUNC:  # libfuse 3 passes O_TRUNC here, not as setattr
-            if node.kind is Kind.SCRATCH:
-                node.content.clear()
-                node.touch()
-            else:
+        truncate = writable and flags & os.O_TRUNC  # libfuse 3 passes O_TRUNC here
+        handle: OpenFile | ScratchFile
+        if node.kind is Kind.SCRATCH:
+            handle = ScratchFile(node, writable)
+            if truncate:
+                self.state.scratch_truncate(node, 0)
+        else:
+            handle = OpenFile(node, node.content, writable, base=node.block)
+            if truncate:
                 self._resize(handle, 0)
         fh = self._fh()
         self._files[fh] = handle
@@ -316,14 +317,13 @@ class MemoryFs(pyfuse3.Operations):
             what = "the .git file" if node.kind is Kind.GITFILE else "the block"
             raise self._refuse(self.tree.path(node), FsError(errno.EACCES, f"{what} is read-only"))
         if node.kind is Kind.BLOCK:
-            await self.memory.revalidate(node)
+            await self.files.revalidate(node)
         return self._open_handle(node, flags)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         """FUSE create: a new file, open (Namespace.create); a block file starts empty."""
         node = self._in_dir(parent_inode, name, self.namespace.create)
-        if node.kind is Kind.SCRATCH:
-            node.mode = mode & 0o7777
+        self.state.set_mode(node, mode)
         info = self._open_handle(node, flags)
         if node.kind is Kind.BLOCK:  # a new (or re-created) block file: empty until written
             self._resize(self._files[info.fh], 0)
@@ -333,46 +333,45 @@ class MemoryFs(pyfuse3.Operations):
         """FUSE read: up to `size` bytes at `off` from the handle's bytes (a scratch file's
         live bytes)."""
         handle = self._files[fh]
-        data = handle.data if handle.data is not None else handle.node.content
-        return bytes(data[off:off + size])
+        if isinstance(handle, ScratchFile):
+            return self.state.read(handle.node, off, size)
+        return bytes(handle.data[off:off + size])
 
     async def write(self, fh, off, buf):
-        """FUSE write: into the handle's buffer (a scratch file: in place); nothing is sent.
-        Returns the byte count; ENOSPC past the scratch limit."""
+        """FUSE write: into the handle's buffer (a scratch file: the scratch store); nothing is
+        sent. Returns the byte count; ENOSPC past the scratch limit."""
         handle = self._files[fh]
         if not handle.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
-        node = handle.node
-        if handle.data is None and node.kind is Kind.SCRATCH:
-            data = node.content
-            if off + len(buf) > len(data):  # only growth can pass the limit: skip the tree walk
-                self._check_scratch_room(node, off + len(buf))
-            node.touch()
-        else:
-            if handle.data is None or not isinstance(handle.data, bytearray):
-                handle.data = bytearray(handle.data if handle.data is not None else node.content)
-            data = handle.data
-            handle.dirty, handle.written_at = True, trio.current_time()
+        if isinstance(handle, ScratchFile):
+            try:
+                self.state.scratch_write(handle.node, off, buf)
+            except FsError as exc:
+                raise self._refuse(self.tree.path(handle.node), exc) from None
+            return len(buf)
+        if not isinstance(handle.data, bytearray):
+            handle.data = bytearray(handle.data)
+        data = handle.data
         if off > len(data):
             data.extend(b"\0" * (off - len(data)))
         data[off:off + len(buf)] = buf
-        handle.written = True
+        handle.dirty, handle.written, handle.written_at = True, True, trio.current_time()
         return len(buf)
 
     async def _send(self, handle: OpenFile) -> None:
         node = handle.node
-        if node.kind is not Kind.BLOCK:  # the file stopped being a block while open
-            if node.parent == 0:
-                log.warning("%s: removed while open; the write stays local", node.name)
-            if node.kind is Kind.SCRATCH:
-                node.content = bytearray(handle.data)
-            handle.dirty = False
-            return
         try:
-            await self.memory.send(node, bytes(handle.data), handle.base)
+            if node.kind is Kind.BLOCK:
+                await self.files.send(node, bytes(handle.data), handle.base)
+                handle.base = node.block
+            else:  # the file stopped being a block while open: its bytes stay local
+                if node.parent == 0:
+                    log.warning("%s: removed while open; the write stays local", node.name)
+                if node.kind is Kind.SCRATCH:
+                    self.state.scratch_replace(node, bytes(handle.data))
         except FsError as exc:
             raise self._refuse(self.tree.path(node), exc) from None
-        handle.dirty, handle.base = False, node.block
+        handle.dirty = False
 
     async def flush(self, fh):
         """FUSE flush (each close): send the handle's writes as one PATCH and wait for it."""
@@ -380,27 +379,40 @@ class MemoryFs(pyfuse3.Operations):
         # with O_TRUNC and closes a dup before the first write: sending then would blank the block
         # on the server for a moment, so a truncation with no write yet waits for release.
         handle = self._files[fh]
-        if handle.dirty and handle.written:
+        if isinstance(handle, OpenFile) and handle.dirty and handle.written:
             await self._send(handle)
 
     async def fsync(self, fh, datasync):
         """FUSE fsync/fdatasync: send any pending change now and wait for the server."""
         handle = self._files[fh]
-        if handle.dirty:
+        if isinstance(handle, OpenFile) and handle.dirty:
             await self._send(handle)
 
     async def release(self, fh):
         """FUSE release (last close): send an O_TRUNC/O_CREAT open that was never written."""
         handle = self._files.pop(fh)
-        if handle.dirty and not handle.written:  # `: > file`, `touch new.md`: never written
+        if not isinstance(handle, OpenFile) or not handle.dirty:
+            return
+        if not handle.written:  # `: > file`, `touch new.md`: never written
             try:
                 await self._send(handle)
             except pyfuse3.FUSEError:
                 pass  # already logged; release cannot report an error to the program
-        elif handle.dirty:
+        else:
             log.error("%s: closed with changes the server refused; they are discarded",
                       self.tree.path(handle.node))
 
-    def dirty_handles(self) -> list[OpenFile]:
-        """Open files with writes not yet sent (flushed by the daemon at shutdown)."""
-        return [f for f in self._files.values() if f.dirty and f.node.kind is Kind.BLOCK]
+    async def shutdown(self) -> None:
+        """Send every open file's unsent writes as its close would (at unmount); a write the
+        server refuses is logged as lost."""
+        for handle in list(self._files.values()):
+            if isinstance(handle, OpenFile) and handle.dirty and handle.node.kind is Kind.BLOCK:
+                try:
+                    await self._send(handle)
+                except pyfuse3.FUSEError:
+                    log.error("%s: unsent write lost at unmount", self.tree.path(handle.node))
+
+    def unsent(self) -> int:
+        """How many open block files have writes the server has not accepted (for status)."""
+        return sum(1 for f in self._files.values()
+                   if isinstance(f, OpenFile) and f.dirty and f.node.kind is Kind.BLOCK)

@@ -7,7 +7,6 @@ compare-and-swap, so a commit someone made with git in between becomes the paren
 """
 from __future__ import annotations
 
-import enum
 import getpass
 import logging
 import socket
@@ -22,20 +21,13 @@ from dulwich.object_store import commit_tree_changes
 from dulwich.objects import Blob, Commit, Tree
 from dulwich.repo import Repo
 
+from .model import Origin
+
 log = logging.getLogger("memfuse.history")
 
 BRANCH = b"refs/heads/main"
 FILE_MODE = 0o100644
 SERVER_AUTHOR = b"Letta server <server@letta>"
-
-
-class Origin(enum.Enum):
-    """Who made a change: the mounting user through the mount, or someone on the server; or a
-    local write refused because the server changed first (kept so nothing is lost)."""
-
-    LOCAL = "local"
-    SERVER = "server"
-    REJECTED = "rejected"
 
 
 SUBJECTS = {Origin.LOCAL: "Local edit", Origin.SERVER: "Server change",
@@ -77,6 +69,12 @@ class HistoryRepo:
         config.write_to_path()
         repo.refs.set_symbolic_ref(b"HEAD", BRANCH)
         self._repo = repo
+
+    def close(self) -> None:
+        """Close the repository's files (at unmount); `open` may be called again."""
+        if self._repo is not None:
+            self._repo.close()
+            self._repo = None
 
     @property
     def repo(self) -> Repo:
@@ -216,8 +214,9 @@ class Snapshotter:
             self.last_commit, self.last_commit_at = sha, time.time()
         return sha
 
-    async def flush(self) -> None:
-        """Commit everything pending now, in order, one commit per run of one origin."""
+    async def flush(self, subject: str | None = None) -> None:
+        """Commit everything pending now, in order, one commit per run of one origin.
+        subject: the commits' subject (default: by origin, SUBJECTS)."""
         pending, self._pending = self._pending, []
         runs: list[tuple[Origin, dict[str, bytes | None]]] = []
         for change in pending:
@@ -226,7 +225,7 @@ class Snapshotter:
             runs[-1][1][change.path] = change.content
         for origin, changes in runs:
             try:
-                await self.commit_now(changes, origin, SUBJECTS[origin])
+                await self.commit_now(changes, origin, subject or SUBJECTS[origin])
             except Exception as exc:  # history must never take the mount down
                 self.last_error = f"snapshot failed: {exc!r}"
                 log.exception("snapshot of %s failed", ", ".join(changes))

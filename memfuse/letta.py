@@ -7,46 +7,17 @@ errors carry `{"detail": ...}`; 409 means two server transactions raced and is w
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import trio
 
+from .model import Block
+
 log = logging.getLogger("memfuse.letta")
 
 DEFAULT_BASE_URL = "http://localhost:8283"
 PAGE_SIZE = 100
-
-
-@dataclass(frozen=True)
-class Block:
-    """One memory block as the server returned it.
-
-    `limit` is in characters of `value`. `description` may be None for blocks created without one.
-    `tags` is the block's tag set (owner tags look like `owner:<agent-id>`).
-    """
-
-    id: str
-    label: str
-    value: str
-    limit: int
-    description: str | None = None
-    read_only: bool = False
-    tags: tuple[str, ...] = field(default_factory=tuple)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Block":
-        """Build a Block from a block object of the Letta API (`GET /v1/blocks/{id}` and lists)."""
-        return cls(
-            id=data["id"],
-            label=data["label"],
-            value=data.get("value") or "",
-            limit=int(data.get("limit") or 0),
-            description=data.get("description"),
-            read_only=bool(data.get("read_only")),
-            tags=tuple(data.get("tags") or ()),
-        )
 
 
 class LettaError(Exception):

@@ -10,19 +10,13 @@ by inode while the kernel still holds lookups on it (FUSE `forget` releases them
 from __future__ import annotations
 
 import enum
-import logging
 import time
 from dataclasses import dataclass, field
 
 from . import blockfile
-from .letta import Block
-
-log = logging.getLogger("memfuse.tree")
+from .model import GITFILE_NAME, MEMORY_FILESYSTEM_LABEL, SYSTEM_DIR, Block
 
 ROOT_INODE = 1  # the FUSE root inode (pyfuse3.ROOT_INODE)
-SYSTEM_DIR = "system"
-GITFILE_NAME = ".git"
-MEMORY_FILESYSTEM_LABEL = "memory_filesystem"  # kept by memfuse: read-only in the mount
 
 
 class Kind(enum.Enum):
@@ -30,21 +24,15 @@ class Kind(enum.Enum):
 
     DIR = "dir"
     BLOCK = "block"      # a block file; `block` is None until a new file is first sent
-    SCRATCH = "scratch"  # a regular file kept only by the daemon
+    SCRATCH = "scratch"  # a regular file kept only by the daemon (bytes in scratch.ScratchStore)
     SYMLINK = "symlink"  # kept only by the daemon (emacs lock links); `content` is the target
     GITFILE = "gitfile"
 
 
-def is_block_name(name: str) -> bool:
-    """Whether a file called `name` is a block: `*.md`, except emacs's `#x.md#`/`.#x.md`."""
-    return (name.endswith(blockfile.SUFFIX) and name != blockfile.SUFFIX
-            and not name.startswith(("#", ".#")))
-
-
 @dataclass(eq=False)
 class Node:
-    """One inode. `content`: the rendered file (BLOCK, GITFILE), the bytes (SCRATCH), the link
-    target (SYMLINK). `children` maps names to inodes (DIR). `parent` is 0 once unlinked. Times
+    """One inode. `content`: the rendered file (BLOCK, GITFILE), the link target (SYMLINK);
+    empty for SCRATCH (its bytes are in the scratch store) and DIR. `children` maps names to inodes (DIR). `parent` is 0 once unlinked. Times
     are nanoseconds since the epoch; `checked_at` is the trio clock (seconds) of the server view
     the block shows (see `Tree.bind`); `lookups` is the kernel's lookup count."""
 
@@ -56,7 +44,7 @@ class Node:
     ctime_ns: int
     children: dict[str, int] = field(default_factory=dict)
     block: Block | None = None
-    content: bytes | bytearray = b""
+    content: bytes = b""
     checked_at: float = 0.0
     lookups: int = 0
     mode: int = 0o644
@@ -73,7 +61,8 @@ class Node:
 
 
 class Tree:
-    """The namespace: build it with `load`, change it with `add`, `move`, `unlink`, `bind`."""
+    """The namespace data: nodes by inode, and blocks by id. Only state.MountState changes it;
+    every other module only reads it."""
 
     def __init__(self, gitfile: bytes | None = None):
         now = time.time_ns()
@@ -113,25 +102,6 @@ class Tree:
             node = child
         return node
 
-    def load(self, attached: list[Block], detached: list[Block], checked_at: float) -> None:
-        """Place every block: attached ones under `system/`, detached ones at the root.
-
-        A block whose label cannot be a path, or whose path is already taken, is left out with a
-        warning in the log (labels are unique only among one agent's attached blocks).
-        """
-        for block, top in [(b, (SYSTEM_DIR,)) for b in attached] + [(b, ()) for b in detached]:
-            path = self.block_path(block.label, attached=bool(top))
-            if path is None:
-                log.warning("block %s: label %r cannot be shown as a file; left out", block.id,
-                            block.label)
-                continue
-            parent = self.makedirs(path[:-1])
-            if parent is None or path[-1] in parent.children:
-                log.warning("block %s: %s is already taken; left out", block.id, "/".join(path))
-                continue
-            node = self.add(Kind.BLOCK, parent, path[-1])
-            self.bind(node, block, checked_at)
-
     # -- queries -------------------------------------------------------------------------------
 
     def node(self, inode: int) -> Node:
@@ -158,30 +128,6 @@ class Tree:
         in angle brackets)."""
         parts = self.parts(node)
         return f"<unlinked {node.name}>" if parts is None else "/".join(parts)
-
-    @staticmethod
-    def block_path(label: str, attached: bool) -> tuple[str, ...] | None:
-        """Where a block with `label` is shown, or None when it cannot be shown."""
-        parts = blockfile.label_to_parts(label)
-        if parts is None or not is_block_name(parts[-1]):
-            return None
-        if not attached and parts[0] == SYSTEM_DIR and len(parts) > 1:
-            return None  # would land inside system/
-        if not attached and parts == [GITFILE_NAME]:
-            return None
-        return ((SYSTEM_DIR,) if attached else ()) + tuple(parts)
-
-    @staticmethod
-    def location(parts: tuple[str, ...]) -> tuple[bool, str] | None:
-        """(attached, label) for a block file at `parts`, or None when that path is no block."""
-        if not parts or not is_block_name(parts[-1]):
-            return None
-        attached = parts[0] == SYSTEM_DIR and len(parts) > 1
-        label = blockfile.parts_to_label(list(parts[1:] if attached else parts))
-        if label is None or blockfile.label_to_parts(label) != list(parts[1:] if attached
-                                                                    else parts):
-            return None
-        return attached, label
 
     def block_node(self, block_id: str) -> Node | None:
         """The linked node showing block `block_id`, or None."""
@@ -231,15 +177,14 @@ class Tree:
         node.touch()
         return True
 
-    def unbind(self, node: Node) -> Block | None:
-        """Turn a block file into a scratch file with the same bytes; returns the block it
-        showed (None if it had none)."""
+    def unbind(self, node: Node) -> tuple[Block | None, bytes]:
+        """Turn a block file into a scratch node; returns the block it showed (None if it had
+        none) and the bytes it had, which the caller keeps as the scratch file's content."""
         block, node.block = node.block, None
         if block is not None:
             self._by_block.pop(block.id, None)
-        node.kind = Kind.SCRATCH
-        node.content = bytearray(node.content)
-        return block
+        content, node.kind, node.content = bytes(node.content), Kind.SCRATCH, b""
+        return block, content
 
     def move(self, node: Node, parent: Node, name: str) -> None:
         """Put `node` at `name` in `parent` (the name must be free)."""
@@ -253,8 +198,9 @@ class Tree:
         parent.touch()
         node.ctime_ns = time.time_ns()
 
-    def unlink(self, node: Node) -> None:
-        """Take `node` out of its directory; it is dropped once the kernel forgets it."""
+    def unlink(self, node: Node) -> bool:
+        """Take `node` out of its directory; it is dropped once the kernel forgets it. Returns
+        whether it was dropped now (no lookups held)."""
         if node.block is not None:
             self._by_block.pop(node.block.id, None)
         parent = self._nodes[node.parent]
@@ -263,16 +209,45 @@ class Tree:
         node.parent = 0
         if node.lookups <= 0:
             self._nodes.pop(node.inode, None)
+            return True
+        return False
 
     def looked_up(self, node: Node) -> None:
         """The kernel got an entry for `node` (lookup, create, mkdir, symlink, readdirplus)."""
         node.lookups += 1
 
-    def forget(self, inode: int, count: int) -> None:
-        """FUSE forget: drop `count` lookups; an unlinked node with none left is gone."""
+    def forget(self, inode: int, count: int) -> bool:
+        """FUSE forget: drop `count` lookups. Returns whether an unlinked node is now gone."""
         node = self._nodes.get(inode)
         if node is None or inode == ROOT_INODE:
-            return
+            return False
         node.lookups -= count
         if node.lookups <= 0 and not node.parent:
             del self._nodes[inode]
+            return True
+        return False
+
+    def problems(self) -> list[str]:
+        """Broken invariants, in words (an empty list when the tree is sound): every linked
+        node is its parent's child under its name; the block index holds exactly the linked
+        block files that have a block; no block is shown twice. For tests and `fsck`-style
+        checks; O(nodes)."""
+        found = []
+        shown: dict[str, int] = {}
+        for node in self.walk(self.root):
+            for name, inode in node.children.items():
+                child = self._nodes.get(inode)
+                if child is None:
+                    found.append(f"{self.path(node)}/{name}: inode {inode} does not exist")
+                elif (child.parent, child.name) != (node.inode, name):
+                    found.append(f"{self.path(node)}/{name}: child says it is "
+                                 f"{child.name!r} in {child.parent}")
+            if node.kind is Kind.BLOCK and node.block is not None:
+                if node.block.id in shown:
+                    found.append(f"block {node.block.id} is shown twice")
+                shown[node.block.id] = node.inode
+            elif node.block is not None:
+                found.append(f"{self.path(node)}: a {node.kind.value} node holds a block")
+        if shown != self._by_block:
+            found.append(f"block index {self._by_block} != linked block files {shown}")
+        return found

@@ -2,10 +2,13 @@
 import os
 from types import SimpleNamespace
 
+from memfuse.files import BlockFiles
 from memfuse.fs import MemoryFs
+from memfuse.grace import Graveyard
 from memfuse.letta import LettaClient
-from memfuse.memory import AgentMemory
 from memfuse.namespace import Namespace
+from memfuse.remote import Remote
+from memfuse.state import MountState
 from memfuse.tree import ROOT_INODE, Tree
 
 from .fakeletta import FakeLetta
@@ -15,7 +18,10 @@ HUMAN = b"---\ndescription: desc\nlimit: 20000\n---\nThe human.\n"
 
 async def make_world(nursery, grace: float = 0.2):
     """A mount's Operations over a FakeLetta agent with human, persona (limit 20),
-    projects/policy (read-only) attached and notes detached; the retirer runs in `nursery`."""
+    projects/policy (read-only) attached and notes detached; the retirer runs in `nursery`.
+
+    `records` lists every (path, content, origin) the state recorded after the load;
+    `loaded` is the tree's files right after the load (what the mount snapshot commits)."""
     fake = FakeLetta()
     agent = fake.add_agent()
     ids = {
@@ -27,14 +33,42 @@ async def make_world(nursery, grace: float = 0.2):
     }
     records = []
     client = LettaClient("http://letta.test", transport=fake.transport(), retry_budget=0.2)
-    tree = Tree(gitfile=b"gitdir: /somewhere/memory.git\n")
-    memory = AgentMemory(client, agent, tree, revalidate=3600,
-                         record=lambda *change: records.append(change))
-    await memory.load()
-    namespace = Namespace(memory, grace=grace)
+    state = MountState(Tree(gitfile=b"gitdir: /somewhere/memory.git\n"),
+                       lambda *change: records.append(change), graveyard=Graveyard(grace))
+    remote = Remote(client, agent)
+    state.load(*await remote.listing(), 0.0, {})
+    loaded = state.tree.files()
+    records.clear()  # the load is the mount's snapshot, committed as one
+    files = BlockFiles(state, remote, revalidate=3600)
+    namespace = Namespace(state, remote, files)
     nursery.start_soon(namespace.run)
-    return SimpleNamespace(fake=fake, ids=ids, fs=MemoryFs(memory, namespace), memory=memory,
-                           namespace=namespace, records=records, agent=agent, client=client)
+    return SimpleNamespace(fake=fake, ids=ids, fs=MemoryFs(state, files, namespace), state=state,
+                           remote=remote, files=files, namespace=namespace, records=records,
+                           loaded=loaded, agent=agent, client=client)
+
+
+def replay(files: dict[str, bytes], records) -> dict[str, bytes]:
+    """`files` with the recorded changes applied in order: what history would hold."""
+    result = dict(files)
+    for path, content, _origin in records:
+        if content is None:
+            result.pop(path, None)
+        else:
+            result[path] = content
+    return result
+
+
+def check_invariants(world) -> None:
+    """The state is sound (s3ql runs fsck after each test the same way): the tree's own
+    invariants, history replays to the tree's files, scratch bytes add up."""
+    state = world.state
+    assert state.tree.problems() == []
+    assert replay(world.loaded, world.records) == state.tree.files(), \
+        "the recorded history does not replay to the tree's files"
+    scratch_inodes = [n.inode for n in state.tree.walk(state.tree.root)
+                      if n.kind.value == "scratch"]
+    assert state.scratch.used == sum(len(state.scratch.content(i)) for i in state.scratch._data)
+    assert all(state.scratch.size(i) >= 0 for i in scratch_inodes)
 
 
 async def inode_of(fs: MemoryFs, path: str) -> int:
@@ -60,5 +94,3 @@ async def write_file(fs: MemoryFs, path: str, data: bytes, flags=os.O_WRONLY | o
         await fs.flush(info.fh)
     finally:
         await fs.release(info.fh)
-
-

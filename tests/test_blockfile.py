@@ -1,4 +1,4 @@
-"""Unit tests of the block file format and the label <-> path mapping."""
+"""Unit tests of the block file format and the label <-> path mapping (model.Location)."""
 import errno
 
 import pytest
@@ -6,7 +6,7 @@ import yaml
 
 from memfuse import blockfile
 from memfuse.blockfile import BlockFileError, parse, plan_update, render
-from memfuse.letta import Block
+from memfuse.model import Block, Location
 
 
 def block(**kw) -> Block:
@@ -115,22 +115,31 @@ def test_render_is_valid_yaml_even_for_hostile_descriptions():
 
 
 @pytest.mark.parametrize("label, parts", [
-    ("human", ["human.md"]),
-    ("projects/letta", ["projects", "letta.md"]),
-    ("a/b/c", ["a", "b", "c.md"]),
-    ("notes.md", ["notes.md.md"]),
+    ("human", ("human.md",)),
+    ("projects/letta", ("projects", "letta.md")),
+    ("a/b/c", ("a", "b", "c.md")),
+    ("notes.md", ("notes.md.md",)),
 ])
-def test_label_path_round_trip(label, parts):
-    assert blockfile.label_to_parts(label) == parts
-    assert blockfile.parts_to_label(parts) == label
+@pytest.mark.parametrize("attached", [True, False])
+def test_label_path_round_trip(label, parts, attached):
+    location = Location(attached, label)
+    expected = (("system",) if attached else ()) + parts
+    assert location.parts() == expected
+    assert Location.at(expected) == location
 
 
-@pytest.mark.parametrize("label", ["", "/x", "x/", "a//b", "a/../b", "./a", "../x", "a\0b", "a\nb", "tab\there",
-                                   "x" * 253])
+@pytest.mark.parametrize("label", ["", "/x", "x/", "a//b", "a/../b", "./a", "../x", "a\0b", "a\nb",
+                                   "tab\there", "x" * 253, "#x#", ".#lock"])
 def test_labels_that_cannot_be_paths(label):
-    assert blockfile.label_to_parts(label) is None
+    assert Location(True, label).parts() is None and Location(False, label).parts() is None
 
 
-@pytest.mark.parametrize("parts", [[], ["x.txt"], [".md"], ["human.md.swp"], ["dir", "4913"]])
+def test_a_detached_block_cannot_land_inside_system():
+    assert Location(False, "system/x").parts() is None
+    assert Location(True, "system/x").parts() == ("system", "system", "x.md")
+
+
+@pytest.mark.parametrize("parts", [(), ("x.txt",), (".md",), ("human.md.swp",), ("dir", "4913"),
+                                   ("system", "#a.md#"), ("a\nb.md",)])
 def test_paths_that_are_not_blocks(parts):
-    assert blockfile.parts_to_label(parts) is None
+    assert Location.at(parts) is None

@@ -1,10 +1,12 @@
 """The history repository and the snapshotter (dulwich, on a temporary directory)."""
 import subprocess
+import time
 
 import trio
 from dulwich.objects import Commit
 
-from memfuse.history import SERVER_AUTHOR, HistoryRepo, Origin, Snapshotter, local_author
+from memfuse.history import SERVER_AUTHOR, HistoryRepo, Snapshotter, local_author
+from memfuse.model import Origin
 
 
 def git(repo, *args) -> str:
@@ -72,7 +74,12 @@ async def test_snapshotter_batches_a_quiet_period_and_keeps_origin_order(tmp_pat
         snapshots.record("system/human.md", b"local 2", Origin.LOCAL)
         snapshots.record("system/persona.md", b"server", Origin.SERVER)
         snapshots.record("system/human.md", b"local 3", Origin.LOCAL)
-        await trio.sleep(0.6)
+        # The clock is trio's MockClock: the quiet period passes at once; the commits run in a
+        # worker thread, so wait (in real time) for the run loop to have made all three.
+        deadline = time.monotonic() + 30
+        while repo.head() is None or len(list(repo.repo.get_walker())) < 3:
+            assert time.monotonic() < deadline, "the snapshotter did not commit"
+            await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
     log = git(repo, "log", "--format=%an|%s", "main").splitlines()
     user = local_author().decode().split(" <")[0]

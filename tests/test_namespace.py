@@ -300,21 +300,21 @@ async def test_a_read_only_block_cannot_be_unlinked_or_renamed(world):
         with pytest.raises(pyfuse3.FUSEError) as caught:
             await call
         assert caught.value.errno == errno.EACCES
-    assert world.fake.patches() == [] and world.namespace.pending_block_ids() == set()
+    assert world.fake.patches() == [] and world.state.graveyard.pending_block_ids() == set()
 
 
 async def test_a_file_unlinked_while_its_write_is_in_flight_leaves_history_alone(world):
     fs = world.fs
     info = await fs.open(await inode_of(fs, "system/human.md"), os.O_WRONLY | os.O_TRUNC, None)
     await fs.write(info.fh, 0, b"in flight")
-    real_update = world.memory.client.update_block
+    real_update = world.remote.client.update_block
 
     async def update_then_unlinked(block_id, **fields):
         block = await real_update(block_id, **fields)
         await unlink(fs, "system/human.md")  # rm lands while the PATCH is on the wire
         return block
 
-    world.memory.client.update_block = update_then_unlinked
+    world.remote.client.update_block = update_then_unlinked
     await fs.flush(info.fh)
     await fs.release(info.fh)
     assert world.fake.blocks[world.ids["human"]]["value"] == "in flight"
@@ -323,7 +323,7 @@ async def test_a_file_unlinked_while_its_write_is_in_flight_leaves_history_alone
 
 
 async def test_scratch_files_are_limited_and_refused_with_enospc(world, monkeypatch):
-    monkeypatch.setattr("memfuse.fs.SCRATCH_LIMIT", 10)
+    world.state.scratch.limit = 10
     fs = world.fs
     await create(fs, "system/.a.swp", b"12345678")
     info = await fs.open(await inode_of(fs, "system/.a.swp"), os.O_WRONLY, None)

@@ -9,11 +9,12 @@ import pytest
 import trio
 
 from memfuse.blockfile import render
-from memfuse.history import Origin
-from memfuse.letta import Block
+from memfuse.model import Block, Origin
 from memfuse.status import Status
-from memfuse.sync import Poller, TreeBlockKeeper, render_memory_filesystem
-from memfuse.tree import Kind, Tree
+from memfuse.keeper import TreeBlockKeeper, render_memory_filesystem
+from memfuse.poller import Poller
+from memfuse.state import MountState
+from memfuse.tree import Tree
 
 from .fsworld import inode_of, read_all
 from .test_namespace import create, listdir, unlink
@@ -32,7 +33,8 @@ class RecordingInvalidator:
 
 @pytest.fixture
 def poller(world):
-    return Poller(world.memory, world.namespace, RecordingInvalidator())
+    world.state.invalidator = RecordingInvalidator()
+    return Poller(world.state, world.remote)
 
 
 def server_paths(world):
@@ -44,7 +46,7 @@ async def test_value_change_is_applied_invalidated_and_recorded(world, poller):
     assert await poller.poll_once()
     inode = await inode_of(world.fs, "system/human.md")
     assert (await read_all(world.fs, "system/human.md")).endswith(b"---\nChanged remotely.\n")
-    assert poller.invalidator.inodes == [inode]
+    assert world.state.invalidator.inodes == [inode]
     assert server_paths(world) == [("system/human.md", Origin.SERVER)]
 
 
@@ -65,7 +67,7 @@ async def test_created_attached_and_detached_blocks_appear(world, poller):
     assert "idea.md" in await listdir(world.fs, "system/new")
     assert "loose.md" in await listdir(world.fs, "")
     assert (await world.fs.lookup(await inode_of(world.fs, "system"), b"new", None)).st_ino
-    assert (await inode_of(world.fs, "system/new"), "idea.md") in poller.invalidator.entries
+    assert (await inode_of(world.fs, "system/new"), "idea.md") in world.state.invalidator.entries
 
 
 async def test_detach_attach_relabel_and_delete_move_the_same_inode(world, poller):
@@ -98,14 +100,14 @@ async def test_a_block_in_its_grace_period_is_not_brought_back(world, poller):
 
 
 async def test_a_listing_that_raced_a_local_change_is_dropped(world, poller):
-    real_list = world.memory.client.list_owned_blocks
+    real_list = world.remote.client.list_owned_blocks
 
     async def list_then_local_change(agent_id):
         blocks = await real_list(agent_id)
         await create(world.fs, "system/racer.md", b"r")  # lands while the poll is listing
         return blocks
 
-    world.memory.client.list_owned_blocks = list_then_local_change
+    world.remote.client.list_owned_blocks = list_then_local_change
     assert not await poller.poll_once()
     assert "racer.md" in await listdir(world.fs, "system")
 
@@ -120,12 +122,13 @@ async def test_conflict_overwrite_keeps_both_versions_in_order(world):
     assert fake.blocks[world.ids["human"]]["value"] == "Mine.\n"
     assert [(c.split(b"---\n")[-1], o) for _p, c, o in world.records] == [
         (b"Server's words.\n", Origin.SERVER), (b"Mine.\n", Origin.LOCAL)]
-    assert "changed on the server after it was opened" in world.memory.last_conflict
+    assert "changed on the server after it was opened" in world.files.last_conflict
 
 
+@pytest.mark.expect_error("closed with changes the server refused")
 async def test_conflict_reject_fails_estale_and_keeps_both_versions(world):
     fs, fake = world.fs, world.fake
-    world.memory.on_conflict = "reject"
+    world.remote.on_conflict = "reject"
     info = await fs.open(await inode_of(fs, "system/human.md"), os.O_WRONLY | os.O_TRUNC, None)
     fake.blocks[world.ids["human"]]["value"] = "Server's words.\n"
     await fs.write(info.fh, 0, b"Mine.\n")
@@ -141,7 +144,7 @@ async def test_conflict_reject_fails_estale_and_keeps_both_versions(world):
 
 
 async def test_no_conflict_when_the_server_did_not_change(world):
-    world.memory.on_conflict = "reject"
+    world.remote.on_conflict = "reject"
     info = await world.fs.open(await inode_of(world.fs, "system/human.md"),
                                os.O_RDWR | os.O_TRUNC, None)
     await world.fs.write(info.fh, 0, b"first")
@@ -150,16 +153,17 @@ async def test_no_conflict_when_the_server_did_not_change(world):
     await world.fs.flush(info.fh)
     await world.fs.release(info.fh)
     assert world.fake.blocks[world.ids["human"]]["value"] == "second"
-    assert world.memory.last_conflict is None
+    assert world.files.last_conflict is None
 
 
 def test_memory_filesystem_rendering_matches_letta_code():
-    tree = Tree()
+    state = MountState(Tree(), lambda *change: None)
     blocks = [Block(f"b{i}", label, "v", 100) for i, label in enumerate(
         ["persona", "human", "projects/letta", "projects/memfuse", "memory_filesystem"])]
-    tree.load(blocks, [Block("d1", "notes", "n", 10), Block("d2", "archive/old", "o", 10)], 0)
-    tree.add(Kind.SCRATCH, tree.system, ".human.md.swp")
-    assert render_memory_filesystem(tree) == "\n".join([
+    state.load(blocks, [Block("d1", "notes", "n", 10), Block("d2", "archive/old", "o", 10)], 0,
+               {})
+    state.create(state.tree.system, ".human.md.swp")
+    assert render_memory_filesystem(state.tree) == "\n".join([
         "/memory/",
         "├── archive/",
         "│   └── old.md",
@@ -177,10 +181,10 @@ def test_memory_filesystem_rendering_matches_letta_code():
 async def test_memory_filesystem_block_follows_the_tree_and_is_read_only(world):
     fake = world.fake
     block_id = fake.add_block("memory_filesystem", "/memory/", agent=world.agent)
-    await Poller(world.memory, world.namespace, RecordingInvalidator()).poll_once()
-    keeper = TreeBlockKeeper(world.memory)
+    await Poller(world.state, world.remote).poll_once()
+    keeper = TreeBlockKeeper(world.state, world.remote)
     await keeper.refresh()
-    assert fake.blocks[block_id]["value"] == render_memory_filesystem(world.memory.tree)
+    assert fake.blocks[block_id]["value"] == render_memory_filesystem(world.state.tree)
     await create(world.fs, "system/todo.md", b"t")
     await keeper.refresh()
     assert "│   └── todo.md" in fake.blocks[block_id]["value"]
@@ -223,13 +227,13 @@ async def test_a_block_removed_on_the_server_while_open_takes_no_write(world, po
     assert world.fake.patches() == []
     assert "persona.md: removed while open; the write stays local" in caplog.text
     assert "persona.md" not in await listdir(fs, "system")
-    assert "system/persona.md" not in world.memory.tree.files()
+    assert "system/persona.md" not in world.state.tree.files()
 
 
 async def test_a_read_that_started_before_a_newer_view_cannot_undo_it(world, poller):
     fs = world.fs
-    world.memory.revalidate_after = 0
-    real_get = world.memory.client.get_block
+    world.files.revalidate_after = 0
+    real_get = world.remote.client.get_block
 
     async def stale_get(block_id):
         old = await real_get(block_id)  # the server answers with the old value...
@@ -238,20 +242,20 @@ async def test_a_read_that_started_before_a_newer_view_cannot_undo_it(world, pol
         assert await poller.poll_once()  # ...and a later listing is applied meanwhile
         return old
 
-    world.memory.client.get_block = stale_get
+    world.remote.client.get_block = stale_get
     info = await fs.open(await inode_of(fs, "system/human.md"), os.O_RDONLY, None)
     await fs.release(info.fh)
-    world.memory.client.get_block = real_get
-    world.memory.revalidate_after = 3600
+    world.remote.client.get_block = real_get
+    world.files.revalidate_after = 3600
     assert (await read_all(fs, "system/human.md")).endswith(b"---\nnewer\n")
 
 
 async def test_an_unreachable_server_keeps_the_last_known_state(world, poller):
-    before = world.memory.tree.files()
+    before = world.state.tree.files()
     world.fake.fail_next = [503] * 50
     assert not await poller.poll_once()
     assert not poller.reachable and "poll failed" in poller.last_error
-    assert world.memory.tree.files() == before
+    assert world.state.tree.files() == before
     assert (await read_all(world.fs, "system/human.md")).endswith(b"---\nThe human.\n")
     world.fake.fail_next = []
     assert await poller.poll_once() and poller.reachable and poller.last_error is None

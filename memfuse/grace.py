@@ -1,0 +1,110 @@
+"""Unlinked block files waiting out their grace period before their block is retired.
+
+Editors save in ways that look like deleting a file: vim and emacs rename `x.md` away to a backup
+and write a new `x.md`; `git checkout` unlinks and re-creates it. So unlinking a block file
+removes it from the mount at once but *retires* its block on the server (detach, drop the owner
+tag) only after a grace period; a file that appears at the same path meanwhile claims the
+tombstone and is bound to that same block.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import trio
+
+from .errors import FsError
+from .model import Block
+
+log = logging.getLogger("memfuse.grace")
+
+UNLINK_GRACE = 2.0  # seconds between unlinking a block file and retiring its block
+RETIRE_TRIES = 5    # attempts before a retirement is given up (logged as an error)
+
+
+@dataclass
+class Tombstone:
+    """A block whose file was unlinked at `path` (`parts` from the mount root); retired on the
+    server at `deadline` (trio clock, seconds). `tries`: failed attempts so far."""
+
+    block: Block
+    attached: bool
+    parts: tuple[str, ...]
+    deadline: float
+    tries: int = 0
+
+    @property
+    def path(self) -> str:
+        """The unlinked file's path relative to the mount root."""
+        return "/".join(self.parts)
+
+
+Retire = Callable[[Tombstone], Awaitable[None]]
+
+
+class Graveyard:
+    """Tombstones by path. `grace`: seconds from unlink to retirement."""
+
+    def __init__(self, grace: float = UNLINK_GRACE):
+        self.grace = grace
+        self._tombstones: dict[tuple[str, ...], Tombstone] = {}
+        self._wakeup = trio.Event()
+
+    def bury(self, parts: tuple[str, ...], block: Block, attached: bool) -> None:
+        """Schedule `block`'s retirement `grace` seconds from now (file unlinked at `parts`)."""
+        self._tombstones[parts] = Tombstone(block, attached, parts, trio.current_time() + self.grace)
+        self._wakeup.set()
+
+    def claim(self, parts: tuple[str, ...]) -> Tombstone | None:
+        """Take the tombstone at `parts` back (a file appeared there again), or None."""
+        return self._tombstones.pop(parts, None)
+
+    def peek(self, parts: tuple[str, ...]) -> Tombstone | None:
+        """The tombstone at `parts`, left in place, or None."""
+        return self._tombstones.get(parts)
+
+    def pending_block_ids(self) -> set[str]:
+        """Blocks whose files were unlinked and that are not retired yet."""
+        return {t.block.id for t in self._tombstones.values()}
+
+    async def _attempt(self, tomb: Tombstone, retire: Retire) -> None:
+        try:
+            await retire(tomb)
+        except FsError as exc:
+            tomb.tries += 1
+            if tomb.tries >= RETIRE_TRIES:
+                log.error("%s: gave up retiring block %s after %d tries: %s", tomb.path,
+                          tomb.block.id, tomb.tries, exc.reason)
+                return
+            log.warning("%s: retiring block %s failed (%s); will retry", tomb.path,
+                        tomb.block.id, exc.reason)
+            tomb.deadline = trio.current_time() + self.grace * tomb.tries
+            if self._tombstones.setdefault(tomb.parts, tomb) is tomb:
+                self._wakeup.set()
+
+    async def run(self, retire: Retire) -> None:
+        """Call `retire` for each tombstone whose deadline passed, forever (cancel to stop).
+        A failure (FsError) is retried later, up to RETIRE_TRIES attempts in all."""
+        while True:
+            if not self._tombstones:
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                continue
+            parts, tomb = min(self._tombstones.items(), key=lambda item: item[1].deadline)
+            delay = tomb.deadline - trio.current_time()
+            if delay > 0:
+                with trio.move_on_after(delay):
+                    await self._wakeup.wait()
+                    self._wakeup = trio.Event()
+                continue
+            if self._tombstones.get(parts) is tomb:
+                del self._tombstones[parts]
+                await self._attempt(tomb, retire)
+
+    async def retire_all(self, retire: Retire) -> None:
+        """Retire every pending block now, one attempt each (at unmount)."""
+        while self._tombstones:
+            _parts, tomb = self._tombstones.popitem()
+            tomb.tries = RETIRE_TRIES - 1
+            await self._attempt(tomb, retire)

@@ -1,0 +1,103 @@
+"""What the other modules talk about: a block, who made a change, and where a block is shown.
+
+Imported by the file format, the tree, the client and the owner of the mount's state; it imports
+nothing of memfuse. The layout (DESIGN.md §1): attached blocks live under `system/`, detached
+blocks the agent owns at the root, and a `/` in a label makes directories.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+SYSTEM_DIR = "system"
+GITFILE_NAME = ".git"
+SUFFIX = ".md"
+MEMORY_FILESYSTEM_LABEL = "memory_filesystem"  # kept by memfuse: read-only in the mount
+
+
+@dataclass(frozen=True)
+class Block:
+    """One memory block as the server returned it.
+
+    `limit` is in characters of `value`. `description` may be None for blocks created without one.
+    `tags` is the block's tag set (owner tags look like `owner:<agent-id>`).
+    """
+
+    id: str
+    label: str
+    value: str
+    limit: int
+    description: str | None = None
+    read_only: bool = False
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Block":
+        """Build a Block from a block object of the Letta API (`GET /v1/blocks/{id}` and lists)."""
+        return cls(
+            id=data["id"],
+            label=data["label"],
+            value=data.get("value") or "",
+            limit=int(data.get("limit") or 0),
+            description=data.get("description"),
+            read_only=bool(data.get("read_only")),
+            tags=tuple(data.get("tags") or ()),
+        )
+
+
+class Origin(enum.Enum):
+    """Who made a change: the mounting user through the mount, or someone on the server; or a
+    local write refused because the server changed first (kept so nothing is lost)."""
+
+    LOCAL = "local"
+    SERVER = "server"
+    REJECTED = "rejected"
+
+
+def is_block_name(name: str) -> bool:
+    """Whether a file called `name` is a block: `*.md`, except emacs's `#x.md#`/`.#x.md`."""
+    return name.endswith(SUFFIX) and name != SUFFIX and not name.startswith(("#", ".#"))
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a block is in the mount: attached (under `system/`) or not, and its label.
+
+    The one mapping between paths and blocks: `Location.at(parts)` reads a path,
+    `location.parts()` gives it back; `Location.at(loc.parts()) == loc` whenever `parts()` is
+    not None.
+    """
+
+    attached: bool
+    label: str
+
+    def parts(self) -> tuple[str, ...] | None:
+        """Path components of the block's file from the mount root (`("system", "human.md")`),
+        or None when the label cannot be shown as a file: empty, `.`/`..` components, control
+        characters (they would break the prompt and git paths), a component over 255 bytes,
+        an emacs lock/autosave name, or (detached) a path inside `system/`."""
+        label = self.label
+        if any(ord(c) < 32 or ord(c) == 127 for c in label):
+            return None
+        names = label.split("/")
+        names[-1] += SUFFIX
+        for name in names:
+            if name in ("", SUFFIX, ".", "..") or len(name.encode()) > 255:
+                return None
+        if not is_block_name(names[-1]):
+            return None
+        if not self.attached and names[0] == SYSTEM_DIR and len(names) > 1:
+            return None
+        return ((SYSTEM_DIR,) if self.attached else ()) + tuple(names)
+
+    @classmethod
+    def at(cls, parts: tuple[str, ...]) -> "Location | None":
+        """The block a file at path `parts` (from the mount root) stands for, or None when that
+        path cannot be a block file."""
+        if not parts or not is_block_name(parts[-1]):
+            return None
+        attached = parts[0] == SYSTEM_DIR and len(parts) > 1
+        rel = parts[1:] if attached else parts
+        location = cls(attached, "/".join(rel[:-1] + (rel[-1][: -len(SUFFIX)],)))
+        return location if location.parts() == tuple(parts) else None

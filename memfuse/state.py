@@ -1,0 +1,399 @@
+"""The one owner of what the mount shows: the tree, scratch bytes, tombstones, and their history.
+
+Every change to what a program can see in the mount happens here, and each change to a block
+file is recorded to history in the same step (one `record(path, content, origin)` call per
+change; content None: the file is gone). Other modules read `state.tree` but never write it.
+That makes this the seam where a journal can see every change once.
+
+Two callers change state: the FUSE side after the server accepted a change (`written`,
+`created`, `renamed`, `buried`, ...; origin LOCAL), and the server side (`reconcile` from a
+listing, `refreshed` from a revalidating read; origin SERVER), which also tells the kernel to
+drop what it cached (an Invalidator). Nothing here does I/O except those kernel notifications.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from typing import Callable, Protocol
+
+import pyfuse3
+import trio
+
+from . import blockfile
+from .errors import FsError
+from .grace import Graveyard
+from .model import MEMORY_FILESYSTEM_LABEL, Block, Location, Origin, is_block_name
+from .scratch import ScratchStore
+from .tree import Kind, Node, Tree
+
+log = logging.getLogger("memfuse.state")
+
+Recorder = Callable[[str, "bytes | None", Origin], None]
+
+
+class Invalidator(Protocol):
+    """Tells the kernel to drop what it cached (FUSE notify calls)."""
+
+    def entry(self, parent_inode: int, name: str) -> None:
+        """Forget the directory entry `name` (it moved, appeared or went away)."""
+
+    async def inode(self, inode: int) -> None:
+        """Forget the attributes and cached pages of `inode` (its content changed)."""
+
+
+class KernelInvalidator:
+    """The real one: pyfuse3's notify calls. `invalidate_inode` may wait for the kernel, which
+    may wait for this daemon, so it runs in a worker thread; entries go through pyfuse3's own
+    asynchronous queue."""
+
+    def entry(self, parent_inode: int, name: str) -> None:
+        """`pyfuse3.invalidate_entry_async`; a name the kernel never saw is fine."""
+        pyfuse3.invalidate_entry_async(parent_inode, os.fsencode(name), ignore_enoent=True)
+
+    async def inode(self, inode: int) -> None:
+        """`pyfuse3.invalidate_inode` in a worker thread; an inode the kernel forgot is fine."""
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode)
+        except OSError:  # the kernel never looked it up, or forgot it: nothing cached
+            pass
+
+
+class NoInvalidator:
+    """For a tree nothing is mounted on yet (the load at mount) and for tests."""
+
+    def entry(self, parent_inode: int, name: str) -> None:
+        """Nothing cached: nothing to do."""
+
+    async def inode(self, inode: int) -> None:
+        """Nothing cached: nothing to do."""
+
+
+class MountState:
+    """What one mount shows, and the only writer of it.
+
+    tree: the namespace (`Tree(gitfile=...)`, empty); record: the history's recorder
+    (`Snapshotter.record`); invalidator: the kernel's cache (KernelInvalidator once mounted);
+    scratch: the scratch-file store; graveyard: tombstones of unlinked block files.
+    """
+
+    def __init__(self, tree: Tree, record: Recorder, *, invalidator: Invalidator | None = None,
+                 scratch: ScratchStore | None = None, graveyard: Graveyard | None = None):
+        self.tree = tree
+        self._record = record
+        self.invalidator: Invalidator = invalidator or NoInvalidator()
+        self.scratch = scratch or ScratchStore()
+        self.graveyard = graveyard or Graveyard()
+        self._warned: set[str] = set()
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def location(self, node: Node) -> Location:
+        """Where the block file `node` puts its block. Raises FsError(EINVAL) when its path
+        cannot be a block file, or it was removed."""
+        parts = self.tree.parts(node)
+        if parts is None:
+            raise FsError(errno.EINVAL, f"{node.name} was removed: it holds no block")
+        return self.location_at(parts)
+
+    @staticmethod
+    def location_at(parts: tuple[str, ...]) -> Location:
+        """Location.at(parts), or FsError(EINVAL) when that path cannot be a block file."""
+        location = Location.at(parts)
+        if location is None:
+            raise FsError(errno.EINVAL, f"{'/'.join(parts)} cannot be a block file (its label "
+                                        f"would be invalid)")
+        return location
+
+    @staticmethod
+    def shows(node: Node, block_id: str) -> bool:
+        """Whether `node` is still a linked block file for `block_id` (or for a block not
+        created yet): state may change while a server call is awaited."""
+        return (node.parent != 0 and node.kind is Kind.BLOCK
+                and (node.block is None or node.block.id == block_id))
+
+    def size(self, node: Node) -> int:
+        """Bytes of the file as stored (not counting any open handle's unsent writes)."""
+        if node.kind is Kind.SCRATCH:
+            return self.scratch.size(node.inode)
+        return len(node.content)
+
+    def read(self, node: Node, offset: int, size: int) -> bytes:
+        """Bytes of a non-block file (scratch, symlink target, `.git`) at `offset`."""
+        if node.kind is Kind.SCRATCH:
+            return self.scratch.read(node.inode, offset, size)
+        return bytes(node.content[offset:offset + size])
+
+    def memory_filesystem_node(self) -> Node | None:
+        """The attached `memory_filesystem` block's file, when the agent has one."""
+        node = self.tree.child(self.tree.system, f"{MEMORY_FILESYSTEM_LABEL}.md")
+        return node if node is not None and node.block is not None else None
+
+    # -- the server's side -------------------------------------------------------------------
+
+    def load(self, attached: list[Block], owned: list[Block], listed_at: float,
+             committed: dict[str, bytes]) -> None:
+        """Build the tree from the first listing; record the difference from `committed` (the
+        history's files at its head) so the next snapshot makes history equal the tree.
+        Nothing is mounted yet, so the kernel is not told."""
+        self._apply(attached, owned, listed_at, [])
+        for path in committed.keys() - self.tree.files().keys():
+            self._record(path, None, Origin.SERVER)
+
+    async def reconcile(self, attached: list[Block], owned: list[Block], listed_at: float
+                        ) -> None:
+        """Make the tree show `attached` (under system/) and `owned` minus attached (at the
+        root): changed values and metadata, blocks created, deleted, attached, detached or
+        relabelled. Each change is recorded (origin SERVER) and the kernel's cache of it
+        invalidated. listed_at: when the listing started (trio clock). Blocks whose files are
+        in their grace period stay hidden."""
+        changed: list[int] = []
+        self._apply(attached, owned, listed_at, changed)
+        for inode in changed:
+            await self.invalidator.inode(inode)
+
+    def _desired(self, attached: list[Block], owned: list[Block], hidden: set[str]
+                 ) -> dict[str, tuple[tuple[str, ...], Block]]:
+        attached_ids = {b.id for b in attached}
+        desired = {}
+        for block, is_attached in [(b, True) for b in attached] + [
+                (b, False) for b in owned if b.id not in attached_ids]:
+            if block.id in hidden or block.id in desired:
+                continue
+            parts = Location(is_attached, block.label).parts()
+            if parts is None:
+                self._warn_once(block.id, f"block {block.id}: label {block.label!r} cannot be "
+                                          f"shown as a file; left out")
+                continue
+            desired[block.id] = (parts, block)
+        return desired
+
+    def _apply(self, attached: list[Block], owned: list[Block], listed_at: float,
+               changed: list[int]) -> None:
+        hidden = self.graveyard.pending_block_ids()  # unlinked here, not retired yet
+        desired = self._desired(attached, owned, hidden)
+        for node in self.tree.blocks():
+            if node.block.id not in desired and node.block.id not in hidden:
+                path = self.tree.path(node)
+                self._remove(node, notify=True)
+                self._record(path, None, Origin.SERVER)
+                log.info("%s: gone on the server (deleted or detached)", path)
+        for block_id, (parts, block) in desired.items():
+            node = self.tree.block_node(block_id)
+            if node is None:
+                parent = self._free_parent(parts, block_id)
+                if parent is None:
+                    continue
+                node = self.tree.add(Kind.BLOCK, parent, parts[-1])
+                self.invalidator.entry(parent.inode, parts[-1])
+                self.tree.bind(node, block, listed_at)
+                self._record(self.tree.path(node), bytes(node.content), Origin.SERVER)
+                log.info("%s: new on the server", self.tree.path(node))
+                continue
+            if self.tree.parts(node) != parts:
+                old_path, old_parent, old_name = self.tree.path(node), node.parent, node.name
+                parent = self._free_parent(parts, block_id)
+                if parent is None:
+                    continue
+                self.tree.move(node, parent, parts[-1])
+                self.invalidator.entry(old_parent, old_name)
+                self.invalidator.entry(parent.inode, parts[-1])
+                self._record(old_path, None, Origin.SERVER)
+                self._record(self.tree.path(node), bytes(node.content), Origin.SERVER)
+                log.info("%s: moved on the server to %s", old_path, self.tree.path(node))
+            if self.tree.bind(node, block, listed_at):
+                changed.append(node.inode)
+                self._record(self.tree.path(node), bytes(node.content), Origin.SERVER)
+
+    def _free_parent(self, parts: tuple[str, ...], block_id: str) -> Node | None:
+        parent = self.tree.makedirs(parts[:-1])
+        if parent is None or parts[-1] in parent.children:
+            self._warn_once(block_id, f"block {block_id}: {'/'.join(parts)} is taken in the "
+                                      f"mount; not shown there until it is free")
+            return None
+        return parent
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("%s", message)
+
+    def refreshed(self, node: Node, block: Block, read_at: float) -> bool:
+        """A read of `block` that started at `read_at` (trio clock) came back: the node shows
+        it, unless the node changed meanwhile or already shows a newer view. Recorded (SERVER)
+        when the content changed; returns whether it did. The kernel drops its pages at open,
+        so nothing is invalidated."""
+        if not self.shows(node, block.id) or not self.tree.bind(node, block, read_at):
+            return False
+        self._record(self.tree.path(node), bytes(node.content), Origin.SERVER)
+        return True
+
+    # -- local changes the server accepted --------------------------------------------------
+
+    def written(self, node: Node, block: Block, origin: Origin = Origin.LOCAL) -> bool:
+        """A write of `node`'s file was accepted; `block` is the server's answer. Recorded even
+        when unchanged (after an unlink + re-create history must see the file back). Returns
+        False, recording nothing, when the node was unlinked or replaced while the call was in
+        flight: the server has the write, the mount does not show that block any more."""
+        if not self.shows(node, block.id):
+            log.info("%s: removed while its write was in flight", node.name)
+            return False
+        self.tree.bind(node, block, trio.current_time())
+        self._record(self.tree.path(node), bytes(node.content), origin)
+        return True
+
+    def conflict(self, path: str, theirs: Block, rejected: bytes | None = None,
+                 node: Node | None = None) -> None:
+        """A write met a newer server version `theirs`: that version goes to history first.
+        rejected: the refused file (`--on-conflict reject`), recorded as REJECTED and followed
+        by `theirs` again, which `node` (the file, if any) then shows."""
+        server = blockfile.render(theirs)
+        self._record(path, server, Origin.SERVER)
+        if rejected is None:
+            return
+        self._record(path, rejected, Origin.REJECTED)
+        if node is not None and self.shows(node, theirs.id):
+            self.tree.bind(node, theirs, trio.current_time())
+        self._record(path, server, Origin.SERVER)
+
+    def create(self, parent: Node, name: str) -> Node:
+        """A new file `name` in `parent`: a block file with no block yet (created at its first
+        flush), or bound to the block unlinked at this path within its grace period (no
+        history: the file shows what history has); any other name is an empty scratch file.
+        Raises FsError: EEXIST, EINVAL (a `*.md` name whose path cannot be a label)."""
+        if name in parent.children:
+            raise FsError(errno.EEXIST, "file exists")
+        parts = (self.tree.parts(parent) or ()) + (name,)
+        if not is_block_name(name):
+            return self.tree.add(Kind.SCRATCH, parent, name)
+        self.location_at(parts)
+        node = self.tree.add(Kind.BLOCK, parent, name)
+        tomb = self.graveyard.claim(parts)
+        if tomb is not None:
+            self.tree.bind(node, tomb.block, trio.current_time())
+            self._record(tomb.path, bytes(node.content), Origin.LOCAL)
+            log.info("%s: re-created within the grace period: same block %s", tomb.path,
+                     tomb.block.id)
+        return node
+
+    def mkdir(self, parent: Node, name: str) -> Node:
+        """A directory (a label prefix, kept by the daemon). Raises FsError(EEXIST)."""
+        if name in parent.children:
+            raise FsError(errno.EEXIST, "file exists")
+        return self.tree.add(Kind.DIR, parent, name)
+
+    def symlink(self, parent: Node, name: str, target: bytes) -> Node:
+        """A symbolic link kept by the daemon. Raises FsError(EEXIST)."""
+        if name in parent.children:
+            raise FsError(errno.EEXIST, "file exists")
+        return self.tree.add(Kind.SYMLINK, parent, name, content=target, mode=0o777)
+
+    def bury(self, node: Node) -> None:
+        """The linked block file `node` becomes a scratch file with the same bytes; its block
+        (if sent) is gone from history at this path and retired after the grace period unless
+        a file claims it back."""
+        parts = self.tree.parts(node)
+        assert parts is not None
+        location = Location.at(parts)
+        block, content = self.tree.unbind(node)
+        self.scratch.adopt(node.inode, content)
+        if block is not None:
+            self.graveyard.bury(parts, block, location is not None and location.attached)
+            self._record("/".join(parts), None, Origin.LOCAL)
+
+    def unlink(self, node: Node) -> None:
+        """Remove a file (a block file is buried first) or an empty directory."""
+        if node.kind is Kind.BLOCK:
+            self.bury(node)
+        self._remove(node, notify=False)
+
+    def _remove(self, node: Node, notify: bool) -> None:
+        """Take `node` out of the mount without history or tombstone (callers record)."""
+        parent, name = node.parent, node.name
+        if node.kind is Kind.BLOCK:
+            _block, content = self.tree.unbind(node)  # a handle still open now writes scratch
+            self.scratch.adopt(node.inode, content)
+        if self.tree.unlink(node):
+            self.scratch.drop(node.inode)
+        if notify:
+            self.invalidator.entry(parent, name)
+
+    def renamed(self, src: Node, new_parent: Node, new_name: str, *, shows: Block | None,
+                bury_source: bool) -> None:
+        """Move the file `src` to `new_name` in `new_parent` once the server accepted what that
+        means (namespace.Namespace.rename decides). A file at the target is replaced (its block,
+        if any, is not retired: the target path keeps it or `shows` replaces it); a tombstone
+        at the target is claimed. bury_source: a block file `src` becomes scratch and its block
+        (if any) is retired (a scratch name, or a rename over another block); else its old
+        path leaves history. shows: the block
+        the moved file shows (recorded at its new path), None for a scratch target or a block
+        file not sent yet."""
+        new_parts = (self.tree.parts(new_parent) or ()) + (new_name,)
+        self.graveyard.claim(new_parts)
+        if src.kind is Kind.BLOCK:
+            if bury_source:
+                self.bury(src)
+            elif src.block is not None:
+                self._record(self.tree.path(src), None, Origin.LOCAL)
+        dst = self.tree.child(new_parent, new_name)
+        if dst is not None:
+            self._remove(dst, notify=False)
+        if src.kind is Kind.SCRATCH and shows is not None:
+            self.scratch.drop(src.inode)
+            src.kind = Kind.BLOCK
+        self.tree.move(src, new_parent, new_name)
+        if shows is not None:
+            self.tree.bind(src, shows, trio.current_time())
+            self._record(self.tree.path(src), bytes(src.content), Origin.LOCAL)
+
+    def dir_renamed(self, src: Node, new_parent: Node, new_name: str,
+                    relocated: list[tuple[Node, str, Block]]) -> None:
+        """Move the directory `src` (an empty directory at the target is replaced) once the
+        server relabelled every block below; relocated: (node, old path, block as the server
+        has it now) of each."""
+        dst = self.tree.child(new_parent, new_name)
+        if dst is not None:
+            self._remove(dst, notify=False)
+        self.tree.move(src, new_parent, new_name)
+        for node, old_path, block in relocated:
+            self._record(old_path, None, Origin.LOCAL)
+            self.tree.bind(node, block, trio.current_time())
+            self._record(self.tree.path(node), bytes(node.content), Origin.LOCAL)
+
+    # -- scratch bytes and attributes ------------------------------------------------------
+
+    def scratch_write(self, node: Node, offset: int, buf: bytes) -> None:
+        """Write into a scratch file. Raises FsError(ENOSPC) past the scratch limit."""
+        self.scratch.write(node.inode, offset, buf)
+        node.touch()
+
+    def scratch_truncate(self, node: Node, size: int) -> None:
+        """Resize a scratch file (bytes). Raises FsError(ENOSPC) past the scratch limit."""
+        self.scratch.truncate(node.inode, size)
+        node.touch()
+
+    def scratch_replace(self, node: Node, data: bytes) -> None:
+        """A handle opened on a block file that became scratch meanwhile was flushed: its bytes
+        become the scratch file's. Raises FsError(ENOSPC)."""
+        self.scratch.put(node.inode, data)
+        node.touch()
+
+    def set_mode(self, node: Node, mode: int) -> None:
+        """chmod of a scratch file (permission bits); blocks have no mode to keep."""
+        if node.kind is Kind.SCRATCH:
+            node.mode = mode & 0o7777
+
+    def set_mtime(self, node: Node, mtime_ns: int) -> None:
+        """utimes: kept in the daemon only (nothing about times goes to the server)."""
+        node.mtime_ns = mtime_ns
+
+    # -- the kernel's references ---------------------------------------------------------------
+
+    def looked_up(self, node: Node) -> None:
+        """The kernel got an entry for `node` (lookup, create, mkdir, symlink, readdirplus)."""
+        self.tree.looked_up(node)
+
+    def forget(self, inode: int, count: int) -> None:
+        """FUSE forget: an unlinked node with no lookups left is gone, with its scratch bytes."""
+        if self.tree.forget(inode, count):
+            self.scratch.drop(inode)

@@ -1,0 +1,77 @@
+"""The structure the code promises (README "How it works"), checked on the source: one owner
+writes the mount's state and records its history, and imports go one way."""
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).parent.parent / "memfuse"
+TREE_WRITERS = {"add", "makedirs", "bind", "unbind", "move", "unlink", "looked_up", "forget"}
+NODE_FIELDS = {"kind", "block", "content", "children", "parent", "name", "lookups", "mode",
+               "mtime_ns", "ctime_ns", "checked_at"}
+OWNER = {"state.py", "tree.py"}  # tree.py defines the data; state.py is its only writer
+
+
+def modules():
+    return sorted(p for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
+
+
+def source_of(node: ast.AST) -> str:
+    return ast.unparse(node)
+
+
+@pytest.mark.parametrize("path", modules(), ids=lambda p: p.name)
+def test_only_the_owner_writes_the_tree_or_records_history(path):
+    if path.name in OWNER:
+        return
+    tree = ast.parse(path.read_text())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            target = source_of(node.func.value)
+            if node.func.attr in TREE_WRITERS and target.split(".")[-1] == "tree":
+                found.append(f"line {node.lineno}: {source_of(node.func)}()")
+            if node.func.attr in ("record", "_record") and path.name != "history.py":
+                found.append(f"line {node.lineno}: {source_of(node.func)}() records history")
+        if isinstance(node, (ast.Assign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                for item in ast.walk(target):
+                    if (isinstance(item, ast.Attribute) and item.attr in NODE_FIELDS
+                            and source_of(item.value) in ("node", "src", "dst", "handle.node")):
+                        found.append(f"line {node.lineno}: assigns {source_of(item)}")
+    assert not found, f"{path.name} changes the mount's state outside state.py: {found}"
+
+
+LAYERS = [  # a module may import only modules of lower layers (or its own layer's, listed)
+    {"model"},
+    {"errors", "blockfile", "letta", "scratch", "grace", "tree", "history", "config"},
+    {"remote", "state", "status"},
+    {"files", "poller", "keeper"},
+    {"namespace"},
+    {"fs"},
+    {"daemon"},
+    {"cli"},
+]
+
+
+def layer_of(name: str) -> int:
+    return next(i for i, layer in enumerate(LAYERS) if name in layer)
+
+
+@pytest.mark.parametrize("path", modules(), ids=lambda p: p.name)
+def test_imports_go_one_way(path):
+    """No module imports one above it: a call from FUSE down to the server and into history
+    never climbs back up."""
+    me = layer_of(path.stem)
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            names = [node.module] if node.module else [a.name for a in node.names]
+            for name in names:
+                assert layer_of(name) <= me, f"{path.stem} imports {name}, a layer above it"
+                if layer_of(name) == me and name != path.stem:
+                    assert me == 1, f"{path.stem} imports {name} of its own layer"
+
+
+def test_every_module_has_a_layer():
+    assert {p.stem for p in modules()} == set().union(*LAYERS)

@@ -1,0 +1,137 @@
+"""The daemon's lifecycle, in this process, over a real FUSE mount and the fake API: it serves,
+and whatever ends it (a cancel, a crashed task, a failing teardown step), it unmounts, removes
+its pid file and leaves the history committed and closed."""
+import os
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+from memfuse import daemon
+from memfuse.config import Config
+from memfuse.daemon import MountError, serve
+from memfuse.fs import MemoryFs
+from memfuse.history import HistoryRepo
+from memfuse.poller import Poller
+
+from .fakeletta import FakeLetta
+
+pytestmark = pytest.mark.real_clock  # pyfuse3's loop serves real syscalls from worker threads
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    fake = FakeLetta()
+    agent = fake.add_agent()
+    fake.add_block("human", "The human.\n", agent=agent)
+    config = Config.build(agent, base_url="http://letta.test", quiet_period=0.05,
+                          poll_interval=0.05, retry_budget=0.2)
+    return fake, config
+
+
+def mounted(path: Path) -> bool:
+    """Whether `path` is a mount point. Call it from a worker thread while serving: it stats
+    the mount, which this process itself answers."""
+    return os.path.ismount(path)
+
+
+def history_subjects(config: Config) -> list[str]:
+    repo = HistoryRepo(config.history_dir)
+    repo.open()
+    try:
+        return [e.commit.message.decode().splitlines()[0] for e in repo.repo.get_walker()]
+    finally:
+        repo.close()
+
+
+async def run_until_ready(nursery, config, fake) -> list:
+    reports, ready = [], trio.Event()
+
+    def on_ready(error):
+        reports.append(error)
+        ready.set()
+
+    nursery.start_soon(partial(serve, config, on_ready, transport=fake.transport()))
+    await ready.wait()
+    return reports
+
+
+def in_thread(fn, *args):
+    return trio.to_thread.run_sync(partial(fn, *args))
+
+
+async def test_serves_then_a_cancel_unmounts_and_cleans_up(setup):
+    fake, config = setup
+    human = config.mountpoint / "system/human.md"
+    async with trio.open_nursery() as nursery:
+        assert await run_until_ready(nursery, config, fake) == [None]
+        assert await in_thread(mounted, config.mountpoint) and config.pid_file.exists()
+        assert (await in_thread(human.read_text)).endswith("---\nThe human.\n")
+        await in_thread(human.write_text, "Written through the mount.\n")
+        nursery.cancel_scope.cancel()
+    [block] = fake.by_label("human")
+    assert block["value"] == "Written through the mount.\n"
+    assert not mounted(config.mountpoint)
+    assert not config.pid_file.exists() and not config.status_file.exists()
+    assert history_subjects(config) == ["Local edit: system/human.md",
+                                        "Snapshot at mount: system/human.md"]
+
+
+async def test_a_crashing_task_still_unmounts_snapshots_and_removes_the_pid_file(
+        setup, monkeypatch):
+    fake, config = setup
+    crash = trio.Event()
+
+    async def poll_then_crash(self):
+        await crash.wait()
+        raise RuntimeError("a bug in a background task")
+
+    monkeypatch.setattr(Poller, "run", poll_then_crash)
+    with pytest.raises(BaseException) as caught:
+        async with trio.open_nursery() as nursery:
+            await run_until_ready(nursery, config, fake)
+            await in_thread((config.mountpoint / "system/human.md").write_text, "Before.\n")
+            crash.set()
+    assert "a bug in a background task" in repr(caught.value)
+    assert not mounted(config.mountpoint) and not config.pid_file.exists()
+    assert history_subjects(config)[0] == "Local edit: system/human.md"
+
+
+@pytest.mark.expect_error("unmount: sending unsent writes failed")
+async def test_a_failing_teardown_step_does_not_stop_the_others(setup, monkeypatch, caplog):
+    fake, config = setup
+
+    async def broken_shutdown(self):
+        raise RuntimeError("shutdown flush broke")
+
+    monkeypatch.setattr(MemoryFs, "shutdown", broken_shutdown)
+    async with trio.open_nursery() as nursery:
+        await run_until_ready(nursery, config, fake)
+        nursery.cancel_scope.cancel()
+    assert not mounted(config.mountpoint) and not config.pid_file.exists()
+    assert "shutdown flush broke" in caplog.text
+    assert "unmounted" in caplog.text
+
+
+async def test_start_up_refusals_say_why_and_leave_nothing_behind(setup):
+    fake, config = setup
+    unknown = Config.build("agent-00000000-0000-4000-8000-000000000000",
+                           base_url="http://letta.test", retry_budget=0.2)
+    for bad, words in ((unknown, "not found"), (config, "is not empty")):
+        if bad is config:
+            config.mountpoint.mkdir(parents=True)
+            (config.mountpoint / "stray").write_text("x")
+        reports = []
+        with pytest.raises(MountError):
+            await serve(bad, reports.append, transport=fake.transport())
+        assert len(reports) == 1 and words in reports[0]
+        assert not mounted(bad.mountpoint) and not bad.pid_file.exists()
+
+
+def test_check_mountpoint_refuses_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MountError) as caught:
+        daemon.check_mountpoint(tmp_path / "file")
+    assert "cannot be used as a mountpoint" in str(caught.value)
