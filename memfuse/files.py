@@ -9,7 +9,6 @@ state.MountState: flush -> BlockFiles.send -> Remote.update (PATCH) -> MountStat
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import trio
@@ -69,9 +68,9 @@ class BlockFiles:
         (history records it). base: the block as the writer read it (conflict detection).
         Raises FsError (see `write` and Remote.create); on Stale the node shows the server's
         block."""
+        location = self.state.location(node) if node.block is None else None
         parsed = blockfile.parse(data)
-        if node.block is None:
-            location = self.state.location(node)
+        if location is not None:
             block = await self.remote.create(location, parsed)
             log.info("%s: created block %s", self.tree.path(node), block.id)
         else:
@@ -87,9 +86,7 @@ class BlockFiles:
         try:
             written = await self.remote.update(block, parsed, base)
         except Stale as exc:
-            fields = {k: v for k, v in parsed.fields.items() if k in ("description", "limit")}
-            mine = blockfile.render(dataclasses.replace(exc.theirs, value=parsed.value, **fields))
-            self.state.conflict(path, exc.theirs, rejected=mine, node=node)
+            self.state.conflict(path, exc.theirs, rejected=parsed, node=node)
             self.last_conflict = (f"{path}: changed on the server after it was opened; the "
                                   f"write was rejected (both versions are in history)")
             log.warning("%s", self.last_conflict)

@@ -12,6 +12,7 @@ drop what it cached (an Invalidator). Nothing here does I/O except those kernel 
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -242,16 +243,19 @@ class MountState:
         self._record(self.tree.path(node), bytes(node.content), origin)
         return True
 
-    def conflict(self, path: str, theirs: Block, rejected: bytes | None = None,
+    def conflict(self, path: str, theirs: Block, rejected: blockfile.ParsedFile | None = None,
                  node: Node | None = None) -> None:
         """A write met a newer server version `theirs`: that version goes to history first.
-        rejected: the refused file (`--on-conflict reject`), recorded as REJECTED and followed
-        by `theirs` again, which `node` (the file, if any) then shows."""
+        rejected: the refused file (`--on-conflict reject`), recorded as REJECTED (rendered as
+        the block it would have made) and followed by `theirs` again, which `node` (the file,
+        if any) then shows."""
         server = blockfile.render(theirs)
         self._record(path, server, Origin.SERVER)
         if rejected is None:
             return
-        self._record(path, rejected, Origin.REJECTED)
+        fields = {k: v for k, v in rejected.fields.items() if k in ("description", "limit")}
+        mine = dataclasses.replace(theirs, value=rejected.value, **fields)
+        self._record(path, blockfile.render(mine), Origin.REJECTED)
         if node is not None and self.shows(node, theirs.id):
             self.tree.bind(node, theirs, trio.current_time())
         self._record(path, server, Origin.SERVER)

@@ -8,7 +8,8 @@ PREFIXES = {"fs": "tests/test_fs.py", "ns": "tests/test_namespace.py",
             "mount": "tests/integration/test_mount.py",
             "ns-mount": "tests/integration/test_namespace.py",
             "editors": "tests/integration/test_editors.py",
-            "live": "tests/integration/test_live.py"}
+            "live": "tests/integration/test_live.py",
+            "daemon": "tests/test_daemon.py", "guards": "tests/test_guards.py"}
 
 
 def rows():

@@ -1,0 +1,100 @@
+"""The `memfuse` command without a server: flags to Config, the report pipe, status and umount
+of what is (not) mounted."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from memfuse import cli
+from memfuse.config import RunningMount
+from memfuse.daemon import MountError
+from memfuse.status import Status
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("LETTA_BASE_URL", raising=False)
+    return tmp_path
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_mount_flags_become_the_config_and_ready_goes_down_the_pipe(home, monkeypatch):
+    seen = {}
+
+    async def fake_serve(config, on_ready):
+        seen["config"] = config
+        on_ready(None)
+
+    monkeypatch.setattr(cli, "serve", fake_serve)
+    read_fd, write_fd = os.pipe()
+    code = cli.main(["mount", "agent-1", "--base-url", "http://server:1", "--revalidate", "2.5",
+                     "--poll-interval", "3", "--on-conflict", "reject", "--foreground",
+                     "--ready-fd", str(write_fd)])
+    assert code == 0
+    assert os.read(read_fd, 100) == b"ready\n"
+    config = seen["config"]
+    assert config.mountpoint == home / ".letta/agents/agent-1/memory"
+    assert config.history_dir == home / ".letta/agents/agent-1/memory.git"
+    assert (config.base_url, config.revalidate, config.poll_interval, config.on_conflict) == (
+        "http://server:1", 2.5, 3.0, "reject")
+
+
+@pytest.mark.expect_error("not found on http://x")
+def test_a_start_up_refusal_is_reported_and_exits_1(home, monkeypatch):
+    async def refusing_serve(config, on_ready):
+        on_ready("agent agent-1 not found on http://x")
+        raise MountError("agent agent-1 not found on http://x")
+
+    monkeypatch.setattr(cli, "serve", refusing_serve)
+    read_fd, write_fd = os.pipe()
+    assert cli.main(["mount", "agent-1", "--foreground", "--ready-fd", str(write_fd)]) == 1
+    assert os.read(read_fd, 100) == b"error agent agent-1 not found on http://x\n"
+
+
+def test_status_and_umount_with_nothing_mounted(home, capsys):
+    assert cli.main(["status"]) == 0
+    assert "no mounts are running" in capsys.readouterr().out
+    assert cli.main(["umount", "agent-1"]) == 1
+    assert "nothing is mounted" in capsys.readouterr().err
+
+
+def test_status_of_a_dead_daemon_says_so(home, capsys):
+    state = home / ".letta/agents/agent-1"
+    state.mkdir(parents=True)
+    RunningMount("agent-1", str(state / "memory"), dead_pid(), "http://x",
+                 str(state / "memfuse.log")).save(state / "memfuse.pid")
+    assert cli.main(["status", "agent-1"]) == 1
+    assert f"nothing is mounted at {state / 'memory'}" in capsys.readouterr().out
+
+
+def test_status_of_a_live_daemon_prints_its_report(home, capsys):
+    state = home / ".letta/agents/agent-1"
+    state.mkdir(parents=True)
+    RunningMount("agent-1", str(state / "memory"), os.getpid(), "http://x",
+                 str(state / "memfuse.log")).save(state / "memfuse.pid")
+    Status(agent_id="agent-1", mountpoint=str(state / "memory"), base_url="http://x",
+           pid=os.getpid(), reachable=True, last_poll=None, pending_writes=0, pending_unlinks=0,
+           uncommitted=0, last_commit=None, last_commit_message=None, last_commit_at=None,
+           last_conflict=None, last_error=None, last_error_at=None,
+           updated_at=1e12).save(state / "memfuse.status.json")
+    assert cli.main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert f"agent agent-1 mounted at {state / 'memory'}" in out
+    assert "http://x: reachable" in out
+
+
+def test_umount_of_a_dead_daemon_with_no_mount_left_says_so(home, capsys):
+    state = home / ".letta/agents/agent-1"
+    state.mkdir(parents=True)
+    (state / "memory").mkdir()
+    RunningMount("agent-1", str(state / "memory"), dead_pid(), "http://x",
+                 str(state / "memfuse.log")).save(state / "memfuse.pid")
+    assert cli.main(["umount", "agent-1"]) == 1  # nothing mounted, nothing to stop
+    assert "nothing is mounted" in capsys.readouterr().err
