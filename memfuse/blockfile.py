@@ -12,6 +12,11 @@ Keys: `description` (non-empty string), `limit` (positive integer, characters of
 `read_only` (rendered only when true; a file cannot change it). A file that does not start with
 `---\\n` has no frontmatter: its whole content is the value. A key left out of the frontmatter
 leaves that field as it is on the server.
+
+Files from Windows editors are understood: a UTF-8 byte order mark before the frontmatter is
+dropped, and the frontmatter's own lines may end in CRLF (the value after it is kept byte for
+byte). A key given twice is refused, as is anything the server cannot store (a limit past
+2**31 - 1, a description with a NUL).
 """
 from __future__ import annotations
 
@@ -26,7 +31,31 @@ from .model import SUFFIX, Block
 
 KEYS = ("description", "limit", "read_only")
 DEFAULT_LIMIT = 20000
+MAX_LIMIT = 2**31 - 1  # the server keeps `limit` in a 32-bit integer column (500 past it)
 OPEN = "---\n"
+BOM = "\ufeff"
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that repeats a key (YAML says keys are unique;
+    PyYAML would silently keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice", key_node.start_mark)
+                seen.add(key)
+            except TypeError:  # an unhashable key: construct_mapping refuses it below
+                pass
+        return super().construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                                 _UniqueKeyLoader.construct_mapping)
 
 
 class BlockFileError(FsError):
@@ -67,6 +96,60 @@ def _decode(data: bytes) -> str:
         raise BlockFileError(errno.EINVAL, f"is not valid UTF-8 (byte offset {exc.start})") from None
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def split_frontmatter(text: str) -> tuple[str, str] | None:
+    """(frontmatter text, value) of a file's text, or None when it has no frontmatter (does not
+    start with `---` on a line of its own, after an optional byte order mark). The frontmatter's
+    lines may end in LF or CRLF; the value is everything after the closing `---` line. Raises
+    BlockFileError(EINVAL) when the frontmatter is never closed."""
+    text = text.removeprefix(BOM)
+    if text.startswith(OPEN):
+        newline = "\n"
+    elif text.startswith("---\r\n"):
+        newline = "\r\n"
+    else:
+        return None
+    start = len("---" + newline)
+    close = f"{newline}---{newline}"
+    end = text.find(close, start - len(newline))
+    if end >= 0:
+        return text[start:end + len(newline)], text[end + len(close):]
+    if text.endswith(f"{newline}---"):
+        return text[start:-3], ""
+    raise BlockFileError(errno.EINVAL, "frontmatter opened with '---' is never closed")
+
+
+def _load_yaml(front: str) -> Any:
+    """The frontmatter's YAML. Any failure of the parser (a YAML error, and also PyYAML's
+    ValueError for an impossible date, RecursionError for deep nesting, OverflowError) is
+    EINVAL: a file's bytes must never take the mount down."""
+    if not front.strip():
+        return {}
+    try:
+        return yaml.load(front, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (frontmatter line {where.line + 1})" if where is not None else ""
+        problem = getattr(exc, "problem", None)
+        why = f": {problem}" if problem else ""
+        raise BlockFileError(errno.EINVAL, f"frontmatter is not valid YAML{line}{why}") from None
+    except (ValueError, RecursionError, OverflowError, TypeError, MemoryError) as exc:
+        raise BlockFileError(errno.EINVAL, f"frontmatter cannot be read "
+                                           f"({type(exc).__name__}: {_short(str(exc))})") from None
+
+
 def parse(data: bytes) -> ParsedFile:
     """Split file bytes into the value and the frontmatter fields present.
 
@@ -75,21 +158,11 @@ def parse(data: bytes) -> ParsedFile:
     not a positive integer, or a read_only that is not a boolean.
     """
     text = _decode(data)
-    if not text.startswith(OPEN):
+    split = split_frontmatter(text)
+    if split is None:
         return ParsedFile(value=text, fields={}, has_frontmatter=False)
-    end = text.find("\n---\n", len(OPEN) - 1)
-    if end >= 0:
-        front, value = text[len(OPEN):end + 1], text[end + 5:]
-    elif text.endswith("\n---"):
-        front, value = text[len(OPEN):-3], ""
-    else:
-        raise BlockFileError(errno.EINVAL, "frontmatter opened with '---' is never closed")
-    try:
-        fields = yaml.safe_load(front) if front.strip() else {}
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        line = f" (frontmatter line {where.line + 1})" if where is not None else ""
-        raise BlockFileError(errno.EINVAL, f"frontmatter is not valid YAML{line}") from None
+    front, value = split
+    fields = _load_yaml(front)
     if not isinstance(fields, dict):
         raise BlockFileError(errno.EINVAL, "frontmatter must be a mapping of keys to values")
     unknown = sorted(str(key) for key in fields if key not in KEYS)
@@ -100,13 +173,54 @@ def parse(data: bytes) -> ParsedFile:
         description = fields["description"]
         if not isinstance(description, str) or not description.strip():
             raise BlockFileError(errno.EINVAL, "description must be a non-empty string")
+        if "\0" in description or not _encodable(description):
+            raise BlockFileError(errno.EINVAL, "description holds a NUL or a lone surrogate, "
+                                               "which the server cannot store")
     if "limit" in fields:
         limit = fields["limit"]
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
-            raise BlockFileError(errno.EINVAL, f"limit must be a positive integer, not {limit!r}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= MAX_LIMIT:
+            raise BlockFileError(errno.EINVAL, f"limit must be a positive integer (at most "
+                                               f"{MAX_LIMIT}), not {_short(limit)}")
     if "read_only" in fields and not isinstance(fields["read_only"], bool):
         raise BlockFileError(errno.EINVAL, "read_only must be true or false")
     return ParsedFile(value=value, fields=fields, has_frontmatter=True)
+
+
+def overflow(data: bytes, limit: int, gap: int = 0) -> str | None:
+    """Why a block file being written already holds a value longer than its limit, or None
+    when it does not (or cannot tell yet: an unclosed or unreadable frontmatter is for the
+    check at close). Cheap enough for every write(): the YAML is read only when the
+    frontmatter names a limit, and characters are counted only past `limit` bytes.
+
+    data: the file's bytes so far; limit: the block's limit in characters (the frontmatter's
+    own `limit` wins); gap: NUL bytes that would follow `data` (a write past the end, a
+    truncate that grows), counted without being allocated.
+    """
+    if data.startswith(BOM.encode()):
+        data = data[len(BOM.encode()):]
+    value = data
+    if data.startswith((b"---\n", b"---\r\n")):
+        try:
+            split = split_frontmatter(data.decode("utf-8", "replace"))
+        except BlockFileError:
+            return None  # not closed yet: it may still be being written
+        if split is None:
+            return None
+        front, text_value = split
+        if "limit" in front:
+            try:
+                fields = _load_yaml(front)
+            except BlockFileError:
+                return None
+            if isinstance(fields, dict) and isinstance(fields.get("limit"), int):
+                limit = fields["limit"]
+        value = text_value.encode("utf-8", "surrogatepass")
+    if len(value) + gap <= limit:
+        return None  # a character is at least one byte
+    chars = len(value.decode("utf-8", "ignore")) + gap
+    if chars <= limit:
+        return None
+    return f"value is {chars} characters, over the limit of {limit}"
 
 
 def plan_update(block: Block, parsed: ParsedFile) -> dict[str, Any]:

@@ -16,7 +16,8 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -25,6 +26,7 @@ import pyfuse3
 import trio
 
 from .config import Config, RunningMount
+from .errors import Faults
 from .files import BlockFiles
 from .fs import MemoryFs
 from .history import HistoryRepo, Snapshotter, gitfile_content
@@ -40,6 +42,7 @@ from .tree import Tree
 log = logging.getLogger("memfuse.daemon")
 
 STATUS_INTERVAL = 1.0  # seconds between status file updates
+RESTART_DELAY = 1.0    # seconds before a background task that failed is started again
 
 
 class MountError(Exception):
@@ -88,6 +91,7 @@ class Mount:
     poller: Poller
     keeper: TreeBlockKeeper
     problems: LastProblem
+    faults: Faults = field(default_factory=Faults)
     unmounted: bool = False  # the kernel ended the session itself (fusermount3 -u)
 
     def status(self) -> Status:
@@ -102,7 +106,8 @@ class Mount:
             last_commit=snapshots.last_commit.decode() if snapshots.last_commit else None,
             last_commit_message=self.repo.last_message, last_commit_at=snapshots.last_commit_at,
             last_conflict=self.files.last_conflict, last_error=self.problems.message,
-            last_error_at=self.problems.at, updated_at=time.time())
+            last_error_at=self.problems.at, unexpected_errors=self.faults.count,
+            updated_at=time.time())
 
 
 def _teardown(stack: contextlib.AsyncExitStack, what: str,
@@ -149,9 +154,11 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
     await snapshots.flush(subject="Snapshot at mount")
     files = BlockFiles(state, remote, revalidate=config.revalidate)
     namespace = Namespace(state, remote, files)
-    return Mount(config, repo, snapshots, state, files, MemoryFs(state, files, namespace),
+    faults = Faults()
+    return Mount(config, repo, snapshots, state, files,
+                 MemoryFs(state, files, namespace, faults),
                  Poller(state, remote, interval=config.poll_interval),
-                 TreeBlockKeeper(state, remote), problems)
+                 TreeBlockKeeper(state, remote), problems, faults)
 
 
 async def serve(config: Config, on_ready: Callable[[str | None], None], *,
@@ -216,6 +223,20 @@ async def _publish_status(mount: Mount) -> None:
         await trio.sleep(STATUS_INTERVAL)
 
 
+async def _supervised(name: str, task: Callable[[], Awaitable[None]], faults: Faults) -> None:
+    """Run a background task forever: an unexpected exception is logged with its traceback,
+    counted, and the task restarted after RESTART_DELAY seconds (the safe boundary of the
+    daemon's own work)."""
+    while True:
+        try:
+            await task()
+            return
+        except Exception:
+            faults.caught(log, f"{name} failed unexpectedly; restarting it in "
+                               f"{RESTART_DELAY:g} s")
+        await trio.sleep(RESTART_DELAY)
+
+
 async def _serve(mount: Mount, on_ready: Callable[[str | None], None]) -> None:
     """Run the FUSE loop and the background tasks until unmounted or signalled."""
     async with trio.open_nursery() as nursery:
@@ -231,12 +252,13 @@ async def _serve(mount: Mount, on_ready: Callable[[str | None], None]) -> None:
                     nursery.cancel_scope.cancel()
 
         nursery.start_soon(fuse_loop)
-        nursery.start_soon(mount.snapshots.run)
-        nursery.start_soon(mount.ops.namespace.run)
-        nursery.start_soon(mount.poller.run)
-        nursery.start_soon(mount.keeper.run)
-        nursery.start_soon(_publish_status, mount)
         nursery.start_soon(watch_signals)
+        for name, task in (("the snapshotter", mount.snapshots.run),
+                           ("the retirer", mount.ops.namespace.run),
+                           ("the poller", mount.poller.run),
+                           ("the memory_filesystem keeper", mount.keeper.run),
+                           ("the status publisher", partial(_publish_status, mount))):
+            nursery.start_soon(_supervised, name, task, mount.faults)
         log.info("mounted agent %s at %s (server %s)", mount.config.agent_id,
                  mount.config.mountpoint, mount.config.base_url)
         on_ready(None)

@@ -1,7 +1,10 @@
-"""The one error type the filesystem layer turns into an errno."""
+"""The one error type the filesystem layer turns into an errno, and the count of unexpected
+ones (bugs) that the safe boundary caught."""
 from __future__ import annotations
 
 import errno
+import logging
+import time
 
 from .letta import Conflict, LettaError, NotFound, Unauthorized, Unreachable
 
@@ -34,3 +37,21 @@ def from_letta(exc: LettaError) -> FsError:
         code = errno.EIO
     what = "server unreachable" if isinstance(exc, Unreachable) else "server refused"
     return FsError(code, f"{what}: {exc}")
+
+
+class Faults:
+    """Unexpected exceptions (bugs, never a program's mistake) caught at the safe boundary: a
+    FUSE operation then answers EIO and a background task is restarted, so the mount keeps
+    serving. `count` of them so far, `last` in words and `last_at` (time.time()) for
+    `memfuse status`."""
+
+    def __init__(self):
+        self.count = 0
+        self.last: str | None = None
+        self.last_at: float | None = None
+
+    def caught(self, log: logging.Logger, what: str) -> None:
+        """Count the exception being handled and log it with its traceback as `what`."""
+        self.count += 1
+        self.last, self.last_at = what, time.time()
+        log.exception("%s", what)

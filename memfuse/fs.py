@@ -9,6 +9,8 @@ the reason.
 from __future__ import annotations
 
 import errno
+import functools
+import inspect
 import logging
 import os
 import stat
@@ -17,9 +19,10 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from .errors import FsError
+from . import blockfile
+from .errors import Faults, FsError
 from .files import BlockFiles
-from .model import Block
+from .model import MAX_NAME, Block
 from .namespace import Namespace
 from .state import MountState
 from .tree import Kind, Node
@@ -32,6 +35,7 @@ FILE_ATTR_TIMEOUT = 0.0
 DIR_ATTR_TIMEOUT = 1.0
 ENTRY_TIMEOUT = 1.0
 BLOCK_SIZE = 4096
+MAX_BLOCK_FILE = 64 << 20  # bytes: no block file grows past this in the daemon's memory
 
 
 @dataclass(eq=False)
@@ -41,7 +45,8 @@ class OpenFile:
     data: the bytes this handle reads and, once written, will send (a copy-on-write snapshot
     taken at open). dirty: `data` has changes the server has not accepted. written: a write or
     ftruncate came since open; an `O_TRUNC` or `O_CREAT` open alone is dirty but not written
-    (see `flush`).
+    (see `flush`). refused: a write() was refused (EFBIG): what the program meant is not in the
+    buffer, so nothing from this handle is sent and its close fails too.
     """
 
     node: Node
@@ -51,6 +56,7 @@ class OpenFile:
     dirty: bool = False
     written: bool = False
     written_at: float = 0.0
+    refused: str | None = None  # why a write was refused: the handle then never sends
 
 
 @dataclass(eq=False)
@@ -61,14 +67,42 @@ class ScratchFile:
     writable: bool
 
 
+def _safe(handler):
+    """The safe boundary around one FUSE handler: a refusal (FUSEError) goes to the program;
+    any other exception is a bug, answered with EIO for this call only, logged with its
+    traceback and counted (`MemoryFs.faults`), so no input can stop the daemon."""
+    @functools.wraps(handler)
+    async def guarded(self, *args):
+        try:
+            return await handler(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            self.faults.caught(log, f"FUSE {handler.__name__} failed unexpectedly; answered EIO")
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return guarded
+
+
+def _with_safe_boundary(cls):
+    for name, value in list(vars(cls).items()):
+        if (not name.startswith("_") and hasattr(pyfuse3.Operations, name)
+                and inspect.iscoroutinefunction(value)):
+            setattr(cls, name, _safe(value))
+    return cls
+
+
+@_with_safe_boundary
 class MemoryFs(pyfuse3.Operations):
-    """The FUSE filesystem of one agent's memory (see SEMANTICS.md for what each call does)."""
+    """The FUSE filesystem of one agent's memory (see SEMANTICS.md for what each call does).
+    Every handler runs inside the safe boundary (`_safe`); `faults` counts what it caught."""
 
     supports_dot_lookup = True
 
-    def __init__(self, state: MountState, files: BlockFiles, namespace: Namespace):
+    def __init__(self, state: MountState, files: BlockFiles, namespace: Namespace,
+                 faults: Faults | None = None):
         super().__init__()
         self.state, self.files, self.namespace = state, files, namespace
+        self.faults = faults or Faults()
         self.tree = state.tree
         self._files: dict[int, OpenFile | ScratchFile] = {}
         self._dirs: dict[int, list[tuple[str, int]]] = {}
@@ -189,13 +223,28 @@ class MemoryFs(pyfuse3.Operations):
             elif node.kind not in (Kind.BLOCK, Kind.SCRATCH) or node.read_only:
                 raise FsError(errno.EACCES, "file is read-only")
             elif isinstance(handle, OpenFile):
+                self._check_growth(node, bytes(handle.data[:size]), size - len(handle.data))
                 self._resize(handle, size)
                 handle.written = True
             else:  # truncate(2) by path has no close to wait for: it is one write now.
+                self._check_growth(node, bytes(node.content[:size]), size - len(node.content))
                 data = bytes(node.content[:size]).ljust(size, b"\0")
                 await self.files.send(node, data, node.block)
         except FsError as exc:
             raise self._refuse(path, exc) from None
+
+    def _check_growth(self, node: Node, data: bytes, gap: int = 0) -> None:
+        """Refuse (EFBIG, before any allocation) to let a block file's buffer become `data`
+        followed by `gap` NUL bytes when its value would pass the block's limit."""
+        if node.kind is not Kind.BLOCK:
+            return
+        if len(data) + gap > MAX_BLOCK_FILE:
+            why = f"block files are limited to {MAX_BLOCK_FILE >> 20} MiB"
+        else:
+            limit = node.block.limit if node.block is not None else blockfile.DEFAULT_LIMIT
+            why = blockfile.overflow(data, limit, gap)
+        if why is not None:
+            raise self._refuse(self.tree.path(node), FsError(errno.EFBIG, why))
 
     def _resize(self, handle: OpenFile, size: int) -> None:
         data = bytearray(handle.data)
@@ -227,9 +276,25 @@ class MemoryFs(pyfuse3.Operations):
         """FUSE releasedir: drop the snapshot."""
         self._dirs.pop(fh, None)
 
-    def _in_dir(self, parent_inode: int, name: bytes, operation):
-        """Run operation(parent, name) of the namespace; refusals are logged and raised."""
-        parent, name = self._dir(parent_inode), os.fsdecode(name)
+    def _new_name(self, parent: Node, name: bytes) -> str:
+        """A name for a new entry: UTF-8 (labels, git paths and the prompt are text) and at
+        most MAX_NAME bytes. Raises FUSEError: EINVAL, ENAMETOOLONG (logged)."""
+        shown = self._child_path(parent, os.fsdecode(name).encode("utf-8", "backslashreplace")
+                                 .decode("utf-8"))
+        if len(name) > MAX_NAME:
+            raise self._refuse(shown[:300], FsError(errno.ENAMETOOLONG,
+                                                    f"a name is at most {MAX_NAME} bytes"))
+        try:
+            return name.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self._refuse(shown, FsError(errno.EINVAL, "the name is not valid UTF-8")
+                               ) from None
+
+    def _in_dir(self, parent_inode: int, name: bytes, operation, new: bool = False):
+        """Run operation(parent, name) of the namespace; refusals are logged and raised.
+        new: the operation makes an entry called `name` (its name is checked first)."""
+        parent = self._dir(parent_inode)
+        name = self._new_name(parent, name) if new else os.fsdecode(name)
         try:
             return operation(parent, name)
         except FsError as exc:
@@ -237,7 +302,7 @@ class MemoryFs(pyfuse3.Operations):
 
     async def mkdir(self, parent_inode, name, mode, ctx):
         """FUSE mkdir: a label prefix kept by the daemon (Namespace.mkdir)."""
-        return self._entry(self._in_dir(parent_inode, name, self.namespace.mkdir))
+        return self._entry(self._in_dir(parent_inode, name, self.namespace.mkdir, new=True))
 
     async def rmdir(self, parent_inode, name, ctx):
         """FUSE rmdir: remove an empty directory (Namespace.rmdir)."""
@@ -250,7 +315,8 @@ class MemoryFs(pyfuse3.Operations):
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         """FUSE rename: relabel, attach/detach, or update a replaced block (Namespace.rename)."""
         parent, name = self._dir(parent_inode_old), os.fsdecode(name_old)
-        new_parent, new_name = self._dir(parent_inode_new), os.fsdecode(name_new)
+        new_parent = self._dir(parent_inode_new)
+        new_name = self._new_name(new_parent, name_new)
         try:
             await self.namespace.rename(parent, name, new_parent, new_name, flags)
         except FsError as exc:
@@ -260,7 +326,8 @@ class MemoryFs(pyfuse3.Operations):
     async def symlink(self, parent_inode, name, target, ctx):
         """FUSE symlink: a scratch link (emacs lock files); EPERM for a block name."""
         return self._entry(self._in_dir(
-            parent_inode, name, lambda parent, n: self.namespace.symlink(parent, n, target)))
+            parent_inode, name, lambda parent, n: self.namespace.symlink(parent, n, target),
+            new=True))
 
     async def readlink(self, inode, ctx):
         """FUSE readlink: the target of a scratch link."""
@@ -322,7 +389,7 @@ class MemoryFs(pyfuse3.Operations):
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         """FUSE create: a new file, open (Namespace.create); a block file starts empty."""
-        node = self._in_dir(parent_inode, name, self.namespace.create)
+        node = self._in_dir(parent_inode, name, self.namespace.create, new=True)
         self.state.set_mode(node, mode)
         info = self._open_handle(node, flags)
         if node.kind is Kind.BLOCK:  # a new (or re-created) block file: empty until written
@@ -339,7 +406,9 @@ class MemoryFs(pyfuse3.Operations):
 
     async def write(self, fh, off, buf):
         """FUSE write: into the handle's buffer (a scratch file: the scratch store); nothing is
-        sent. Returns the byte count; ENOSPC past the scratch limit."""
+        sent. Returns the byte count; EFBIG when a block file's value would pass its limit
+        (so every program sees it, not only those that check close()), ENOSPC past the
+        scratch limit."""
         handle = self._files[fh]
         if not handle.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -349,6 +418,16 @@ class MemoryFs(pyfuse3.Operations):
             except FsError as exc:
                 raise self._refuse(self.tree.path(handle.node), exc) from None
             return len(buf)
+        data = handle.data
+        if off + len(buf) > len(data):  # growth: the value may pass its limit (EFBIG now)
+            gap = max(0, off - len(data))
+            try:
+                self._check_growth(handle.node, bytes(data), gap + len(buf) if gap else 0)
+                if not gap:
+                    self._check_growth(handle.node, bytes(data[:off]) + buf)
+            except pyfuse3.FUSEError:
+                handle.refused = "a write to it was refused (EFBIG)"
+                raise
         if not isinstance(handle.data, bytearray):
             handle.data = bytearray(handle.data)
         data = handle.data
@@ -360,6 +439,9 @@ class MemoryFs(pyfuse3.Operations):
 
     async def _send(self, handle: OpenFile) -> None:
         node = handle.node
+        if handle.refused is not None:
+            raise self._refuse(self.tree.path(node), FsError(
+                errno.EFBIG, f"{handle.refused}; nothing was sent"))
         try:
             if node.kind is Kind.BLOCK:
                 await self.files.send(node, bytes(handle.data), handle.base)
@@ -379,7 +461,7 @@ class MemoryFs(pyfuse3.Operations):
         # with O_TRUNC and closes a dup before the first write: sending then would blank the block
         # on the server for a moment, so a truncation with no write yet waits for release.
         handle = self._files[fh]
-        if isinstance(handle, OpenFile) and handle.dirty and handle.written:
+        if isinstance(handle, OpenFile) and handle.dirty and (handle.written or handle.refused):
             await self._send(handle)
 
     async def fsync(self, fh, datasync):
@@ -393,7 +475,10 @@ class MemoryFs(pyfuse3.Operations):
         handle = self._files.pop(fh)
         if not isinstance(handle, OpenFile) or not handle.dirty:
             return
-        if not handle.written:  # `: > file`, `touch new.md`: never written
+        if handle.refused is not None:
+            log.warning("%s: closed after %s; the block is unchanged", self.tree.path(handle.node),
+                        handle.refused)
+        elif not handle.written:  # `: > file`, `touch new.md`: never written
             try:
                 await self._send(handle)
             except pyfuse3.FUSEError:
@@ -406,7 +491,8 @@ class MemoryFs(pyfuse3.Operations):
         """Send every open file's unsent writes as its close would (at unmount); a write the
         server refuses is logged as lost."""
         for handle in list(self._files.values()):
-            if isinstance(handle, OpenFile) and handle.dirty and handle.node.kind is Kind.BLOCK:
+            if (isinstance(handle, OpenFile) and handle.dirty and handle.refused is None
+                    and handle.node.kind is Kind.BLOCK):
                 try:
                     await self._send(handle)
                 except pyfuse3.FUSEError:

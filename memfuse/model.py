@@ -14,6 +14,8 @@ SYSTEM_DIR = "system"
 GITFILE_NAME = ".git"
 SUFFIX = ".md"
 MEMORY_FILESYSTEM_LABEL = "memory_filesystem"  # kept by memfuse: read-only in the mount
+MAX_NAME = 255   # bytes of one path component (NAME_MAX)
+MAX_PATH = 4095  # bytes of a path from the mount root: git's index cannot hold a longer one
 
 
 @dataclass(frozen=True)
@@ -75,16 +77,26 @@ class Location:
     def parts(self) -> tuple[str, ...] | None:
         """Path components of the block's file from the mount root (`("system", "human.md")`),
         or None when the label cannot be shown as a file: empty, `.`/`..` components, control
-        characters (they would break the prompt and git paths), a component over 255 bytes,
-        an emacs lock/autosave name, or (detached) a path inside `system/`."""
+        characters (they would break the prompt and git paths), characters that are not
+        UTF-8, a component over MAX_NAME bytes, a path over MAX_PATH bytes, a `.git` directory
+        in any case (git refuses such paths: `hasDotgit`), an emacs lock/autosave name, or
+        (detached) a path inside `system/`."""
         label = self.label
         if any(ord(c) < 32 or ord(c) == 127 for c in label):
+            return None
+        try:
+            size = len(label.encode("utf-8")) + len(SUFFIX) + (len(SYSTEM_DIR) + 1) * self.attached
+        except UnicodeEncodeError:
+            return None
+        if size > MAX_PATH:
             return None
         names = label.split("/")
         names[-1] += SUFFIX
         for name in names:
-            if name in ("", SUFFIX, ".", "..") or len(name.encode()) > 255:
+            if name in ("", SUFFIX, ".", "..") or len(name.encode()) > MAX_NAME:
                 return None
+        if any(name.casefold() == GITFILE_NAME for name in names[:-1]):
+            return None
         if not is_block_name(names[-1]):
             return None
         if not self.attached and names[0] == SYSTEM_DIR and len(names) > 1:

@@ -19,7 +19,7 @@ from . import blockfile
 from .errors import FsError
 from .files import BlockFiles
 from .grace import Tombstone
-from .model import Block, Location, is_block_name
+from .model import GITFILE_NAME, Block, Location, is_block_name
 from .remote import Remote
 from .state import MountState
 from .tree import Kind, Node
@@ -45,7 +45,11 @@ class Namespace:
         return self.state.create(parent, name)
 
     def mkdir(self, parent: Node, name: str) -> Node:
-        """A directory: only a label prefix, kept by the daemon. Raises FsError(EEXIST)."""
+        """A directory: only a label prefix, kept by the daemon. Raises FsError: EEXIST, EINVAL
+        for `.git` in any case (git refuses paths through one, so its blocks could never be
+        committed)."""
+        if name.casefold() == GITFILE_NAME and name not in parent.children:
+            raise FsError(errno.EINVAL, "a directory called .git would break the history")
         return self.state.mkdir(parent, name)
 
     def symlink(self, parent: Node, name: str, target: bytes) -> Node:

@@ -24,7 +24,7 @@ import trio
 from . import blockfile
 from .errors import FsError
 from .grace import Graveyard
-from .model import MEMORY_FILESYSTEM_LABEL, Block, Location, Origin, is_block_name
+from .model import MAX_PATH, MEMORY_FILESYSTEM_LABEL, Block, Location, Origin, is_block_name
 from .scratch import ScratchStore
 from .tree import Kind, Node, Tree
 
@@ -99,11 +99,16 @@ class MountState:
 
     @staticmethod
     def location_at(parts: tuple[str, ...]) -> Location:
-        """Location.at(parts), or FsError(EINVAL) when that path cannot be a block file."""
+        """Location.at(parts). Raises FsError when that path cannot be a block file:
+        ENAMETOOLONG past MAX_PATH bytes (git's limit), EINVAL otherwise."""
         location = Location.at(parts)
         if location is None:
-            raise FsError(errno.EINVAL, f"{'/'.join(parts)} cannot be a block file (its label "
-                                        f"would be invalid)")
+            path = "/".join(parts)
+            if len(path.encode("utf-8", "surrogateescape")) > MAX_PATH:
+                raise FsError(errno.ENAMETOOLONG, f"the path is over {MAX_PATH} bytes, more than "
+                                                  f"git's index can hold")
+            raise FsError(errno.EINVAL, f"{path} cannot be a block file (its label would be "
+                                        f"invalid)")
         return location
 
     @staticmethod

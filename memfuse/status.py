@@ -34,6 +34,7 @@ class Status(JsonRecord):
     last_error: str | None
     last_error_at: float | None
     updated_at: float
+    unexpected_errors: int = 0  # caught at the safe boundary (bugs): EIO to a call, or a restart
 
     def render(self, now: float | None = None) -> str:
         """The human-readable report."""
@@ -63,6 +64,9 @@ class Status(JsonRecord):
             f"  last commit    {commit}",
             f"  last conflict  {self.last_conflict or 'none'}",
             f"  last error     {error}",
+            f"  unexpected     {self.unexpected_errors} (bugs caught: the call got EIO or the "
+            f"task was restarted; see the log)" if self.unexpected_errors else
+            "  unexpected     none",
         ]
         if now - self.updated_at > STALE_AFTER:
             lines.insert(1, f"  WARNING        the daemon has not reported for "

@@ -143,3 +143,68 @@ def test_a_detached_block_cannot_land_inside_system():
                                    ("system", "#a.md#"), ("a\nb.md",)])
 def test_paths_that_are_not_blocks(parts):
     assert Location.at(parts) is None
+
+
+@pytest.mark.parametrize("data", [
+    b"---\ndescription: 2024-13-45\n---\nhi\n",            # PyYAML: ValueError
+    b"---\ndescription: 2024-01-01 25:61:61\n---\nhi\n",   # ValueError
+    b"---\n2024-99-01: 1\n---\nhi\n",                      # ValueError in a key
+    b"---\nlimit: !!int 1e400\n---\nhi\n",                 # ValueError
+    b"---\nlimit: " + b"[" * 3000 + b"]" * 3000 + b"\n---\n",  # RecursionError
+    b"---\n" + b"a: {" * 3000 + b"}" * 3000 + b"\n---\n",      # RecursionError
+    b"---\n? [a, b]\n: 1\n---\n",                          # an unhashable key
+    b"---\n!!python/object:os.system {}\n---\n",           # never constructed
+])
+def test_any_frontmatter_the_parser_chokes_on_is_einval(data):
+    with pytest.raises(BlockFileError) as caught:
+        parse(data)
+    assert caught.value.errno == errno.EINVAL
+
+
+def test_a_key_given_twice_is_einval():
+    with pytest.raises(BlockFileError) as caught:
+        parse(b"---\nlimit: 100\nlimit: 5\n---\nx")
+    assert caught.value.errno == errno.EINVAL and "'limit' is given twice" in caught.value.reason
+
+
+@pytest.mark.parametrize("data", [
+    b"---\nlimit: 2147483648\n---\nx",         # past the server's 32-bit column: a 500 there
+    b'---\ndescription: "a\\0b"\n---\nx',      # a NUL: the server answers 500
+    b'---\ndescription: "\\ud800"\n---\nx',    # a lone surrogate: not storable either
+])
+def test_what_the_server_cannot_store_is_refused_locally(data):
+    with pytest.raises(BlockFileError) as caught:
+        parse(data)
+    assert caught.value.errno == errno.EINVAL
+
+
+def test_the_largest_limit_the_server_stores_is_accepted():
+    assert parse(b"---\nlimit: 2147483647\n---\nx").fields == {"limit": 2147483647}
+
+
+@pytest.mark.parametrize("data", [
+    b"---\r\ndescription: Windows\r\nlimit: 50\r\n---\r\nvalue\r\nline two\r\n",
+    b"\xef\xbb\xbf---\ndescription: Windows\nlimit: 50\n---\nvalue\r\nline two\r\n",
+    b"\xef\xbb\xbf---\r\ndescription: Windows\r\nlimit: 50\r\n---\r\nvalue\r\nline two\r\n",
+])
+def test_crlf_and_bom_frontmatter_is_understood_and_never_folded_into_the_value(data):
+    parsed = parse(data)
+    assert parsed.fields == {"description": "Windows", "limit": 50}
+    assert parsed.value == "value\r\nline two\r\n"
+
+
+def test_a_bom_without_frontmatter_stays_in_the_value():
+    assert parse(b"\xef\xbb\xbfplain").value == "\ufeffplain"
+
+
+@pytest.mark.parametrize("data, limit, gap, over", [
+    (b"short", 5, 0, False),
+    (b"longer", 5, 0, True),
+    (b"\xc3\xa9" * 5, 5, 0, False),                    # 10 bytes, 5 characters
+    (b"---\nlimit: 3\n---\nabcd", 100, 0, True),         # the frontmatter's limit wins
+    (b"---\nlimit: 300\n---\n" + b"a" * 200, 100, 0, False),
+    (b"---\ndescription: d\n", 2, 0, False),             # frontmatter not closed yet: later
+    (b"abc", 10, 1 << 40, True),                         # a gap is counted, never allocated
+])
+def test_overflow_tells_a_value_past_its_limit_while_writing(data, limit, gap, over):
+    assert (blockfile.overflow(data, limit, gap) is not None) == over

@@ -1,10 +1,12 @@
 """The daemon's lifecycle, in this process, over a real FUSE mount and the fake API: it serves,
 and whatever ends it (a cancel, a crashed task, a failing teardown step), it unmounts, removes
 its pid file and leaves the history committed and closed."""
+import json
 import os
 from functools import partial
 from pathlib import Path
 
+import pyfuse3
 import pytest
 import trio
 
@@ -79,24 +81,59 @@ async def test_serves_then_a_cancel_unmounts_and_cleans_up(setup):
                                         "Snapshot at mount: system/human.md"]
 
 
-async def test_a_crashing_task_still_unmounts_snapshots_and_removes_the_pid_file(
+async def test_a_crash_of_the_fuse_loop_still_unmounts_snapshots_and_removes_the_pid_file(
         setup, monkeypatch):
     fake, config = setup
-    crash = trio.Event()
+    crash, real_main = trio.Event(), pyfuse3.main
 
-    async def poll_then_crash(self):
-        await crash.wait()
-        raise RuntimeError("a bug in a background task")
+    async def main_then_crash():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(real_main)
+            await crash.wait()
+            raise RuntimeError("a bug in the FUSE loop")
 
-    monkeypatch.setattr(Poller, "run", poll_then_crash)
+    monkeypatch.setattr(pyfuse3, "main", main_then_crash)
     with pytest.raises(BaseException) as caught:
         async with trio.open_nursery() as nursery:
             await run_until_ready(nursery, config, fake)
             await in_thread((config.mountpoint / "system/human.md").write_text, "Before.\n")
             crash.set()
-    assert "a bug in a background task" in repr(caught.value)
+    assert "a bug in the FUSE loop" in repr(caught.value)
     assert not mounted(config.mountpoint) and not config.pid_file.exists()
     assert history_subjects(config)[0] == "Local edit: system/human.md"
+
+
+@pytest.mark.expect_error("the poller failed unexpectedly")
+async def test_a_crashing_background_task_is_restarted_and_the_mount_serves_on(
+        setup, monkeypatch, caplog):
+    fake, config = setup
+    real_poll, calls = Poller.poll_once, []
+
+    async def poll_with_one_bug(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a bug in the poller")
+        return await real_poll(self)
+
+    monkeypatch.setattr(Poller, "poll_once", poll_with_one_bug)
+    monkeypatch.setattr(daemon, "RESTART_DELAY", 0.01)
+    monkeypatch.setattr(daemon, "STATUS_INTERVAL", 0.01)
+
+    def status() -> dict:
+        try:
+            return json.loads(config.status_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    async with trio.open_nursery() as nursery:
+        await run_until_ready(nursery, config, fake)
+        with trio.fail_after(10):
+            while len(calls) < 4 or status().get("unexpected_errors") != 1:
+                await trio.sleep(0.02)  # restarted: it polls again; the status counts it
+        human = config.mountpoint / "system/human.md"
+        assert (await in_thread(human.read_text)).endswith("The human.\n")
+        nursery.cancel_scope.cancel()
+    assert "a bug in the poller" in caplog.text  # with its traceback
 
 
 @pytest.mark.expect_error("unmount: sending unsent writes failed")

@@ -9,7 +9,8 @@ PREFIXES = {"fs": "tests/test_fs.py", "ns": "tests/test_namespace.py",
             "ns-mount": "tests/integration/test_namespace.py",
             "editors": "tests/integration/test_editors.py",
             "live": "tests/integration/test_live.py",
-            "daemon": "tests/test_daemon.py", "guards": "tests/test_guards.py"}
+            "daemon": "tests/test_daemon.py", "guards": "tests/test_guards.py",
+            "hostile": "tests/test_hostile.py", "file": "tests/test_blockfile.py"}
 
 
 def rows():
