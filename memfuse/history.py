@@ -28,6 +28,7 @@ log = logging.getLogger("memfuse.history")
 BRANCH = b"refs/heads/main"
 FILE_MODE = 0o100644
 SERVER_AUTHOR = b"Letta server <server@letta>"
+INDEX_LOCK_WAIT = 5.0  # seconds a snapshot waits for a git command to release index.lock
 
 
 SUBJECTS = {Origin.LOCAL: "Local edit", Origin.SERVER: "Server change",
@@ -151,19 +152,36 @@ class HistoryRepo:
 
         The entries carry size 0 and no stat data: git then compares the file's content and
         refreshes the stat data itself.
+
+        Every `git status` holds index.lock while it runs, even when it writes nothing, so a
+        snapshot often finds the lock taken: it waits for git to let go (re-reading what git
+        wrote) instead of giving up, which would leave the index pointing at the previous
+        version and `git status` listing the path until it changes again. Only a lock held for
+        INDEX_LOCK_WAIT seconds (a git command that hangs, say) is given up on.
         """
-        try:
-            index = Index(str(self.path / "index"))
-            for path, mode, sha in entries:
-                if sha is None:
-                    if path in index:
-                        del index[path]
-                else:
-                    index[path] = IndexEntry(ctime=0, mtime=0, dev=0, ino=0, mode=mode, uid=0,
-                                             gid=0, size=0, sha=sha)
-            index.write()
-        except (FileLocked, OSError) as exc:  # a git command holds index.lock: it wins
-            log.info("index not updated (%s); git status may list snapshot paths", exc)
+        deadline = time.monotonic() + INDEX_LOCK_WAIT
+        while True:
+            try:
+                index = Index(str(self.path / "index"))
+                for path, mode, sha in entries:
+                    if sha is None:
+                        if path in index:
+                            del index[path]
+                    else:
+                        index[path] = IndexEntry(ctime=0, mtime=0, dev=0, ino=0, mode=mode,
+                                                 uid=0, gid=0, size=0, sha=sha)
+                index.write()
+                return
+            except FileLocked as exc:
+                if time.monotonic() < deadline:
+                    time.sleep(0.01)  # a worker thread: the mount keeps serving meanwhile
+                    continue
+                log.warning("index not updated (%s held for %.0f s); git status may list "
+                            "snapshot paths", exc.lockfilename, INDEX_LOCK_WAIT)
+                return
+            except OSError as exc:
+                log.warning("index not updated (%s); git status may list snapshot paths", exc)
+                return
 
 
 @dataclass

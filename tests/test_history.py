@@ -1,5 +1,6 @@
 """The history repository and the snapshotter (dulwich, on a temporary directory)."""
 import subprocess
+import threading
 import time
 
 import trio
@@ -102,4 +103,25 @@ def test_index_follows_the_snapshots_so_git_status_is_clean(tmp_path):
     (work / "system/human.md").write_bytes(b"version 2")
     (work / "notes.md").unlink()
     repo.commit({"system/human.md": b"version 2", "notes.md": None}, local_author(), "Edit")
+    assert subprocess.run(status, capture_output=True, text=True, check=True).stdout == ""
+
+
+def test_a_snapshot_waits_for_git_to_release_the_index_lock(tmp_path):
+    # Every `git status` holds index.lock while it runs; a snapshot landing then must still
+    # update the index, or `git status` lists the path as modified until it changes again
+    # (the cause of test_git_commands_work_inside_the_mount failing in loaded full runs).
+    repo = make_repo(tmp_path)
+    work = tmp_path / "work"
+    (work / "system").mkdir(parents=True)
+    (work / ".git").write_text(f"gitdir: {repo.path}\n")
+    (work / "system/human.md").write_bytes(b"v1")
+    repo.commit({"system/human.md": b"v1"}, SERVER_AUTHOR, "Snapshot")
+    (work / "system/human.md").write_bytes(b"version 2")
+    lock = repo.path / "index.lock"
+    lock.write_bytes(b"")  # a git command is running
+    release = threading.Timer(0.3, lock.unlink)
+    release.start()
+    repo.commit({"system/human.md": b"version 2"}, local_author(), "Edit")
+    release.join()
+    status = ["git", "-C", str(work), "status", "--porcelain"]
     assert subprocess.run(status, capture_output=True, text=True, check=True).stdout == ""
