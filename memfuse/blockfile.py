@@ -154,14 +154,20 @@ def parse(data: bytes) -> ParsedFile:
     """Split file bytes into the value and the frontmatter fields present.
 
     Raises BlockFileError(EINVAL) for non-UTF-8 bytes, a NUL byte, an unclosed frontmatter, YAML
-    that does not parse or is not a mapping, unknown keys, an empty description, a limit that is
-    not a positive integer, or a read_only that is not a boolean.
+    that does not parse or is not a mapping, unknown or repeated keys, an empty description, a
+    limit that is not a positive integer the server can store, or a read_only that is not a
+    boolean.
     """
     text = _decode(data)
     split = split_frontmatter(text)
     if split is None:
         return ParsedFile(value=text, fields={}, has_frontmatter=False)
     front, value = split
+    return ParsedFile(value=value, fields=_fields(front), has_frontmatter=True)
+
+
+def _fields(front: str) -> dict[str, Any]:
+    """The frontmatter's fields, checked. Raises BlockFileError(EINVAL)."""
     fields = _load_yaml(front)
     if not isinstance(fields, dict):
         raise BlockFileError(errno.EINVAL, "frontmatter must be a mapping of keys to values")
@@ -183,44 +189,42 @@ def parse(data: bytes) -> ParsedFile:
                                                f"{MAX_LIMIT}), not {_short(limit)}")
     if "read_only" in fields and not isinstance(fields["read_only"], bool):
         raise BlockFileError(errno.EINVAL, "read_only must be true or false")
-    return ParsedFile(value=value, fields=fields, has_frontmatter=True)
+    return fields
 
 
-def overflow(data: bytes, limit: int, gap: int = 0) -> str | None:
-    """Why a block file being written already holds a value longer than its limit, or None
-    when it does not (or cannot tell yet: an unclosed or unreadable frontmatter is for the
-    check at close). Cheap enough for every write(): the YAML is read only when the
-    frontmatter names a limit, and characters are counted only past `limit` bytes.
+def check_partial(data: bytes, limit: int, gap: int = 0) -> BlockFileError | None:
+    """What already refuses a block file that is still being written, or None: EINVAL when its
+    frontmatter is complete and invalid, EFBIG when its value is longer than its limit (in
+    characters). What only the whole file can tell (an unclosed frontmatter, bytes that are
+    not UTF-8 in the value, a NUL) is left to the check at close. Cheap enough for every
+    write(): only the frontmatter is parsed, and characters are counted only past `limit`
+    bytes.
 
-    data: the file's bytes so far; limit: the block's limit in characters (the frontmatter's
-    own `limit` wins); gap: NUL bytes that would follow `data` (a write past the end, a
-    truncate that grows), counted without being allocated.
+    data: the file's bytes so far; limit: the block's limit (the frontmatter's own wins); gap:
+    NUL bytes that would follow `data` (a write past the end, a truncate that grows), counted
+    without being allocated.
     """
-    if data.startswith(BOM.encode()):
-        data = data[len(BOM.encode()):]
-    value = data
-    if data.startswith((b"---\n", b"---\r\n")):
+    value = data.removeprefix(BOM.encode())
+    if value.startswith((b"---\n", b"---\r\n")):
         try:
-            split = split_frontmatter(data.decode("utf-8", "replace"))
+            front, text_value = split_frontmatter(value.decode("utf-8", "surrogateescape"))
         except BlockFileError:
             return None  # not closed yet: it may still be being written
-        if split is None:
-            return None
-        front, text_value = split
-        if "limit" in front:
-            try:
-                fields = _load_yaml(front)
-            except BlockFileError:
-                return None
-            if isinstance(fields, dict) and isinstance(fields.get("limit"), int):
-                limit = fields["limit"]
-        value = text_value.encode("utf-8", "surrogatepass")
+        try:
+            front.encode("utf-8")
+            fields = _fields(front)
+        except UnicodeEncodeError:
+            fields = {}  # bytes that are not UTF-8: the check at close names them
+        except BlockFileError as exc:
+            return exc
+        limit = fields.get("limit", limit)
+        value = text_value.encode("utf-8", "surrogateescape")
     if len(value) + gap <= limit:
         return None  # a character is at least one byte
     chars = len(value.decode("utf-8", "ignore")) + gap
     if chars <= limit:
         return None
-    return f"value is {chars} characters, over the limit of {limit}"
+    return BlockFileError(errno.EFBIG, f"value is {chars} characters, over the limit of {limit}")
 
 
 def plan_update(block: Block, parsed: ParsedFile) -> dict[str, Any]:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import trio
 
-from .config import Config, RunningMount, agent_dir, running_mounts
+from .config import (Config, ConfigError, RunningMount, agent_dir, private_dir,
+                     running_mounts)
 from .daemon import MountError, serve
 from .remote import CONFLICT_POLICIES
 from .status import Status
@@ -93,7 +94,7 @@ def _mount_foreground(config: Config, ready_fd: int | None) -> int:
 def _mount_background(args: argparse.Namespace, config: Config) -> int:
     """Start `memfuse mount --foreground` detached, logging to the agent's log file, and wait
     for its one-line report on a pipe."""
-    config.state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(config.state_dir)
     read_fd, write_fd = os.pipe()
     argv = [sys.executable, "-m", "memfuse.cli", "mount", config.agent_id, str(config.mountpoint),
             "--foreground", "--ready-fd", str(write_fd), "--base-url", config.base_url,
@@ -101,7 +102,9 @@ def _mount_background(args: argparse.Namespace, config: Config) -> int:
             "--poll-interval", str(config.poll_interval), "--on-conflict", config.on_conflict]
     if args.debug:
         argv.append("--debug")
-    with open(config.log_file, "ab") as log_file:
+    log_fd = os.open(config.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(log_fd, 0o600)  # the log names files and blocks: the user's alone
+    with os.fdopen(log_fd, "ab") as log_file:
         subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                          pass_fds=(write_fd,), start_new_session=True)
     os.close(write_fd)
@@ -145,7 +148,12 @@ def umount(target: str, timeout: float) -> int:
     """Stop the daemon serving `target` (SIGTERM, then wait), clearing a stale mount if needed."""
     pid_file, record, mountpoint = _find_mount(target)
     if record is not None and record.alive():
-        os.kill(record.pid, signal.SIGTERM)
+        try:
+            os.kill(record.pid, signal.SIGTERM)
+        except PermissionError:
+            print(f"memfuse: {mountpoint} is served by pid {record.pid}, which belongs to "
+                  f"another user; only that user can unmount it", file=sys.stderr)
+            return 1
         deadline = time.monotonic() + timeout
         while record.alive() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -189,16 +197,20 @@ def status(target: str | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `memfuse` console script; returns the exit status."""
+    """Entry point of the `memfuse` console script; returns the exit status (2: bad usage)."""
     args = _parser().parse_args(argv)
-    if args.command == "umount":
-        return umount(args.target, args.timeout)
-    if args.command == "status":
-        return status(args.target)
-    config = Config.build(args.agent_id, args.mountpoint, base_url=args.base_url,
-                          history_dir=args.history_dir, revalidate=args.revalidate,
-                          poll_interval=args.poll_interval, on_conflict=args.on_conflict,
-                          debug=args.debug)
+    try:
+        if args.command == "umount":
+            return umount(args.target, args.timeout)
+        if args.command == "status":
+            return status(args.target)
+        config = Config.build(args.agent_id, args.mountpoint, base_url=args.base_url,
+                              history_dir=args.history_dir, revalidate=args.revalidate,
+                              poll_interval=args.poll_interval, on_conflict=args.on_conflict,
+                              debug=args.debug)
+    except ConfigError as exc:
+        print(f"memfuse: {exc}", file=sys.stderr)
+        return 2
     if args.foreground:
         return _mount_foreground(config, args.ready_fd)
     return _mount_background(args, config)

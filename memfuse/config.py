@@ -7,10 +7,44 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .letta import DEFAULT_BASE_URL
+
+
+AGENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")  # one path component, never ..
+
+
+class ConfigError(ValueError):
+    """A setting cannot be used; the message is for a person."""
+
+
+def check_agent_id(agent_id: str) -> str:
+    """`agent_id` when it can name a directory under `~/.letta/agents` (letters, digits, `-`,
+    `_`, `.`, starting with a letter or digit: Letta's ids look like `agent-<uuid>`); else
+    ConfigError, before any path is made from it."""
+    if not AGENT_ID.fullmatch(agent_id):
+        raise ConfigError(f"{agent_id!r} is not an agent id (expected something like "
+                          f"agent-1234abcd-...; letters, digits, '-', '_', '.')")
+    return agent_id
+
+
+def private_dir(path: Path) -> Path:
+    """Create `path` (and its parents) if missing and make it 0700: memfuse's state (history,
+    log, pid and status files) is the mounting user's alone, whatever the umask."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
+def private_file(path: Path) -> None:
+    """Make an existing file 0600 (nothing happens when it does not exist)."""
+    try:
+        os.chmod(path, 0o600)
+    except FileNotFoundError:
+        pass
 
 
 def letta_home() -> Path:
@@ -19,8 +53,9 @@ def letta_home() -> Path:
 
 
 def agent_dir(agent_id: str) -> Path:
-    """`~/.letta/agents/<agent_id>`: the default mountpoint's parent, history, log and pid file."""
-    return letta_home() / "agents" / agent_id
+    """`~/.letta/agents/<agent_id>`: the default mountpoint's parent, history, log and pid file.
+    Raises ConfigError for an id that is not one path component (check_agent_id)."""
+    return letta_home() / "agents" / check_agent_id(agent_id)
 
 
 @dataclass
@@ -80,9 +115,12 @@ class JsonRecord:
     """A dataclass kept as one JSON object in a file (pid and status files)."""
 
     def save(self, path: Path) -> None:
-        """Write atomically (tmp + rename), so a reader never sees half a file."""
+        """Write atomically (tmp + rename), so a reader never sees half a file; mode 0600."""
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self)) + "\n")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(fd, 0o600)
+            f.write(json.dumps(asdict(self)) + "\n")
         os.replace(tmp, path)
 
     @classmethod

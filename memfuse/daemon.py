@@ -25,7 +25,7 @@ import httpx
 import pyfuse3
 import trio
 
-from .config import Config, RunningMount
+from .config import Config, RunningMount, private_dir, private_file
 from .errors import Faults
 from .files import BlockFiles
 from .fs import MemoryFs
@@ -62,9 +62,43 @@ def check_mountpoint(path: Path) -> None:
                          f"is cleared by: memfuse umount {path})") from None
 
 
+def _make_private(config: Config) -> None:
+    """The state directory and history 0700, the log, pid and status files 0600: tightened
+    at every mount, so state an older memfuse left readable is private again."""
+    private_dir(config.state_dir)
+    if config.history_dir.exists():
+        private_dir(config.history_dir)
+    for path in (config.log_file, config.pid_file, config.status_file):
+        private_file(path)
+
+
+def clear_stale_locks(history_dir: Path) -> None:
+    """Remove git lock files a dead daemon left in the history (a crash in the middle of a ref
+    or index update leaves `refs/heads/main.lock`, `index.lock`, ...; git and dulwich then
+    refuse to write). Called only when no live daemon serves this agent."""
+    if not history_dir.is_dir():
+        return
+    for lock in [*history_dir.glob("*.lock"), *history_dir.glob("refs/**/*.lock")]:
+        log.warning("%s: a git lock left by a daemon that is gone; removed", lock)
+        lock.unlink(missing_ok=True)
+
+
 async def _connect(client: LettaClient, config: Config) -> None:
     try:
-        await client.health()
+        answer = await client.health()
+        if not isinstance(answer, dict) or "version" not in answer:
+            raise LettaError("GET", "/v1/health/", 200, f"an answer without a version: "
+                                                        f"{str(answer)[:80]}")
+    except Unreachable as exc:
+        raise MountError(f"cannot reach the Letta server at {config.base_url} ({exc.detail})"
+                         ) from None
+    except Unauthorized:
+        raise MountError(f"the Letta server at {config.base_url} refused the API key "
+                         f"(check LETTA_API_KEY)") from None
+    except LettaError as exc:
+        raise MountError(f"{config.base_url} does not look like a Letta server (GET "
+                         f"/v1/health/ answered {exc.status or ''} {exc.detail})") from None
+    try:
         await client.get_agent(config.agent_id)
     except Unreachable as exc:
         raise MountError(f"cannot reach the Letta server at {config.base_url} ({exc.detail})"
@@ -135,11 +169,14 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
         raise MountError(f"agent {config.agent_id} is already mounted at "
                          f"{running.mountpoint} (pid {running.pid})")
     check_mountpoint(config.mountpoint)
+    _make_private(config)
+    clear_stale_locks(config.history_dir)
     client = await stack.enter_async_context(LettaClient(
         config.base_url, config.api_key, retry_budget=config.retry_budget, transport=transport))
     await _connect(client, config)
     repo = HistoryRepo(config.history_dir)
     await trio.to_thread.run_sync(repo.open)
+    private_dir(config.history_dir)
     _teardown(stack, "closing the history", repo.close)
     snapshots = Snapshotter(repo, quiet_period=config.quiet_period)
     _teardown(stack, "the last snapshot", snapshots.flush)
@@ -196,7 +233,7 @@ async def _mount(stack: contextlib.AsyncExitStack, mount: Mount) -> None:
         raise MountError(f"could not mount at {config.mountpoint}: {exc}") from None
     mount.state.invalidator = KernelInvalidator()
     _teardown(stack, "unmounting", lambda: pyfuse3.close(unmount=not mount.unmounted))
-    config.state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(config.state_dir)
 
     def remove_records() -> None:
         config.pid_file.unlink(missing_ok=True)

@@ -223,28 +223,30 @@ class MemoryFs(pyfuse3.Operations):
             elif node.kind not in (Kind.BLOCK, Kind.SCRATCH) or node.read_only:
                 raise FsError(errno.EACCES, "file is read-only")
             elif isinstance(handle, OpenFile):
-                self._check_growth(node, bytes(handle.data[:size]), size - len(handle.data))
+                self._check_buffer(node, bytes(handle.data[:size]), size - len(handle.data))
                 self._resize(handle, size)
                 handle.written = True
             else:  # truncate(2) by path has no close to wait for: it is one write now.
-                self._check_growth(node, bytes(node.content[:size]), size - len(node.content))
+                self._check_buffer(node, bytes(node.content[:size]), size - len(node.content))
                 data = bytes(node.content[:size]).ljust(size, b"\0")
                 await self.files.send(node, data, node.block)
         except FsError as exc:
             raise self._refuse(path, exc) from None
 
-    def _check_growth(self, node: Node, data: bytes, gap: int = 0) -> None:
-        """Refuse (EFBIG, before any allocation) to let a block file's buffer become `data`
-        followed by `gap` NUL bytes when its value would pass the block's limit."""
+    def _check_buffer(self, node: Node, data: bytes, gap: int = 0) -> None:
+        """Refuse, before any allocation, to let a block file's buffer become `data` followed
+        by `gap` NUL bytes when that is already refused (blockfile.check_partial: EINVAL for
+        a complete bad frontmatter, EFBIG past the limit or MAX_BLOCK_FILE bytes)."""
         if node.kind is not Kind.BLOCK:
             return
         if len(data) + gap > MAX_BLOCK_FILE:
-            why = f"block files are limited to {MAX_BLOCK_FILE >> 20} MiB"
+            refusal = FsError(errno.EFBIG, f"block files are limited to "
+                                           f"{MAX_BLOCK_FILE >> 20} MiB")
         else:
             limit = node.block.limit if node.block is not None else blockfile.DEFAULT_LIMIT
-            why = blockfile.overflow(data, limit, gap)
-        if why is not None:
-            raise self._refuse(self.tree.path(node), FsError(errno.EFBIG, why))
+            refusal = blockfile.check_partial(data, limit, gap)
+        if refusal is not None:
+            raise self._refuse(self.tree.path(node), refusal)
 
     def _resize(self, handle: OpenFile, size: int) -> None:
         data = bytearray(handle.data)
@@ -406,8 +408,9 @@ class MemoryFs(pyfuse3.Operations):
 
     async def write(self, fh, off, buf):
         """FUSE write: into the handle's buffer (a scratch file: the scratch store); nothing is
-        sent. Returns the byte count; EFBIG when a block file's value would pass its limit
-        (so every program sees it, not only those that check close()), ENOSPC past the
+        sent. Returns the byte count. A block file's write that makes it refused already (its
+        value past the limit: EFBIG; a complete frontmatter that is invalid: EINVAL) fails
+        itself, so every program sees it, not only those that check close(); ENOSPC past the
         scratch limit."""
         handle = self._files[fh]
         if not handle.writable:
@@ -419,15 +422,15 @@ class MemoryFs(pyfuse3.Operations):
                 raise self._refuse(self.tree.path(handle.node), exc) from None
             return len(buf)
         data = handle.data
-        if off + len(buf) > len(data):  # growth: the value may pass its limit (EFBIG now)
-            gap = max(0, off - len(data))
-            try:
-                self._check_growth(handle.node, bytes(data), gap + len(buf) if gap else 0)
-                if not gap:
-                    self._check_growth(handle.node, bytes(data[:off]) + buf)
-            except pyfuse3.FUSEError:
-                handle.refused = "a write to it was refused (EFBIG)"
-                raise
+        gap = max(0, off - len(data))
+        try:  # refused now, so every program sees it (shells ignore errors at close)
+            if gap:
+                self._check_buffer(handle.node, bytes(data), gap + len(buf))
+            else:
+                self._check_buffer(handle.node, bytes(data[:off]) + buf + bytes(data[off + len(buf):]))
+        except pyfuse3.FUSEError as exc:
+            handle.refused = f"a write to it was refused ({errno.errorcode[exc.errno]})"
+            raise
         if not isinstance(handle.data, bytearray):
             handle.data = bytearray(handle.data)
         data = handle.data
@@ -440,8 +443,9 @@ class MemoryFs(pyfuse3.Operations):
     async def _send(self, handle: OpenFile) -> None:
         node = handle.node
         if handle.refused is not None:
-            raise self._refuse(self.tree.path(node), FsError(
-                errno.EFBIG, f"{handle.refused}; nothing was sent"))
+            code = errno.EINVAL if "EINVAL" in handle.refused else errno.EFBIG
+            raise self._refuse(self.tree.path(node), FsError(code, f"{handle.refused}; "
+                                                                   f"nothing was sent"))
         try:
             if node.kind is Kind.BLOCK:
                 await self.files.send(node, bytes(handle.data), handle.base)

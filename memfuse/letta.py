@@ -111,7 +111,13 @@ class LettaClient:
                                                 f"{type(exc).__name__}: {exc}".rstrip(": "))
             else:
                 if response.status_code < 400:
-                    return response.json() if response.content else None
+                    if not response.content:
+                        return None
+                    try:
+                        return response.json()
+                    except ValueError:  # not the API: a proxy's page, another server
+                        raise LettaError(method, path, response.status_code,
+                                         "the answer is not JSON") from None
                 status = response.status_code
                 retryable = (status >= 500 and idempotent) or status == 409
                 kind = ServerError if status >= 500 else _BY_STATUS.get(status, LettaError)

@@ -206,5 +206,5 @@ def test_a_bom_without_frontmatter_stays_in_the_value():
     (b"---\ndescription: d\n", 2, 0, False),             # frontmatter not closed yet: later
     (b"abc", 10, 1 << 40, True),                         # a gap is counted, never allocated
 ])
-def test_overflow_tells_a_value_past_its_limit_while_writing(data, limit, gap, over):
-    assert (blockfile.overflow(data, limit, gap) is not None) == over
+def test_check_partial_tells_a_value_past_its_limit_while_writing(data, limit, gap, over):
+    assert (blockfile.check_partial(data, limit, gap) is not None) == over

@@ -98,3 +98,25 @@ def test_umount_of_a_dead_daemon_with_no_mount_left_says_so(home, capsys):
                  str(state / "memfuse.log")).save(state / "memfuse.pid")
     assert cli.main(["umount", "agent-1"]) == 1  # nothing mounted, nothing to stop
     assert "nothing is mounted" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("agent_id", ["../../etc", "..", "a/b", "", ".hidden", "agent 1"])
+def test_an_agent_id_that_is_not_one_is_refused_before_any_path_is_made(home, capsys,
+                                                                        agent_id):
+    assert cli.main(["mount", agent_id, "--foreground"]) == 2
+    assert "is not an agent id" in capsys.readouterr().err
+    assert not (home / ".letta").exists() and not (home / "etc").exists()
+
+
+def test_umount_of_another_users_mount_says_so(home, capsys, monkeypatch):
+    state = home / ".letta/agents/agent-1"
+    state.mkdir(parents=True)
+    RunningMount("agent-1", str(state / "memory"), os.getpid(), "http://x",
+                 str(state / "memfuse.log")).save(state / "memfuse.pid")
+
+    def refuse(pid, signum):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", lambda pid, sig: refuse(pid, sig) if sig else None)
+    assert cli.main(["umount", "agent-1"]) == 1
+    assert "belongs to another user" in capsys.readouterr().err

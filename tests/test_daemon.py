@@ -3,9 +3,11 @@ and whatever ends it (a cancel, a crashed task, a failing teardown step), it unm
 its pid file and leaves the history committed and closed."""
 import json
 import os
+import stat
 from functools import partial
 from pathlib import Path
 
+import httpx
 import pyfuse3
 import pytest
 import trio
@@ -172,3 +174,60 @@ def test_check_mountpoint_refuses_a_file(tmp_path):
     with pytest.raises(MountError) as caught:
         daemon.check_mountpoint(tmp_path / "file")
     assert "cannot be used as a mountpoint" in str(caught.value)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+async def test_state_is_private_and_what_an_older_memfuse_left_open_is_tightened(
+        setup, monkeypatch):
+    fake, config = setup
+    monkeypatch.setattr(daemon, "STATUS_INTERVAL", 0.01)
+    old = os.umask(0o022)
+    try:
+        config.history_dir.mkdir(parents=True, mode=0o755)
+        os.chmod(config.state_dir, 0o755)
+        config.log_file.write_text("an old log\n")
+        os.chmod(config.log_file, 0o644)
+        async with trio.open_nursery() as nursery:
+            await run_until_ready(nursery, config, fake)
+            with trio.fail_after(10):
+                while not config.status_file.exists():
+                    await trio.sleep(0.01)
+            modes = {p.name: mode(p) for p in (config.state_dir, config.history_dir,
+                                               config.log_file, config.pid_file,
+                                               config.status_file)}
+            nursery.cancel_scope.cancel()
+    finally:
+        os.umask(old)
+    assert modes == {config.state_dir.name: 0o700, "memory.git": 0o700, "memfuse.log": 0o600,
+                     "memfuse.pid": 0o600, "memfuse.status.json": 0o600}
+
+
+async def test_a_stale_git_lock_from_a_dead_daemon_is_cleared_at_mount(setup, caplog):
+    fake, config = setup
+    async with trio.open_nursery() as nursery:  # a first mount makes the history
+        await run_until_ready(nursery, config, fake)
+        nursery.cancel_scope.cancel()
+    lock = config.history_dir / "refs/heads/main.lock"
+    lock.write_text("0" * 40 + "\n")  # a crash in the middle of a ref update
+    async with trio.open_nursery() as nursery:
+        assert await run_until_ready(nursery, config, fake) == [None]
+        await in_thread((config.mountpoint / "system/human.md").write_text, "After.\n")
+        nursery.cancel_scope.cancel()
+    assert not lock.exists() and "a git lock left by a daemon that is gone" in caplog.text
+    assert history_subjects(config)[0] == "Local edit: system/human.md"
+
+
+@pytest.mark.parametrize("answer", [
+    httpx.Response(404, text="<html>not found</html>"),
+    httpx.Response(200, text="<html>a web page</html>"),
+    httpx.Response(200, json={"hello": "world"}),
+])
+async def test_a_base_url_that_is_not_a_letta_server_says_so(setup, answer):
+    _fake, config = setup
+    reports = []
+    with pytest.raises(MountError):
+        await serve(config, reports.append, transport=httpx.MockTransport(lambda r: answer))
+    assert "does not look like a Letta server" in reports[0]

@@ -141,3 +141,28 @@ async def test_a_bug_inside_an_operation_is_eio_for_that_call_only(world, monkey
     assert world.fs.faults.count == 1 and "a bug on the write path" in caplog.text
     monkeypatch.undo()
     assert (await read_all(world.fs, "system/human.md")).endswith(b"The human.\n")
+
+
+async def test_a_complete_bad_frontmatter_fails_at_write_and_sends_nothing(world):
+    fs = world.fs  # `printf '---\ndescription: 2024-13-45\n---\nhi\n' > file`: shells ignore close
+    info = await fs.open(await inode_of(fs, "system/human.md"), os.O_WRONLY | os.O_TRUNC, None)
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await fs.write(info.fh, 0, b"---\ndescription: 2024-13-45\n---\nhi\n")
+    assert caught.value.errno == errno.EINVAL
+    with pytest.raises(pyfuse3.FUSEError):
+        await fs.flush(info.fh)
+    await fs.release(info.fh)
+    assert world.fake.patches() == []
+    assert world.fake.blocks[world.ids["human"]]["value"] == "The human.\n"
+
+
+async def test_a_frontmatter_written_in_pieces_is_judged_once_complete(world):
+    fs = world.fs
+    info = await fs.open(await inode_of(fs, "system/human.md"), os.O_WRONLY | os.O_TRUNC, None)
+    for offset, piece in ((0, b"---\ndescr"), (9, b"iption: Ada\n"), (21, b"limit: 50\n---\n"),
+                          (35, b"v")):
+        await fs.write(info.fh, offset, piece)
+    await fs.flush(info.fh)
+    await fs.release(info.fh)
+    block = world.fake.blocks[world.ids["human"]]
+    assert (block["description"], block["limit"], block["value"]) == ("Ada", 50, "v")

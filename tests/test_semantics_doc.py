@@ -10,14 +10,15 @@ PREFIXES = {"fs": "tests/test_fs.py", "ns": "tests/test_namespace.py",
             "editors": "tests/integration/test_editors.py",
             "live": "tests/integration/test_live.py",
             "daemon": "tests/test_daemon.py", "guards": "tests/test_guards.py",
-            "hostile": "tests/test_hostile.py", "file": "tests/test_blockfile.py"}
+            "hostile": "tests/test_hostile.py", "file": "tests/test_blockfile.py",
+            "cli": "tests/test_cli.py", "hostile-mount": "tests/integration/test_hostile.py"}
 
 
 def rows():
     for line in (ROOT / "SEMANTICS.md").read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if line.startswith("|") and not set(line) <= set("|- ") and cells[0] not in (
-                "operation", "event", "change on the server", "policy"):
+                "operation", "event", "change on the server", "policy", "input"):
             yield cells[0], cells[-1]
 
 
