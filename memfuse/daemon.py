@@ -32,6 +32,7 @@ from .fs import MemoryFs
 from .history import HistoryRepo, Snapshotter, gitfile_content
 from .keeper import TreeBlockKeeper
 from .letta import Invalid, LettaClient, LettaError, NotFound, Unauthorized, Unreachable
+from .model import Origin
 from .namespace import Namespace
 from .poller import Poller
 from .remote import Remote
@@ -187,8 +188,10 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
         attached, owned = await remote.listing()
     except LettaError as exc:
         raise MountError(f"could not list the agent's blocks: {exc}") from None
-    state.load(attached, owned, listed_at, await trio.to_thread.run_sync(repo.files))
-    await snapshots.flush(subject="Snapshot at mount")
+    state.load(attached, owned, listed_at, await trio.to_thread.run_sync(repo.files),
+               snapshots.recover())
+    await snapshots.flush({Origin.SERVER: "Snapshot at mount",
+                           Origin.LOCAL: "Local edit (recovered at mount)"})
     files = BlockFiles(state, remote, revalidate=config.revalidate)
     namespace = Namespace(state, remote, files)
     faults = Faults()

@@ -7,8 +7,11 @@ compare-and-swap, so a commit someone made with git in between becomes the paren
 """
 from __future__ import annotations
 
+import base64
 import getpass
+import json
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -29,6 +32,7 @@ BRANCH = b"refs/heads/main"
 FILE_MODE = 0o100644
 SERVER_AUTHOR = b"Letta server <server@letta>"
 INDEX_LOCK_WAIT = 5.0  # seconds a snapshot waits for a git command to release index.lock
+UNCOMMITTED = "memfuse-uncommitted.jsonl"  # local changes not committed yet (crash recovery)
 
 
 SUBJECTS = {Origin.LOCAL: "Local edit", Origin.SERVER: "Server change",
@@ -199,6 +203,11 @@ class Snapshotter:
     has come for `quiet_period` seconds, or `max_delay` seconds after the first pending change,
     whichever is first. Consecutive changes of one origin become one commit; local edits are
     authored by the mounting user, server changes by SERVER_AUTHOR, in the order they happened.
+
+    Local and rejected changes not committed yet are also appended to UNCOMMITTED in the
+    history directory (one JSON line each; the file is rewritten after each commit), so after a
+    crash the next mount knows which of the server's values were the person's own edits
+    (`recover`) and commits them under the person's name.
     """
 
     repo: HistoryRepo
@@ -216,11 +225,53 @@ class Snapshotter:
         """Changes recorded and not committed yet."""
         return len(self._pending)
 
+    @property
+    def _uncommitted(self) -> Path:
+        return self.repo.path / UNCOMMITTED
+
     def record(self, path: str, content: bytes | None, origin: Origin) -> None:
         """Note that `path` now has `content` (None: gone) because of `origin`."""
-        self._pending.append(_Change(origin, path, content))
+        change = _Change(origin, path, content)
+        self._pending.append(change)
+        if origin is not Origin.SERVER:
+            self._remember([change], "a")
         self._last_change = trio.current_time()
         self._wakeup.set()
+
+    def _remember(self, changes: list[_Change], mode: str) -> None:
+        """Append (mode "a") or rewrite (mode "w") the uncommitted local changes' file."""
+        lines = "".join(json.dumps({
+            "path": c.path, "origin": c.origin.value,
+            "content": None if c.content is None else base64.b64encode(c.content).decode(),
+        }) + "\n" for c in changes)
+        try:
+            if mode == "a":
+                with open(self._uncommitted, "a") as f:
+                    f.write(lines)
+            else:
+                tmp = self._uncommitted.with_suffix(".tmp")
+                tmp.write_text(lines)
+                os.replace(tmp, self._uncommitted)
+        except OSError as exc:
+            log.warning("could not keep %s (%s): after a crash, uncommitted local edits would "
+                        "be committed as the server's", self._uncommitted, exc)
+
+    def recover(self) -> list[tuple[str, bytes | None, Origin]]:
+        """The local and rejected changes a previous daemon recorded and never committed (it
+        crashed), in order: (path, content, origin). Unreadable lines are skipped."""
+        try:
+            text = self._uncommitted.read_text()
+        except OSError:
+            return []
+        found = []
+        for line in text.splitlines():
+            try:
+                item = json.loads(line)
+                content = None if item["content"] is None else base64.b64decode(item["content"])
+                found.append((item["path"], content, Origin(item["origin"])))
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by the crash
+        return found
 
     async def commit_now(self, changes: dict[str, bytes | None], origin: Origin, subject: str
                          ) -> bytes | None:
@@ -232,21 +283,27 @@ class Snapshotter:
             self.last_commit, self.last_commit_at = sha, time.time()
         return sha
 
-    async def flush(self, subject: str | None = None) -> None:
+    async def flush(self, subjects: dict[Origin, str] | None = None) -> None:
         """Commit everything pending now, in order, one commit per run of one origin.
-        subject: the commits' subject (default: by origin, SUBJECTS)."""
+        subjects: the commits' subject by origin (default SUBJECTS). Afterwards the
+        uncommitted-changes file holds only what was recorded meanwhile."""
         pending, self._pending = self._pending, []
         runs: list[tuple[Origin, dict[str, bytes | None]]] = []
         for change in pending:
             if not runs or runs[-1][0] is not change.origin:
                 runs.append((change.origin, {}))
             runs[-1][1][change.path] = change.content
+        failed: list[_Change] = []
         for origin, changes in runs:
             try:
-                await self.commit_now(changes, origin, subject or SUBJECTS[origin])
+                await self.commit_now(changes, origin, {**SUBJECTS, **(subjects or {})}[origin])
             except Exception as exc:  # history must never take the mount down
                 self.last_error = f"snapshot failed: {exc!r}"
                 log.exception("snapshot of %s failed", ", ".join(changes))
+                failed.extend(_Change(origin, p, c) for p, c in changes.items())
+        if pending:
+            self._remember([c for c in failed + self._pending if c.origin is not Origin.SERVER],
+                           "w")
 
     async def run(self) -> None:
         """Commit pending changes after each quiet period, forever (cancel to stop)."""

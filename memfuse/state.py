@@ -138,13 +138,36 @@ class MountState:
     # -- the server's side -------------------------------------------------------------------
 
     def load(self, attached: list[Block], owned: list[Block], listed_at: float,
-             committed: dict[str, bytes]) -> None:
+             committed: dict[str, bytes],
+             recovered: list[tuple[str, bytes | None, Origin]] = ()) -> None:
         """Build the tree from the first listing; record the difference from `committed` (the
         history's files at its head) so the next snapshot makes history equal the tree.
-        Nothing is mounted yet, so the kernel is not told."""
-        self._apply(attached, owned, listed_at, [])
-        for path in committed.keys() - self.tree.files().keys():
-            self._record(path, None, Origin.SERVER)
+        Nothing is mounted yet, so the kernel is not told.
+
+        recovered: the local changes a daemon that crashed recorded but never committed
+        (Snapshotter.recover). Rejected edits among them are recorded again as they were; a
+        file whose content on the server is what a local change made is recorded as LOCAL
+        (the person's edit, first), everything else as SERVER."""
+        shown: list[tuple[str, bytes | None, Origin]] = []
+        record, self._record = self._record, lambda *change: shown.append(change)
+        try:
+            self._apply(attached, owned, listed_at, [])
+        finally:
+            self._record = record
+        changes = {path: content for path, content, _origin in shown}
+        changes.update({path: None for path in committed.keys() - self.tree.files().keys()})
+        mine: dict[str, bytes | None] = {}
+        for path, content, origin in recovered:
+            if origin is Origin.REJECTED:
+                self._record(path, content, Origin.REJECTED)
+            else:
+                mine[path] = content
+        local = {p for p, c in changes.items() if p in mine and mine[p] == c}
+        for path in sorted(local):
+            self._record(path, changes[path], Origin.LOCAL)
+        for path, content in changes.items():
+            if path not in local:
+                self._record(path, content, Origin.SERVER)
 
     async def reconcile(self, attached: list[Block], owned: list[Block], listed_at: float
                         ) -> None:

@@ -7,7 +7,10 @@ import trio
 from dulwich.objects import Commit
 
 from memfuse.history import SERVER_AUTHOR, HistoryRepo, Snapshotter, local_author
-from memfuse.model import Origin
+from memfuse.blockfile import render
+from memfuse.model import Block, Origin
+from memfuse.state import MountState
+from memfuse.tree import Tree
 
 
 def git(repo, *args) -> str:
@@ -125,3 +128,27 @@ def test_a_snapshot_waits_for_git_to_release_the_index_lock(tmp_path):
     release.join()
     status = ["git", "-C", str(work), "status", "--porcelain"]
     assert subprocess.run(status, capture_output=True, text=True, check=True).stdout == ""
+
+
+async def test_after_a_crash_uncommitted_local_edits_are_committed_as_the_persons(tmp_path):
+    repo = make_repo(tmp_path)
+    repo.commit({"system/human.md": b"old", "system/persona.md": b"p1"}, SERVER_AUTHOR,
+                "Snapshot at mount")
+    human = Block("b1", "human", "mine", 100)
+    persona = Block("b2", "persona", "p2 (changed on the server meanwhile)", 100)
+    crashed = Snapshotter(repo)  # acknowledged writes, then kill -9 before the quiet period
+    crashed.record("system/human.md", b"refused", Origin.REJECTED)
+    crashed.record("system/human.md", render(human), Origin.LOCAL)
+    crashed.record("system/persona.md", b"seen from the server", Origin.SERVER)
+    snapshots = Snapshotter(repo)  # the next mount
+    state = MountState(Tree(), snapshots.record)
+    state.load([human, persona], [], 0.0, repo.files(), snapshots.recover())
+    await snapshots.flush({Origin.SERVER: "Snapshot at mount",
+                           Origin.LOCAL: "Local edit (recovered at mount)"})
+    user = local_author().decode().split(" <")[0]
+    assert git(repo, "log", "--format=%an|%s", "main").splitlines() == [
+        "Letta server|Snapshot at mount: system/persona.md",
+        f"{user}|Local edit (recovered at mount): system/human.md",
+        f"{user}|Rejected local edit (the server changed first): system/human.md",
+        "Letta server|Snapshot at mount: system/human.md, system/persona.md"]
+    assert Snapshotter(repo).recover() == []  # committed: nothing left to recover

@@ -201,3 +201,20 @@ def test_a_base_url_that_is_not_a_letta_server_says_so(agent, home, tmp_path):
         assert "does not look like a Letta server" in result.stderr
     finally:
         server.kill()
+
+
+def test_after_kill_9_the_persons_acknowledged_edit_is_committed_under_their_name(agent, home):
+    m = start_mount(agent, home)
+    try:
+        m.sh("echo 'Written just before the crash.' > system/human.md")
+        os.kill(mount_pid(m), 9)  # before the 1 s quiet period lets the snapshot commit it
+        wait_for(lambda: subprocess.run(["fusermount3", "-u", "-z", str(m.path)]).returncode
+                 == 0 or not os.path.ismount(m.path), 10)
+        m.memfuse("umount", agent, check=False)  # clears the dead daemon's records
+        m = start_mount(agent, home)
+        user = m.sh("id -un").stdout.strip()
+        log = m.sh("git log --format='%an|%s'").stdout.splitlines()
+        assert f"{user}|Local edit (recovered at mount): system/human.md" in log
+        assert "Written just before the crash." in m.sh("git show HEAD:system/human.md").stdout
+    finally:
+        stop_mount(m)
