@@ -22,6 +22,7 @@ import trio
 from .config import (Config, ConfigError, RunningMount, agent_dir, private_dir,
                      running_mounts)
 from .daemon import MountError, serve
+from .journal import Journal
 from .remote import CONFLICT_POLICIES
 from .status import Status
 
@@ -169,6 +170,10 @@ def umount(target: str, timeout: float) -> int:
     if pid_file is not None:
         pid_file.unlink(missing_ok=True)
     print(f"memfuse: unmounted {mountpoint}")
+    pending = Journal(Path(record.journal_file)).pending() if record and record.journal_file else []
+    if pending:
+        print(f"memfuse: {len(pending)} write(s) the server did not take yet are kept in "
+              f"{record.journal_file}; they are sent at the next mount")
     return 0
 
 

@@ -96,6 +96,11 @@ class Config:
         return agent_dir(self.agent_id)
 
     @property
+    def journal_file(self) -> Path:
+        """Writes the server could not take yet: beside the history, `<history>.journal`."""
+        return self.history_dir.with_suffix(".journal")
+
+    @property
     def log_file(self) -> Path:
         """The daemon's log: `<state_dir>/memfuse.log`."""
         return self.state_dir / "memfuse.log"
@@ -141,6 +146,7 @@ class RunningMount(JsonRecord):
     pid: int
     base_url: str
     log_file: str
+    journal_file: str = ""  # "": written by a memfuse without a journal
 
     def alive(self) -> bool:
         """Whether the daemon's process still exists."""

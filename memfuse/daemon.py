@@ -30,6 +30,7 @@ from .errors import Faults
 from .files import BlockFiles
 from .fs import MemoryFs
 from .history import HistoryRepo, Snapshotter, gitfile_content
+from .journal import Journal
 from .keeper import TreeBlockKeeper
 from .letta import Invalid, LettaClient, LettaError, NotFound, Unauthorized, Unreachable
 from .model import Origin
@@ -44,6 +45,7 @@ log = logging.getLogger("memfuse.daemon")
 
 STATUS_INTERVAL = 1.0  # seconds between status file updates
 RESTART_DELAY = 1.0    # seconds before a background task that failed is started again
+UMOUNT_REPLAY = 10.0   # seconds an unmount tries to send journaled writes before keeping them
 
 
 class MountError(Exception):
@@ -64,12 +66,12 @@ def check_mountpoint(path: Path) -> None:
 
 
 def _make_private(config: Config) -> None:
-    """The state directory and history 0700, the log, pid and status files 0600: tightened
-    at every mount, so state an older memfuse left readable is private again."""
+    """The state directory and history 0700, the journal, log, pid and status files 0600:
+    tightened at every mount, so state an older memfuse left readable is private again."""
     private_dir(config.state_dir)
     if config.history_dir.exists():
         private_dir(config.history_dir)
-    for path in (config.log_file, config.pid_file, config.status_file):
+    for path in (config.journal_file, config.log_file, config.pid_file, config.status_file):
         private_file(path)
 
 
@@ -132,6 +134,7 @@ class Mount:
     def status(self) -> Status:
         """The status report as of now."""
         config, snapshots, poller = self.config, self.snapshots, self.poller
+        pending = self.state.journal.pending() if self.state.journal is not None else []
         return Status(
             agent_id=config.agent_id, mountpoint=str(config.mountpoint),
             base_url=config.base_url, pid=os.getpid(), reachable=poller.reachable,
@@ -142,7 +145,9 @@ class Mount:
             last_commit_message=self.repo.last_message, last_commit_at=snapshots.last_commit_at,
             last_conflict=self.files.last_conflict, last_error=self.problems.message,
             last_error_at=self.problems.at, unexpected_errors=self.faults.count,
-            updated_at=time.time())
+            unreachable_since=(None if poller.reachable else poller.remote.reachable_since),
+            journal_pending=len(pending), journal_oldest_at=pending[0].at if pending else None,
+            last_replay=self.files.last_replay, updated_at=time.time())
 
 
 def _teardown(stack: contextlib.AsyncExitStack, what: str,
@@ -181,7 +186,9 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
     _teardown(stack, "closing the history", repo.close)
     snapshots = Snapshotter(repo, quiet_period=config.quiet_period)
     _teardown(stack, "the last snapshot", snapshots.flush)
-    state = MountState(Tree(gitfile=gitfile_content(config.history_dir)), snapshots.record)
+    journal = Journal(config.journal_file)
+    state = MountState(Tree(gitfile=gitfile_content(config.history_dir)), snapshots.record,
+                       journal=journal)
     remote = Remote(client, config.agent_id, on_conflict=config.on_conflict)
     try:
         listed_at = trio.current_time()
@@ -190,6 +197,10 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
         raise MountError(f"could not list the agent's blocks: {exc}") from None
     state.load(attached, owned, listed_at, await trio.to_thread.run_sync(repo.files),
                snapshots.recover())
+    state.show_journal()
+    if journal.pending():
+        log.info("%d journaled write(s) from an earlier mount; replaying them",
+                 len(journal.pending()))
     await snapshots.flush({Origin.SERVER: "Snapshot at mount",
                            Origin.LOCAL: "Local edit (recovered at mount)"})
     files = BlockFiles(state, remote, revalidate=config.revalidate)
@@ -245,11 +256,18 @@ async def _mount(stack: contextlib.AsyncExitStack, mount: Mount) -> None:
 
     _teardown(stack, "removing the pid file", remove_records)
     RunningMount(config.agent_id, str(config.mountpoint), os.getpid(), config.base_url,
-                 str(config.log_file)).save(config.pid_file)
+                 str(config.log_file), str(config.journal_file)).save(config.pid_file)
 
     async def send_pending() -> None:
         await ops.shutdown()
         await ops.namespace.retire_all()
+        journal = mount.state.journal
+        if journal is not None and journal.pending():
+            with trio.move_on_after(UMOUNT_REPLAY):  # the server may be away: bounded
+                await mount.files.replay()
+            if journal.pending():
+                log.warning("%d journaled write(s) not sent yet; kept in %s and sent at the "
+                            "next mount", len(journal.pending()), journal.path)
 
     _teardown(stack, "sending unsent writes", send_pending)
 
@@ -297,6 +315,7 @@ async def _serve(mount: Mount, on_ready: Callable[[str | None], None]) -> None:
                            ("the retirer", mount.ops.namespace.run),
                            ("the poller", mount.poller.run),
                            ("the memory_filesystem keeper", mount.keeper.run),
+                           ("the journal replayer", mount.files.run_replay),
                            ("the status publisher", partial(_publish_status, mount))):
             nursery.start_soon(_supervised, name, task, mount.faults)
         log.info("mounted agent %s at %s (server %s)", mount.config.agent_id,

@@ -6,7 +6,7 @@ import errno
 import logging
 import time
 
-from .letta import Conflict, LettaError, NotFound, Unauthorized, Unreachable
+from .letta import Conflict, LettaError, NotFound, ServerError, Unauthorized, Unreachable
 
 
 class FsError(Exception):
@@ -16,6 +16,28 @@ class FsError(Exception):
         super().__init__(reason)
         self.errno = errno_
         self.reason = reason
+
+
+class ServerAway(FsError):
+    """The server gave no answer (connect error, timeout) or only 5xx within the budget: the
+    change may be journaled instead of refused (EIO when it is not). `status`: the last HTTP
+    status (None: no answer at all)."""
+
+    def __init__(self, errno_: int, reason: str, status: int | None = None):
+        super().__init__(errno_, reason)
+        self.status = status
+
+
+class ServerRefused(FsError):
+    """The server answered with a refusal (4xx, or an answer that is not the API's). `status`:
+    the HTTP status. Final for the change only when the server judged it (400, 404, 422); a
+    401/403/409/429 may pass."""
+
+    FINAL = (400, 404, 422)
+
+    def __init__(self, errno_: int, reason: str, status: int | None):
+        super().__init__(errno_, reason)
+        self.status = status
 
 
 def from_letta(exc: LettaError) -> FsError:
@@ -35,8 +57,10 @@ def from_letta(exc: LettaError) -> FsError:
         code = errno.EINVAL
     else:
         code = errno.EIO
-    what = "server unreachable" if isinstance(exc, Unreachable) else "server refused"
-    return FsError(code, f"{what}: {exc}")
+    if isinstance(exc, (Unreachable, ServerError)):
+        what = "server unreachable" if isinstance(exc, Unreachable) else "server failing"
+        return ServerAway(code, f"{what}: {exc}", exc.status)
+    return ServerRefused(code, f"server refused: {exc}", exc.status)
 
 
 class Faults:

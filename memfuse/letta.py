@@ -73,19 +73,24 @@ class LettaClient:
     """Async client for the Letta block API (use as `async with LettaClient(...) as client`).
 
     base_url: server root such as `http://localhost:8283`. api_key: sent as a Bearer token, never
-    logged. timeout: seconds per HTTP request. retry_budget: seconds within which transient failures
-    (connect errors and timeouts, 5xx, 409) are retried with exponential backoff (0.1 s doubling to
-    2 s); after it the typed error is raised. Non-idempotent calls (create) are retried only when
-    the request provably never reached the server (connect errors).
+    logged. timeout: seconds per HTTP request; connect_timeout: seconds to open a connection (a
+    dead server is found out in this long). retry_budget: seconds within which transient
+    failures (connect errors and timeouts, 5xx, 409) are retried with exponential backoff (0.1 s
+    doubling to 2 s); after it the typed error is raised. A read may ask for `budget=0` instead:
+    one attempt, no waiting (a request on a pooled connection the server closed is repeated
+    once at once). Non-idempotent calls (create) are retried only when the request provably
+    never reached the server (connect errors).
     """
 
     def __init__(self, base_url: str = DEFAULT_BASE_URL, api_key: str | None = None, *,
-                 timeout: float = 10.0, retry_budget: float = 10.0,
-                 transport: httpx.AsyncBaseTransport | None = None):
+                 timeout: float = 10.0, connect_timeout: float = 1.0,
+                 retry_budget: float = 10.0, transport: httpx.AsyncBaseTransport | None = None):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base_url = base_url.rstrip("/")
         self.retry_budget = retry_budget
-        self._http = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout,
+        self.connect_timeout = connect_timeout
+        self._http = httpx.AsyncClient(base_url=self.base_url, headers=headers,
+                                       timeout=httpx.Timeout(timeout, connect=connect_timeout),
                                        transport=transport)
 
     async def __aenter__(self) -> "LettaClient":
@@ -99,13 +104,26 @@ class LettaClient:
         await self._http.aclose()
 
     async def _request(self, method: str, path: str, *, params: dict | None = None,
-                       json: dict | None = None, idempotent: bool = True) -> Any:
-        deadline = trio.current_time() + self.retry_budget
+                       json: dict | None = None, idempotent: bool = True,
+                       budget: float | None = None, timeout: float | None = None) -> Any:
+        budget = self.retry_budget if budget is None else budget
+        options: dict[str, Any] = {}
+        if timeout is not None:
+            options["timeout"] = httpx.Timeout(timeout, connect=self.connect_timeout)
+        deadline = trio.current_time() + budget
         delay = 0.1
+        stale_connection_retried = False
         while True:
             try:
-                response = await self._http.request(method, path, params=params, json=json)
+                response = await self._http.request(method, path, params=params, json=json,
+                                                    **options)
             except httpx.TransportError as exc:
+                stale = isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError,
+                                         httpx.WriteError))
+                if stale and idempotent and not stale_connection_retried:
+                    # The server closed a pooled connection (it restarted, say): once more.
+                    stale_connection_retried = True
+                    continue
                 retryable = idempotent or isinstance(exc, httpx.ConnectError)
                 error: LettaError = Unreachable(method, path, None,
                                                 f"{type(exc).__name__}: {exc}".rstrip(": "))
@@ -128,12 +146,13 @@ class LettaClient:
             await trio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
-    async def _paginate(self, path: str, params: dict[str, Any]) -> list[Block]:
+    async def _paginate(self, path: str, params: dict[str, Any], budget: float | None = None
+                        ) -> list[Block]:
         blocks: list[Block] = []
         after: str | None = None
         while True:
             page_params = dict(params, limit=PAGE_SIZE, **({"after": after} if after else {}))
-            page = await self._request("GET", path, params=page_params)
+            page = await self._request("GET", path, params=page_params, budget=budget)
             blocks.extend(Block.from_json(item) for item in page)
             if len(page) < PAGE_SIZE:
                 return blocks
@@ -147,24 +166,35 @@ class LettaClient:
         """`GET /v1/agents/{agent_id}` -> the agent object. NotFound/Invalid for a bad id."""
         return await self._request("GET", f"/v1/agents/{agent_id}")
 
-    async def list_attached_blocks(self, agent_id: str) -> list[Block]:
-        """All blocks attached to the agent: `GET /v1/agents/{id}/core-memory/blocks`, paginated."""
-        return await self._paginate(f"/v1/agents/{agent_id}/core-memory/blocks", {})
+    async def list_attached_blocks(self, agent_id: str, *, budget: float | None = None
+                                   ) -> list[Block]:
+        """All blocks attached to the agent: `GET /v1/agents/{id}/core-memory/blocks`, paginated.
+        budget: seconds of retries (default: the client's retry_budget)."""
+        return await self._paginate(f"/v1/agents/{agent_id}/core-memory/blocks", {}, budget)
 
-    async def list_owned_blocks(self, agent_id: str) -> list[Block]:
-        """All blocks tagged `owner:<agent_id>`: `GET /v1/blocks/?tags=owner:<id>`, paginated."""
-        return await self._paginate("/v1/blocks/", {"tags": f"owner:{agent_id}"})
+    async def list_owned_blocks(self, agent_id: str, *, budget: float | None = None
+                                ) -> list[Block]:
+        """All blocks tagged `owner:<agent_id>`: `GET /v1/blocks/?tags=owner:<id>`, paginated.
+        budget: seconds of retries (default: the client's retry_budget)."""
+        return await self._paginate("/v1/blocks/", {"tags": f"owner:{agent_id}"}, budget)
 
-    async def get_block(self, block_id: str) -> Block:
-        """`GET /v1/blocks/{block_id}`. NotFound when it is gone."""
-        return Block.from_json(await self._request("GET", f"/v1/blocks/{block_id}"))
+    async def get_block(self, block_id: str, *, budget: float | None = None,
+                        timeout: float | None = None) -> Block:
+        """`GET /v1/blocks/{block_id}`. NotFound when it is gone. budget: seconds of retries
+        (default: the client's retry_budget; 0: one attempt); timeout: seconds for the answer
+        (default: the client's)."""
+        return Block.from_json(await self._request("GET", f"/v1/blocks/{block_id}",
+                                                   budget=budget, timeout=timeout))
 
-    async def update_block(self, block_id: str, **fields: Any) -> Block:
+    async def update_block(self, block_id: str, *, budget: float | None = None,
+                           **fields: Any) -> Block:
         """`PATCH /v1/blocks/{block_id}` with any of value, description, limit, label, tags.
 
-        Returns the block as the server stored it. Setting fields is idempotent, so it is retried.
+        Returns the block as the server stored it. Setting fields is idempotent, so it is retried
+        (for `budget` seconds; default: the client's retry_budget).
         """
-        return Block.from_json(await self._request("PATCH", f"/v1/blocks/{block_id}", json=fields))
+        return Block.from_json(await self._request("PATCH", f"/v1/blocks/{block_id}",
+                                                   json=fields, budget=budget))
 
     async def create_block(self, *, label: str, value: str, description: str | None = None,
                            limit: int | None = None, tags: list[str] | None = None) -> Block:

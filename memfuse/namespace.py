@@ -134,7 +134,7 @@ class Namespace:
             # Replacing a block file (sed -i, atomic savers, rename over): the target block takes
             # the source's content; the source's own block, if any, is retired.
             parsed = blockfile.parse(self._content(src))
-            result = await self.files.write(target, parsed, "/".join(new_parts), base=target)
+            result = await self.files.write_now(target, parsed, "/".join(new_parts), base=target)
         elif src.block is not None:
             was_attached = self.state.location(src).attached
             result = await self.remote.relocate(src.block, was_attached, location)

@@ -21,15 +21,20 @@ log = logging.getLogger("memfuse.poller")
 
 class Poller:
     """Keeps the mount in step with the server. `last_poll` is the time.time() of the last
-    listing that answered; `last_error` the last failure (None once a poll succeeds);
-    `reachable` whether the last poll got an answer."""
+    listing that answered; `last_error` the last failure (None once a poll succeeds). Each
+    listing is one attempt (the next comes one interval later): while the server is away, the
+    poller is what notices it is back (Remote.reachable)."""
 
     def __init__(self, state: MountState, remote: Remote, *, interval: float = 1.0):
         self.state, self.remote = state, remote
         self.interval = interval
         self.last_poll: float | None = None
         self.last_error: str | None = None
-        self.reachable = True
+
+    @property
+    def reachable(self) -> bool:
+        """Whether the server answered the last call (Remote.reachable)."""
+        return self.remote.reachable
 
     async def run(self) -> None:
         """Poll forever (cancel to stop)."""
@@ -43,15 +48,13 @@ class Poller:
         generation = self.remote.generation
         started = trio.current_time()
         try:
-            attached, owned = await self.remote.listing()
+            attached, owned = await self.remote.listing(budget=0)
         except LettaError as exc:
-            if self.reachable:
+            if self.last_error is None:
                 log.warning("poll failed: %s; serving the last known state", exc)
-            self.reachable, self.last_error = False, f"poll failed: {exc}"
+            self.last_error = f"poll failed: {exc}"
             return False
-        if not self.reachable:
-            log.info("server reachable again")
-        self.reachable, self.last_poll, self.last_error = True, time.time(), None
+        self.last_poll, self.last_error = time.time(), None
         if self.remote.in_flight or self.remote.generation != generation:
             return False  # a local change raced the listing: it may not show it yet
         await self.state.reconcile(attached, owned, started)

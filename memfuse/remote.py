@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,12 +16,14 @@ import trio
 
 from . import blockfile
 from .errors import FsError, from_letta
-from .letta import LettaClient, LettaError, NotFound
+from .letta import (BadRequest, Conflict, Invalid, LettaClient, LettaError, NotFound,
+                    Unauthorized)
 from .model import Block, Location
 
 log = logging.getLogger("memfuse.remote")
 
 CONFLICT_POLICIES = ("overwrite", "reject")
+FETCH_TIMEOUT = 2.0  # seconds an open waits for a block's refresh before serving the cache
 
 
 class Stale(FsError):
@@ -54,6 +57,10 @@ class Remote:
     calls under way and `generation` those ever made: a poller drops a listing that raced one of
     them, so it never undoes a local change it has not seen. Calls for one block are serialised
     by a per-block lock.
+
+    `reachable` says whether the server answered the last call (a 4xx is an answer; no answer
+    or a 5xx is not), since `reachable_since` (time.time() of the last change either way). While
+    it is False, reads that only refresh a cache (`fetch(..., if_reachable=True)`) are not sent.
     """
 
     def __init__(self, client: LettaClient, agent_id: str, *, on_conflict: str = "overwrite"):
@@ -62,25 +69,63 @@ class Remote:
         self.on_conflict = on_conflict
         self.in_flight = 0
         self.generation = 0
+        self.reachable = True
+        self.reachable_since = time.time()
         self._locks: dict[str, trio.Lock] = {}
+
+    def _seen(self, answered: bool, why: str = "") -> None:
+        if answered != self.reachable:
+            self.reachable, self.reachable_since = answered, time.time()
+            if answered:
+                log.info("the server answers again")
+            else:
+                log.warning("the server cannot be reached (%s); serving the last known state",
+                            why)
+
+    async def _observed(self, coro):
+        """Await a server call, noting whether the server answered. Raises LettaError."""
+        try:
+            result = await coro
+        except (BadRequest, Unauthorized, NotFound, Conflict, Invalid):
+            self._seen(True)  # the API answered, with a refusal
+            raise
+        except LettaError as exc:  # no answer, a 5xx, or something that is not the API
+            self._seen(False, str(exc))
+            raise
+        self._seen(True)
+        return result
 
     def lock(self, block_id: str) -> trio.Lock:
         """The lock that serialises calls about `block_id` (reads that revalidate take it too)."""
         return self._locks.setdefault(block_id, trio.Lock())
 
-    async def listing(self) -> tuple[list[Block], list[Block]]:
+    async def listing(self, budget: float | None = None) -> tuple[list[Block], list[Block]]:
         """(attached, owned) blocks: `GET /v1/agents/{id}/core-memory/blocks` and
-        `GET /v1/blocks/?tags=owner:<id>`, both paginated. Raises LettaError."""
-        attached = await self.client.list_attached_blocks(self.agent_id)
-        owned = await self.client.list_owned_blocks(self.agent_id)
+        `GET /v1/blocks/?tags=owner:<id>`, both paginated. budget: seconds of retries (None:
+        the client's; 0: one attempt, as a poller that asks again soon wants). Raises
+        LettaError."""
+        attached = await self._observed(self.client.list_attached_blocks(self.agent_id,
+                                                                         budget=budget))
+        owned = await self._observed(self.client.list_owned_blocks(self.agent_id,
+                                                                   budget=budget))
         return attached, owned
 
-    async def fetch(self, block_id: str) -> Block:
-        """`GET /v1/blocks/{id}`. Raises LettaError (NotFound when it is gone)."""
-        return await self.client.get_block(block_id)
+    async def fetch(self, block_id: str) -> Block | None:
+        """`GET /v1/blocks/{id}`, one attempt (it only refreshes a cache), or None without any
+        call while the server is known to be unreachable. Raises LettaError (NotFound when the
+        block is gone; Unreachable or ServerError when the server does not answer)."""
+        if not self.reachable:
+            return None
+        return await self._observed(self.client.get_block(block_id, budget=0,
+                                                          timeout=FETCH_TIMEOUT))
+
+    async def fetch_now(self, block_id: str, budget: float) -> Block:
+        """`GET /v1/blocks/{id}` with `budget` seconds of retries, whatever `reachable` says (a
+        replay asks). Raises FsError: ServerAway, ESTALE when the block is gone."""
+        return await self._call(self.client.get_block(block_id, budget=budget), changes=False)
 
     async def update(self, block: Block, parsed: blockfile.ParsedFile,
-                     base: Block | None = None) -> Written:
+                     base: Block | None = None, budget: float | None = None) -> Written:
         """One `PATCH /v1/blocks/{id}` with the fields `parsed` changes (none: no call).
 
         base: the block as the writer read it. Then the server's block is read first
@@ -89,7 +134,8 @@ class Remote:
         and `Written.theirs` is that version) or the write is refused (`reject`: Stale).
 
         Raises FsError: EACCES (read-only block), EINVAL (read_only changed), EFBIG (value over
-        the limit, in characters), ESTALE (Stale), or the errno of a server refusal. Content
+        the limit, in characters), ESTALE (Stale), ServerAway (no answer within `budget`
+        seconds of retries; default: the client's), or the errno of a server refusal. Content
         that is refused never reaches the server.
         """
         if block.read_only:
@@ -97,7 +143,8 @@ class Remote:
         theirs = None
         async with self.lock(block.id):
             if base is not None:
-                current = await self._call(self.client.get_block(base.id), changes=False)
+                current = await self._call(self.client.get_block(base.id, budget=budget),
+                                           changes=False)
                 if _content(current) != _content(base):
                     blockfile.plan_update(current, parsed)  # refused is refused, conflict or not
                     if self.on_conflict == "reject":
@@ -108,7 +155,8 @@ class Remote:
                 block = current
             changes = blockfile.plan_update(block, parsed)
             if changes:
-                block = await self._call(self.client.update_block(block.id, **changes))
+                block = await self._call(self.client.update_block(block.id, budget=budget,
+                                                                  **changes))
         return Written(block, tuple(sorted(changes)), theirs)
 
     async def create(self, location: Location, parsed: blockfile.ParsedFile) -> Block:
@@ -154,7 +202,7 @@ class Remote:
         gone from the server. Raises FsError."""
         async with self.lock(block.id):
             try:
-                current = await self.client.get_block(block.id)
+                current = await self._observed(self.client.get_block(block.id))
             except NotFound:
                 return False
             except LettaError as exc:
@@ -178,7 +226,7 @@ class Remote:
         if changes:
             self.in_flight += 1
         try:
-            return await coro
+            return await self._observed(coro)
         except LettaError as exc:
             raise from_letta(exc) from None
         finally:

@@ -24,6 +24,7 @@ import trio
 from . import blockfile
 from .errors import FsError
 from .grace import Graveyard
+from .journal import Entry, Journal
 from .model import MAX_PATH, MEMORY_FILESYSTEM_LABEL, Block, Location, Origin, is_block_name
 from .scratch import ScratchStore
 from .tree import Kind, Node, Tree
@@ -75,17 +76,26 @@ class MountState:
 
     tree: the namespace (`Tree(gitfile=...)`, empty); record: the history's recorder
     (`Snapshotter.record`); invalidator: the kernel's cache (KernelInvalidator once mounted);
-    scratch: the scratch-file store; graveyard: tombstones of unlinked block files.
+    scratch: the scratch-file store; graveyard: tombstones of unlinked block files; journal:
+    writes the server could not take yet (None: no journal, such writes fail). A block with a
+    journaled write is *pinned*: the mount shows the journal's version, whatever the server
+    lists, until the write is replayed.
     """
 
     def __init__(self, tree: Tree, record: Recorder, *, invalidator: Invalidator | None = None,
-                 scratch: ScratchStore | None = None, graveyard: Graveyard | None = None):
+                 scratch: ScratchStore | None = None, graveyard: Graveyard | None = None,
+                 journal: Journal | None = None):
         self.tree = tree
         self._record = record
         self.invalidator: Invalidator = invalidator or NoInvalidator()
         self.scratch = scratch or ScratchStore()
         self.graveyard = graveyard or Graveyard()
+        self.journal = journal
         self._warned: set[str] = set()
+
+    def pinned(self) -> set[str]:
+        """Blocks whose journaled writes are not replayed yet."""
+        return self.journal.pending_block_ids() if self.journal is not None else set()
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -200,9 +210,10 @@ class MountState:
     def _apply(self, attached: list[Block], owned: list[Block], listed_at: float,
                changed: list[int]) -> None:
         hidden = self.graveyard.pending_block_ids()  # unlinked here, not retired yet
+        pinned = self.pinned()  # the journal's version is shown until it is replayed
         desired = self._desired(attached, owned, hidden)
         for node in self.tree.blocks():
-            if node.block.id not in desired and node.block.id not in hidden:
+            if node.block.id not in desired and node.block.id not in hidden | pinned:
                 path = self.tree.path(node)
                 self._remove(node, notify=True)
                 self._record(path, None, Origin.SERVER)
@@ -230,7 +241,7 @@ class MountState:
                 self._record(old_path, None, Origin.SERVER)
                 self._record(self.tree.path(node), bytes(node.content), Origin.SERVER)
                 log.info("%s: moved on the server to %s", old_path, self.tree.path(node))
-            if self.tree.bind(node, block, listed_at):
+            if block_id not in pinned and self.tree.bind(node, block, listed_at):
                 changed.append(node.inode)
                 self._record(self.tree.path(node), bytes(node.content), Origin.SERVER)
 
@@ -249,10 +260,11 @@ class MountState:
 
     def refreshed(self, node: Node, block: Block, read_at: float) -> bool:
         """A read of `block` that started at `read_at` (trio clock) came back: the node shows
-        it, unless the node changed meanwhile or already shows a newer view. Recorded (SERVER)
-        when the content changed; returns whether it did. The kernel drops its pages at open,
-        so nothing is invalidated."""
-        if not self.shows(node, block.id) or not self.tree.bind(node, block, read_at):
+        it, unless the node changed meanwhile, already shows a newer view, or is pinned by the
+        journal. Recorded (SERVER) when the content changed; returns whether it did. The kernel
+        drops its pages at open, so nothing is invalidated."""
+        if (not self.shows(node, block.id) or block.id in self.pinned()
+                or not self.tree.bind(node, block, read_at)):
             return False
         self._record(self.tree.path(node), bytes(node.content), Origin.SERVER)
         return True
@@ -270,6 +282,63 @@ class MountState:
         self.tree.bind(node, block, trio.current_time())
         self._record(self.tree.path(node), bytes(node.content), origin)
         return True
+
+    def journaled(self, node: Node, view: Block, content: bytes, base: Block) -> None:
+        """A write the server could not take: journal it (durable when this returns) and show
+        `view` (the block as the write makes it) at `node`, recorded as a local edit. base:
+        the server's block the write was made on. Raises OSError when the journal cannot be
+        written (then nothing changed)."""
+        assert self.journal is not None
+        self.journal.add(view, self.tree.path(node), content, base)
+        self.tree.bind(node, view, trio.current_time())
+        self._record(self.tree.path(node), bytes(node.content), Origin.LOCAL)
+
+    def show_journal(self) -> None:
+        """At mount: every block with journaled writes shows the last of them (pinned)."""
+        if self.journal is None:
+            return
+        for entry in self.journal.pending():
+            node = self.tree.block_node(entry.block_id)
+            if node is None or node.block is None:
+                continue  # not listed: the replay finds out what happened to it
+            parsed = blockfile.parse(entry.content)
+            fields = {k: v for k, v in parsed.fields.items() if k in ("description", "limit")}
+            self.tree.bind(node, dataclasses.replace(node.block, value=parsed.value, **fields),
+                           trio.current_time())
+            self._record(self.tree.path(node), bytes(node.content), Origin.LOCAL)
+
+    def replayed(self, entry: Entry, block: Block | None, outcome: str, sent: bool,
+                 recorded: bool = False) -> None:
+        """A journaled write is settled (`outcome` in words); block: the server's block now
+        (None: gone from the server); sent: the server took the write; recorded: history
+        heard of another version of the file meanwhile (a conflict, a refusal). When it was
+        the block's last pending write the node shows the server's block again, recorded as a
+        local edit when it was sent; while later writes are pending the node keeps showing
+        the last of them, and history hears of that again after another version."""
+        assert self.journal is not None
+        self.journal.done(entry, outcome)
+        node = self.tree.block_node(entry.block_id)
+        if node is None or not self.shows(node, entry.block_id):
+            return
+        if entry.block_id in self.pinned():
+            if recorded:  # later writes still shown: history hears of the shown file again
+                self._record(self.tree.path(node), bytes(node.content), Origin.LOCAL)
+            return
+        if block is None:
+            return  # the server's version is unknown: the next poll shows it
+        if self.tree.bind(node, block, trio.current_time()) or sent or recorded:
+            self._record(self.tree.path(node), bytes(node.content),
+                         Origin.LOCAL if sent else Origin.SERVER)
+
+    def refused(self, entry: Entry, path: str) -> None:
+        """A journaled write the server refused for good (its block is gone, say): the file it
+        made goes to history at `path` (where the block is shown now) as a rejected edit, so a
+        person can get it back with git."""
+        parsed = blockfile.parse(entry.content)
+        fields = {k: v for k, v in parsed.fields.items() if k in ("description", "limit")}
+        base = {k: entry.base[k] for k in ("description", "limit")}
+        made = Block(entry.block_id, "", parsed.value, **{**base, **fields})
+        self._record(path, blockfile.render(made), Origin.REJECTED)
 
     def conflict(self, path: str, theirs: Block, rejected: blockfile.ParsedFile | None = None,
                  node: Node | None = None) -> None:

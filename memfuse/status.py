@@ -35,6 +35,10 @@ class Status(JsonRecord):
     last_error_at: float | None
     updated_at: float
     unexpected_errors: int = 0  # caught at the safe boundary (bugs): EIO to a call, or a restart
+    unreachable_since: float | None = None  # when the server stopped answering (None: it answers)
+    journal_pending: int = 0  # journaled writes not sent yet
+    journal_oldest_at: float | None = None  # when the oldest of them was journaled
+    last_replay: str | None = None  # the last journal entry replayed and its outcome
 
     def render(self, now: float | None = None) -> str:
         """The human-readable report."""
@@ -51,6 +55,9 @@ class Status(JsonRecord):
             return f"{seconds / 3600:.1f} h ago"
 
         server = "reachable" if self.reachable else "UNREACHABLE (serving the last known state)"
+        if not self.reachable and self.unreachable_since is not None:
+            server = (f"UNREACHABLE since {ago(self.unreachable_since).removesuffix(' ago')} "
+                      f"(serving the last known state)")
         pending = (f"{self.pending_writes} unsent write(s), {self.pending_unlinks} unlink(s) in "
                    f"their grace period, {self.uncommitted} change(s) not yet committed")
         commit = (f"{self.last_commit[:7]} {ago(self.last_commit_at)}: {self.last_commit_message}"
@@ -63,6 +70,10 @@ class Status(JsonRecord):
             f"  pending        {pending}",
             f"  last commit    {commit}",
             f"  last conflict  {self.last_conflict or 'none'}",
+            f"  journal        " + (f"{self.journal_pending} write(s) waiting for the server, "
+                                    f"the oldest from {ago(self.journal_oldest_at)}"
+                                    if self.journal_pending else "empty")
+            + (f"; last replayed: {self.last_replay}" if self.last_replay else ""),
             f"  last error     {error}",
             f"  unexpected     {self.unexpected_errors} (bugs caught: the call got EIO or the "
             f"task was restarted; see the log)" if self.unexpected_errors else

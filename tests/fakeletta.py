@@ -22,6 +22,7 @@ class FakeLetta:
         self.requests: list[tuple[str, str, dict | None]] = []
         self.fail_next: list[int] = []  # statuses to answer with before serving normally
         self.fail_paths: dict[str, int] = {}  # path -> status for every request to it
+        self.down = False  # True: every request fails to connect, as with a stopped server
         self._ids = itertools.count(1)
 
     def add_agent(self) -> str:
@@ -67,6 +68,9 @@ class FakeLetta:
         body = json.loads(request.content) if request.content else None
         path, params = request.url.path, request.url.params
         self.requests.append((request.method, path, body))
+        if self.down:
+            raise httpx.ConnectError("connection refused (the fake server is down)",
+                                     request=request)
         if self.fail_next:
             return httpx.Response(self.fail_next.pop(0), json={"detail": "injected failure"})
         if path in self.fail_paths:

@@ -1,10 +1,13 @@
 """Shared set-up of the filesystem-level tests: Operations over the in-memory fake API."""
 import os
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 from memfuse.files import BlockFiles
 from memfuse.fs import MemoryFs
 from memfuse.grace import Graveyard
+from memfuse.journal import Journal
 from memfuse.letta import LettaClient
 from memfuse.namespace import Namespace
 from memfuse.remote import Remote
@@ -16,12 +19,13 @@ from .fakeletta import FakeLetta
 HUMAN = b"---\ndescription: desc\nlimit: 20000\n---\nThe human.\n"
 
 
-async def make_world(nursery, grace: float = 0.2):
+async def make_world(nursery, grace: float = 0.2, journal: bool = True):
     """A mount's Operations over a FakeLetta agent with human, persona (limit 20),
     projects/policy (read-only) attached and notes detached; the retirer runs in `nursery`.
 
     `records` lists every (path, content, origin) the state recorded after the load;
-    `loaded` is the tree's files right after the load (what the mount snapshot commits)."""
+    `loaded` is the tree's files right after the load (what the mount snapshot commits);
+    `journal` the journal (in a fresh temporary directory) unless journal=False."""
     fake = FakeLetta()
     agent = fake.add_agent()
     ids = {
@@ -33,8 +37,11 @@ async def make_world(nursery, grace: float = 0.2):
     }
     records = []
     client = LettaClient("http://letta.test", transport=fake.transport(), retry_budget=0.2)
+    journal_file = Journal(Path(tempfile.mkdtemp(prefix="memfuse-journal-")) / "memory.journal"
+                           ) if journal else None
     state = MountState(Tree(gitfile=b"gitdir: /somewhere/memory.git\n"),
-                       lambda *change: records.append(change), graveyard=Graveyard(grace))
+                       lambda *change: records.append(change), graveyard=Graveyard(grace),
+                       journal=journal_file)
     remote = Remote(client, agent)
     state.load(*await remote.listing(), 0.0, {})
     loaded = state.tree.files()
@@ -44,7 +51,7 @@ async def make_world(nursery, grace: float = 0.2):
     nursery.start_soon(namespace.run)
     return SimpleNamespace(fake=fake, ids=ids, fs=MemoryFs(state, files, namespace), state=state,
                            remote=remote, files=files, namespace=namespace, records=records,
-                           loaded=loaded, agent=agent, client=client)
+                           loaded=loaded, agent=agent, client=client, journal=journal_file)
 
 
 def replay(files: dict[str, bytes], records) -> dict[str, bytes]:

@@ -8,6 +8,9 @@ from memfuse.letta import LettaClient
 from .fakeletta import FakeLetta
 
 
+BLOCK = {"id": "block-1", "label": "x", "value": "v", "limit": 5}
+
+
 def client_for(handler, **kw) -> LettaClient:
     kw.setdefault("retry_budget", 2.0)
     return LettaClient("http://letta.test", kw.pop("api_key", None),
@@ -116,3 +119,37 @@ async def test_budget_bounds_the_retries():
         with pytest.raises(letta.ServerError):
             await client.get_block("block-1")
     assert 2 <= len(calls) <= 4  # 0.1 + 0.2 s of backoff fit in 0.3 s
+
+
+async def test_a_zero_budget_read_is_one_attempt():
+    calls = []
+
+    def handler(request):
+        calls.append(1)
+        raise httpx.ConnectError("refused", request=request)
+
+    async with client_for(handler) as client:
+        with pytest.raises(letta.Unreachable):
+            await client.get_block("block-1", budget=0)
+    assert len(calls) == 1
+
+
+async def test_a_connection_the_server_closed_is_tried_once_more_at_once():
+    calls = []
+
+    def handler(request):
+        calls.append(1)
+        if len(calls) == 1:  # a pooled keep-alive connection the restarted server dropped
+            raise httpx.RemoteProtocolError("Server disconnected", request=request)
+        return httpx.Response(200, json=BLOCK)
+
+    async with client_for(handler) as client:
+        assert (await client.get_block("block-1", budget=0)).id == "block-1"
+    assert len(calls) == 2
+
+
+async def test_an_answer_that_is_not_json_is_a_letta_error():
+    async with client_for(lambda request: httpx.Response(200, text="<html></html>")) as client:
+        with pytest.raises(letta.LettaError) as caught:
+            await client.health()
+    assert "not JSON" in str(caught.value)

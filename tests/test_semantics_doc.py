@@ -11,7 +11,9 @@ PREFIXES = {"fs": "tests/test_fs.py", "ns": "tests/test_namespace.py",
             "live": "tests/integration/test_live.py",
             "daemon": "tests/test_daemon.py", "guards": "tests/test_guards.py",
             "hostile": "tests/test_hostile.py", "file": "tests/test_blockfile.py",
-            "cli": "tests/test_cli.py", "hostile-mount": "tests/integration/test_hostile.py"}
+            "cli": "tests/test_cli.py", "hostile-mount": "tests/integration/test_hostile.py",
+            "offline": "tests/test_offline.py",
+            "offline-mount": "tests/integration/test_offline.py"}
 
 
 def rows():

@@ -102,8 +102,8 @@ async def test_a_block_in_its_grace_period_is_not_brought_back(world, poller):
 async def test_a_listing_that_raced_a_local_change_is_dropped(world, poller):
     real_list = world.remote.client.list_owned_blocks
 
-    async def list_then_local_change(agent_id):
-        blocks = await real_list(agent_id)
+    async def list_then_local_change(agent_id, **options):
+        blocks = await real_list(agent_id, **options)
         await create(world.fs, "system/racer.md", b"r")  # lands while the poll is listing
         return blocks
 
@@ -235,8 +235,8 @@ async def test_a_read_that_started_before_a_newer_view_cannot_undo_it(world, pol
     world.files.revalidate_after = 0
     real_get = world.remote.client.get_block
 
-    async def stale_get(block_id):
-        old = await real_get(block_id)  # the server answers with the old value...
+    async def stale_get(block_id, **options):
+        old = await real_get(block_id, **options)  # the server answers with the old value...
         world.fake.blocks[world.ids["human"]]["value"] = "newer\n"
         await trio.sleep(0.01)
         assert await poller.poll_once()  # ...and a later listing is applied meanwhile

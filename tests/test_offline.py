@@ -1,0 +1,257 @@
+"""The server away, at the filesystem level over the fake API: reads never wait on it, writes
+go to the journal and are replayed when it answers again."""
+import errno
+import os
+
+import pyfuse3
+import pytest
+import trio
+
+from memfuse.files import REPLAY_FAILURES
+from memfuse.journal import Journal
+from memfuse.model import Block, Origin
+from memfuse.poller import Poller
+
+from .fsworld import HUMAN, inode_of, read_all
+
+
+async def test_a_dead_server_costs_one_attempt_then_opens_serve_the_cache(world):
+    world.files.revalidate_after = 0  # every open would revalidate
+    world.fake.requests.clear()
+    world.fake.down = True
+    assert await read_all(world.fs, "system/human.md") == HUMAN  # one attempt, no retries
+    assert len(world.fake.requests) == 1 and not world.remote.reachable
+    for _ in range(20):
+        assert await read_all(world.fs, "system/human.md") == HUMAN
+    assert len(world.fake.requests) == 1  # known to be away: no call at all
+
+
+async def test_the_poller_notices_the_server_is_back_and_opens_revalidate_again(world):
+    world.files.revalidate_after = 0
+    poller = Poller(world.state, world.remote)
+    world.fake.requests.clear()
+    world.fake.down = True
+    assert not await poller.poll_once()
+    assert not world.remote.reachable and len(world.fake.requests) == 1  # no retry budget
+    world.fake.down = False
+    world.fake.blocks[world.ids["human"]]["value"] = "Changed while we were away.\n"
+    assert await poller.poll_once() and world.remote.reachable
+    world.fake.blocks[world.ids["human"]]["value"] = "And once more.\n"
+    assert (await read_all(world.fs, "system/human.md")).endswith(b"And once more.\n")
+
+
+async def test_a_5xx_is_no_answer_either(world):
+    world.files.revalidate_after = 0
+    world.fake.requests.clear()
+    world.fake.fail_next = [503]
+    assert await read_all(world.fs, "system/human.md") == HUMAN
+    assert not world.remote.reachable and len(world.fake.requests) == 1
+
+
+async def write(world, path: str, data: bytes) -> None:
+    info = await world.fs.open(await inode_of(world.fs, path), os.O_WRONLY | os.O_TRUNC, None)
+    try:
+        await world.fs.write(info.fh, 0, data)
+        await world.fs.flush(info.fh)
+    finally:
+        await world.fs.release(info.fh)
+
+
+async def test_a_write_with_the_server_down_is_journaled_shown_and_replayed(world):
+    world.fake.down = True
+    await write(world, "system/human.md", b"Written offline.\n")  # close() returns 0
+    [entry] = world.journal.pending()
+    assert entry.block_id == world.ids["human"] and entry.path == "system/human.md"
+    assert Journal(world.journal.path).pending()[0].content == b"Written offline.\n"  # on disk
+    assert (await read_all(world.fs, "system/human.md")).endswith(b"---\nWritten offline.\n")
+    assert world.records[-1][0] == "system/human.md" and world.records[-1][2] is Origin.LOCAL
+    assert await Poller(world.state, world.remote).poll_once() is False  # still down
+    world.fake.down = False
+    assert await Poller(world.state, world.remote).poll_once()  # back: the view stays pinned
+    assert (await read_all(world.fs, "system/human.md")).endswith(b"---\nWritten offline.\n")
+    assert await world.files.replay()
+    assert world.fake.blocks[world.ids["human"]]["value"] == "Written offline.\n"
+    assert world.journal.pending() == [] and world.journal.path.read_bytes() == b""
+    assert world.files.last_replay == "system/human.md: sent"
+
+
+async def test_once_the_server_is_known_away_writes_go_straight_to_the_journal(world):
+    world.fake.down = True
+    await write(world, "system/human.md", b"one\n")
+    world.fake.requests.clear()
+    await write(world, "system/human.md", b"two\n")
+    await write(world, "system/persona.md", b"three")
+    assert world.fake.requests == []  # no attempt: known to be away
+    assert [e.content for e in world.journal.pending()] == [b"one\n", b"two\n", b"three"]
+    world.fake.down = False
+    assert await world.files.replay()
+    assert world.fake.blocks[world.ids["human"]]["value"] == "two\n"  # in order, no conflict
+    assert world.fake.blocks[world.ids["persona"]]["value"] == "three"
+    assert world.files.last_conflict is None
+
+
+async def test_refused_content_is_still_refused_while_the_server_is_away(world):
+    world.fake.down = True
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await write(world, "system/persona.md", b"x" * 21)  # limit 20
+    assert caught.value.errno == errno.EFBIG
+    assert world.journal.pending() == []
+
+
+@pytest.mark.parametrize("policy", ["overwrite", "reject"])
+async def test_a_server_change_during_the_outage_is_a_conflict_at_replay(world, policy):
+    world.remote.on_conflict = policy
+    world.fake.down = True
+    await write(world, "system/human.md", b"Mine, offline.\n")
+    world.fake.blocks[world.ids["human"]]["value"] = "The agent's, meanwhile.\n"
+    world.fake.down = False
+    start = len(world.records)
+    assert await world.files.replay()
+    value = world.fake.blocks[world.ids["human"]]["value"]
+    origins = [(c.split(b"---\n")[-1], o) for _p, c, o in world.records[start:]]
+    assert origins[0] == (b"The agent's, meanwhile.\n", Origin.SERVER)  # theirs first
+    if policy == "overwrite":
+        assert value == "Mine, offline.\n"
+    else:
+        assert value == "The agent's, meanwhile.\n"
+        assert (b"Mine, offline.\n", Origin.REJECTED) in origins
+        assert (await read_all(world.fs, "system/human.md")).endswith(b"meanwhile.\n")
+    assert world.journal.pending() == [] and "journaled" in world.files.last_conflict
+
+
+@pytest.mark.expect_error("the server refused a journaled write")
+async def test_a_write_the_server_refuses_at_replay_stays_in_history(world):
+    world.fake.down = True
+    await write(world, "system/human.md", b"For a block about to vanish.\n")
+    del world.fake.blocks[world.ids["human"]]  # deleted on the server during the outage
+    world.fake.agents[world.agent].remove(world.ids["human"])
+    world.fake.down = False
+    start = len(world.records)
+    assert await world.files.replay()
+    assert world.journal.pending() == []
+    assert world.records[start:start + 1] == [
+        ("system/human.md", b"---\ndescription: desc\nlimit: 20000\n---\nFor a block about to "
+                            b"vanish.\n", Origin.REJECTED)]
+    assert "refused" in world.files.last_replay
+
+
+async def test_replay_stops_when_the_server_goes_away_again(world):
+    world.fake.down = True
+    await write(world, "system/human.md", b"a\n")
+    await write(world, "system/persona.md", b"b")
+    assert await world.files.replay() is False  # still down: nothing lost
+    assert len(world.journal.pending()) == 2
+
+
+def test_the_journal_survives_a_crash_and_ignores_a_cut_line(tmp_path):
+    journal = Journal(tmp_path / "memory.journal")
+    block = Block("block-1", "human", "v2", 100)
+    first = journal.add(block, "system/human.md", b"v2", Block("block-1", "human", "v1", 100))
+    journal.add(block, "system/human.md", b"v3", block)
+    journal.done(first, "sent")
+    with open(journal.path, "a") as f:
+        f.write('{"seq": 3, "kind": "write", "bl')  # kill -9 in the middle of an append
+    reopened = Journal(journal.path)
+    assert [(e.seq, e.content) for e in reopened.pending()] == [(2, b"v3")]
+    assert reopened.pending()[0].base == {"value": "v2", "description": None, "limit": 100}
+    reopened.add(block, "system/human.md", b"v4", block)  # after the cut line: kept
+    assert [e.content for e in Journal(journal.path).pending()] == [b"v3", b"v4"]
+    assert oct(journal.path.stat().st_mode & 0o777) == "0o600"
+
+
+async def test_a_rename_over_a_block_waits_for_its_journaled_writes(world):
+    world.fake.down = True
+    await write(world, "system/human.md", b"offline\n")
+    world.fake.down = False
+    assert await Poller(world.state, world.remote).poll_once()  # back, not replayed yet
+    system = await inode_of(world.fs, "system")
+    info, _ = await world.fs.create(system, b"sedAb12Cd", 0o644, os.O_WRONLY, None)
+    await world.fs.write(info.fh, 0, b"later, via rename\n")  # sed -i's temp file
+    await world.fs.flush(info.fh)
+    await world.fs.release(info.fh)
+    await world.fs.rename(system, b"sedAb12Cd", system, b"human.md", 0, None)
+    assert await world.files.replay()
+    assert world.fake.blocks[world.ids["human"]]["value"] == "later, via rename\n"
+
+
+async def test_a_write_that_waited_never_overtakes_one_that_was_journaled(world, nursery):
+    fs = world.fs
+    first = await fs.open(await inode_of(fs, "system/human.md"), os.O_WRONLY | os.O_TRUNC, None)
+    second = await fs.open(await inode_of(fs, "system/human.md"), os.O_WRONLY | os.O_TRUNC, None)
+    await fs.write(first.fh, 0, b"first close\n")
+    await fs.write(second.fh, 0, b"second close\n")
+    world.fake.down = True
+
+    async def back_during_the_first_budget():
+        await trio.sleep(1.55)
+        world.fake.down = False
+
+    nursery.start_soon(back_during_the_first_budget)
+    async with trio.open_nursery() as closes:
+        closes.start_soon(fs.flush, first.fh)
+        await trio.sleep(0.01)
+        closes.start_soon(fs.flush, second.fh)
+    assert await world.files.replay()
+    await fs.release(first.fh)
+    await fs.release(second.fh)
+    assert world.fake.blocks[world.ids["human"]]["value"] == "second close\n"
+
+
+async def test_history_matches_the_mount_when_a_replay_stops_halfway(world):
+    world.fake.down = True
+    await write(world, "system/human.md", b"one\n")
+    await write(world, "system/human.md", b"two\n")
+    world.fake.blocks[world.ids["human"]]["value"] = "theirs\n"  # a conflict at entry one
+    world.fake.down = False
+    real_update = world.remote.client.update_block
+
+    async def update_then_away(block_id, **fields):
+        block = await real_update(block_id, **fields)
+        world.fake.down = True  # away again before entry two
+        return block
+
+    world.remote.client.update_block = update_then_away
+    assert await world.files.replay() is False
+    world.remote.client.update_block = real_update
+    assert (await read_all(world.fs, "system/human.md")).endswith(b"two\n")
+    world.fake.down = False
+    assert await world.files.replay()
+    assert world.fake.blocks[world.ids["human"]]["value"] == "two\n"
+    # and check_invariants (after the test) holds at every step in between
+
+
+@pytest.mark.parametrize("status", [401, 403, 429])  # a 409 the client retries itself
+async def test_an_answer_that_may_pass_keeps_the_entry(world, status):
+    world.fake.down = True
+    await write(world, "system/human.md", b"offline\n")
+    world.fake.down = False
+    world.fake.fail_next = [status]
+    assert await world.files.replay() is False
+    assert len(world.journal.pending()) == 1 and "not sent yet" in world.files.last_replay
+    assert await world.files.replay()
+    assert world.fake.blocks[world.ids["human"]]["value"] == "offline\n"
+
+
+@pytest.mark.expect_error("the server refused a journaled write")
+async def test_a_write_the_server_keeps_failing_on_is_given_up_after_its_tries(world):
+    world.fake.down = True
+    await write(world, "system/human.md", b"the server chokes on this\n")
+    world.fake.down = False
+    world.fake.fail_paths[f"/v1/blocks/{world.ids['human']}"] = 500
+    for _ in range(REPLAY_FAILURES - 1):
+        assert await world.files.replay() is False
+    assert await world.files.replay()  # given up: committed as refused, the journal moves on
+    assert world.journal.pending() == []
+    assert world.records[-1][2] is Origin.REJECTED
+
+
+async def test_several_journaled_writes_to_one_block_chain_without_false_conflicts(world):
+    world.remote.on_conflict = "reject"
+    world.fake.down = True
+    await write(world, "system/human.md", b"---\ndescription: new\n---\none\n")
+    await write(world, "system/human.md", b"---\nlimit: 500\n---\ntwo\n")
+    world.fake.down = False
+    assert await world.files.replay()
+    block = world.fake.blocks[world.ids["human"]]
+    assert (block["description"], block["limit"], block["value"]) == ("new", 500, "two\n")
+    assert world.files.last_conflict is None
