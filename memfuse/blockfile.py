@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from .errors import FsError
-from .model import SUFFIX, Block
+from .model import Block
 
 KEYS = ("description", "limit", "read_only")
 DEFAULT_LIMIT = 20000

@@ -70,7 +70,7 @@ class Status(JsonRecord):
             f"  pending        {pending}",
             f"  last commit    {commit}",
             f"  last conflict  {self.last_conflict or 'none'}",
-            f"  journal        " + (f"{self.journal_pending} write(s) waiting for the server, "
+            "  journal        " + (f"{self.journal_pending} write(s) waiting for the server, "
                                     f"the oldest from {ago(self.journal_oldest_at)}"
                                     if self.journal_pending else "empty")
             + (f"; last replayed: {self.last_replay}" if self.last_replay else ""),

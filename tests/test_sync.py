@@ -8,7 +8,6 @@ import pyfuse3
 import pytest
 import trio
 
-from memfuse.blockfile import render
 from memfuse.model import Block, Origin
 from memfuse.status import Status
 from memfuse.keeper import TreeBlockKeeper, render_memory_filesystem
