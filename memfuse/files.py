@@ -30,6 +30,20 @@ WRITE_BUDGET = 2.0  # seconds of retries before a write the server does not take
 REPLAY_FAILURES = 5  # 5xx answers to one journaled write before it is given up as refused
 
 
+def _target(entries: list[Entry]) -> blockfile.ParsedFile:
+    """What a block's journaled writes, in order, make of it: each file's value, and each
+    frontmatter key it names (a key left out keeps the earlier write's), as one file."""
+    fields = {k: v for k, v in entries[0].base.items() if k in ("description", "limit")}
+    value = entries[0].base["value"]
+    for entry in entries:
+        parsed = blockfile.parse(entry.content)
+        value = parsed.value
+        fields.update({k: v for k, v in parsed.fields.items() if k in ("description", "limit")})
+    return blockfile.ParsedFile(value=value,
+                                fields={k: v for k, v in fields.items() if v is not None},
+                                has_frontmatter=True)
+
+
 class BlockFiles:
     """The contents of one mount's block files.
 
@@ -158,30 +172,38 @@ class BlockFiles:
                  len(self.state.journal.pending()))
 
     async def replay(self) -> bool:
-        """Send the journaled writes, in order, each under the conflict rule of an online write
-        (the server's block is read and compared with the entry's base; a newer one is
-        committed to history first; then the entry overwrites, or under `reject` is committed
-        as refused). Stops, returning False, when the server stops answering or answers with
-        something that may pass (401/403/409/429, a 5xx fewer than REPLAY_FAILURES times);
-        True when the journal is empty. A write the server refuses for good (400/404/422, a
-        limit it now has, a 5xx REPLAY_FAILURES times) is committed to history as refused and
-        logged, never dropped silently."""
+        """Send the journaled writes, block by block in the order of their first write; for
+        each block only its last journaled write is sent (the earlier ones are in history
+        already), checked against the server's block as it was before the first of them,
+        under the conflict rule of an online write (a newer server version is committed to
+        history first; then the journal's version overwrites it, or under `reject` is
+        committed as refused). Stops, returning False, when the server stops answering or
+        answers with something that may pass (401/403/429, a 5xx fewer than REPLAY_FAILURES
+        times); True when the journal is empty. A write the server refuses for good
+        (400/404/422, a limit it now has, a 5xx REPLAY_FAILURES times) is committed to history
+        as refused and logged, never dropped silently."""
         journal = self.state.journal
-        for entry in journal.pending() if journal is not None else []:
-            async with self._order(entry.block_id):
-                if entry not in journal.pending():
+        if journal is None:
+            return True
+        for block_id in dict.fromkeys(e.block_id for e in journal.pending()):
+            async with self._order(block_id):
+                entries = [e for e in journal.pending() if e.block_id == block_id]
+                if not entries:
                     continue
+                last = entries[-1]
                 try:
-                    outcome, block, recorded = await self._replay(entry)
+                    outcome, block, recorded = await self._replay(last, entries[0].base,
+                                                                  _target(entries))
                 except (ServerAway, ServerRefused) as exc:
-                    if not self._gives_up(entry, exc):
-                        self.last_replay = f"{entry.path}: not sent yet ({exc.reason})"
+                    if not self._gives_up(last, exc):
+                        self.last_replay = f"{last.path}: not sent yet ({exc.reason})"
                         return False
-                    outcome, block, recorded = self._refuse(entry, exc), None, True
-                self._failures.pop(entry.seq, None)
-                self.state.replayed(entry, block, outcome, sent=outcome == "sent",
-                                    recorded=recorded)
-            self.last_replay = f"{entry.path}: {outcome}"
+                    outcome, block, recorded = self._refuse(last, exc), None, True
+                self._failures.pop(last.seq, None)
+                self.state.replayed(last, block, outcome, sent=outcome == "sent",
+                                    recorded=recorded, superseded=entries[:-1])
+            self.last_replay = f"{last.path}: {outcome}" + (
+                f" ({len(entries) - 1} earlier write(s) superseded)" if len(entries) > 1 else "")
             log.info("journal: %s", self.last_replay)
         return True
 
@@ -212,12 +234,13 @@ class BlockFiles:
                   "a rejected edit", entry.path, exc.reason)
         return f"refused: {exc.reason}; kept in history as a rejected edit"
 
-    async def _replay(self, entry: Entry) -> tuple[str, Block | None, bool]:
-        """Send one entry: (outcome in words, the server's block now, whether history heard of
-        a server or refused version). History only hears of it where the block is still shown
+    async def _replay(self, entry: Entry, base: dict, parsed: blockfile.ParsedFile
+                      ) -> tuple[str, Block | None, bool]:
+        """Send `parsed` (what the block's journaled writes up to `entry` make of it), made on
+        the server's `base` (value, description, limit): (outcome in words, the server's block
+        now, whether history heard of a server or refused version). History only hears of it where the block is still shown
         (a file unlinked since has its journaled version in history already). Raises
         ServerAway, ServerRefused (the caller decides whether that is final)."""
-        parsed = blockfile.parse(entry.content)
         node = self.tree.block_node(entry.block_id)
         path = self.tree.path(node) if node is not None else None
         current = await self.remote.fetch_now(entry.block_id, WRITE_BUDGET)
@@ -233,7 +256,7 @@ class BlockFiles:
         if not changes:
             return "already on the server", current, False
         recorded = False
-        if base_of(current) != entry.base:
+        if base_of(current) != base:
             where = path or entry.path
             if self.remote.on_conflict == "reject":
                 if path is not None:

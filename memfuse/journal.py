@@ -102,12 +102,12 @@ class Journal:
         """Blocks with a journaled write not replayed yet (the mount shows the journal's)."""
         return {entry.block_id for entry in self._pending.values()}
 
-    def _append(self, item: dict[str, Any]) -> None:
+    def _append(self, *items: dict[str, Any]) -> None:
         created = not self.path.exists()
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             os.fchmod(fd, 0o600)
-            data = memoryview((json.dumps(item) + "\n").encode())
+            data = memoryview("".join(json.dumps(item) + "\n" for item in items).encode())
             while data:  # a short write (a nearly full disk) must not pass for durable
                 data = data[os.write(fd, data):]
             os.fsync(fd)
@@ -129,11 +129,14 @@ class Journal:
         self._pending[entry.seq] = entry
         return entry
 
-    def done(self, entry: Entry, outcome: str) -> None:
-        """Mark `entry` replayed (`outcome` in words: sent, already on the server, refused: …);
-        empty the file once nothing is pending. Raises OSError."""
-        self._append({"done": entry.seq, "outcome": outcome})
-        self._pending.pop(entry.seq, None)
+    def done(self, entry: Entry, outcome: str, superseded: list[Entry] = ()) -> None:
+        """Mark `entry` replayed (`outcome` in words: sent, already on the server, refused: …)
+        and the earlier writes to its block it `superseded` (one append, one fsync); empty the
+        file once nothing is pending. Raises OSError."""
+        self._append(*[{"done": e.seq, "outcome": "superseded by a later write"}
+                       for e in superseded], {"done": entry.seq, "outcome": outcome})
+        for settled in (*superseded, entry):
+            self._pending.pop(settled.seq, None)
         if not self._pending:
             fd = os.open(self.path, os.O_WRONLY | os.O_TRUNC)
             try:

@@ -308,15 +308,16 @@ class MountState:
             self._record(self.tree.path(node), bytes(node.content), Origin.LOCAL)
 
     def replayed(self, entry: Entry, block: Block | None, outcome: str, sent: bool,
-                 recorded: bool = False) -> None:
+                 recorded: bool = False, superseded: list[Entry] = ()) -> None:
         """A journaled write is settled (`outcome` in words); block: the server's block now
         (None: gone from the server); sent: the server took the write; recorded: history
         heard of another version of the file meanwhile (a conflict, a refusal). When it was
         the block's last pending write the node shows the server's block again, recorded as a
         local edit when it was sent; while later writes are pending the node keeps showing
-        the last of them, and history hears of that again after another version."""
+        the last of them, and history hears of that again after another version.
+        superseded: earlier writes to the block that `entry` made moot (settled with it)."""
         assert self.journal is not None
-        self.journal.done(entry, outcome)
+        self.journal.done(entry, outcome, list(superseded))
         node = self.tree.block_node(entry.block_id)
         if node is None or not self.shows(node, entry.block_id):
             return

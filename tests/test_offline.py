@@ -201,23 +201,26 @@ async def test_history_matches_the_mount_when_a_replay_stops_halfway(world):
     world.fake.down = True
     await write(world, "system/human.md", b"one\n")
     await write(world, "system/human.md", b"two\n")
-    world.fake.blocks[world.ids["human"]]["value"] = "theirs\n"  # a conflict at entry one
+    await write(world, "system/persona.md", b"p")
+    world.fake.blocks[world.ids["human"]]["value"] = "theirs\n"  # a conflict for human
     world.fake.down = False
     real_update = world.remote.client.update_block
 
     async def update_then_away(block_id, **fields):
         block = await real_update(block_id, **fields)
-        world.fake.down = True  # away again before entry two
+        world.fake.down = True  # away again before persona's turn
         return block
 
     world.remote.client.update_block = update_then_away
     assert await world.files.replay() is False
     world.remote.client.update_block = real_update
-    assert (await read_all(world.fs, "system/human.md")).endswith(b"two\n")
+    assert world.fake.blocks[world.ids["human"]]["value"] == "two\n"  # the last write only
+    assert [e.content for e in world.journal.pending()] == [b"p"]
+    assert "not sent yet" in world.files.last_replay
     world.fake.down = False
     assert await world.files.replay()
-    assert world.fake.blocks[world.ids["human"]]["value"] == "two\n"
-    # and check_invariants (after the test) holds at every step in between
+    assert world.fake.blocks[world.ids["persona"]]["value"] == "p"
+    # and check_invariants (after the test) holds
 
 
 @pytest.mark.parametrize("status", [401, 403, 429])  # a 409 the client retries itself
