@@ -13,7 +13,8 @@ PREFIXES = {"fs": "tests/test_fs.py", "ns": "tests/test_namespace.py",
             "hostile": "tests/test_hostile.py", "file": "tests/test_blockfile.py",
             "cli": "tests/test_cli.py", "hostile-mount": "tests/integration/test_hostile.py",
             "offline": "tests/test_offline.py",
-            "offline-mount": "tests/integration/test_offline.py"}
+            "offline-mount": "tests/integration/test_offline.py",
+            "chaos": "tests/integration/test_chaos.py"}
 
 
 def rows():

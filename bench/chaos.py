@@ -1,0 +1,184 @@
+"""Chaos trials against a real mount and the real Letta server: nothing acknowledged is lost.
+
+Each trial mounts one agent through a loopback TCP proxy (tests/integration/proxy.py), runs a
+writer that writes numbered values to two block files (a write counts as acknowledged when
+close() returned 0), kills the daemon with SIGKILL at a random moment, and in half of the
+trials cuts the proxy first so that writes are journaled. It then clears the dead mount,
+restores the proxy, mounts again, waits for the journal to drain and checks:
+
+- every block on the server holds the last acknowledged value for it, or a later one (the
+  write in flight when the daemon died may have landed);
+- `git fsck --strict` of the history reports nothing.
+
+Prints `acknowledged writes: N, lost: L, fsck errors: F` and returns the counts.
+Usage: LETTA_BASE_URL=... python bench/chaos.py [TRIALS] [--seed N]
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.integration.proxy import Proxy  # noqa: E402  (the same proxy the tests cut)
+
+MEMFUSE = str(Path(sys.executable).parent / "memfuse")
+FILES = ("system/human.md", "system/notes.md")
+VALUE = re.compile(r"trial (\d+) write (\d+)")
+
+
+@dataclass
+class Result:
+    """What the trials saw: acknowledged writes, the ones lost, git fsck complaints."""
+
+    acknowledged: int = 0
+    lost: int = 0
+    fsck_errors: int = 0
+    details: list[str] = field(default_factory=list)
+
+
+def _memfuse(env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([MEMFUSE, *args], env=env, capture_output=True, text=True,
+                            timeout=240)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"memfuse {' '.join(args)}: {result.stderr.strip()}")
+    return result
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not within {timeout} s")
+        time.sleep(0.1)
+
+
+def make_agent(api: httpx.Client) -> str:
+    """A fresh agent with the two blocks the writer writes."""
+    response = api.post("/v1/agents/", json={
+        "name": f"memfuse-chaos-{uuid.uuid4().hex[:8]}", "model": "letta/letta-free",
+        "embedding": "letta/letta-free", "include_base_tools": False,
+        "memory_blocks": [{"label": "human", "value": "start\n", "description": "d"},
+                          {"label": "notes", "value": "start\n", "description": "d"}]})
+    response.raise_for_status()
+    return response.json()["id"]
+
+
+def trial(api: httpx.Client, base_url: str, number: int, offline: bool, rng: random.Random,
+          result: Result) -> None:
+    """One trial (see the module's docstring); adds to `result`."""
+    url = urlparse(base_url)
+    proxy = Proxy((url.hostname, url.port))
+    home = tempfile.mkdtemp(prefix="memfuse-chaos-", dir=os.path.expanduser("~/.cache"))
+    env = dict(os.environ, HOME=home, LETTA_BASE_URL=proxy.url)
+    env.pop("LETTA_API_KEY", None)
+    agent = make_agent(api)
+    state = Path(home) / ".letta" / "agents" / agent
+    mountpoint = state / "memory"
+    acked: dict[str, int] = {}  # file -> the last acknowledged write's number
+    count = [0]
+    stop = threading.Event()
+
+    def writer() -> None:
+        seq = 0
+        while not stop.is_set():
+            seq += 1
+            name = FILES[seq % len(FILES)]
+            try:
+                with open(mountpoint / name, "w") as f:
+                    f.write(f"trial {number} write {seq}\n")
+            except OSError:
+                time.sleep(0.01)
+                continue  # not acknowledged: the daemon died under it
+            acked[name] = seq
+            count[0] += 1
+
+    try:
+        _memfuse(env, "mount", agent)
+        thread = threading.Thread(target=writer, daemon=True)
+        thread.start()
+        time.sleep(rng.uniform(0.3, 1.5))
+        if offline:
+            proxy.cut()
+            time.sleep(rng.uniform(0.5, 3.0))  # writes are journaled meanwhile
+        pid = json.loads((state / "memfuse.pid").read_text())["pid"]
+        os.kill(pid, signal.SIGKILL)
+        stop.set()
+        thread.join(30)
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+        _memfuse(env, "umount", agent, check=False)
+        if offline:
+            proxy.restore()
+        _memfuse(env, "mount", agent)
+        try:
+            _wait(lambda: "journal        empty" in _memfuse(env, "status", agent).stdout, 60,
+                  "the journal drains")
+        except RuntimeError:
+            print(_memfuse(env, "status", agent, check=False).stdout, file=sys.stderr)
+            print((state / "memfuse.log").read_text()[-3000:], file=sys.stderr)
+            raise
+        blocks = {b["label"]: b["value"] for b in
+                  api.get(f"/v1/agents/{agent}/core-memory/blocks").json()}
+        result.acknowledged += count[0]
+        for name, seq in acked.items():
+            found = VALUE.search(blocks[name.removeprefix("system/").removesuffix(".md")])
+            if found is None or int(found[2]) < seq:
+                result.lost += 1
+                result.details.append(f"trial {number}: {name} holds {found and found[0]!r}, "
+                                      f"acknowledged write {seq}")
+        _memfuse(env, "umount", agent)
+        fsck = subprocess.run(["git", "--git-dir", str(state / "memory.git"), "fsck", "--strict"],
+                              capture_output=True, text=True)
+        if fsck.returncode != 0 or fsck.stdout.strip():
+            result.fsck_errors += 1
+            result.details.append(f"trial {number}: git fsck: {fsck.stdout}{fsck.stderr}")
+    finally:
+        stop.set()
+        proxy.close()
+        if os.path.ismount(mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+        api.delete(f"/v1/agents/{agent}")
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def run(base_url: str, trials: int, seed: int | None = None) -> Result:
+    """`trials` trials, alternating online and offline; returns what they saw."""
+    rng = random.Random(seed)
+    result = Result()
+    with httpx.Client(base_url=base_url, timeout=30) as api:
+        for number in range(trials):
+            trial(api, base_url, number, offline=number % 2 == 1, rng=rng, result=result)
+    return result
+
+
+def main() -> int:
+    trials = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 10
+    seed = int(sys.argv[sys.argv.index("--seed") + 1]) if "--seed" in sys.argv else None
+    started = time.monotonic()
+    result = run(os.environ["LETTA_BASE_URL"], trials, seed)
+    for line in result.details:
+        print(line)
+    print(f"trials: {trials} ({trials - trials // 2} online, {trials // 2} offline) in "
+          f"{time.monotonic() - started:.0f} s")
+    print(f"acknowledged writes: {result.acknowledged}, lost: {result.lost}, "
+          f"fsck errors: {result.fsck_errors}")
+    return 0 if result.lost == 0 and result.fsck_errors == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
