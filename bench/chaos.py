@@ -11,7 +11,9 @@ restores the proxy, mounts again, waits for the journal to drain and checks:
 - `git fsck --strict` of the history reports nothing.
 
 Prints `acknowledged writes: N, lost: L, fsck errors: F` and returns the counts.
-Usage: LETTA_BASE_URL=... python bench/chaos.py [TRIALS] [--seed N]
+With `--outage SECONDS` it instead runs one outage of that length with a reader and a writer
+going on and prints its figures (reads served and their latency, writes journaled, replay time).
+Usage: LETTA_BASE_URL=... python bench/chaos.py [TRIALS] [--seed N] | --outage SECONDS
 """
 from __future__ import annotations
 
@@ -156,6 +158,94 @@ def trial(api: httpx.Client, base_url: str, number: int, offline: bool, rng: ran
         shutil.rmtree(home, ignore_errors=True)
 
 
+def outage(base_url: str, seconds: float = 60.0) -> dict:
+    """One outage of `seconds` with a reader and a writer going on: the proxy is cut, then
+    restored, and the journal left to drain. Returns the figures: reads served during the
+    outage and their latency (ms, p50/p99/max), reads failed, writes acknowledged and
+    journaled, and the replay time (s, from the restore until the journal is empty)."""
+    url = urlparse(base_url)
+    proxy = Proxy((url.hostname, url.port))
+    home = tempfile.mkdtemp(prefix="memfuse-outage-", dir=os.path.expanduser("~/.cache"))
+    env = dict(os.environ, HOME=home, LETTA_BASE_URL=proxy.url)
+    env.pop("LETTA_API_KEY", None)
+    with httpx.Client(base_url=base_url, timeout=30) as api:
+        agent = make_agent(api)
+        state = Path(home) / ".letta" / "agents" / agent
+        mountpoint = state / "memory"
+        reads: list[float] = []
+        failed_reads = [0]
+        writes = [0]
+        last_ack = [0]
+        stop, cut = threading.Event(), threading.Event()
+
+        def reader() -> None:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    (mountpoint / FILES[0]).read_bytes()
+                except OSError:
+                    failed_reads[0] += 1
+                    continue
+                if cut.is_set():
+                    reads.append(time.monotonic() - started)
+                time.sleep(0.01)
+
+        def writer() -> None:
+            seq = 0
+            while not stop.is_set():
+                seq += 1
+                try:
+                    (mountpoint / FILES[1]).write_text(f"outage write {seq}\n")
+                except OSError:
+                    continue
+                last_ack[0] = seq
+                if cut.is_set():
+                    writes[0] += 1
+                time.sleep(0.05)
+
+        try:
+            _memfuse(env, "mount", agent, "--revalidate", "0.5")
+            threads = [threading.Thread(target=f, daemon=True) for f in (reader, writer)]
+            for thread in threads:
+                thread.start()
+            time.sleep(2)
+            proxy.cut()
+            cut.set()
+            time.sleep(seconds)
+            cut.clear()
+            stop.set()
+            for thread in threads:
+                thread.join(30)
+            journaled = len((state / "memory.journal").read_text().splitlines())
+            restored = time.monotonic()
+            proxy.restore()
+            _wait(lambda: "journal        empty" in _memfuse(env, "status", agent).stdout, 120,
+                  "the journal drains")
+            replay = time.monotonic() - restored
+            value = block_value(api, agent, "notes")
+            _memfuse(env, "umount", agent)
+        finally:
+            stop.set()
+            proxy.close()
+            if os.path.ismount(mountpoint):
+                subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+            api.delete(f"/v1/agents/{agent}")
+            shutil.rmtree(home, ignore_errors=True)
+    ms = sorted(r * 1000 for r in reads)
+    return {"seconds": seconds, "reads": len(ms), "failed_reads": failed_reads[0],
+            "read_p50_ms": ms[len(ms) // 2] if ms else None,
+            "read_p99_ms": ms[int(len(ms) * 0.99)] if ms else None,
+            "read_max_ms": ms[-1] if ms else None, "writes": writes[0],
+            "journal_lines": journaled, "replay_s": replay,
+            "last_acknowledged_write_on_server": value == f"outage write {last_ack[0]}\n"}
+
+
+def block_value(api: httpx.Client, agent: str, label: str) -> str:
+    """The value of the agent's attached block `label`."""
+    blocks = api.get(f"/v1/agents/{agent}/core-memory/blocks").json()
+    return next(b["value"] for b in blocks if b["label"] == label)
+
+
 def run(base_url: str, trials: int, seed: int | None = None) -> Result:
     """`trials` trials, alternating online and offline; returns what they saw."""
     rng = random.Random(seed)
@@ -167,6 +257,11 @@ def run(base_url: str, trials: int, seed: int | None = None) -> Result:
 
 
 def main() -> int:
+    if "--outage" in sys.argv:
+        seconds = float(sys.argv[sys.argv.index("--outage") + 1])
+        figures = outage(os.environ["LETTA_BASE_URL"], seconds)
+        print(json.dumps(figures, indent=1))
+        return 0 if figures["failed_reads"] == 0 else 1
     trials = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 10
     seed = int(sys.argv[sys.argv.index("--seed") + 1]) if "--seed" in sys.argv else None
     started = time.monotonic()
