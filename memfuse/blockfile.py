@@ -20,6 +20,7 @@ byte). A key given twice is refused, as is anything the server cannot store (a l
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 from dataclasses import dataclass
 from typing import Any
@@ -225,6 +226,13 @@ def check_partial(data: bytes, limit: int, gap: int = 0) -> BlockFileError | Non
     if chars <= limit:
         return None
     return BlockFileError(errno.EFBIG, f"value is {chars} characters, over the limit of {limit}")
+
+
+def applied(block: Block, parsed: ParsedFile) -> Block:
+    """`block` as the file `parsed` makes it: its value, and the description and limit its
+    frontmatter names (a key left out keeps the block's). No checks: see plan_update."""
+    fields = {key: parsed.fields[key] for key in ("description", "limit") if key in parsed.fields}
+    return dataclasses.replace(block, value=parsed.value, **fields)
 
 
 def plan_update(block: Block, parsed: ParsedFile) -> dict[str, Any]:

@@ -33,13 +33,11 @@ REPLAY_FAILURES = 5  # 5xx answers to one journaled write before it is given up 
 def _target(entries: list[Entry]) -> blockfile.ParsedFile:
     """What a block's journaled writes, in order, make of it: each file's value, and each
     frontmatter key it names (a key left out keeps the earlier write's), as one file."""
-    fields = {k: v for k, v in entries[0].base.items() if k in ("description", "limit")}
-    value = entries[0].base["value"]
+    block = entries[0].base_block()
     for entry in entries:
-        parsed = blockfile.parse(entry.content)
-        value = parsed.value
-        fields.update({k: v for k, v in parsed.fields.items() if k in ("description", "limit")})
-    return blockfile.ParsedFile(value=value,
+        block = blockfile.applied(block, blockfile.parse(entry.content))
+    fields = {"description": block.description, "limit": block.limit}
+    return blockfile.ParsedFile(value=block.value,
                                 fields={k: v for k, v in fields.items() if v is not None},
                                 has_frontmatter=True)
 

@@ -43,6 +43,11 @@ class Entry:
     base: dict[str, Any]
     at: float = field(default_factory=time.time)
 
+    def base_block(self) -> Block:
+        """The block as the write found it (its `base`; id kept, no label: for rendering)."""
+        return Block(self.block_id, "", self.base["value"], self.base["limit"],
+                     self.base["description"])
+
     def to_json(self) -> dict[str, Any]:
         """The entry's JSON line (without the newline)."""
         return {"seq": self.seq, "kind": "write", "block": self.block_id, "path": self.path,

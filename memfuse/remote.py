@@ -60,7 +60,7 @@ class Remote:
 
     `reachable` says whether the server answered the last call (a 4xx is an answer; no answer
     or a 5xx is not), since `reachable_since` (time.time() of the last change either way). While
-    it is False, reads that only refresh a cache (`fetch(..., if_reachable=True)`) are not sent.
+    it is False, reads that only refresh a cache (`fetch`) are not sent.
     """
 
     def __init__(self, client: LettaClient, agent_id: str, *, on_conflict: str = "overwrite"):

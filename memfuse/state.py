@@ -12,7 +12,6 @@ drop what it cached (an Invalidator). Nothing here does I/O except those kernel 
 """
 from __future__ import annotations
 
-import dataclasses
 import errno
 import logging
 import os
@@ -301,9 +300,7 @@ class MountState:
             node = self.tree.block_node(entry.block_id)
             if node is None or node.block is None:
                 continue  # not listed: the replay finds out what happened to it
-            parsed = blockfile.parse(entry.content)
-            fields = {k: v for k, v in parsed.fields.items() if k in ("description", "limit")}
-            self.tree.bind(node, dataclasses.replace(node.block, value=parsed.value, **fields),
+            self.tree.bind(node, blockfile.applied(node.block, blockfile.parse(entry.content)),
                            trio.current_time())
             self._record(self.tree.path(node), bytes(node.content), Origin.LOCAL)
 
@@ -335,10 +332,7 @@ class MountState:
         """A journaled write the server refused for good (its block is gone, say): the file it
         made goes to history at `path` (where the block is shown now) as a rejected edit, so a
         person can get it back with git."""
-        parsed = blockfile.parse(entry.content)
-        fields = {k: v for k, v in parsed.fields.items() if k in ("description", "limit")}
-        base = {k: entry.base[k] for k in ("description", "limit")}
-        made = Block(entry.block_id, "", parsed.value, **{**base, **fields})
+        made = blockfile.applied(entry.base_block(), blockfile.parse(entry.content))
         self._record(path, blockfile.render(made), Origin.REJECTED)
 
     def conflict(self, path: str, theirs: Block, rejected: blockfile.ParsedFile | None = None,
@@ -351,9 +345,7 @@ class MountState:
         self._record(path, server, Origin.SERVER)
         if rejected is None:
             return
-        fields = {k: v for k, v in rejected.fields.items() if k in ("description", "limit")}
-        mine = dataclasses.replace(theirs, value=rejected.value, **fields)
-        self._record(path, blockfile.render(mine), Origin.REJECTED)
+        self._record(path, blockfile.render(blockfile.applied(theirs, rejected)), Origin.REJECTED)
         if node is not None and self.shows(node, theirs.id):
             self.tree.bind(node, theirs, trio.current_time())
         self._record(path, server, Origin.SERVER)
