@@ -193,7 +193,7 @@ def _fields(front: str) -> dict[str, Any]:
     return fields
 
 
-def check_partial(data: bytes, limit: int, gap: int = 0) -> BlockFileError | None:
+def check_partial(data: bytes | bytearray, limit: int, gap: int = 0) -> BlockFileError | None:
     """What already refuses a block file that is still being written, or None: EINVAL when its
     frontmatter is complete and invalid, EFBIG when its value is longer than its limit (in
     characters). What only the whole file can tell (an unclosed frontmatter, bytes that are

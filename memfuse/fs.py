@@ -45,7 +45,8 @@ class OpenFile:
     data: the bytes this handle reads and, once written, will send (a copy-on-write snapshot
     taken at open). dirty: `data` has changes the server has not accepted. written: a write or
     ftruncate came since open; an `O_TRUNC` or `O_CREAT` open alone is dirty but not written
-    (see `flush`). refused: a write() was refused (EFBIG): what the program meant is not in the
+    (see `flush`). refused: the errno a write() was refused with (EFBIG, EINVAL): what the
+    program meant is not in the
     buffer, so nothing from this handle is sent and its close fails too.
     """
 
@@ -56,7 +57,7 @@ class OpenFile:
     dirty: bool = False
     written: bool = False
     written_at: float = 0.0
-    refused: str | None = None  # why a write was refused: the handle then never sends
+    refused: int | None = None  # errno of a refused write: the handle then never sends
 
 
 @dataclass(eq=False)
@@ -233,7 +234,7 @@ class MemoryFs(pyfuse3.Operations):
         except FsError as exc:
             raise self._refuse(path, exc) from None
 
-    def _check_buffer(self, node: Node, data: bytes, gap: int = 0) -> None:
+    def _check_buffer(self, node: Node, data: bytes | bytearray, gap: int = 0) -> None:
         """Refuse, before any allocation, to let a block file's buffer become `data` followed
         by `gap` NUL bytes when that is already refused (blockfile.check_partial: EINVAL for
         a complete bad frontmatter, EFBIG past the limit or MAX_BLOCK_FILE bytes)."""
@@ -421,31 +422,31 @@ class MemoryFs(pyfuse3.Operations):
             except FsError as exc:
                 raise self._refuse(self.tree.path(handle.node), exc) from None
             return len(buf)
-        data = handle.data
-        gap = max(0, off - len(data))
+        gap = max(0, off - len(handle.data))
         try:  # refused now, so every program sees it (shells ignore errors at close)
-            if gap:
-                self._check_buffer(handle.node, bytes(data), gap + len(buf))
-            else:
-                self._check_buffer(handle.node, bytes(data[:off]) + buf + bytes(data[off + len(buf):]))
+            if gap:  # NUL bytes before the write: counted before any is allocated
+                self._check_buffer(handle.node, handle.data, gap + len(buf))
+            data = bytearray(handle.data)
+            data.extend(b"\0" * gap)
+            data[off:off + len(buf)] = buf
+            if not gap:
+                self._check_buffer(handle.node, data)
         except pyfuse3.FUSEError as exc:
-            handle.refused = f"a write to it was refused ({errno.errorcode[exc.errno]})"
+            handle.refused = exc.errno
             raise
-        if not isinstance(handle.data, bytearray):
-            handle.data = bytearray(handle.data)
-        data = handle.data
-        if off > len(data):
-            data.extend(b"\0" * (off - len(data)))
-        data[off:off + len(buf)] = buf
+        handle.data = data
         handle.dirty, handle.written, handle.written_at = True, True, trio.current_time()
         return len(buf)
+
+    @staticmethod
+    def _refusal(handle: OpenFile) -> str:
+        return f"a write to it was refused ({errno.errorcode[handle.refused]})"
 
     async def _send(self, handle: OpenFile) -> None:
         node = handle.node
         if handle.refused is not None:
-            code = errno.EINVAL if "EINVAL" in handle.refused else errno.EFBIG
-            raise self._refuse(self.tree.path(node), FsError(code, f"{handle.refused}; "
-                                                                   f"nothing was sent"))
+            raise self._refuse(self.tree.path(node), FsError(
+                handle.refused, f"{self._refusal(handle)}; nothing was sent"))
         try:
             if node.kind is Kind.BLOCK:
                 await self.files.send(node, bytes(handle.data), handle.base)
@@ -465,7 +466,8 @@ class MemoryFs(pyfuse3.Operations):
         # with O_TRUNC and closes a dup before the first write: sending then would blank the block
         # on the server for a moment, so a truncation with no write yet waits for release.
         handle = self._files[fh]
-        if isinstance(handle, OpenFile) and handle.dirty and (handle.written or handle.refused):
+        if isinstance(handle, OpenFile) and handle.dirty and (
+                handle.written or handle.refused is not None):
             await self._send(handle)
 
     async def fsync(self, fh, datasync):
@@ -481,7 +483,7 @@ class MemoryFs(pyfuse3.Operations):
             return
         if handle.refused is not None:
             log.warning("%s: closed after %s; the block is unchanged", self.tree.path(handle.node),
-                        handle.refused)
+                        self._refusal(handle))
         elif not handle.written:  # `: > file`, `touch new.md`: never written
             try:
                 await self._send(handle)
