@@ -109,9 +109,9 @@ class BlockFiles:
             log.info("%s: created block %s", self.tree.path(node), block.id)
             self.state.written(node, block)
             return
-        journal = self.state.journal
-        async with self._order(node.block.id):
-            if not self.state.shows(node, node.block.id if node.block else ""):
+        journal, block_id = self.state.journal, node.block.id
+        async with self._order(block_id):
+            if not self.state.shows(node, block_id):
                 log.info("%s: removed while its write waited; the write stays local", node.name)
                 return
             if journal is not None and (journal.pending() or not self.remote.reachable):
@@ -121,7 +121,7 @@ class BlockFiles:
                 block = await self.write(node.block, parsed, self.tree.path(node), base, node,
                                          budget=WRITE_BUDGET if journal is not None else None)
             except ServerAway as exc:
-                if journal is None or not self.state.shows(node, node.block.id):
+                if journal is None or not self.state.shows(node, block_id):
                     raise
                 log.info("%s: %s", self.tree.path(node), exc.reason)
                 self._journal(node, parsed, data, base)
