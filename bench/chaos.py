@@ -17,6 +17,7 @@ Usage: LETTA_BASE_URL=... python bench/chaos.py [TRIALS] [--seed N] | --outage S
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -81,17 +82,55 @@ def make_agent(api: httpx.Client) -> str:
     return response.json()["id"]
 
 
-def trial(api: httpx.Client, base_url: str, number: int, offline: bool, rng: random.Random,
-          result: Result) -> None:
-    """One trial (see the module's docstring); adds to `result`."""
+@dataclass
+class Rig:
+    """A fresh agent to mount with a HOME of its own, reaching the server through `proxy`:
+    `env` for the memfuse commands, `state` the agent's state directory."""
+
+    proxy: Proxy
+    env: dict
+    agent: str
+    state: Path
+
+    @property
+    def mountpoint(self) -> Path:
+        """The agent's default mountpoint."""
+        return self.state / "memory"
+
+
+@contextlib.contextmanager
+def rig(api: httpx.Client, base_url: str, prefix: str):
+    """A Rig for the server at `base_url`; afterwards the proxy is closed, a mount left behind
+    cleared, the agent deleted and the HOME removed."""
     url = urlparse(base_url)
     proxy = Proxy((url.hostname, url.port))
-    home = tempfile.mkdtemp(prefix="memfuse-chaos-", dir=os.path.expanduser("~/.cache"))
+    home = tempfile.mkdtemp(prefix=prefix, dir=os.path.expanduser("~/.cache"))
     env = dict(os.environ, HOME=home, LETTA_BASE_URL=proxy.url)
     env.pop("LETTA_API_KEY", None)
     agent = make_agent(api)
-    state = Path(home) / ".letta" / "agents" / agent
-    mountpoint = state / "memory"
+    setup = Rig(proxy, env, agent, Path(home) / ".letta" / "agents" / agent)
+    try:
+        yield setup
+    finally:
+        proxy.close()
+        if os.path.ismount(setup.mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(setup.mountpoint)],
+                           capture_output=True)
+        api.delete(f"/v1/agents/{agent}")
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def trial(api: httpx.Client, base_url: str, number: int, offline: bool, rng: random.Random,
+          result: Result) -> None:
+    """One trial (see the module's docstring); adds to `result`."""
+    with rig(api, base_url, "memfuse-chaos-") as setup:
+        _trial(api, setup, number, offline, rng, result)
+
+
+def _trial(api: httpx.Client, setup: Rig, number: int, offline: bool, rng: random.Random,
+           result: Result) -> None:
+    proxy, env, agent, state = setup.proxy, setup.env, setup.agent, setup.state
+    mountpoint = setup.mountpoint
     acked: dict[str, int] = {}  # file -> the last acknowledged write's number
     count = [0]
     stop = threading.Event()
@@ -151,11 +190,6 @@ def trial(api: httpx.Client, base_url: str, number: int, offline: bool, rng: ran
             result.details.append(f"trial {number}: git fsck: {fsck.stdout}{fsck.stderr}")
     finally:
         stop.set()
-        proxy.close()
-        if os.path.ismount(mountpoint):
-            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
-        api.delete(f"/v1/agents/{agent}")
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def outage(base_url: str, seconds: float = 60.0) -> dict:
@@ -163,15 +197,10 @@ def outage(base_url: str, seconds: float = 60.0) -> dict:
     restored, and the journal left to drain. Returns the figures: reads served during the
     outage and their latency (ms, p50/p99/max), reads failed, writes acknowledged and
     journaled, and the replay time (s, from the restore until the journal is empty)."""
-    url = urlparse(base_url)
-    proxy = Proxy((url.hostname, url.port))
-    home = tempfile.mkdtemp(prefix="memfuse-outage-", dir=os.path.expanduser("~/.cache"))
-    env = dict(os.environ, HOME=home, LETTA_BASE_URL=proxy.url)
-    env.pop("LETTA_API_KEY", None)
-    with httpx.Client(base_url=base_url, timeout=30) as api:
-        agent = make_agent(api)
-        state = Path(home) / ".letta" / "agents" / agent
-        mountpoint = state / "memory"
+    with httpx.Client(base_url=base_url, timeout=30) as api, \
+            rig(api, base_url, "memfuse-outage-") as setup:
+        proxy, env, agent, state = setup.proxy, setup.env, setup.agent, setup.state
+        mountpoint = setup.mountpoint
         reads: list[float] = []
         failed_reads = [0]
         writes = [0]
@@ -226,11 +255,6 @@ def outage(base_url: str, seconds: float = 60.0) -> dict:
             _memfuse(env, "umount", agent)
         finally:
             stop.set()
-            proxy.close()
-            if os.path.ismount(mountpoint):
-                subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
-            api.delete(f"/v1/agents/{agent}")
-            shutil.rmtree(home, ignore_errors=True)
     ms = sorted(r * 1000 for r in reads)
     return {"seconds": seconds, "reads": len(ms), "failed_reads": failed_reads[0],
             "read_p50_ms": ms[len(ms) // 2] if ms else None,

@@ -1,6 +1,7 @@
 """The history repository and the snapshotter (dulwich, on a temporary directory)."""
 import subprocess
 import threading
+from pathlib import Path
 import time
 
 import trio
@@ -93,20 +94,30 @@ async def test_snapshotter_batches_a_quiet_period_and_keeps_origin_order(tmp_pat
     assert repo.files() == {"system/human.md": b"local 3", "system/persona.md": b"server"}
 
 
-def test_index_follows_the_snapshots_so_git_status_is_clean(tmp_path):
-    repo = make_repo(tmp_path)
+def work_tree(tmp_path, repo) -> Path:
+    """A directory standing for the mount: a `.git` gitfile pointing at `repo`, and `system/`."""
     work = tmp_path / "work"
     (work / "system").mkdir(parents=True)
     (work / ".git").write_text(f"gitdir: {repo.path}\n")
+    return work
+
+
+def git_status(work: Path) -> str:
+    return subprocess.run(["git", "-C", str(work), "status", "--porcelain"],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def test_index_follows_the_snapshots_so_git_status_is_clean(tmp_path):
+    repo = make_repo(tmp_path)
+    work = work_tree(tmp_path, repo)
     (work / "system/human.md").write_bytes(b"v1")
     (work / "notes.md").write_bytes(b"n")
     repo.commit({"system/human.md": b"v1", "notes.md": b"n"}, SERVER_AUTHOR, "Snapshot")
-    status = ["git", "-C", str(work), "status", "--porcelain"]
-    assert subprocess.run(status, capture_output=True, text=True, check=True).stdout == ""
+    assert git_status(work) == ""
     (work / "system/human.md").write_bytes(b"version 2")
     (work / "notes.md").unlink()
     repo.commit({"system/human.md": b"version 2", "notes.md": None}, local_author(), "Edit")
-    assert subprocess.run(status, capture_output=True, text=True, check=True).stdout == ""
+    assert git_status(work) == ""
 
 
 def test_a_snapshot_waits_for_git_to_release_the_index_lock(tmp_path):
@@ -114,9 +125,7 @@ def test_a_snapshot_waits_for_git_to_release_the_index_lock(tmp_path):
     # update the index, or `git status` lists the path as modified until it changes again
     # (the cause of test_git_commands_work_inside_the_mount failing in loaded full runs).
     repo = make_repo(tmp_path)
-    work = tmp_path / "work"
-    (work / "system").mkdir(parents=True)
-    (work / ".git").write_text(f"gitdir: {repo.path}\n")
+    work = work_tree(tmp_path, repo)
     (work / "system/human.md").write_bytes(b"v1")
     repo.commit({"system/human.md": b"v1"}, SERVER_AUTHOR, "Snapshot")
     (work / "system/human.md").write_bytes(b"version 2")
@@ -126,8 +135,7 @@ def test_a_snapshot_waits_for_git_to_release_the_index_lock(tmp_path):
     release.start()
     repo.commit({"system/human.md": b"version 2"}, local_author(), "Edit")
     release.join()
-    status = ["git", "-C", str(work), "status", "--porcelain"]
-    assert subprocess.run(status, capture_output=True, text=True, check=True).stdout == ""
+    assert git_status(work) == ""
 
 
 async def test_after_a_crash_uncommitted_local_edits_are_committed_as_the_persons(tmp_path):
