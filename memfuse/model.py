@@ -16,6 +16,13 @@ SUFFIX = ".md"
 MEMORY_FILESYSTEM_LABEL = "memory_filesystem"  # kept by memfuse: read-only in the mount
 MAX_NAME = 255   # bytes of one path component (NAME_MAX)
 MAX_PATH = 4095  # bytes of a path from the mount root: git's index cannot hold a longer one
+PROVISIONAL_PREFIX = "local-"  # id of a block created while the server was away (journal.py)
+
+
+def is_provisional(block_id: str) -> bool:
+    """Whether `block_id` names a block the journal created locally and the server has not
+    made yet (its create is pending): no server call may use it."""
+    return block_id.startswith(PROVISIONAL_PREFIX)
 
 
 @dataclass(frozen=True)
