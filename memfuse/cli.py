@@ -172,7 +172,7 @@ def umount(target: str, timeout: float) -> int:
     print(f"memfuse: unmounted {mountpoint}")
     pending = Journal(Path(record.journal_file)).pending() if record and record.journal_file else []
     if pending:
-        print(f"memfuse: {len(pending)} write(s) the server did not take yet are kept in "
+        print(f"memfuse: {len(pending)} change(s) the server did not take yet are kept in "
               f"{record.journal_file}; they are sent at the next mount")
     return 0
 

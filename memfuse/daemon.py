@@ -45,7 +45,7 @@ log = logging.getLogger("memfuse.daemon")
 
 STATUS_INTERVAL = 1.0  # seconds between status file updates
 RESTART_DELAY = 1.0    # seconds before a background task that failed is started again
-UMOUNT_REPLAY = 10.0   # seconds an unmount tries to send journaled writes before keeping them
+UMOUNT_REPLAY = 10.0   # seconds an unmount tries to send journaled changes before keeping them
 
 
 class MountError(Exception):
@@ -134,7 +134,7 @@ class Mount:
     def status(self) -> Status:
         """The status report as of now."""
         config, snapshots, poller = self.config, self.snapshots, self.poller
-        pending = self.state.journal.pending() if self.state.journal is not None else []
+        pending = self.state.journal.queued() if self.state.journal is not None else []
         return Status(
             agent_id=config.agent_id, mountpoint=str(config.mountpoint),
             base_url=config.base_url, pid=os.getpid(), reachable=poller.reachable,
@@ -199,7 +199,7 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
                snapshots.recover())
     state.show_journal()
     if journal.pending():
-        log.info("%d journaled write(s) from an earlier mount; replaying them",
+        log.info("%d journaled change(s) from an earlier mount; replaying them",
                  len(journal.pending()))
     await snapshots.flush({Origin.SERVER: "Snapshot at mount",
                            Origin.LOCAL: "Local edit (recovered at mount)"})
@@ -266,7 +266,7 @@ async def _mount(stack: contextlib.AsyncExitStack, mount: Mount) -> None:
             with trio.move_on_after(UMOUNT_REPLAY):  # the server may be away: bounded
                 await mount.files.replay()
             if journal.pending():
-                log.warning("%d journaled write(s) not sent yet; kept in %s and sent at the "
+                log.warning("%d journaled change(s) not sent yet; kept in %s and sent at the "
                             "next mount", len(journal.pending()), journal.path)
 
     _teardown(stack, "sending unsent writes", send_pending)

@@ -12,14 +12,16 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+import uuid
 
 import trio
 
 from . import blockfile
 from .errors import FsError, ServerAway, ServerRefused
-from .journal import Entry, base_of
+from .grace import Tombstone
+from .journal import CREATE, RELOCATE, UNLINK, WRITE, Entry, base_of
 from .letta import LettaError, NotFound, ServerError, Unreachable
-from .model import Block
+from .model import PROVISIONAL_PREFIX, Block, Location, is_provisional
 from .remote import Remote, Stale
 from .state import MountState
 from .tree import Node
@@ -30,12 +32,19 @@ WRITE_BUDGET = 2.0  # seconds of retries before a write the server does not take
 REPLAY_FAILURES = 5  # 5xx answers to one journaled write before it is given up as refused
 
 
-def _target(entries: list[Entry]) -> blockfile.ParsedFile:
-    """What a block's journaled writes, in order, make of it: each file's value, and each
-    frontmatter key it names (a key left out keeps the earlier write's), as one file."""
+def _made(entries: list[Entry]) -> Block:
+    """The block a block's journaled writes (and create), in order, make of the first one's
+    base: each file's value, and each frontmatter key it names (a key left out keeps the
+    earlier write's)."""
     block = entries[0].base_block()
     for entry in entries:
         block = blockfile.applied(block, blockfile.parse(entry.content))
+    return block
+
+
+def _target(entries: list[Entry]) -> blockfile.ParsedFile:
+    """What a block's journaled writes, in order, make of it, as one file (`_made`)."""
+    block = _made(entries)
     fields = {"description": block.description, "limit": block.limit}
     return blockfile.ParsedFile(value=block.value,
                                 fields={k: v for k, v in fields.items() if v is not None},
@@ -59,14 +68,15 @@ class BlockFiles:
         self._failures: dict[int, int] = {}  # journal seq -> 5xx answers at replay
 
     def _fresh(self, node: Node) -> bool:
-        return (node.block is None
+        return (node.block is None or node.block.id in self.state.pinned()
                 or trio.current_time() - node.checked_at < self.revalidate_after)
 
     async def revalidate(self, node: Node) -> None:
         """Refresh `node` from `GET /v1/blocks/{id}` when its copy is older than the window.
 
         One attempt, never a retry budget: when the server does not answer, or is already known
-        not to (Remote.reachable), the cached copy is served at once.
+        not to (Remote.reachable), the cached copy is served at once. A block the journal pins
+        (its changes not replayed yet) is served as the journal makes it, with no call.
         """
         if self._fresh(node):
             return
@@ -91,59 +101,165 @@ class BlockFiles:
             if block is not None:  # None: the server is known to be away
                 self.state.refreshed(node, block, started)
 
+    # -- sending, or journaling what the server cannot take ------------------------------------
+
+    def offline(self) -> bool:
+        """Whether a change goes to the journal without trying the server: the server is known
+        to be away, or changes already wait in the journal (order is kept). False without a
+        journal."""
+        journal = self.state.journal
+        return journal is not None and (journal.waiting() or not self.remote.reachable)
+
+    def _budget(self) -> float | None:
+        """Seconds of retries for a change: WRITE_BUDGET with a journal to fall back on, else
+        the client's whole budget."""
+        return WRITE_BUDGET if self.state.journal is not None else None
+
+    def _fall_back(self, exc: FsError, what: str) -> None:
+        """A change met `exc`: with a journal, no answer (ServerAway) means journal it (the
+        caller does); anything else is raised."""
+        if self.state.journal is None or not isinstance(exc, ServerAway):
+            raise exc
+        log.info("%s: %s; journaling it", what, exc.reason)
+
     async def send(self, node: Node, data: bytes, base: Block | None = None) -> None:
         """Make the block file `node` say what the bytes `data` say (a flushed file): update
         its block, or create one when the node has none yet; the node then shows the result
         (history records it). base: the block as the writer read it (conflict detection).
 
-        With a journal, an update the server cannot take (no answer within WRITE_BUDGET
-        seconds, or the server already known to be away, or earlier writes still journaled:
-        order is kept) is journaled instead: durable when this returns, shown at once,
+        With a journal, a change the server cannot take (no answer within WRITE_BUDGET
+        seconds, or `offline`) is journaled instead: durable when this returns, shown at once,
         replayed later. Writes to one block are decided and sent one at a time (`_order`), so
         a write that waited never overtakes one that was journaled. Raises FsError (see
         `write` and Remote.create); on Stale the node shows the server's block."""
-        location = self.state.location(node) if node.block is None else None
         parsed = blockfile.parse(data)
-        if location is not None:
-            block = await self.remote.create(location, parsed)
-            log.info("%s: created block %s", self.tree.path(node), block.id)
+        if node.block is None:
+            location = self.state.location(node)
+            block = await self.create(location, parsed, data, self.tree.path(node))
             self.state.written(node, block)
             return
-        journal, block_id = self.state.journal, node.block.id
+        block_id = node.block.id
         async with self._order(block_id):
+            if node.block is not None and node.block.id == self._real(block_id):
+                block_id = node.block.id  # its create was replayed while this write waited
             if not self.state.shows(node, block_id):
                 log.info("%s: removed while its write waited; the write stays local", node.name)
                 return
-            if journal is not None and (journal.pending() or not self.remote.reachable):
+            if base is not None and is_provisional(base.id):
+                base = node.block  # read before its create was replayed: nothing to conflict
+            if self.offline():
                 self._journal(node, parsed, data, base)
                 return
             try:
                 block = await self.write(node.block, parsed, self.tree.path(node), base, node,
-                                         budget=WRITE_BUDGET if journal is not None else None)
+                                         budget=self._budget())
             except ServerAway as exc:
-                if journal is None or not self.state.shows(node, block_id):
+                if not self.state.shows(node, block_id):
                     raise
-                log.info("%s: %s", self.tree.path(node), exc.reason)
+                self._fall_back(exc, self.tree.path(node))
                 self._journal(node, parsed, data, base)
                 return
             self.state.written(node, block)
 
+    def _real(self, block_id: str) -> str:
+        journal = self.state.journal
+        return journal.real_id(block_id) if journal is not None else block_id
+
+    async def create(self, location: Location, parsed: blockfile.ParsedFile, data: bytes,
+                     path: str) -> Block:
+        """A new block at `location` for the file `data` (a first flush, a rename of a scratch
+        file to a block name): POST it, or, when the server cannot take it, journal the create
+        and return the block it makes with a provisional id (the caller shows it either way).
+        Checked as online first: EINVAL, EFBIG. Raises FsError."""
+        provisional = Remote.new_block(PROVISIONAL_PREFIX + uuid.uuid4().hex, location, parsed)
+        if not self.offline():
+            try:
+                block = await self.remote.create(location, parsed, budget=self._budget())
+                log.info("%s: created block %s", path, block.id)
+                return block
+            except FsError as exc:
+                self._fall_back(exc, path)
+        self.state.journal_create(provisional.id, path, location, data)
+        log.info("%s: the server is away; its create is journaled", path)
+        return dataclasses.replace(provisional, tags=(self.remote.owner_tag,))
+
     async def write_now(self, block: Block, parsed: blockfile.ParsedFile, path: str,
                         base: Block | None = None) -> Block:
-        """An update that cannot be journaled yet (the target of a rename over a block file):
-        the journal is sent first so the order of writes is kept. Raises FsError(EIO) when
-        the server is away (ServerAway), as `write` otherwise."""
-        journal = self.state.journal
-        if journal is not None and journal.pending():
-            await self.replay()
+        """An update of `block` by a file that replaces its file (a rename over a block file):
+        sent, or journaled when the server cannot take it (then the block as the write makes
+        it is returned and the caller shows it). Raises FsError as `write`."""
         async with self._order(block.id):
-            if journal is not None and journal.pending():
-                raise ServerAway(errno.EIO, "the server is away and this change cannot be "
-                                            "journaled yet (only writes to block files are)")
-            return await self.write(block, parsed, path, base)
+            if not self.offline():
+                try:
+                    return await self.write(block, parsed, path, base, budget=self._budget())
+                except ServerAway as exc:
+                    self._fall_back(exc, path)
+            if block.read_only:
+                raise FsError(errno.EACCES, "block is read-only")
+            view = dataclasses.replace(block, **blockfile.plan_update(block, parsed))
+            self.state.journal_write(view, path, blockfile.render(view), self._server_base(
+                block, base))
+            log.info("%s: the server is away; the write is journaled", path)
+            return view
+
+    async def relocate(self, node: Node, location: Location) -> Block:
+        """Give the block file `node`'s block a new `location` (a rename: label, attach or
+        detach): sent, or journaled when the server cannot take it; returns the block as the
+        server has it, or as the journaled rename makes it. Raises FsError (a refusal)."""
+        block = node.block
+        async with self._order(block.id):
+            if not self.offline():
+                try:
+                    return await self.remote.relocate(block, self.state.location(node).attached,
+                                                      location, budget=self._budget())
+                except ServerAway as exc:
+                    self._fall_back(exc, self.tree.path(node))
+            self.state.journal_relocations([(node, location)])
+            log.info("%s: the server is away; its rename to %s is journaled",
+                     self.tree.path(node), "/".join(location.parts() or ()))
+            return dataclasses.replace(block, label=location.label)
+
+    async def retire(self, tomb: Tombstone) -> None:
+        """The grace period of an unlinked file ended: retire its block (Remote.retire), or,
+        when the server cannot take it, queue its journaled unlink (replayed later). A refusal
+        the server judged is logged as an ERROR and settles the entry. Raises FsError without
+        a journal (the graveyard retries)."""
+        entry = tomb.entry
+        if entry is not None and self.offline():
+            self.state.queue_unlink(entry)
+            log.info("%s: the server is away; retiring block %s is journaled", tomb.path,
+                     tomb.block.id)
+            return
+        try:
+            retired = await self.remote.retire(tomb.block, tomb.attached, budget=self._budget())
+        except FsError as exc:
+            if entry is None:
+                raise
+            if isinstance(exc, ServerAway):
+                self.state.queue_unlink(entry)
+                log.info("%s: %s; retiring block %s is journaled", tomb.path, exc.reason,
+                         tomb.block.id)
+                return
+            log.error("%s: the server refused to retire block %s (%s)", tomb.path,
+                      tomb.block.id, exc.reason)
+            self.state.retired(entry, f"refused: {exc.reason}")
+            return
+        if retired:
+            log.info("%s: block %s %s", tomb.path, tomb.block.id,
+                     "detached and untagged" if tomb.attached else "untagged")
+        self.state.retired(entry, "retired" if retired else "already gone from the server")
 
     def _order(self, block_id: str) -> trio.Lock:
         return self._order_locks.setdefault(block_id, trio.Lock())
+
+    def _server_base(self, block: Block, base: Block | None) -> Block:
+        """The conflict base of a journaled write to `block`: what the server will hold when it
+        is replayed, i.e. the previous journaled write's result, or else the server's block
+        the writer read (`base`)."""
+        journal = self.state.journal
+        earlier = any(e.block_id == block.id and e.kind in (WRITE, CREATE)
+                      for e in journal.pending())
+        return block if earlier else (base or block)
 
     def _journal(self, node: Node, parsed: blockfile.ParsedFile, data: bytes,
                  base: Block | None) -> None:
@@ -157,60 +273,56 @@ class BlockFiles:
         if not changes:
             return
         view = dataclasses.replace(block, **changes)
-        # The conflict base: what the server will hold when this entry is replayed, i.e. the
-        # previous journaled write's result, or else the server's block the writer read.
-        pending = [e for e in self.state.journal.pending() if e.block_id == block.id]
-        server_base = block if pending else (base or block)
-        try:
-            self.state.journaled(node, view, data, server_base)
-        except OSError as exc:
-            raise FsError(errno.EIO, f"the server is away and the journal cannot be written "
-                                     f"({exc.strerror})") from None
+        self.state.journaled(node, view, data, self._server_base(block, base))
         log.info("%s: the server is away; journaled (%d pending)", self.tree.path(node),
                  len(self.state.journal.pending()))
 
+    # -- replay ------------------------------------------------------------------------------
+
     async def replay(self) -> bool:
-        """Send the journaled writes, block by block in the order of their first write; for
-        each block only its last journaled write is sent (the earlier ones are in history
-        already), checked against the server's block as it was before the first of them,
-        under the conflict rule of an online write (a newer server version is committed to
-        history first; then the journal's version overwrites it, or under `reject` is
-        committed as refused). Stops, returning False, when the server stops answering or
-        answers with something that may pass (401/403/429, a 5xx fewer than REPLAY_FAILURES
-        times); True when the journal is empty. A write the server refuses for good
-        (400/404/422, a limit it now has, a 5xx REPLAY_FAILURES times) is committed to history
-        as refused and logged, never dropped silently."""
+        """Send the journal's queued changes, block by block in the order of each block's first
+        change. A block's changes are sent together: what its writes (and create) make of it
+        as one PATCH (or one POST), checked against the server's block as it was before the
+        first of them, under the conflict rule of an online write (a newer server version is
+        committed to history first; then the journal's version overwrites it, or under
+        `reject` is committed as refused); then its renames as one relocation; then its
+        unlink as one retirement. A create first looks for a block an earlier attempt made
+        (same label, owned by the agent), so a replay repeated after a crash makes no second
+        block. Stops, returning False, when the server stops answering or answers with
+        something that may pass (401/403/429, a 5xx fewer than REPLAY_FAILURES times); True
+        when nothing is queued. A change the server refuses for good (400/404/422, a limit it
+        now has, a 5xx REPLAY_FAILURES times) is committed to history as refused and logged,
+        never dropped silently."""
         journal = self.state.journal
         if journal is None:
             return True
-        for block_id in dict.fromkeys(e.block_id for e in journal.pending()):
+        for block_id in dict.fromkeys(e.block_id for e in journal.queued()):
             async with self._order(block_id):
-                entries = [e for e in journal.pending() if e.block_id == block_id]
+                entries = [e for e in journal.queued() if e.block_id == block_id]
                 if not entries:
                     continue
                 last = entries[-1]
                 try:
-                    outcome, block, recorded = await self._replay(last, entries[0].base,
-                                                                  _target(entries))
+                    outcome, block, sent, recorded = await self._replay(entries)
                 except (ServerAway, ServerRefused) as exc:
                     if not self._gives_up(last, exc):
                         self.last_replay = f"{last.path}: not sent yet ({exc.reason})"
                         return False
-                    outcome, block, recorded = self._refuse(last, exc), None, True
+                    outcome, block, sent = self._refuse(entries, exc), None, False
+                    recorded = True
                 self._failures.pop(last.seq, None)
-                self.state.replayed(last, block, outcome, sent=outcome == "sent",
-                                    recorded=recorded, superseded=entries[:-1])
+                self.state.replayed(entries, block, outcome, sent=sent, recorded=recorded)
             self.last_replay = f"{last.path}: {outcome}" + (
-                f" ({len(entries) - 1} earlier write(s) superseded)" if len(entries) > 1 else "")
+                f" ({len(entries)} journaled changes)" if len(entries) > 1 else "")
             log.info("journal: %s", self.last_replay)
         return True
 
     async def run_replay(self, interval: float = 0.5) -> None:
-        """Replay the journal whenever it holds writes and the server answers, forever (cancel
-        to stop); checks every `interval` seconds."""
+        """Replay the journal whenever it holds queued changes and the server answers, forever
+        (cancel to stop); checks every `interval` seconds."""
         while True:
             journal = self.state.journal
-            if journal is not None and journal.pending() and self.remote.reachable:
+            if journal is not None and journal.waiting() and self.remote.reachable:
                 await self.replay()
             await trio.sleep(interval)
 
@@ -224,38 +336,93 @@ class BlockFiles:
         self._failures[entry.seq] = self._failures.get(entry.seq, 0) + 1
         return self._failures[entry.seq] >= REPLAY_FAILURES
 
-    def _refuse(self, entry: Entry, exc: FsError) -> str:
-        node = self.tree.block_node(entry.block_id)
-        if node is not None and self.state.shows(node, entry.block_id):
-            self.state.refused(entry, self.tree.path(node))
-        log.error("%s: the server refused a journaled write (%s); it is kept in history as "
-                  "a rejected edit", entry.path, exc.reason)
+    def _refuse(self, entries: list[Entry], exc: FsError) -> str:
+        last = entries[-1]
+        node = self.tree.block_node(last.block_id)
+        contents = [e for e in entries if e.kind in (WRITE, CREATE)]
+        if contents and node is not None and self.state.shows(node, last.block_id):
+            self.state.refused(self.tree.path(node), _made(contents))
+        log.error("%s: the server refused journaled changes (%s); they are kept in history "
+                  "as a rejected edit", last.path, exc.reason)
         return f"refused: {exc.reason}; kept in history as a rejected edit"
 
-    async def _replay(self, entry: Entry, base: dict, parsed: blockfile.ParsedFile
-                      ) -> tuple[str, Block | None, bool]:
-        """Send `parsed` (what the block's journaled writes up to `entry` make of it), made on
-        the server's `base` (value, description, limit): (outcome in words, the server's block
-        now, whether history heard of a server or refused version). History only hears of it where the block is still shown
-        (a file unlinked since has its journaled version in history already). Raises
-        ServerAway, ServerRefused (the caller decides whether that is final)."""
-        node = self.tree.block_node(entry.block_id)
+    async def _replay(self, entries: list[Entry]) -> tuple[str, Block | None, bool, bool]:
+        """Send one block's queued changes `entries` (see `replay`): (outcome in words, the
+        server's block now or None when it was retired or never made, whether the server took
+        a change, whether history heard of a server or refused version). Raises ServerAway,
+        ServerRefused (the caller decides whether that is final)."""
+        first, last = entries[0], entries[-1]
+        contents = [e for e in entries if e.kind in (WRITE, CREATE)]
+        moves = [e for e in entries if e.kind == RELOCATE]
+        unlink = last if last.kind == UNLINK else None
+        node = self.tree.block_node(first.block_id)
         path = self.tree.path(node) if node is not None else None
-        current = await self.remote.fetch_now(entry.block_id, WRITE_BUDGET)
+        words: list[str] = []
+        sent = recorded = False
+        if first.kind == CREATE:
+            location = moves[-1].to if moves else first.to
+            hidden, parts = self.state.hidden(), location.parts()
+
+            def elsewhere(block_id: str) -> bool:  # shown at another path, or to be retired
+                shown = self.tree.block_node(block_id)
+                return block_id in hidden or (shown is not None
+                                              and self.tree.parts(shown) != parts)
+
+            block = await self.remote.find(location, WRITE_BUDGET, exclude=elsewhere)
+            if block is None and unlink is not None:
+                return "created and removed while the server was away", None, False, False
+            if block is None:
+                block = await self.remote.create(location, _target(contents), WRITE_BUDGET)
+                words.append("created")
+            else:  # an earlier attempt made it (a crash before its `done` line)
+                words.append("created already")
+                first_base = base_of(block)
+                outcome, block, recorded = await self._write(block, first_base, contents, path,
+                                                             node, entry_path=first.path)
+                if outcome != "already on the server":
+                    words.append(outcome)
+            sent, moves = True, []
+        else:
+            block = await self.remote.fetch_now(first.block_id, WRITE_BUDGET)
+            if contents:
+                outcome, block, recorded = await self._write(block, contents[0].base, contents,
+                                                             path, node, entry_path=first.path)
+                words.append(outcome)
+                sent = outcome == "sent"
+        if moves:
+            block = await self.remote.relocate(block, moves[0].frm.attached, moves[-1].to,
+                                               WRITE_BUDGET)
+            words.append(f"moved to {'/'.join(moves[-1].to.parts() or ())}")
+            sent = True
+        if unlink is not None:
+            attached = unlink.frm.attached if first.kind != CREATE else location.attached
+            retired = await self.remote.retire(block, attached, WRITE_BUDGET)
+            words.append("retired" if retired else "already gone from the server")
+            return ", ".join(words), None, True, recorded
+        return ", ".join(words), block, sent, recorded
+
+    async def _write(self, current: Block, base: dict, contents: list[Entry], path: str | None,
+                     node: Node | None, entry_path: str) -> tuple[str, Block, bool]:
+        """Send what the journaled writes `contents` make of the block, made on the server's
+        `base` (value, description, limit), to the server's block `current`: (outcome in words,
+        the server's block now, whether history heard of a server or refused version). History
+        only hears of it where the block is still shown at `path` (a file unlinked since has
+        its journaled version in history already). Raises ServerAway, ServerRefused."""
+        parsed = _target(contents)
         try:
             changes = blockfile.plan_update(current, parsed)
         except FsError as exc:  # e.g. the server's limit is now lower than the value
             if path is not None:
                 self.state.conflict(path, current, rejected=parsed, node=node)
             log.error("%s: a journaled write cannot apply any more (%s); it is kept in "
-                      "history as a rejected edit", entry.path, exc.reason)
+                      "history as a rejected edit", entry_path, exc.reason)
             return (f"refused: {exc.reason}; kept in history as a rejected edit", current,
                     path is not None)
         if not changes:
             return "already on the server", current, False
         recorded = False
         if base_of(current) != base:
-            where = path or entry.path
+            where = path or entry_path
             if self.remote.on_conflict == "reject":
                 if path is not None:
                     self.state.conflict(path, current, rejected=parsed, node=node)

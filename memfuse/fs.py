@@ -24,6 +24,7 @@ from .errors import Faults, FsError
 from .files import BlockFiles
 from .model import MAX_NAME, Block
 from .namespace import Namespace
+from .remote import Stale
 from .state import MountState
 from .tree import Kind, Node
 
@@ -58,6 +59,7 @@ class OpenFile:
     written: bool = False
     written_at: float = 0.0
     refused: int | None = None  # errno of a refused write: the handle then never sends
+    attempted: bytes | None = None  # what the refused write would have made (kept in history)
 
 
 @dataclass(eq=False)
@@ -433,6 +435,7 @@ class MemoryFs(pyfuse3.Operations):
                 self._check_buffer(handle.node, data)
         except pyfuse3.FUSEError as exc:
             handle.refused = exc.errno
+            handle.attempted = bytes(data) if not gap else bytes(handle.data)
             raise
         handle.data = data
         handle.dirty, handle.written, handle.written_at = True, True, trio.current_time()
@@ -445,11 +448,21 @@ class MemoryFs(pyfuse3.Operations):
     async def _send(self, handle: OpenFile) -> None:
         node = handle.node
         if handle.refused is not None:
+            if handle.attempted is not None and node.kind is Kind.BLOCK:
+                self.state.rejected(node, handle.attempted)  # once: later closes find None
+                handle.attempted = None
             raise self._refuse(self.tree.path(node), FsError(
                 handle.refused, f"{self._refusal(handle)}; nothing was sent"))
         try:
             if node.kind is Kind.BLOCK:
-                await self.files.send(node, bytes(handle.data), handle.base)
+                try:
+                    await self.files.send(node, bytes(handle.data), handle.base)
+                except Stale:
+                    raise  # both versions are in history already
+                except FsError:
+                    if node.kind is Kind.BLOCK:
+                        self.state.rejected(node, bytes(handle.data))
+                    raise
                 handle.base = node.block
             else:  # the file stopped being a block while open: its bytes stay local
                 if node.parent == 0:
@@ -490,8 +503,8 @@ class MemoryFs(pyfuse3.Operations):
             except pyfuse3.FUSEError:
                 pass  # already logged; release cannot report an error to the program
         else:
-            log.error("%s: closed with changes the server refused; they are discarded",
-                      self.tree.path(handle.node))
+            log.warning("%s: closed with changes the server refused; they are kept in history "
+                        "as a rejected edit", self.tree.path(handle.node))
 
     async def shutdown(self) -> None:
         """Send every open file's unsent writes as its close would (at unmount); a write the
@@ -502,7 +515,8 @@ class MemoryFs(pyfuse3.Operations):
                 try:
                     await self._send(handle)
                 except pyfuse3.FUSEError:
-                    log.error("%s: unsent write lost at unmount", self.tree.path(handle.node))
+                    log.error("%s: an unsent write was refused at unmount; it is kept in "
+                              "history as a rejected edit", self.tree.path(handle.node))
 
     def unsent(self) -> int:
         """How many open block files have writes the server has not accepted (for status)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import trio
 
@@ -26,13 +26,15 @@ RETIRE_TRIES = 5    # attempts before a retirement is given up (logged as an err
 @dataclass
 class Tombstone:
     """A block whose file was unlinked at `path` (`parts` from the mount root); retired on the
-    server at `deadline` (trio clock, seconds). `tries`: failed attempts so far."""
+    server at `deadline` (trio clock, seconds). `tries`: failed attempts so far (without a
+    journal; with one, a retirement the server cannot take is queued in the journal)."""
 
     block: Block
     attached: bool
     parts: tuple[str, ...]
     deadline: float
     tries: int = 0
+    entry: Any = None  # its journal.Entry (unlink), when the mount has a journal
 
     @property
     def path(self) -> str:
@@ -51,9 +53,12 @@ class Graveyard:
         self._tombstones: dict[tuple[str, ...], Tombstone] = {}
         self._wakeup = trio.Event()
 
-    def bury(self, parts: tuple[str, ...], block: Block, attached: bool) -> None:
-        """Schedule `block`'s retirement `grace` seconds from now (file unlinked at `parts`)."""
-        self._tombstones[parts] = Tombstone(block, attached, parts, trio.current_time() + self.grace)
+    def bury(self, parts: tuple[str, ...], block: Block, attached: bool, entry: Any = None
+             ) -> None:
+        """Schedule `block`'s retirement `grace` seconds from now (file unlinked at `parts`);
+        entry: the unlink's journal entry, if any."""
+        self._tombstones[parts] = Tombstone(block, attached, parts,
+                                            trio.current_time() + self.grace, entry=entry)
         self._wakeup.set()
 
     def claim(self, parts: tuple[str, ...]) -> Tombstone | None:

@@ -172,11 +172,13 @@ class LettaClient:
         budget: seconds of retries (default: the client's retry_budget)."""
         return await self._paginate(f"/v1/agents/{agent_id}/core-memory/blocks", {}, budget)
 
-    async def list_owned_blocks(self, agent_id: str, *, budget: float | None = None
-                                ) -> list[Block]:
-        """All blocks tagged `owner:<agent_id>`: `GET /v1/blocks/?tags=owner:<id>`, paginated.
-        budget: seconds of retries (default: the client's retry_budget)."""
-        return await self._paginate("/v1/blocks/", {"tags": f"owner:{agent_id}"}, budget)
+    async def list_owned_blocks(self, agent_id: str, *, label: str | None = None,
+                                budget: float | None = None) -> list[Block]:
+        """All blocks tagged `owner:<agent_id>`: `GET /v1/blocks/?tags=owner:<id>`, paginated;
+        label: only those with this label (`&label=`). budget: seconds of retries (default:
+        the client's retry_budget)."""
+        params = {"tags": f"owner:{agent_id}", **({"label": label} if label is not None else {})}
+        return await self._paginate("/v1/blocks/", params, budget)
 
     async def get_block(self, block_id: str, *, budget: float | None = None,
                         timeout: float | None = None) -> Block:
@@ -197,8 +199,10 @@ class LettaClient:
                                                    json=fields, budget=budget))
 
     async def create_block(self, *, label: str, value: str, description: str | None = None,
-                           limit: int | None = None, tags: list[str] | None = None) -> Block:
-        """`POST /v1/blocks/` -> the new block. Not retried once the request may have been sent."""
+                           limit: int | None = None, tags: list[str] | None = None,
+                           budget: float | None = None) -> Block:
+        """`POST /v1/blocks/` -> the new block. Not retried once the request may have been sent
+        (a failure to connect is retried for `budget` seconds; default: the client's)."""
         body: dict[str, Any] = {"label": label, "value": value}
         if description is not None:
             body["description"] = description
@@ -207,12 +211,18 @@ class LettaClient:
         if tags is not None:
             body["tags"] = tags
         return Block.from_json(await self._request("POST", "/v1/blocks/", json=body,
-                                                   idempotent=False))
+                                                   idempotent=False, budget=budget))
 
-    async def attach_block(self, agent_id: str, block_id: str) -> None:
-        """`PATCH /v1/agents/{agent_id}/core-memory/blocks/attach/{block_id}`."""
-        await self._request("PATCH", f"/v1/agents/{agent_id}/core-memory/blocks/attach/{block_id}")
+    async def attach_block(self, agent_id: str, block_id: str, *,
+                           budget: float | None = None) -> None:
+        """`PATCH /v1/agents/{agent_id}/core-memory/blocks/attach/{block_id}` (0.16.8: 200 again
+        when it is attached already)."""
+        await self._request("PATCH", f"/v1/agents/{agent_id}/core-memory/blocks/attach/{block_id}",
+                            budget=budget)
 
-    async def detach_block(self, agent_id: str, block_id: str) -> None:
-        """`PATCH /v1/agents/{agent_id}/core-memory/blocks/detach/{block_id}`."""
-        await self._request("PATCH", f"/v1/agents/{agent_id}/core-memory/blocks/detach/{block_id}")
+    async def detach_block(self, agent_id: str, block_id: str, *,
+                           budget: float | None = None) -> None:
+        """`PATCH /v1/agents/{agent_id}/core-memory/blocks/detach/{block_id}` (0.16.8: NotFound
+        when it is not attached)."""
+        await self._request("PATCH", f"/v1/agents/{agent_id}/core-memory/blocks/detach/{block_id}",
+                            budget=budget)

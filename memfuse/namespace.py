@@ -18,7 +18,6 @@ import pyfuse3
 from . import blockfile
 from .errors import FsError
 from .files import BlockFiles
-from .grace import Tombstone
 from .model import GITFILE_NAME, Block, Location, is_block_name
 from .remote import Remote
 from .state import MountState
@@ -136,10 +135,11 @@ class Namespace:
             parsed = blockfile.parse(self._content(src))
             result = await self.files.write_now(target, parsed, "/".join(new_parts), base=target)
         elif src.block is not None:
-            was_attached = self.state.location(src).attached
-            result = await self.remote.relocate(src.block, was_attached, location)
+            result = await self.files.relocate(src, location)
         elif src.kind is Kind.SCRATCH:
-            result = await self.remote.create(location, blockfile.parse(self._content(src)))
+            content = self._content(src)
+            result = await self.files.create(location, blockfile.parse(content), content,
+                                             "/".join(new_parts))
         else:
             result = None  # a new block file not sent yet: it is created at its first flush
         self.state.renamed(src, new_parent, new_name, shows=result,
@@ -178,7 +178,7 @@ class Namespace:
         done: list[tuple[Node, str, Block, Location]] = []
         try:
             for node, path, location in moves:
-                block = await self.remote.relocate(node.block, was_attached, location)
+                block = await self.files.relocate(node, location)
                 done.append((node, path, block, location))
         except FsError:
             for node, path, block, location in reversed(done):
@@ -194,16 +194,11 @@ class Namespace:
 
     # -- retiring ------------------------------------------------------------------------------
 
-    async def retire(self, tomb: Tombstone) -> None:
-        """Retire the block of an unlinked file (Remote.retire). Raises FsError."""
-        if await self.remote.retire(tomb.block, tomb.attached):
-            log.info("%s: block %s %s", tomb.path, tomb.block.id,
-                     "detached and untagged" if tomb.attached else "untagged")
-
     async def run(self) -> None:
-        """Retire blocks whose grace period ended, forever (cancel to stop)."""
-        await self.state.graveyard.run(self.retire)
+        """Retire blocks whose grace period ended, forever (cancel to stop): BlockFiles.retire,
+        which journals what the server cannot take."""
+        await self.state.graveyard.run(self.files.retire)
 
     async def retire_all(self) -> None:
         """Retire every pending block now (at unmount)."""
-        await self.state.graveyard.retire_all(self.retire)
+        await self.state.graveyard.retire_all(self.files.retire)

@@ -10,7 +10,7 @@ import errno
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import trio
 
@@ -159,11 +159,11 @@ class Remote:
                                                                   **changes))
         return Written(block, tuple(sorted(changes)), theirs)
 
-    async def create(self, location: Location, parsed: blockfile.ParsedFile) -> Block:
-        """A new block for a new file: `POST /v1/blocks/` tagged `owner:<agent>`, then attach it
-        when `location.attached`. A file without frontmatter gets `Memory block: <label>` and
-        limit 20000. Raises FsError: EINVAL (read_only set), EFBIG, EEXIST (an attached block
-        has the label), or the errno of a server refusal."""
+    @staticmethod
+    def new_block(block_id: str, location: Location, parsed: blockfile.ParsedFile) -> Block:
+        """The block a new file at `location` makes (id `block_id`): the file's value,
+        description (default `Memory block: <label>`) and limit (default 20000, characters).
+        Raises FsError: EINVAL (read_only set), EFBIG (value over the limit)."""
         if parsed.fields.get("read_only"):
             raise FsError(errno.EINVAL, "read_only cannot be set from a file")
         limit = parsed.fields.get("limit", blockfile.DEFAULT_LIMIT)
@@ -171,17 +171,40 @@ class Remote:
             raise FsError(errno.EFBIG, f"value is {len(parsed.value)} characters, over the "
                                        f"limit of {limit}")
         description = parsed.fields.get("description") or f"Memory block: {location.label}"
+        return Block(block_id, location.label, parsed.value, limit, description)
+
+    async def create(self, location: Location, parsed: blockfile.ParsedFile,
+                     budget: float | None = None) -> Block:
+        """A new block for a new file: `POST /v1/blocks/` tagged `owner:<agent>` (fields as
+        `new_block` makes them), then attach it when `location.attached`. budget: seconds of
+        retries (default: the client's). Raises FsError: EINVAL (read_only set), EFBIG, EEXIST
+        (an attached block has the label), ServerAway, or the errno of a server refusal."""
+        made = self.new_block("", location, parsed)
         block = await self._call(self.client.create_block(
-            label=location.label, value=parsed.value, description=description, limit=limit,
-            tags=[self.owner_tag]))
+            label=made.label, value=made.value, description=made.description, limit=made.limit,
+            tags=[self.owner_tag], budget=budget))
         if location.attached:
-            await self._call(self.client.attach_block(self.agent_id, block.id))
+            await self._call(self.client.attach_block(self.agent_id, block.id, budget=budget))
         return block
 
-    async def relocate(self, block: Block, was_attached: bool, location: Location) -> Block:
+    async def find(self, location: Location, budget: float | None = None,
+                   exclude: Callable[[str], bool] = lambda block_id: False) -> Block | None:
+        """A block this agent owns with `location`'s label (`GET /v1/blocks/?label=&tags=`)
+        whose id `exclude` does not rule out (blocks the mount shows elsewhere), or None: how
+        a replayed create finds out that an earlier attempt already made its block. Raises
+        FsError (ServerAway)."""
+        found = await self._call(self.client.list_owned_blocks(
+            self.agent_id, label=location.label, budget=budget), changes=False)
+        found = [block for block in found if not exclude(block.id)]
+        return found[-1] if found else None
+
+    async def relocate(self, block: Block, was_attached: bool, location: Location,
+                       budget: float | None = None) -> Block:
         """Give `block` a new label and attachment (a rename): PATCH `label`, attach or detach.
-        A block moved to the root keeps (or gets) the owner tag, so it stays visible. Returns the
-        block as the server has it now. Raises FsError."""
+        A block moved to the root keeps (or gets) the owner tag, so it stays visible. Safe to
+        repeat (a replay after a crash): attaching twice is fine, a detach of a block no longer
+        attached is taken as done. Returns the block as the server has it now. budget: seconds
+        of retries (default: the client's). Raises FsError."""
         async with self.lock(block.id):
             fields: dict[str, Any] = {}
             if location.label != block.label:
@@ -189,29 +212,39 @@ class Remote:
             if not location.attached and self.owner_tag not in block.tags:
                 fields["tags"] = [*block.tags, self.owner_tag]
             if fields:
-                block = await self._call(self.client.update_block(block.id, **fields))
+                block = await self._call(self.client.update_block(block.id, budget=budget,
+                                                                  **fields))
             if location.attached and not was_attached:
-                await self._call(self.client.attach_block(self.agent_id, block.id))
+                await self._call(self.client.attach_block(self.agent_id, block.id,
+                                                          budget=budget))
             elif was_attached and not location.attached:
-                await self._call(self.client.detach_block(self.agent_id, block.id))
+                await self._detach(block.id, budget)
         return block
 
-    async def retire(self, block: Block, attached: bool) -> bool:
+    async def _detach(self, block_id: str, budget: float | None) -> None:
+        try:
+            await self._call(self.client.detach_block(self.agent_id, block_id, budget=budget))
+        except FsError as exc:
+            if exc.errno != errno.ESTALE:  # NotFound: not attached (any more)
+                raise
+
+    async def retire(self, block: Block, attached: bool, budget: float | None = None) -> bool:
         """What unlinking a block file means on the server: detach it (when attached) and drop
-        the owner tag. The block itself is never deleted. Returns False when it was already
-        gone from the server. Raises FsError."""
+        the owner tag. The block itself is never deleted. Safe to repeat. Returns False when it
+        was already gone from the server. budget: seconds of retries (default: the client's).
+        Raises FsError (ServerAway when the server does not answer)."""
         async with self.lock(block.id):
             try:
-                current = await self._observed(self.client.get_block(block.id))
+                current = await self._observed(self.client.get_block(block.id, budget=budget))
             except NotFound:
                 return False
             except LettaError as exc:
                 raise from_letta(exc) from None
             if attached:
-                await self._call(self.client.detach_block(self.agent_id, block.id))
+                await self._detach(block.id, budget)
             if self.owner_tag in current.tags:
                 tags = [t for t in current.tags if t != self.owner_tag]
-                await self._call(self.client.update_block(block.id, tags=tags))
+                await self._call(self.client.update_block(block.id, budget=budget, tags=tags))
         return True
 
     async def set_value(self, block: Block, value: str) -> Block:

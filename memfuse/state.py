@@ -3,19 +3,22 @@
 Every change to what a program can see in the mount happens here, and each change to a block
 file is recorded to history in the same step (one `record(path, content, origin)` call per
 change; content None: the file is gone). Other modules read `state.tree` but never write it.
-That makes this the seam where a journal can see every change once.
+This is also the only writer of the journal (journal.py): a change the server cannot take is
+appended, fsync'd, before the tree shows it.
 
-Two callers change state: the FUSE side after the server accepted a change (`written`,
-`created`, `renamed`, `buried`, ...; origin LOCAL), and the server side (`reconcile` from a
-listing, `refreshed` from a revalidating read; origin SERVER), which also tells the kernel to
-drop what it cached (an Invalidator). Nothing here does I/O except those kernel notifications.
+Two callers change state: the FUSE side after the server accepted a change, or after it was
+journaled (`written`, `journaled`, `renamed`, `bury`, ...; origin LOCAL), and the server side
+(`reconcile` from a listing, `refreshed` from a revalidating read, `replayed`; origin SERVER),
+which also tells the kernel to drop what it cached (an Invalidator). Nothing here does I/O
+except those kernel notifications and the journal's appends.
 """
 from __future__ import annotations
 
 import errno
 import logging
 import os
-from typing import Callable, Protocol
+import dataclasses
+from typing import Any, Callable, Protocol
 
 import pyfuse3
 import trio
@@ -23,7 +26,7 @@ import trio
 from . import blockfile
 from .errors import FsError
 from .grace import Graveyard
-from .journal import Entry, Journal
+from .journal import CREATE, RELOCATE, UNLINK, WRITE, Entry, Journal
 from .model import MAX_PATH, MEMORY_FILESYSTEM_LABEL, Block, Location, Origin, is_block_name
 from .scratch import ScratchStore
 from .tree import Kind, Node, Tree
@@ -76,9 +79,10 @@ class MountState:
     tree: the namespace (`Tree(gitfile=...)`, empty); record: the history's recorder
     (`Snapshotter.record`); invalidator: the kernel's cache (KernelInvalidator once mounted);
     scratch: the scratch-file store; graveyard: tombstones of unlinked block files; journal:
-    writes the server could not take yet (None: no journal, such writes fail). A block with a
-    journaled write is *pinned*: the mount shows the journal's version, whatever the server
-    lists, until the write is replayed.
+    changes the server could not take yet, and unlinks in their grace period (None: no
+    journal, such changes fail). A block with a journaled write, create or rename is *pinned*:
+    the mount shows it as the journal makes it, whatever the server lists, until it is
+    replayed; a block with a journaled unlink is hidden.
     """
 
     def __init__(self, tree: Tree, record: Recorder, *, invalidator: Invalidator | None = None,
@@ -93,8 +97,22 @@ class MountState:
         self._warned: set[str] = set()
 
     def pinned(self) -> set[str]:
-        """Blocks whose journaled writes are not replayed yet."""
-        return self.journal.pending_block_ids() if self.journal is not None else set()
+        """Blocks shown as the journal makes them until it is replayed (Journal.pinned)."""
+        return self.journal.pinned() if self.journal is not None else set()
+
+    def hidden(self) -> set[str]:
+        """Blocks whose files were unlinked and that are not retired yet: in their grace period
+        or journaled."""
+        ids = self.graveyard.pending_block_ids()
+        return ids | self.journal.hidden() if self.journal is not None else ids
+
+    def _journal(self, append: Callable[[], Any]) -> Any:
+        """Run a journal append; OSError (a full or failing disk) becomes FsError(EIO) and
+        nothing changed."""
+        try:
+            return append()
+        except OSError as exc:
+            raise FsError(errno.EIO, f"the journal cannot be written ({exc.strerror})") from None
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -208,7 +226,7 @@ class MountState:
 
     def _apply(self, attached: list[Block], owned: list[Block], listed_at: float,
                changed: list[int]) -> None:
-        hidden = self.graveyard.pending_block_ids()  # unlinked here, not retired yet
+        hidden = self.hidden()  # unlinked here, not retired yet
         pinned = self.pinned()  # the journal's version is shown until it is replayed
         desired = self._desired(attached, owned, hidden)
         for node in self.tree.blocks():
@@ -229,6 +247,8 @@ class MountState:
                 self._record(self.tree.path(node), bytes(node.content), Origin.SERVER)
                 log.info("%s: new on the server", self.tree.path(node))
                 continue
+            if block_id in pinned:
+                continue  # shown as the journal makes it (moved, written) until replayed
             if self.tree.parts(node) != parts:
                 old_path, old_parent, old_name = self.tree.path(node), node.parent, node.name
                 parent = self._free_parent(parts, block_id)
@@ -240,7 +260,7 @@ class MountState:
                 self._record(old_path, None, Origin.SERVER)
                 self._record(self.tree.path(node), bytes(node.content), Origin.SERVER)
                 log.info("%s: moved on the server to %s", old_path, self.tree.path(node))
-            if block_id not in pinned and self.tree.bind(node, block, listed_at):
+            if self.tree.bind(node, block, listed_at):
                 changed.append(node.inode)
                 self._record(self.tree.path(node), bytes(node.content), Origin.SERVER)
 
@@ -285,55 +305,129 @@ class MountState:
     def journaled(self, node: Node, view: Block, content: bytes, base: Block) -> None:
         """A write the server could not take: journal it (durable when this returns) and show
         `view` (the block as the write makes it) at `node`, recorded as a local edit. base:
-        the server's block the write was made on. Raises OSError when the journal cannot be
-        written (then nothing changed)."""
-        assert self.journal is not None
-        self.journal.add(view, self.tree.path(node), content, base)
+        the server's block the write was made on. Raises FsError(EIO) when the journal cannot
+        be written (then nothing changed)."""
+        self.journal_write(view, self.tree.path(node), content, base)
         self.tree.bind(node, view, trio.current_time())
         self._record(self.tree.path(node), bytes(node.content), Origin.LOCAL)
 
+    def journal_write(self, block: Block, path: str, content: bytes, base: Block) -> None:
+        """Journal a write of the file `content` to `block` at `path`, made on the server's
+        `base`, before the tree shows it (`renamed` over a block file). Raises FsError(EIO)."""
+        assert self.journal is not None
+        self._journal(lambda: self.journal.add(block, path, content, base))
+
+    def journal_create(self, block_id: str, path: str, location: Location,
+                       content: bytes) -> None:
+        """Journal the create of a new block `block_id` (provisional) at `location` with the
+        file `content`, before the tree shows it (`written`, `renamed`). Raises FsError(EIO)
+        when the journal cannot be written."""
+        assert self.journal is not None
+        self._journal(lambda: self.journal.add_create(block_id, path, location, content))
+
+    def journal_relocations(self, moves: list[tuple[Node, Location]]) -> None:
+        """Renames the server could not take now: journal each block file's move to its new
+        location (one append) before the tree changes (`renamed`, `dir_renamed`). Raises
+        FsError(EIO) when the journal cannot be written."""
+        assert self.journal is not None
+        self._journal(lambda: self.journal.add_relocations(
+            (node.block.id, self.tree.path(node), self.location(node), location)
+            for node, location in moves))
+
     def show_journal(self) -> None:
-        """At mount: every block with journaled writes shows the last of them (pinned)."""
+        """At mount: every block with journaled changes is shown as they make it (pinned): its
+        writes applied, moved where its renames put it, a block created through the journal
+        added. A block the server no longer lists is left out (the replay finds out what
+        happened to it); so is a change whose path is taken."""
         if self.journal is None:
             return
+        hidden, groups = self.hidden(), {}
         for entry in self.journal.pending():
-            node = self.tree.block_node(entry.block_id)
-            if node is None or node.block is None:
-                continue  # not listed: the replay finds out what happened to it
-            self.tree.bind(node, blockfile.applied(node.block, blockfile.parse(entry.content)),
-                           trio.current_time())
-            self._record(self.tree.path(node), bytes(node.content), Origin.LOCAL)
+            groups.setdefault(entry.block_id, []).append(entry)
+        for block_id, entries in groups.items():
+            node = self.tree.block_node(block_id)
+            if block_id in hidden or (node is None and entries[0].kind != CREATE):
+                continue
+            block = node.block if node is not None else None
+            location = self.location(node) if node is not None else None
+            for entry in entries:
+                if entry.kind == CREATE:
+                    block = Block(block_id, entry.to.label, "", blockfile.DEFAULT_LIMIT)
+                if entry.kind in (CREATE, WRITE):
+                    block = blockfile.applied(block, blockfile.parse(entry.content))
+                if entry.kind in (CREATE, RELOCATE):
+                    location = entry.to
+                    block = dataclasses.replace(block, label=entry.to.label)
+            self._show(node, block, location)
 
-    def replayed(self, entry: Entry, block: Block | None, outcome: str, sent: bool,
-                 recorded: bool = False, superseded: list[Entry] = ()) -> None:
-        """A journaled write is settled (`outcome` in words); block: the server's block now
-        (None: gone from the server); sent: the server took the write; recorded: history
-        heard of another version of the file meanwhile (a conflict, a refusal). When it was
-        the block's last pending write the node shows the server's block again, recorded as a
-        local edit when it was sent; while later writes are pending the node keeps showing
-        the last of them, and history hears of that again after another version.
-        superseded: earlier writes to the block that `entry` made moot (settled with it)."""
-        assert self.journal is not None
-        self.journal.done(entry, outcome, list(superseded))
-        node = self.tree.block_node(entry.block_id)
-        if node is None or not self.shows(node, entry.block_id):
+    def _show(self, node: Node | None, block: Block, location: Location) -> None:
+        parts = location.parts()
+        old = self.tree.path(node) if node is not None else None
+        if parts is None:
             return
-        if entry.block_id in self.pinned():
-            if recorded:  # later writes still shown: history hears of the shown file again
+        if node is None or self.tree.parts(node) != parts:
+            parent = self._free_parent(parts, block.id)
+            if parent is None:
+                return
+            if node is None:
+                node = self.tree.add(Kind.BLOCK, parent, parts[-1])
+            else:
+                self.tree.move(node, parent, parts[-1])
+                self._record(old, None, Origin.LOCAL)
+        self.tree.bind(node, block, trio.current_time())
+        self._record(self.tree.path(node), bytes(node.content), Origin.LOCAL)
+
+    def replayed(self, entries: list[Entry], block: Block | None, outcome: str, sent: bool,
+                 recorded: bool = False) -> None:
+        """A block's journaled changes `entries` (oldest first) are settled (`outcome` in
+        words); block: the server's block now (None: gone from the server, or retired); sent:
+        the server took them; recorded: history heard of another version of the file
+        meanwhile (a conflict, a refusal). A block created through the journal takes its
+        server id. When nothing is pending for the block any more the node shows the server's
+        block again, recorded as a local edit when it was sent; while later changes are
+        pending (journaled during the replay) the node keeps showing the last of them, and
+        history hears of that again after another version."""
+        assert self.journal is not None
+        last = entries[-1]
+        created = block is not None and block.id != last.block_id
+        self.journal.done(last, outcome, entries[:-1], block_id=block.id if created else None)
+        node = self.tree.block_node(last.block_id)
+        if node is None or not self.shows(node, last.block_id):
+            return
+        now = trio.current_time()
+        if created:  # the provisional id is the server's now
+            self.tree.bind(node, dataclasses.replace(node.block, id=block.id), now)
+        if node.block.id in self.pinned():
+            if recorded:  # later changes still shown: history hears of the shown file again
                 self._record(self.tree.path(node), bytes(node.content), Origin.LOCAL)
             return
         if block is None:
             return  # the server's version is unknown: the next poll shows it
-        if self.tree.bind(node, block, trio.current_time()) or sent or recorded:
+        if self.tree.bind(node, block, now) or sent or recorded:
             self._record(self.tree.path(node), bytes(node.content),
                          Origin.LOCAL if sent else Origin.SERVER)
 
-    def refused(self, entry: Entry, path: str) -> None:
-        """A journaled write the server refused for good (its block is gone, say): the file it
-        made goes to history at `path` (where the block is shown now) as a rejected edit, so a
-        person can get it back with git."""
-        made = blockfile.applied(entry.base_block(), blockfile.parse(entry.content))
+    def refused(self, path: str, made: Block) -> None:
+        """Journaled changes the server refused for good (their block is gone, say): the file
+        they made (`made`) goes to history at `path` (where the block is shown now) as a
+        rejected edit, so a person can get it back with git."""
         self._record(path, blockfile.render(made), Origin.REJECTED)
+
+    def rejected(self, node: Node, data: bytes) -> None:
+        """A close of the block file `node` failed (EFBIG, EINVAL, a refusal of the server):
+        the bytes `data` the program wrote go to history as a rejected edit, then the file as
+        the mount still shows it, so a person can get them back with git and history still
+        equals the mount. A new file whose block was never made leaves the mount (it would be
+        a file neither the server nor the journal knows); an open handle keeps it as scratch."""
+        path = self.tree.path(node)
+        self._record(path, data, Origin.REJECTED)
+        if node.block is not None:
+            self._record(path, bytes(node.content), Origin.SERVER)
+            return
+        self._record(path, None, Origin.SERVER)
+        self._remove(node, notify=True)
+        log.warning("%s: its block could not be made; the file is removed (its bytes are in "
+                    "history as a rejected edit)", path)
 
     def conflict(self, path: str, theirs: Block, rejected: blockfile.ParsedFile | None = None,
                  node: Node | None = None) -> None:
@@ -361,6 +455,7 @@ class MountState:
         if not is_block_name(name):
             return self.tree.add(Kind.SCRATCH, parent, name)
         self.location_at(parts)
+        self._claim_entry(parts)
         node = self.tree.add(Kind.BLOCK, parent, name)
         tomb = self.graveyard.claim(parts)
         if tomb is not None:
@@ -382,18 +477,45 @@ class MountState:
             raise FsError(errno.EEXIST, "file exists")
         return self.tree.add(Kind.SYMLINK, parent, name, content=target, mode=0o777)
 
+    def _claim_entry(self, parts: tuple[str, ...]) -> None:
+        """A file appears at `parts`: the journaled unlink of a tombstone there is settled
+        first (the tombstone itself is claimed by the caller). Raises FsError(EIO)."""
+        tomb = self.graveyard.peek(parts)
+        if tomb is not None and tomb.entry is not None and self.journal is not None:
+            self._journal(lambda: self.journal.done(
+                tomb.entry, "claimed back: a file appeared at its path within the grace period"))
+            tomb.entry = None
+
     def bury(self, node: Node) -> None:
         """The linked block file `node` becomes a scratch file with the same bytes; its block
         (if sent) is gone from history at this path and retired after the grace period unless
-        a file claims it back."""
+        a file claims it back. With a journal the unlink is journaled first (a crash in the
+        grace period still retires the block at the next mount). Raises FsError(EIO) when the
+        journal cannot be written (then nothing changed)."""
         parts = self.tree.parts(node)
         assert parts is not None
-        location = Location.at(parts)
+        location = Location.at(parts) or Location(False, "/".join(parts))
+        entry = None
+        if node.block is not None and self.journal is not None:
+            entry = self._journal(lambda: self.journal.add_unlink(node.block.id, "/".join(parts),
+                                                                  location))
         block, content = self.tree.unbind(node)
         self.scratch.adopt(node.inode, content)
         if block is not None:
-            self.graveyard.bury(parts, block, location is not None and location.attached)
+            self.graveyard.bury(parts, block, location.attached, entry)
             self._record("/".join(parts), None, Origin.LOCAL)
+
+    def retired(self, entry: Entry | None, outcome: str) -> None:
+        """An unlinked file's block was retired (or found gone, or refused for good): its
+        journaled unlink is settled. Raises FsError(EIO) when the journal cannot be written."""
+        if entry is not None and self.journal is not None:
+            self._journal(lambda: self.journal.done(entry, outcome))
+
+    def queue_unlink(self, entry: Entry) -> None:
+        """The retirement of an unlinked file's block cannot be made now: its journaled unlink
+        waits for the server (replayed with the block's other changes)."""
+        assert self.journal is not None
+        self.journal.queue(entry)
 
     def unlink(self, node: Node) -> None:
         """Remove a file (a block file is buried first) or an empty directory."""
@@ -423,12 +545,12 @@ class MountState:
         the moved file shows (recorded at its new path), None for a scratch target or a block
         file not sent yet."""
         new_parts = (self.tree.parts(new_parent) or ()) + (new_name,)
+        if src.kind is Kind.BLOCK and bury_source:
+            self.bury(src)  # first: it may fail (EIO) before anything changed
+        self._claim_entry(new_parts)
         self.graveyard.claim(new_parts)
-        if src.kind is Kind.BLOCK:
-            if bury_source:
-                self.bury(src)
-            elif src.block is not None:
-                self._record(self.tree.path(src), None, Origin.LOCAL)
+        if src.kind is Kind.BLOCK and not bury_source and src.block is not None:
+            self._record(self.tree.path(src), None, Origin.LOCAL)
         dst = self.tree.child(new_parent, new_name)
         if dst is not None:
             self._remove(dst, notify=False)

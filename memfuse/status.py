@@ -36,7 +36,7 @@ class Status(JsonRecord):
     updated_at: float
     unexpected_errors: int = 0  # caught at the safe boundary (bugs): EIO to a call, or a restart
     unreachable_since: float | None = None  # when the server stopped answering (None: it answers)
-    journal_pending: int = 0  # journaled writes not sent yet
+    journal_pending: int = 0  # journaled changes waiting for the server
     journal_oldest_at: float | None = None  # when the oldest of them was journaled
     last_replay: str | None = None  # the last journal entry replayed and its outcome
 
@@ -70,7 +70,7 @@ class Status(JsonRecord):
             f"  pending        {pending}",
             f"  last commit    {commit}",
             f"  last conflict  {self.last_conflict or 'none'}",
-            "  journal        " + (f"{self.journal_pending} write(s) waiting for the server, "
+            "  journal        " + (f"{self.journal_pending} change(s) waiting for the server, "
                                     f"the oldest from {ago(self.journal_oldest_at)}"
                                     if self.journal_pending else "empty")
             + (f"; last replayed: {self.last_replay}" if self.last_replay else ""),

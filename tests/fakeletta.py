@@ -84,8 +84,9 @@ class FakeLetta:
         if m := re.fullmatch(r"/v1/agents/([^/]+)/core-memory/blocks", path):
             return self._page([self.blocks[i] for i in self.agents[m[1]]], params)
         if path == "/v1/blocks/" and request.method == "GET":
-            tag = params.get("tags")
-            return self._page([b for b in self.blocks.values() if tag in b["tags"]], params)
+            tag, label = params.get("tags"), params.get("label")
+            return self._page([b for b in self.blocks.values() if tag in b["tags"]
+                               and label in (None, b["label"])], params)
         if path == "/v1/blocks/" and request.method == "POST":
             block_id = self.add_block(body["label"], body.get("value", ""),
                                       description=body.get("description"),
@@ -103,6 +104,8 @@ class FakeLetta:
                     attached.append(block_id)
             elif block_id in attached:
                 attached.remove(block_id)
+            else:  # as 0.16.8 answers
+                return httpx.Response(404, json={"detail": "block not attached"})
             return httpx.Response(200, json={"id": agent})
         if m := re.fullmatch(r"/v1/blocks/([^/]+)", path):
             block = self.blocks.get(m[1])

@@ -19,31 +19,38 @@ from .fakeletta import FakeLetta
 HUMAN = b"---\ndescription: desc\nlimit: 20000\n---\nThe human.\n"
 
 
-async def make_world(nursery, grace: float = 0.2, journal: bool = True):
+async def make_world(nursery, grace: float = 0.2, journal: bool = True, after=None):
     """A mount's Operations over a FakeLetta agent with human, persona (limit 20),
     projects/policy (read-only) attached and notes detached; the retirer runs in `nursery`.
 
     `records` lists every (path, content, origin) the state recorded after the load;
     `loaded` is the tree's files right after the load (what the mount snapshot commits);
-    `journal` the journal (in a fresh temporary directory) unless journal=False."""
-    fake = FakeLetta()
-    agent = fake.add_agent()
-    ids = {
-        "human": fake.add_block("human", "The human.\n", agent=agent),
-        "persona": fake.add_block("persona", "I am.", agent=agent, limit=20),
-        "policy": fake.add_block("projects/policy", "Rules.", agent=agent, read_only=True),
-        "notes": fake.add_block("notes", "n", agent=agent, attached=False,
-                                tags=[f"owner:{agent}"]),
-    }
+    `journal` the journal (in a fresh temporary directory) unless journal=False.
+    after: an earlier world whose daemon died: the new mount has its server and a fresh read
+    of its journal file (a restart)."""
+    if after is None:
+        fake = FakeLetta()
+        agent = fake.add_agent()
+        ids = {
+            "human": fake.add_block("human", "The human.\n", agent=agent),
+            "persona": fake.add_block("persona", "I am.", agent=agent, limit=20),
+            "policy": fake.add_block("projects/policy", "Rules.", agent=agent, read_only=True),
+            "notes": fake.add_block("notes", "n", agent=agent, attached=False,
+                                    tags=[f"owner:{agent}"]),
+        }
+    else:
+        fake, agent, ids = after.fake, after.agent, after.ids
     records = []
     client = LettaClient("http://letta.test", transport=fake.transport(), retry_budget=0.2)
-    journal_file = Journal(Path(tempfile.mkdtemp(prefix="memfuse-journal-")) / "memory.journal"
-                           ) if journal else None
+    journal_path = (after.journal.path if after is not None else
+                    Path(tempfile.mkdtemp(prefix="memfuse-journal-")) / "memory.journal")
+    journal_file = Journal(journal_path) if journal else None
     state = MountState(Tree(gitfile=b"gitdir: /somewhere/memory.git\n"),
                        lambda *change: records.append(change), graveyard=Graveyard(grace),
                        journal=journal_file)
     remote = Remote(client, agent)
     state.load(*await remote.listing(), 0.0, {})
+    state.show_journal()
     loaded = state.tree.files()
     records.clear()  # the load is the mount's snapshot, committed as one
     files = BlockFiles(state, remote, revalidate=3600)

@@ -95,7 +95,6 @@ async def test_size_while_writing_is_the_buffer(world):
     (b"---\ncolour: red\n---\nx", errno.EINVAL, "unknown frontmatter key(s): colour"),
     (b"bad \xff byte", errno.EINVAL, "not valid UTF-8"),
 ])
-@pytest.mark.expect_error("closed with changes the server refused")
 async def test_refused_content_errors_at_close_and_leaves_server_alone(world, caplog, data, code,
                                                                       words):
     before = dict(world.fake.blocks[world.ids["persona"]])
@@ -160,7 +159,6 @@ async def test_unreachable_server_on_open_serves_the_cache(world):
 
 @pytest.mark.parametrize("status, code", [(400, errno.EINVAL), (404, errno.ESTALE),
                                           (409, errno.EEXIST)])  # 5xx: journaled (offline)
-@pytest.mark.expect_error("closed with changes the server refused")
 async def test_server_refusal_at_close_is_an_errno(world, status, code):
     world.fake.fail_next = [status] * 50
     with pytest.raises(pyfuse3.FUSEError) as caught:

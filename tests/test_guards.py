@@ -13,7 +13,7 @@ from memfuse.keeper import TreeBlockKeeper, render_memory_filesystem
 from memfuse.model import Origin
 from memfuse.poller import Poller
 
-from .fsworld import inode_of, read_all
+from .fsworld import inode_of, make_world, read_all
 from .test_namespace import create, unlink
 
 TRUNCATE = SimpleNamespace(update_size=True, update_mode=False, update_mtime=False)
@@ -30,7 +30,8 @@ async def test_retire_all_retires_pending_unlinks_before_their_grace_ends(world)
 
 
 @pytest.mark.expect_error("gave up retiring block")
-async def test_a_retirement_that_keeps_failing_is_given_up_after_its_tries(world, caplog):
+async def test_without_a_journal_a_retirement_that_keeps_failing_is_given_up(nursery, caplog):
+    world = await make_world(nursery, journal=False)  # with one, it is journaled (test_offline)
     human = world.ids["human"]
     world.fake.fail_paths[f"/v1/blocks/{human}"] = 503  # the retirer's GET always fails
     await unlink(world.fs, "system/human.md")

@@ -11,6 +11,7 @@ from memfuse.files import REPLAY_FAILURES
 from memfuse.journal import Journal
 from memfuse.model import Block, Origin
 from memfuse.poller import Poller
+from memfuse.tree import ROOT_INODE
 
 from .fsworld import HUMAN, inode_of, read_all
 
@@ -119,7 +120,7 @@ async def test_a_server_change_during_the_outage_is_a_conflict_at_replay(world, 
     assert world.journal.pending() == [] and "journaled" in world.files.last_conflict
 
 
-@pytest.mark.expect_error("the server refused a journaled write")
+@pytest.mark.expect_error("the server refused journaled changes")
 async def test_a_write_the_server_refuses_at_replay_stays_in_history(world):
     world.fake.down = True
     await write(world, "system/human.md", b"For a block about to vanish.\n")
@@ -235,7 +236,7 @@ async def test_an_answer_that_may_pass_keeps_the_entry(world, status):
     assert world.fake.blocks[world.ids["human"]]["value"] == "offline\n"
 
 
-@pytest.mark.expect_error("the server refused a journaled write")
+@pytest.mark.expect_error("the server refused journaled changes")
 async def test_a_write_the_server_keeps_failing_on_is_given_up_after_its_tries(world):
     world.fake.down = True
     await write(world, "system/human.md", b"the server chokes on this\n")
@@ -258,3 +259,208 @@ async def test_several_journaled_writes_to_one_block_chain_without_false_conflic
     block = world.fake.blocks[world.ids["human"]]
     assert (block["description"], block["limit"], block["value"]) == ("new", 500, "two\n")
     assert world.files.last_conflict is None
+
+
+# -- namespace changes while the server is away ---------------------------------------------------
+
+from memfuse.model import is_provisional  # noqa: E402
+
+from .fsworld import check_invariants, make_world  # noqa: E402
+from .test_namespace import create, listdir, rename, unlink  # noqa: E402
+
+
+async def server_back(world) -> None:
+    """The server answers again: the poller sees it, then the journal replays."""
+    world.fake.down = False
+    assert await Poller(world.state, world.remote).poll_once()
+    assert await world.files.replay(), world.files.last_replay
+    assert world.journal.queued() == []
+
+
+async def test_an_unlink_is_journaled_at_once_and_a_claim_settles_it(world):
+    await unlink(world.fs, "notes.md")
+    [entry] = world.journal.pending()
+    assert (entry.kind, entry.block_id, entry.queued) == ("unlink", world.ids["notes"], False)
+    assert Journal(world.journal.path).pending()[0].kind == "unlink"  # durable in the grace
+    await create(world.fs, "notes.md", b"back within the grace period\n")
+    assert world.journal.pending() == [] and world.journal.path.read_bytes() == b""
+    await trio.sleep(1)
+    assert world.fake.calls("detach") == []
+    assert world.fake.blocks[world.ids["notes"]]["value"] == "back within the grace period\n"
+
+
+async def test_a_retirement_the_server_cannot_take_is_journaled_and_never_given_up(world):
+    world.fake.down = True
+    await unlink(world.fs, "system/human.md")
+    await trio.sleep(3600)  # the grace period ends with the server away: queued, not dropped
+    [entry] = world.journal.queued()
+    assert entry.kind == "unlink"
+    world.fake.down = False
+    assert await Poller(world.state, world.remote).poll_once()
+    assert "human.md" not in await listdir(world.fs, "system")  # hidden until it is replayed
+    assert await world.files.replay()
+    assert world.ids["human"] not in world.fake.agents[world.agent]
+    assert world.journal.pending() == []
+    assert world.files.last_replay == "system/human.md: retired"
+
+
+async def test_an_unlink_in_its_grace_period_survives_a_crash(world, nursery):
+    await unlink(world.fs, "notes.md")  # the daemon dies before the grace period ends
+    again = await make_world(nursery, after=world)
+    assert "notes.md" not in await listdir(again.fs, "")
+    assert await again.files.replay()
+    assert world.fake.blocks[world.ids["notes"]]["tags"] == []  # retired, never deleted
+    assert again.journal.pending() == []
+    check_invariants(again)
+
+
+async def test_a_create_while_the_server_is_away_is_journaled_and_replayed_once(world):
+    world.fake.down = True
+    await create(world.fs, "system/todo.md", b"first\n")  # close() returns 0
+    node = world.state.tree.node(await inode_of(world.fs, "system/todo.md"))
+    assert is_provisional(node.block.id)
+    await write(world, "system/todo.md", b"second\n")
+    assert [e.kind for e in world.journal.pending()] == ["create", "write"]
+    assert (await read_all(world.fs, "system/todo.md")).endswith(b"---\nsecond\n")
+    await server_back(world)
+    [made] = world.fake.by_label("todo")
+    assert made["value"] == "second\n" and made["id"] in world.fake.agents[world.agent]
+    assert node.block.id == made["id"] and world.state.tree.block_node(made["id"]) is node
+    await write(world, "system/todo.md", b"third\n")  # online again: a plain PATCH
+    assert made["value"] == "third\n" and world.journal.pending() == []
+
+
+async def test_a_replayed_create_after_a_crash_makes_no_second_block(world, nursery):
+    world.fake.down = True
+    await create(world.fs, "idea.md", b"an idea\n")
+    world.fake.down = False
+    world.fake.requests.clear()
+    # the replay's POST reached the server, then the daemon died before its `done` line
+    world.fake.add_block("idea", "an idea\n", agent=world.agent, attached=False,
+                         tags=[f"owner:{world.agent}"])
+    again = await make_world(nursery, after=world)
+    assert await again.files.replay()
+    assert len(world.fake.by_label("idea")) == 1 and world.fake.calls("create") == []
+    assert (await read_all(again.fs, "idea.md")).endswith(b"---\nan idea\n")
+    assert again.journal.pending() == []
+    check_invariants(again)
+
+
+async def test_a_create_then_unlink_while_away_sends_nothing(world):
+    world.fake.down = True
+    await create(world.fs, "draft.md", b"never mind\n")
+    await unlink(world.fs, "draft.md")
+    await trio.sleep(3600)
+    world.fake.requests.clear()
+    await server_back(world)
+    assert world.fake.by_label("draft") == [] and world.fake.calls("create") == []
+    assert "created and removed while the server was away" in world.files.last_replay
+
+
+async def test_renames_while_away_are_journaled_shown_and_replayed(world):
+    world.fake.down = True
+    await rename(world.fs, "notes.md", "system/notes.md")  # attach
+    await rename(world.fs, "system/persona.md", "persona.md")  # detach
+    await rename(world.fs, "system/human.md", "system/person.md")  # relabel
+    assert [e.kind for e in world.journal.pending()] == ["relocate"] * 3
+    world.fake.down = False
+    assert await Poller(world.state, world.remote).poll_once()  # the listing does not undo them
+    assert await listdir(world.fs, "system") == ["notes.md", "person.md", "projects"]
+    assert "persona.md" in await listdir(world.fs, "")
+    assert await world.files.replay()
+    fake, agent = world.fake, world.agent
+    assert fake.blocks[world.ids["human"]]["label"] == "person"
+    assert world.ids["notes"] in fake.agents[agent]
+    assert world.ids["persona"] not in fake.agents[agent]
+    assert f"owner:{agent}" in fake.blocks[world.ids["persona"]]["tags"]
+    assert await Poller(world.state, world.remote).poll_once()
+    assert await listdir(world.fs, "system") == ["notes.md", "person.md", "projects"]
+
+
+async def test_a_directory_rename_while_away_moves_every_block_below_it(world):
+    await world.fs.mkdir(ROOT_INODE, b"ideas", 0o755, None)
+    await create(world.fs, "ideas/a.md", b"a\n")
+    await create(world.fs, "ideas/b.md", b"b\n")
+    world.fake.down = True
+    await rename(world.fs, "ideas", "system/thoughts")  # relabel and attach, two blocks
+    assert [e.kind for e in world.journal.pending()] == ["relocate", "relocate"]
+    assert await listdir(world.fs, "system/thoughts") == ["a.md", "b.md"]
+    await server_back(world)
+    attached = {world.fake.blocks[i]["label"] for i in world.fake.agents[world.agent]}
+    assert {"thoughts/a", "thoughts/b"} <= attached
+
+
+async def test_sed_i_while_away_is_a_journaled_write_of_the_target(world):
+    world.fake.down = True
+    system = await inode_of(world.fs, "system")
+    info, _ = await world.fs.create(system, b"sedXy12", 0o644, os.O_WRONLY, None)
+    await world.fs.write(info.fh, 0, b"edited by sed\n")
+    await world.fs.flush(info.fh)
+    await world.fs.release(info.fh)
+    await world.fs.rename(system, b"sedXy12", system, b"human.md", 0, None)
+    assert (await read_all(world.fs, "system/human.md")).endswith(b"---\nedited by sed\n")
+    await server_back(world)
+    assert world.fake.blocks[world.ids["human"]]["value"] == "edited by sed\n"
+    assert world.fake.calls("create") == []
+
+
+async def test_a_scratch_file_renamed_to_a_block_name_while_away_is_a_journaled_create(world):
+    world.fake.down = True
+    await create(world.fs, "notes.tmp", b"from scratch\n")
+    await rename(world.fs, "notes.tmp", "fresh.md")
+    [entry] = world.journal.pending()
+    assert entry.kind == "create" and entry.content == b"from scratch\n"
+    await server_back(world)
+    assert [b["value"] for b in world.fake.by_label("fresh")] == ["from scratch\n"]
+
+
+async def test_journaled_renames_and_creates_are_shown_after_a_restart(world, nursery):
+    world.fake.down = True
+    await rename(world.fs, "notes.md", "system/notes.md")
+    await create(world.fs, "later.md", b"made offline\n")
+    world.fake.down = False
+    again = await make_world(nursery, after=world)  # the daemon died; not replayed yet
+    assert "notes.md" in await listdir(again.fs, "system")
+    assert (await read_all(again.fs, "later.md")).endswith(b"---\nmade offline\n")
+    await server_back(again)
+    assert world.ids["notes"] in world.fake.agents[world.agent]
+    assert [b["value"] for b in world.fake.by_label("later")] == ["made offline\n"]
+    check_invariants(again)
+
+
+# -- the bytes of a failed close are kept --------------------------------------------------------
+
+
+async def test_the_bytes_of_a_write_refused_at_write_are_kept_in_history(world):
+    info = await world.fs.open(await inode_of(world.fs, "system/persona.md"),
+                               os.O_WRONLY | os.O_TRUNC, None)
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await world.fs.write(info.fh, 0, b"far more than twenty characters")
+    assert caught.value.errno == errno.EFBIG
+    for _ in range(2):  # a dup's close too: kept once
+        with pytest.raises(pyfuse3.FUSEError):
+            await world.fs.flush(info.fh)
+    await world.fs.release(info.fh)
+    rejected = [r for r in world.records if r[2] is Origin.REJECTED]
+    assert rejected == [("system/persona.md", b"far more than twenty characters",
+                         Origin.REJECTED)]
+    assert world.fake.blocks[world.ids["persona"]]["value"] == "I am."
+
+
+async def test_the_bytes_of_a_write_the_server_refuses_are_kept_in_history(world):
+    world.fake.fail_next = [400]
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await write(world, "system/human.md", b"the server says no\n")
+    assert caught.value.errno == errno.EINVAL
+    assert ("system/human.md", b"the server says no\n", Origin.REJECTED) in world.records
+    assert world.records[-1] == ("system/human.md", HUMAN, Origin.SERVER)  # shown again
+
+
+async def test_a_create_the_server_refuses_leaves_no_file_behind(world):
+    world.fake.fail_paths["/v1/blocks/"] = 422
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await create(world.fs, "refused.md", b"keep me\n")
+    assert caught.value.errno == errno.EINVAL
+    assert "refused.md" not in await listdir(world.fs, "")
+    assert ("refused.md", b"keep me\n", Origin.REJECTED) in world.records
+    assert world.records[-1] == ("refused.md", None, Origin.SERVER)

@@ -124,7 +124,6 @@ async def test_conflict_overwrite_keeps_both_versions_in_order(world):
     assert "changed on the server after it was opened" in world.files.last_conflict
 
 
-@pytest.mark.expect_error("closed with changes the server refused")
 async def test_conflict_reject_fails_estale_and_keeps_both_versions(world):
     fs, fake = world.fs, world.fake
     world.remote.on_conflict = "reject"

@@ -77,7 +77,7 @@ def test_a_write_during_an_outage_is_journaled_then_replayed(proxied, proxy, api
     assert time.monotonic() - started < 6  # a 2 s budget, not 10 s and EIO
     assert m.sh("cat system/human.md").stdout.endswith("Written while the server was away.\n")
     # the status file is published every second: wait for the one after the write
-    wait_for(lambda: "1 write(s) waiting for the server" in m.memfuse("status", m.agent_id)
+    wait_for(lambda: "1 change(s) waiting for the server" in m.memfuse("status", m.agent_id)
              .stdout, 10)
     journal = m.state / "memory.journal"  # beside the history, never in the mount
     entry = json.loads(journal.read_text().splitlines()[0])
@@ -115,11 +115,66 @@ def test_umount_during_an_outage_keeps_the_journal_and_says_so(agent, home, prox
     started = time.monotonic()
     result = m.memfuse("umount", agent)
     assert time.monotonic() - started < 40
-    assert "1 write(s) the server did not take yet are kept in" in result.stdout
+    assert "1 change(s) the server did not take yet are kept in" in result.stdout
     assert not os.path.ismount(m.path)
     proxy.restore()
     m = start_mount(agent, home, "--base-url", proxy.url)
     try:
         wait_for(lambda: block_by_label(api, agent, "human")["value"] == "Kept for later.\n", 20)
+    finally:
+        stop_mount(m)
+
+
+def owned_labels(api, agent_id: str) -> list[str]:
+    return sorted(b["label"] for b in api.get("/v1/blocks/", params={
+        "tags": f"owner:{agent_id}", "limit": 100}).json())
+
+
+def test_create_rename_and_unlink_during_an_outage_are_journaled_then_replayed(proxied, proxy,
+                                                                               api):
+    m = proxied
+    m.sh("echo 'Notes.' > notes.md")  # online: a detached block
+    wait_for(lambda: "notes" in owned_labels(api, m.agent_id), 10)
+    proxy.cut()
+    m.sh("echo 'Made while the server was away.' > system/todo.md")  # exit 0: journaled create
+    m.sh("mv notes.md system/notes.md")  # attach
+    m.sh("rm system/persona.md")  # its retirement comes after the 2 s grace period
+    assert m.sh("ls system").stdout.split() == ["human.md", "notes.md", "todo.md"]
+    assert m.sh("cat system/todo.md").stdout.endswith("---\nMade while the server was away.\n")
+    time.sleep(3)  # the grace period ends with the server away: the unlink is queued
+    status = wait_for(lambda: "3 change(s) waiting for the server" in (
+        s := m.memfuse("status", m.agent_id).stdout) and s, 10)
+    assert "UNREACHABLE" in status
+    assert m.sh("ls system").stdout.split() == ["human.md", "notes.md", "todo.md"]
+    proxy.restore()
+    wait_for(lambda: "journal        empty" in m.memfuse("status", m.agent_id).stdout, 20)
+    attached = {b["label"]: b for b in api.get(
+        f"/v1/agents/{m.agent_id}/core-memory/blocks").json()}
+    assert sorted(attached) == ["human", "notes", "todo"]  # persona detached, notes attached
+    assert attached["todo"]["value"] == "Made while the server was away.\n"
+    assert owned_labels(api, m.agent_id).count("todo") == 1  # one block, never two
+    assert m.sh("ls system").stdout.split() == ["human.md", "notes.md", "todo.md"]
+    time.sleep(1.5)  # a poll after the replay changes nothing
+    assert m.sh("ls system").stdout.split() == ["human.md", "notes.md", "todo.md"]
+    assert m.sh("git status --porcelain").stdout == ""
+
+
+def test_journaled_namespace_changes_survive_kill_9(agent, home, proxy, api):
+    m = start_mount(agent, home, "--base-url", proxy.url)
+    try:
+        proxy.cut()
+        m.sh("echo 'Created, then the daemon died.' > system/later.md")
+        m.sh("rm system/persona.md")  # killed within its grace period
+        os.kill(json.loads((m.state / "memfuse.pid").read_text())["pid"], 9)
+        subprocess.run(["fusermount3", "-u", "-z", str(m.path)], check=False)
+        m.memfuse("umount", agent, check=False)
+        proxy.restore()
+        m = start_mount(agent, home, "--base-url", proxy.url)
+        assert m.sh("ls system").stdout.split() == ["human.md", "later.md"]
+        wait_for(lambda: "journal        empty" in m.memfuse("status", agent).stdout, 20)
+        attached = {b["label"]: b for b in api.get(
+            f"/v1/agents/{agent}/core-memory/blocks").json()}
+        assert sorted(attached) == ["human", "later"]
+        assert attached["later"]["value"] == "Created, then the daemon died.\n"
     finally:
         stop_mount(m)
