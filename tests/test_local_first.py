@@ -5,6 +5,7 @@ server's) what changed there, then sends the journal."""
 import json
 import os
 import stat
+import time
 from functools import partial
 
 import httpx
@@ -223,3 +224,17 @@ async def test_a_file_the_block_map_does_not_name_is_not_committed_as_deleted(se
         await wait_until(lambda: in_thread(notes.exists))
         nursery.cancel_scope.cancel()
     assert history(config) == before  # the server's file is the history's: nothing to commit
+
+
+def test_status_says_local_first_until_the_server_is_listed():
+    now = time.time()
+    fields = dict(agent_id="agent-1", mountpoint="/m", base_url="http://s", pid=7,
+                  reachable=False, last_poll=None, pending_writes=0, pending_unlinks=0,
+                  uncommitted=0, last_commit=None, last_commit_message=None,
+                  last_commit_at=None, last_conflict=None, last_error=None, last_error_at=None,
+                  updated_at=now, unreachable_since=now - 3)
+    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now - 3))
+    text = Status(**fields, local_first_at=now - 3).render(now)
+    assert text.splitlines()[2] == (f"  started        local-first (mounted from history at "
+                                    f"{at}); the server's changes show once it answers")
+    assert "local-first" not in Status(**fields).render(now)
