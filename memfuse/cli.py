@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -26,7 +27,8 @@ from .journal import Journal
 from .remote import CONFLICT_POLICIES
 from .status import Status
 
-READY = "ready"
+READY = "ready"    # the ready pipe's last line: "ready", or "error <why>"
+NOTICE = "notice"  # lines before it: "notice <sentence>" (a local-first mount says so)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,8 +86,14 @@ def _mount_foreground(config: Config, ready_fd: int | None) -> int:
             print(f"memfuse: serving agent {config.agent_id} at {config.mountpoint} "
                   f"(Ctrl-C to unmount)", file=sys.stderr)
 
+    def on_notice(text: str) -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, f"{NOTICE} {text}\n".encode())
+        else:
+            print(f"memfuse: {text}", file=sys.stderr)
+
     try:
-        trio.run(serve, config, on_ready)
+        trio.run(partial(serve, config, on_ready, on_notice=on_notice))
     except MountError as exc:
         logging.getLogger("memfuse").error("%s", exc)
         return 1
@@ -94,7 +102,7 @@ def _mount_foreground(config: Config, ready_fd: int | None) -> int:
 
 def _mount_background(args: argparse.Namespace, config: Config) -> int:
     """Start `memfuse mount --foreground` detached, logging to the agent's log file, and wait
-    for its one-line report on a pipe."""
+    for its report on a pipe (notices go to stderr)."""
     private_dir(config.state_dir)
     read_fd, write_fd = os.pipe()
     argv = [sys.executable, "-m", "memfuse.cli", "mount", config.agent_id, str(config.mountpoint),
@@ -109,15 +117,38 @@ def _mount_background(args: argparse.Namespace, config: Config) -> int:
         subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                          pass_fds=(write_fd,), start_new_session=True)
     os.close(write_fd)
-    with os.fdopen(read_fd) as report:
-        ready, _, _ = select.select([report], [], [], 180)
-        line = report.readline().strip() if ready else "error the daemon did not report in 180 s"
+    try:
+        lines = _read_report(read_fd, 180)
+    finally:
+        os.close(read_fd)
+    line = lines[-1] if lines else ""
+    for notice in lines[:-1]:
+        print(f"memfuse: {notice.removeprefix(NOTICE + ' ')}", file=sys.stderr)
     if line == READY:
         print(f"memfuse: mounted agent {config.agent_id} at {config.mountpoint}")
         return 0
     reason = line.removeprefix("error ") if line else "the daemon exited during start-up"
     print(f"memfuse: {reason} (log: {config.log_file})", file=sys.stderr)
     return 1
+
+
+def _read_report(fd: int, timeout: float) -> list[str]:
+    """The lines the daemon writes on its ready pipe `fd`: any `notice` lines, then `ready` or
+    `error <why>` (the last line; "" when the daemon exited without one), waiting at most
+    `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while True:
+        *complete, rest = [line.strip() for line in data.decode(errors="replace").split("\n")]
+        if complete and not complete[-1].startswith(NOTICE + " "):
+            return complete
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            return complete + [f"error the daemon did not report in {timeout:g} s"]
+        chunk = os.read(fd, 4096)
+        if not chunk:  # the daemon exited
+            return complete + [rest]
+        data += chunk
 
 
 def _find_mount(target: str) -> tuple[Path | None, RunningMount | None, Path]:

@@ -101,6 +101,12 @@ class Config:
         return self.history_dir.with_suffix(".journal")
 
     @property
+    def block_map_file(self) -> Path:
+        """Which block each history file is (blockmap.py), for a mount started while the
+        server is away: beside the history, `<history>.blocks`."""
+        return self.history_dir.with_suffix(".blocks")
+
+    @property
     def log_file(self) -> Path:
         """The daemon's log: `<state_dir>/memfuse.log`."""
         return self.state_dir / "memfuse.log"

@@ -2,8 +2,11 @@
 retirer of unlinked blocks, the memory_filesystem keeper and the status publisher.
 
 Start-up checks everything a person can get wrong before the mount appears (mountpoint busy,
-server unreachable, unknown agent) and reports it through `on_ready` as one sentence. The
-lifecycle is one `contextlib.AsyncExitStack` (as in s3ql's mount.py): each resource registers
+server unreachable, unknown agent) and reports it through `on_ready` as one sentence. When the
+server cannot be reached but a local history exists, the mount starts from it (local-first:
+the history's head, the block map beside it and the journal) and says so through `on_notice`;
+the poller then reconciles once the server answers, and only after that the journal replays.
+The lifecycle is one `contextlib.AsyncExitStack` (as in s3ql's mount.py): each resource registers
 its teardown where it is acquired, so shutdown (SIGINT, SIGTERM, an external `fusermount3 -u`,
 or a crash of any task) runs them all in reverse: send unsent writes and retire unlinked blocks,
 remove the pid and status files, unmount, take the last snapshot, close the history and the
@@ -25,6 +28,7 @@ import httpx
 import pyfuse3
 import trio
 
+from . import blockmap
 from .config import Config, RunningMount, private_dir, private_file
 from .errors import Faults
 from .files import BlockFiles
@@ -33,7 +37,7 @@ from .history import HistoryRepo, Snapshotter, gitfile_content
 from .journal import Journal
 from .keeper import TreeBlockKeeper
 from .letta import Invalid, LettaClient, LettaError, NotFound, Unauthorized, Unreachable
-from .model import Origin
+from .model import Block, Location, Origin
 from .namespace import Namespace
 from .poller import Poller
 from .remote import Remote
@@ -52,6 +56,15 @@ class MountError(Exception):
     """The mount cannot start; the message is for a person."""
 
 
+class ServerUnreachable(MountError):
+    """The server at `base_url` gave no answer at start-up (Unreachable; `detail` says how):
+    the mount may start from its local history instead."""
+
+    def __init__(self, base_url: str, detail: str):
+        super().__init__(f"cannot reach the Letta server at {base_url} ({detail})")
+        self.detail = detail
+
+
 def check_mountpoint(path: Path) -> None:
     """Create `path` if missing; raise MountError when it is mounted, stale or not empty."""
     try:
@@ -66,12 +79,14 @@ def check_mountpoint(path: Path) -> None:
 
 
 def _make_private(config: Config) -> None:
-    """The state directory and history 0700, the journal, log, pid and status files 0600:
-    tightened at every mount, so state an older memfuse left readable is private again."""
+    """The state directory and history 0700, the journal, block map, log, pid and status
+    files 0600: tightened at every mount, so state an older memfuse left readable is private
+    again."""
     private_dir(config.state_dir)
     if config.history_dir.exists():
         private_dir(config.history_dir)
-    for path in (config.journal_file, config.log_file, config.pid_file, config.status_file):
+    for path in (config.journal_file, config.block_map_file, config.log_file, config.pid_file,
+                 config.status_file):
         private_file(path)
 
 
@@ -87,14 +102,15 @@ def clear_stale_locks(history_dir: Path) -> None:
 
 
 async def _connect(client: LettaClient, config: Config) -> None:
+    """Check that `config.base_url` is a Letta server that knows the agent. Raises MountError;
+    ServerUnreachable when no answer came within the client's retry budget."""
     try:
         answer = await client.health()
         if not isinstance(answer, dict) or "version" not in answer:
             raise LettaError("GET", "/v1/health/", 200, f"an answer without a version: "
                                                         f"{str(answer)[:80]}")
     except Unreachable as exc:
-        raise MountError(f"cannot reach the Letta server at {config.base_url} ({exc.detail})"
-                         ) from None
+        raise ServerUnreachable(config.base_url, exc.detail) from None
     except Unauthorized:
         raise MountError(f"the Letta server at {config.base_url} refused the API key "
                          f"(check LETTA_API_KEY)") from None
@@ -104,8 +120,7 @@ async def _connect(client: LettaClient, config: Config) -> None:
     try:
         await client.get_agent(config.agent_id)
     except Unreachable as exc:
-        raise MountError(f"cannot reach the Letta server at {config.base_url} ({exc.detail})"
-                         ) from None
+        raise ServerUnreachable(config.base_url, exc.detail) from None
     except (NotFound, Invalid):
         raise MountError(f"agent {config.agent_id} not found on {config.base_url}") from None
     except Unauthorized:
@@ -130,6 +145,13 @@ class Mount:
     problems: LastProblem
     faults: Faults = field(default_factory=Faults)
     unmounted: bool = False  # the kernel ended the session itself (fusermount3 -u)
+    local_first_at: float | None = None  # time.time() it was mounted from history (server away)
+    notice: str | None = None  # what a person should read as it starts (a local-first mount)
+
+    @property
+    def local_first(self) -> bool:
+        """Mounted from history and the server not listed since: it shows the history's view."""
+        return self.local_first_at is not None and not self.poller.applied.is_set()
 
     def status(self) -> Status:
         """The status report as of now."""
@@ -147,7 +169,9 @@ class Mount:
             last_error_at=self.problems.at, unexpected_errors=self.faults.count,
             unreachable_since=(None if poller.reachable else poller.remote.reachable_since),
             journal_pending=len(pending), journal_oldest_at=pending[0].at if pending else None,
-            last_replay=self.files.last_replay, updated_at=time.time())
+            last_replay=self.files.last_replay,
+            local_first_at=self.local_first_at if self.local_first else None,
+            updated_at=time.time())
 
 
 def _teardown(stack: contextlib.AsyncExitStack, what: str,
@@ -179,7 +203,13 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
     clear_stale_locks(config.history_dir)
     client = await stack.enter_async_context(LettaClient(
         config.base_url, config.api_key, retry_budget=config.retry_budget, transport=transport))
-    await _connect(client, config)
+    away: ServerUnreachable | None = None
+    try:
+        await _connect(client, config)
+    except ServerUnreachable as exc:
+        if not (config.history_dir / "HEAD").exists():  # checked before open() would make one
+            raise _no_history(exc, config) from None
+        away = exc
     repo = HistoryRepo(config.history_dir)
     await trio.to_thread.run_sync(repo.open)
     private_dir(config.history_dir)
@@ -190,35 +220,116 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
     state = MountState(Tree(gitfile=gitfile_content(config.history_dir)), snapshots.record,
                        journal=journal)
     remote = Remote(client, config.agent_id, on_conflict=config.on_conflict)
-    try:
-        listed_at = trio.current_time()
-        attached, owned = await remote.listing()
-    except LettaError as exc:
-        raise MountError(f"could not list the agent's blocks: {exc}") from None
-    state.load(attached, owned, listed_at, await trio.to_thread.run_sync(repo.files),
-               snapshots.recover())
+    committed = await trio.to_thread.run_sync(repo.files)
+    listed_at = trio.current_time()
+    if away is None:
+        try:
+            attached, owned = await remote.listing()
+        except Unreachable as exc:  # it went away between the checks and the listing
+            away = ServerUnreachable(config.base_url, exc.detail)
+        except LettaError as exc:
+            raise MountError(f"could not list the agent's blocks: {exc}") from None
+    if away is not None:
+        attached, owned, committed = _from_history(config, away, repo, committed)
+        remote.reachable, remote.reachable_since = False, time.time()  # as Remote._seen does
+    state.load(attached, owned, listed_at, committed, snapshots.recover())
     state.show_journal()
     if journal.pending():
         log.info("%d journaled change(s) from an earlier mount; replaying them",
                  len(journal.pending()))
+    saver = _BlockMapSaver(config.block_map_file, state)
+    snapshots.on_commit = saver.capture
     await snapshots.flush({Origin.SERVER: "Snapshot at mount",
                            Origin.LOCAL: "Local edit (recovered at mount)"})
+    await saver.capture()()  # also when nothing was committed (a map from an older memfuse)
     files = BlockFiles(state, remote, revalidate=config.revalidate)
     namespace = Namespace(state, remote, files)
     faults = Faults()
-    return Mount(config, repo, snapshots, state, files,
-                 MemoryFs(state, files, namespace, faults),
-                 Poller(state, remote, interval=config.poll_interval),
-                 TreeBlockKeeper(state, remote), problems, faults)
+    mount = Mount(config, repo, snapshots, state, files,
+                  MemoryFs(state, files, namespace, faults),
+                  Poller(state, remote, interval=config.poll_interval),
+                  TreeBlockKeeper(state, remote), problems, faults)
+    if away is not None:
+        mount.local_first_at = time.time()
+        mount.notice = (f"the server at {config.base_url} cannot be reached ({away.detail}); "
+                        f"mounted agent {config.agent_id} from its local history "
+                        f"({len(state.tree.blocks())} blocks, {len(journal.pending())} "
+                        f"journaled changes); changes are sent when it answers")
+    return mount
+
+
+def _no_history(away: ServerUnreachable, config: Config) -> MountError:
+    return MountError(f"{away}, and there is no local history of agent {config.agent_id} to "
+                      f"mount from ({config.history_dir})")
+
+
+def _from_history(config: Config, away: ServerUnreachable, repo: HistoryRepo,
+                  committed: dict[str, bytes]
+                  ) -> tuple[list[Block], list[Block], dict[str, bytes]]:
+    """(attached, owned, committed) for a mount started while the server cannot be reached:
+    the blocks as the history's head (`committed`, path -> content) and the block map have
+    them, and the part of `committed` they show (a file left out is no server delete, so
+    `state.load` must not see it go). Raises MountError when there is no history (no commit)
+    or no block map (a history an older memfuse made), or the map cannot be read."""
+    if repo.head() is None:
+        raise _no_history(away, config)
+    try:
+        found = blockmap.load(config.block_map_file)
+    except blockmap.BlockMapError as exc:
+        raise MountError(f"{away}, and the local history cannot be mounted: {exc}") from None
+    if found is None:
+        raise MountError(f"{away}, and the local history at {config.history_dir} has no block "
+                         f"map ({config.block_map_file.name}; a memfuse before local-first "
+                         f"mounts made it): mount once with the server reachable")
+    attached, owned = blockmap.blocks(found, committed)
+    shown = {"/".join(Location(is_attached, block.label).parts() or ())
+             for blocks, is_attached in ((attached, True), (owned, False)) for block in blocks}
+    return attached, owned, {p: c for p, c in committed.items() if p in shown}
+
+
+class _BlockMapSaver:
+    """Keeps the block map (`path`, blockmap.py) describing what `state` shows as of the last
+    snapshot: `capture` is Snapshotter.on_commit. Written only when it changed."""
+
+    def __init__(self, path: Path, state: MountState):
+        self.path, self.state = path, state
+        self._saved: list[blockmap.Record] | None = None
+        self._taken = 0    # captures so far
+        self._written = 0  # the capture last written: an older one never overwrites it
+
+    def capture(self) -> Callable[[], Awaitable[None]]:
+        """The map of the mount as it is now; returns the coroutine function that saves it."""
+        tree = self.state.tree
+        found = blockmap.records((tree.path(node), node.block,
+                                  self.state.location(node).attached)
+                                 for node in tree.blocks())
+        self._taken += 1
+        taken = self._taken
+
+        async def save() -> None:
+            if taken < self._written or found == self._saved:
+                return
+            try:
+                await trio.to_thread.run_sync(blockmap.save, self.path, found)
+            except OSError as exc:
+                log.warning("could not save the block map %s (%s): a mount while the server is "
+                            "away would use an older one", self.path, exc)
+                return
+            self._saved, self._written = found, taken
+
+        return save
 
 
 async def serve(config: Config, on_ready: Callable[[str | None], None], *,
+                on_notice: Callable[[str], None] | None = None,
                 transport: httpx.AsyncBaseTransport | None = None) -> None:
     """Mount `config.agent_id` at `config.mountpoint` and serve until unmounted, signalled, or
     a task fails (its exception propagates after the teardown).
 
     on_ready(None) is called once the mount is usable; on_ready(message) when it cannot start
-    (then MountError is raised too). transport: an httpx transport for the client (tests).
+    (then MountError is raised too). on_notice(sentence), just before on_ready(None), when a
+    person should know how it started (mounted from the local history, the server away).
+    transport: an httpx transport for the client (tests).
     """
     problems = LastProblem()
     logger = logging.getLogger("memfuse")
@@ -231,7 +342,7 @@ async def serve(config: Config, on_ready: Callable[[str | None], None], *,
             except MountError as exc:
                 on_ready(str(exc))
                 raise
-            await _serve(mount, on_ready)
+            await _serve(mount, on_ready, on_notice)
     finally:
         logger.removeHandler(problems)
 
@@ -295,7 +406,19 @@ async def _supervised(name: str, task: Callable[[], Awaitable[None]], faults: Fa
         await trio.sleep(RESTART_DELAY)
 
 
-async def _serve(mount: Mount, on_ready: Callable[[str | None], None]) -> None:
+async def _replay_when_listed(mount: Mount) -> None:
+    """The journal replayer. A mount started from history first waits for a listing to be
+    applied, so the server's changes made meanwhile are shown (and committed as the server's)
+    before the journal is sent on top of them."""
+    if mount.local_first_at is not None and not mount.poller.applied.is_set():
+        await mount.poller.applied.wait()
+        log.info("the server answered and its blocks are shown (the mount started from "
+                 "history); the journal is sent now")
+    await mount.files.run_replay()
+
+
+async def _serve(mount: Mount, on_ready: Callable[[str | None], None],
+                 on_notice: Callable[[str], None] | None = None) -> None:
     """Run the FUSE loop and the background tasks until unmounted or signalled."""
     async with trio.open_nursery() as nursery:
         async def fuse_loop() -> None:
@@ -315,9 +438,13 @@ async def _serve(mount: Mount, on_ready: Callable[[str | None], None]) -> None:
                            ("the retirer", mount.ops.namespace.run),
                            ("the poller", mount.poller.run),
                            ("the memory_filesystem keeper", mount.keeper.run),
-                           ("the journal replayer", mount.files.run_replay),
+                           ("the journal replayer", partial(_replay_when_listed, mount)),
                            ("the status publisher", partial(_publish_status, mount))):
             nursery.start_soon(_supervised, name, task, mount.faults)
         log.info("mounted agent %s at %s (server %s)", mount.config.agent_id,
                  mount.config.mountpoint, mount.config.base_url)
+        if mount.notice is not None:
+            log.warning("%s", mount.notice)
+            if on_notice is not None:
+                on_notice(mount.notice)
         on_ready(None)

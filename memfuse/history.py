@@ -16,6 +16,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Awaitable, Callable
 
 import trio
 from dulwich.file import FileLocked
@@ -208,6 +209,11 @@ class Snapshotter:
     history directory (one JSON line each; the file is rewritten after each commit), so after a
     crash the next mount knows which of the server's values were the person's own edits
     (`recover`) and commits them under the person's name.
+
+    on_commit: called (synchronously) when a flush takes pending changes, at the moment the
+    mount's state is what the commits will hold; the coroutine function it returns is awaited
+    once they are all committed (not when a commit failed). The daemon saves the block map
+    with it (blockmap.py), so the map and the history's head describe the same files.
     """
 
     repo: HistoryRepo
@@ -220,6 +226,7 @@ class Snapshotter:
     last_commit: bytes | None = None
     last_commit_at: float | None = None  # time.time()
     last_error: str | None = None
+    on_commit: Callable[[], Callable[[], Awaitable[None]]] | None = None
 
     def pending(self) -> int:
         """Changes recorded and not committed yet."""
@@ -288,6 +295,7 @@ class Snapshotter:
         subjects: the commits' subject by origin (default SUBJECTS). Afterwards the
         uncommitted-changes file holds only what was recorded meanwhile."""
         pending, self._pending = self._pending, []
+        after = self.on_commit() if pending and self.on_commit is not None else None
         runs: list[tuple[Origin, dict[str, bytes | None]]] = []
         for change in pending:
             if not runs or runs[-1][0] is not change.origin:
@@ -304,6 +312,11 @@ class Snapshotter:
         if pending:
             self._remember([c for c in failed + self._pending if c.origin is not Origin.SERVER],
                            "w")
+        if after is not None and not failed:
+            try:
+                await after()
+            except Exception:  # history must never take the mount down
+                log.exception("after the snapshot: on_commit failed")
 
     async def run(self) -> None:
         """Commit pending changes after each quiet period, forever (cancel to stop)."""

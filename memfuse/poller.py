@@ -21,15 +21,18 @@ log = logging.getLogger("memfuse.poller")
 
 class Poller:
     """Keeps the mount in step with the server. `last_poll` is the time.time() of the last
-    listing that answered; `last_error` the last failure (None once a poll succeeds). Each
-    listing is one attempt (the next comes one interval later): while the server is away, the
-    poller is what notices it is back (Remote.reachable)."""
+    listing that answered; `last_error` the last failure (None once a poll succeeds);
+    `applied` is set once a listing has been applied (the mount shows the server's blocks:
+    a mount started from history waits for it before replaying the journal). Each listing is
+    one attempt (the next comes one interval later): while the server is away, the poller is
+    what notices it is back (Remote.reachable)."""
 
     def __init__(self, state: MountState, remote: Remote, *, interval: float = 1.0):
         self.state, self.remote = state, remote
         self.interval = interval
         self.last_poll: float | None = None
         self.last_error: str | None = None
+        self.applied = trio.Event()
 
     @property
     def reachable(self) -> bool:
@@ -58,4 +61,5 @@ class Poller:
         if self.remote.in_flight or self.remote.generation != generation:
             return False  # a local change raced the listing: it may not show it yet
         await self.state.reconcile(attached, owned, started)
+        self.applied.set()
         return True

@@ -39,6 +39,7 @@ class Status(JsonRecord):
     journal_pending: int = 0  # journaled changes waiting for the server
     journal_oldest_at: float | None = None  # when the oldest of them was journaled
     last_replay: str | None = None  # the last journal entry replayed and its outcome
+    local_first_at: float | None = None  # mounted from history then; None once the server listed
 
     def render(self, now: float | None = None) -> str:
         """The human-readable report."""
@@ -79,6 +80,10 @@ class Status(JsonRecord):
             f"task was restarted; see the log)" if self.unexpected_errors else
             "  unexpected     none",
         ]
+        if self.local_first_at is not None:
+            at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.local_first_at))
+            lines.insert(2, f"  started        local-first (mounted from history at {at}); "
+                            f"the server's changes show once it answers")
         if now - self.updated_at > STALE_AFTER:
             lines.insert(1, f"  WARNING        the daemon has not reported for "
                             f"{now - self.updated_at:.0f} s")

@@ -28,7 +28,7 @@ def dead_pid() -> int:
 def test_mount_flags_become_the_config_and_ready_goes_down_the_pipe(home, monkeypatch):
     seen = {}
 
-    async def fake_serve(config, on_ready):
+    async def fake_serve(config, on_ready, on_notice=None):
         seen["config"] = config
         on_ready(None)
 
@@ -48,7 +48,7 @@ def test_mount_flags_become_the_config_and_ready_goes_down_the_pipe(home, monkey
 
 @pytest.mark.expect_error("not found on http://x")
 def test_a_start_up_refusal_is_reported_and_exits_1(home, monkeypatch):
-    async def refusing_serve(config, on_ready):
+    async def refusing_serve(config, on_ready, on_notice=None):
         on_ready("agent agent-1 not found on http://x")
         raise MountError("agent agent-1 not found on http://x")
 
@@ -56,6 +56,36 @@ def test_a_start_up_refusal_is_reported_and_exits_1(home, monkeypatch):
     read_fd, write_fd = os.pipe()
     assert cli.main(["mount", "agent-1", "--foreground", "--ready-fd", str(write_fd)]) == 1
     assert os.read(read_fd, 100) == b"error agent agent-1 not found on http://x\n"
+
+
+def test_a_notice_goes_down_the_pipe_before_ready_and_is_read_back(home, monkeypatch):
+    async def local_first_serve(config, on_ready, on_notice=None):
+        on_notice("the server at http://x cannot be reached; mounted agent agent-1 from its "
+                  "local history (2 blocks, 0 journaled changes)")
+        on_ready(None)
+
+    monkeypatch.setattr(cli, "serve", local_first_serve)
+    read_fd, write_fd = os.pipe()
+    assert cli.main(["mount", "agent-1", "--foreground", "--ready-fd", str(write_fd)]) == 0
+    try:
+        lines = cli._read_report(read_fd, 5)
+    finally:
+        os.close(read_fd)
+    assert lines == ["notice the server at http://x cannot be reached; mounted agent agent-1 "
+                     "from its local history (2 blocks, 0 journaled changes)", "ready"]
+
+
+def test_the_report_pipe_says_when_the_daemon_exits_without_a_word():
+    for written, expected in ((b"", [""]), (b"notice one\n", ["notice one", ""]),
+                              (b"notice one\nnotice two\nerror bad\n",
+                               ["notice one", "notice two", "error bad"])):
+        read_fd, write_fd = os.pipe()
+        os.write(write_fd, written)
+        os.close(write_fd)
+        try:
+            assert cli._read_report(read_fd, 5) == expected
+        finally:
+            os.close(read_fd)
 
 
 def test_status_and_umount_with_nothing_mounted(home, capsys):

@@ -4,6 +4,7 @@ import threading
 from pathlib import Path
 import time
 
+import pytest
 import trio
 from dulwich.objects import Commit
 
@@ -160,3 +161,32 @@ async def test_after_a_crash_uncommitted_local_edits_are_committed_as_the_person
         f"{user}|Rejected local edit (the server changed first): system/human.md",
         "Letta server|Snapshot at mount: system/human.md, system/persona.md"]
     assert Snapshotter(repo).recover() == []  # committed: nothing left to recover
+
+
+@pytest.mark.expect_error("snapshot of a.md failed")
+async def test_on_commit_is_taken_with_the_pending_changes_and_run_once_they_are_committed(
+        tmp_path, monkeypatch):
+    repo = make_repo(tmp_path)
+    seen = []
+
+    def on_commit():
+        seen.append(("taken", repo.head()))
+
+        async def after():
+            seen.append(("after", repo.head()))
+        return after
+
+    snapshots = Snapshotter(repo, on_commit=on_commit)
+    await snapshots.flush()
+    assert seen == []  # nothing pending: nothing to describe
+    snapshots.record("a.md", b"1", Origin.LOCAL)
+    await snapshots.flush()
+    assert seen == [("taken", None), ("after", repo.head())]
+
+    def broken(*_args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(repo, "commit", broken)
+    snapshots.record("a.md", b"2", Origin.LOCAL)
+    await snapshots.flush()
+    assert seen[2:] == [("taken", repo.head())]  # the commit failed: the map is not saved

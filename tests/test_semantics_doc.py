@@ -14,7 +14,10 @@ PREFIXES = {"fs": "tests/test_fs.py", "ns": "tests/test_namespace.py",
             "cli": "tests/test_cli.py", "hostile-mount": "tests/integration/test_hostile.py",
             "offline": "tests/test_offline.py",
             "offline-mount": "tests/integration/test_offline.py",
-            "chaos": "tests/integration/test_chaos.py"}
+            "chaos": "tests/integration/test_chaos.py",
+            "local-first": "tests/test_local_first.py",
+            "local-first-mount": "tests/integration/test_local_first.py",
+            "blockmap": "tests/test_blockmap.py"}
 
 
 def rows():

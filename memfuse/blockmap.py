@@ -1,0 +1,133 @@
+"""The block map: which block each file of the history is, so a mount can start from history
+while the server is away (a local-first mount).
+
+History files carry no block ids, so a small sidecar beside the history repository
+(`<history>.blocks`, mode 0600) keeps, for each block file the mount shows, the block's id,
+label, attachment, read-only flag and tags; no values (the history file at that path is
+`blockfile.render(block)`, so `blockfile.parse` of it gives the value, description and limit
+back). The file is one JSON object:
+
+    {"version": 1, "blocks": [{"path": "system/human.md", "id": "block-…", "label": "human",
+                               "attached": true, "read_only": false, "tags": []}, …]}
+
+It is written atomically (a temporary file, fsync, rename), so a crash leaves the old map or
+the new one, never half of one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+from . import blockfile
+from .model import Block, is_provisional
+
+log = logging.getLogger("memfuse.blockmap")
+
+VERSION = 1
+
+
+class BlockMapError(Exception):
+    """The block map exists but cannot be read (not JSON, not this shape); the message says
+    which file and why."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One block file of the mount: `path` from the mount root (`system/human.md`), the block's
+    `id`, `label`, whether it is `attached` (under `system/`), `read_only` and `tags`."""
+
+    path: str
+    id: str
+    label: str
+    attached: bool
+    read_only: bool = False
+    tags: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, path: str, block: Block, attached: bool) -> "Record":
+        """The record of `block` shown at `path`."""
+        return cls(path, block.id, block.label, attached, block.read_only, tuple(block.tags))
+
+
+def records(shown: Iterable[tuple[str, Block, bool]]) -> list[Record]:
+    """The map of what a mount shows: one record per (path, block, attached), sorted by path.
+    Blocks the server has not made yet (`model.is_provisional` ids: the journal re-adds them)
+    are left out."""
+    return sorted((Record.of(path, block, attached) for path, block, attached in shown
+                   if not is_provisional(block.id)), key=lambda r: r.path)
+
+
+def save(path: Path, found: list[Record]) -> None:
+    """Write the map to `path` atomically (`<path>.tmp`, fsync, rename; mode 0600) and fsync
+    its directory. Raises OSError."""
+    data = json.dumps({"version": VERSION, "blocks": [asdict(r) for r in found]},
+                      indent=1).encode() + b"\n"
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(data)
+        while view:  # a short write (a nearly full disk) must not pass for a whole file
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load(path: Path) -> list[Record] | None:
+    """The map saved at `path`, or None when there is none. Raises BlockMapError when the
+    file cannot be read as a map (OSError other than a missing file, bad JSON, wrong shape)."""
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise BlockMapError(f"{path}: cannot be read ({exc})") from None
+    try:
+        if data["version"] != VERSION:
+            raise BlockMapError(f"{path}: version {data['version']!r}, expected {VERSION}")
+        return [Record(str(r["path"]), str(r["id"]), str(r["label"]), bool(r["attached"]),
+                       bool(r.get("read_only", False)), tuple(str(t) for t in r.get("tags", ())))
+                for r in data["blocks"]]
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise BlockMapError(f"{path}: not a block map ({type(exc).__name__}: {exc})") from None
+
+
+def blocks(found: list[Record], files: dict[str, bytes]) -> tuple[list[Block], list[Block]]:
+    """(attached, owned) blocks as a listing of the server would give them, built from the
+    map and the history's files (`HistoryRepo.files()`: path -> content). A record whose path
+    has no file in `files`, or whose file does not parse as a block file, is left out with a
+    WARNING naming the path."""
+    attached: list[Block] = []
+    owned: list[Block] = []
+    for record in found:
+        content = files.get(record.path)
+        if content is None:
+            log.warning("%s: block %s is in the block map but not in the history; left out "
+                        "until the server lists it", record.path, record.id)
+            continue
+        try:
+            parsed = blockfile.parse(content)
+        except blockfile.BlockFileError as exc:
+            log.warning("%s: the history's file is not a block file (%s); left out until the "
+                        "server lists it", record.path, exc.reason)
+            continue
+        limit = parsed.fields.get("limit")
+        if not isinstance(limit, int):
+            log.warning("%s: the history's file has no limit; left out until the server lists "
+                        "it", record.path)
+            continue
+        block = Block(record.id, record.label, parsed.value, limit,
+                      parsed.fields.get("description"), record.read_only, record.tags)
+        (attached if record.attached else owned).append(block)
+    return attached, owned
