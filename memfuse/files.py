@@ -22,9 +22,9 @@ from .grace import Tombstone
 from .journal import CREATE, RELOCATE, UNLINK, WRITE, Entry, base_of
 from .letta import LettaError, NotFound, ServerError, Unreachable
 from .model import PROVISIONAL_PREFIX, Block, Location, is_provisional
-from .remote import Remote, Stale
+from .remote import Remote, Stale, create_marker
 from .state import MountState
-from .tree import Node
+from .tree import Kind, Node
 
 log = logging.getLogger("memfuse.files")
 
@@ -135,8 +135,9 @@ class BlockFiles:
         parsed = blockfile.parse(data)
         if node.block is None:
             location = self.state.location(node)
-            block = await self.create(location, parsed, data, self.tree.path(node))
-            self.state.written(node, block)
+            block = await self.create(location, parsed, data, self.tree.path(node), node)
+            if block is not None:
+                self.state.written(node, block)
             return
         block_id = node.block.id
         async with self._order(block_id):
@@ -166,19 +167,28 @@ class BlockFiles:
         return journal.real_id(block_id) if journal is not None else block_id
 
     async def create(self, location: Location, parsed: blockfile.ParsedFile, data: bytes,
-                     path: str) -> Block:
-        """A new block at `location` for the file `data` (a first flush, a rename of a scratch
-        file to a block name): POST it, or, when the server cannot take it, journal the create
-        and return the block it makes with a provisional id (the caller shows it either way).
-        Checked as online first: EINVAL, EFBIG. Raises FsError."""
+                     path: str, node: Node | None = None) -> Block | None:
+        """A new block at `location` for the file `data` (a first flush of `node`, a rename of
+        a scratch file to a block name): POST it, or, when the server cannot take it, journal
+        the create and return the block it makes with a provisional id (the caller shows it
+        either way). Both carry the provisional id's marker tag until the block is complete,
+        so a create journaled after a half-done attempt (no answer after the POST, or to the
+        attach) finds that block at replay. None: `node` was removed while the server was
+        tried (nothing is journaled; its bytes stay with the open file). Checked as online
+        first: EINVAL, EFBIG. Raises FsError."""
         provisional = Remote.new_block(PROVISIONAL_PREFIX + uuid.uuid4().hex, location, parsed)
         if not self.offline():
             try:
-                block = await self.remote.create(location, parsed, budget=self._budget())
+                block = await self.remote.create(location, parsed, self._budget(),
+                                                 marker=create_marker(provisional.id))
                 log.info("%s: created block %s", path, block.id)
                 return block
             except FsError as exc:
                 self._fall_back(exc, path)
+            if node is not None and (node.parent == 0 or node.kind is not Kind.BLOCK
+                                     or node.block is not None):
+                log.info("%s: removed while its create waited; the write stays local", path)
+                return None
         self.state.journal_create(provisional.id, path, location, data)
         log.info("%s: the server is away; its create is journaled", path)
         return dataclasses.replace(provisional, tags=(self.remote.owner_tag,))
@@ -189,6 +199,7 @@ class BlockFiles:
         sent, or journaled when the server cannot take it (then the block as the write makes
         it is returned and the caller shows it). Raises FsError as `write`."""
         async with self._order(block.id):
+            block = self._current(block)
             if not self.offline():
                 try:
                     return await self.write(block, parsed, path, base, budget=self._budget())
@@ -206,8 +217,8 @@ class BlockFiles:
         """Give the block file `node`'s block a new `location` (a rename: label, attach or
         detach): sent, or journaled when the server cannot take it; returns the block as the
         server has it, or as the journaled rename makes it. Raises FsError (a refusal)."""
-        block = node.block
-        async with self._order(block.id):
+        async with self._order(node.block.id):
+            block = node.block  # read under the lock: a replayed create may have changed its id
             if not self.offline():
                 try:
                     return await self.remote.relocate(block, self.state.location(node).attached,
@@ -252,6 +263,13 @@ class BlockFiles:
     def _order(self, block_id: str) -> trio.Lock:
         return self._order_locks.setdefault(block_id, trio.Lock())
 
+    def _current(self, block: Block) -> Block:
+        """`block`, or the block the mount shows for it now when its create was replayed
+        since it was read (the provisional id became the server's)."""
+        real = self._real(block.id)
+        node = self.tree.block_node(real) if real != block.id else None
+        return node.block if node is not None and node.block is not None else block
+
     def _server_base(self, block: Block, base: Block | None) -> Block:
         """The conflict base of a journaled write to `block`: what the server will hold when it
         is replayed, i.e. the previous journaled write's result, or else the server's block
@@ -279,32 +297,60 @@ class BlockFiles:
 
     # -- replay ------------------------------------------------------------------------------
 
+    @staticmethod
+    def _units(queued: list[Entry]) -> list[list[Entry]]:
+        """The queued entries (in seq order) as units of one block each, replayed in order: an
+        entry joins the unit before it when that is its block's; a write also joins its
+        block's latest unit further back (writes to different blocks commute). Creates,
+        renames and unlinks of different blocks keep their order (a label one frees, another
+        takes)."""
+        units: list[list[Entry]] = []
+        latest: dict[str, list[Entry]] = {}
+        for entry in queued:
+            unit = latest.get(entry.block_id)
+            if unit is not None and (entry.kind == WRITE or units[-1] is unit):
+                unit.append(entry)
+                continue
+            unit = [entry]
+            units.append(unit)
+            latest[entry.block_id] = unit
+        return units
+
     async def replay(self) -> bool:
-        """Send the journal's queued changes, block by block in the order of each block's first
-        change. A block's changes are sent together: what its writes (and create) make of it
-        as one PATCH (or one POST), checked against the server's block as it was before the
-        first of them, under the conflict rule of an online write (a newer server version is
-        committed to history first; then the journal's version overwrites it, or under
-        `reject` is committed as refused); then its renames as one relocation; then its
-        unlink as one retirement. A create first looks for a block an earlier attempt made
-        (same label, owned by the agent), so a replay repeated after a crash makes no second
-        block. Stops, returning False, when the server stops answering or answers with
-        something that may pass (401/403/429, a 5xx fewer than REPLAY_FAILURES times); True
+        """Send the journal's queued changes, unit by unit in order (`_units`). A unit's
+        changes are sent together: what its writes (and create) make of the block as one
+        PATCH (or one POST), checked against the server's block as it was before the first of
+        them, under the conflict rule of an online write (a newer server version is committed
+        to history first; then the journal's version overwrites it, or under `reject` is
+        committed as refused); then its renames as one relocation; then its unlink as one
+        retirement. A create first looks for the block an earlier attempt made (its marker
+        tag), so a replay repeated after a crash makes no second block; a create whose file
+        was unlinked within its grace period waits for it (it may be claimed back). Stops,
+        returning False, when the server stops answering or answers with something that may
+        pass (401/403/429, a 5xx fewer than REPLAY_FAILURES times), or at such a create; True
         when nothing is queued. A change the server refuses for good (400/404/422, a limit it
-        now has, a 5xx REPLAY_FAILURES times) is committed to history as refused and logged,
-        never dropped silently."""
+        now has, a block made read-only, a 5xx REPLAY_FAILURES times) is committed to history
+        as refused and logged, never dropped silently."""
         journal = self.state.journal
         if journal is None:
             return True
-        for block_id in dict.fromkeys(e.block_id for e in journal.queued()):
+        for unit in self._units(journal.queued()):
+            entries = [e for e in unit if journal.is_pending(e)]
+            if not entries:
+                continue
+            block_id = entries[0].block_id
+            if is_provisional(block_id) and any(e.block_id == block_id and not e.queued
+                                                for e in journal.pending()):
+                self.last_replay = f"{entries[0].path}: waits for its unlink's grace period"
+                return False
             async with self._order(block_id):
-                entries = [e for e in journal.queued() if e.block_id == block_id]
+                entries = [e for e in entries if journal.is_pending(e)]
                 if not entries:
                     continue
                 last = entries[-1]
                 try:
                     outcome, block, sent, recorded = await self._replay(entries)
-                except (ServerAway, ServerRefused) as exc:
+                except FsError as exc:
                     if not self._gives_up(last, exc):
                         self.last_replay = f"{last.path}: not sent yet ({exc.reason})"
                         return False
@@ -327,30 +373,39 @@ class BlockFiles:
             await trio.sleep(interval)
 
     def _gives_up(self, entry: Entry, exc: FsError) -> bool:
-        """Whether a failure at replay is final for `entry`: a refusal the server judged, or a
-        5xx for the REPLAY_FAILURES-th time (a value the server keeps failing on)."""
+        """Whether a failure at replay is final for `entry`: a refusal the server judged (or
+        one found before sending: a block made read-only meanwhile), or a 5xx for the
+        REPLAY_FAILURES-th time (a value the server keeps failing on)."""
         if isinstance(exc, ServerRefused):
             return exc.status in ServerRefused.FINAL
+        if not isinstance(exc, ServerAway):
+            return True
         if exc.status is None:
             return False  # no answer at all: the server is away, wait for it
         self._failures[entry.seq] = self._failures.get(entry.seq, 0) + 1
         return self._failures[entry.seq] >= REPLAY_FAILURES
 
     def _refuse(self, entries: list[Entry], exc: FsError) -> str:
+        """Keep what refused changes made: a create's file (as the person wrote it) leaves the
+        mount, a write's result stays in history as a rejected edit."""
         last = entries[-1]
         node = self.tree.block_node(last.block_id)
         contents = [e for e in entries if e.kind in (WRITE, CREATE)]
         if contents and node is not None and self.state.shows(node, last.block_id):
-            self.state.refused(self.tree.path(node), _made(contents))
+            if entries[0].kind == CREATE:
+                self.state.rejected(node, contents[-1].content, made=False)
+            else:
+                self.state.refused(self.tree.path(node), _made(contents))
         log.error("%s: the server refused journaled changes (%s); they are kept in history "
                   "as a rejected edit", last.path, exc.reason)
         return f"refused: {exc.reason}; kept in history as a rejected edit"
 
     async def _replay(self, entries: list[Entry]) -> tuple[str, Block | None, bool, bool]:
-        """Send one block's queued changes `entries` (see `replay`): (outcome in words, the
-        server's block now or None when it was retired or never made, whether the server took
-        a change, whether history heard of a server or refused version). Raises ServerAway,
-        ServerRefused (the caller decides whether that is final)."""
+        """Send one unit's changes `entries` (see `replay`): (outcome in words, the server's
+        block now or None when it was retired or never made, whether the server took a
+        change, whether history heard of a server or refused version). Raises FsError
+        (ServerAway, ServerRefused, a refusal found before sending: the caller decides
+        whether that is final)."""
         first, last = entries[0], entries[-1]
         contents = [e for e in entries if e.kind in (WRITE, CREATE)]
         moves = [e for e in entries if e.kind == RELOCATE]
@@ -361,26 +416,21 @@ class BlockFiles:
         sent = recorded = False
         if first.kind == CREATE:
             location = moves[-1].to if moves else first.to
-            hidden, parts = self.state.hidden(), location.parts()
-
-            def elsewhere(block_id: str) -> bool:  # shown at another path, or to be retired
-                shown = self.tree.block_node(block_id)
-                return block_id in hidden or (shown is not None
-                                              and self.tree.parts(shown) != parts)
-
-            block = await self.remote.find(location, WRITE_BUDGET, exclude=elsewhere)
+            marker = create_marker(first.block_id)
+            block = await self.remote.find_marked(marker, WRITE_BUDGET)
             if block is None and unlink is not None:
                 return "created and removed while the server was away", None, False, False
             if block is None:
-                block = await self.remote.create(location, _target(contents), WRITE_BUDGET)
+                block = await self.remote.create(location, _target(contents), WRITE_BUDGET,
+                                                 marker=marker)
                 words.append("created")
-            else:  # an earlier attempt made it (a crash before its `done` line)
-                words.append("created already")
-                first_base = base_of(block)
-                outcome, block, recorded = await self._write(block, first_base, contents, path,
-                                                             node, entry_path=first.path)
-                if outcome != "already on the server":
-                    words.append(outcome)
+            else:  # an earlier attempt made it (no answer after its POST, or a crash)
+                block = await self.remote.relocate(block, False, location, WRITE_BUDGET)
+                outcome, block, recorded = await self._write(block, base_of(block), contents,
+                                                             path, node, entry_path=first.path)
+                block = await self.remote.complete(block, location, WRITE_BUDGET)
+                words.append("created (by an earlier attempt)" + (
+                    "" if outcome == "already on the server" else f", {outcome}"))
             sent, moves = True, []
         else:
             block = await self.remote.fetch_now(first.block_id, WRITE_BUDGET)

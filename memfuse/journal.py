@@ -178,6 +178,10 @@ class Journal:
         """Entries not replayed yet, oldest first (unlinks in their grace period included)."""
         return list(self._pending.values())
 
+    def is_pending(self, entry: Entry) -> bool:
+        """Whether `entry` is not settled yet."""
+        return self._pending.get(entry.seq) is entry
+
     def queued(self) -> list[Entry]:
         """Entries waiting for the server, oldest first (not unlinks in their grace period)."""
         return [e for e in self._pending.values() if e.queued]
@@ -221,6 +225,8 @@ class Journal:
                 os.close(dir_fd)
 
     def _add(self, *entries: Entry) -> list[Entry]:
+        for entry in entries:  # a caller that read the block before its create was replayed
+            entry.block_id = self._real.get(entry.block_id, entry.block_id)
         self._append(*(e.to_json() for e in entries))
         for entry in entries:
             self._pending[entry.seq] = entry

@@ -10,7 +10,7 @@ import errno
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import trio
 
@@ -24,6 +24,12 @@ log = logging.getLogger("memfuse.remote")
 
 CONFLICT_POLICIES = ("overwrite", "reject")
 FETCH_TIMEOUT = 2.0  # seconds an open waits for a block's refresh before serving the cache
+CREATE_MARKER = "memfuse-create:"  # + a provisional id: the tag of a create not complete yet
+
+
+def create_marker(provisional_id: str) -> str:
+    """The tag a create for the provisional block `provisional_id` marks its block with."""
+    return CREATE_MARKER + provisional_id
 
 
 class Stale(FsError):
@@ -174,28 +180,37 @@ class Remote:
         return Block(block_id, location.label, parsed.value, limit, description)
 
     async def create(self, location: Location, parsed: blockfile.ParsedFile,
-                     budget: float | None = None) -> Block:
+                     budget: float | None = None, marker: str | None = None) -> Block:
         """A new block for a new file: `POST /v1/blocks/` tagged `owner:<agent>` (fields as
-        `new_block` makes them), then attach it when `location.attached`. budget: seconds of
-        retries (default: the client's). Raises FsError: EINVAL (read_only set), EFBIG, EEXIST
-        (an attached block has the label), ServerAway, or the errno of a server refusal."""
+        `new_block` makes them), then attach it when `location.attached`. marker: a tag the
+        block carries until it is complete (attached), so that a create repeated after a
+        failure finds the block the first attempt made (`find_marked`) instead of making a
+        second; dropped at the end. budget: seconds of retries (default: the client's).
+        Raises FsError: EINVAL (read_only set), EFBIG, EEXIST (an attached block has the
+        label), ServerAway, or the errno of a server refusal."""
         made = self.new_block("", location, parsed)
         block = await self._call(self.client.create_block(
             label=made.label, value=made.value, description=made.description, limit=made.limit,
-            tags=[self.owner_tag], budget=budget))
+            tags=[self.owner_tag, *([marker] if marker else [])], budget=budget))
+        return await self.complete(block, location, budget)
+
+    async def complete(self, block: Block, location: Location, budget: float | None = None
+                       ) -> Block:
+        """Finish a created `block`: attach it when `location.attached` (again is harmless),
+        then drop its marker tags. Returns the block as stored. Raises FsError."""
         if location.attached:
             await self._call(self.client.attach_block(self.agent_id, block.id, budget=budget))
+        markers = [t for t in block.tags if t.startswith(CREATE_MARKER)]
+        if markers:
+            block = await self._call(self.client.update_block(
+                block.id, budget=budget, tags=[t for t in block.tags if t not in markers]))
         return block
 
-    async def find(self, location: Location, budget: float | None = None,
-                   exclude: Callable[[str], bool] = lambda block_id: False) -> Block | None:
-        """A block this agent owns with `location`'s label (`GET /v1/blocks/?label=&tags=`)
-        whose id `exclude` does not rule out (blocks the mount shows elsewhere), or None: how
-        a replayed create finds out that an earlier attempt already made its block. Raises
-        FsError (ServerAway)."""
-        found = await self._call(self.client.list_owned_blocks(
-            self.agent_id, label=location.label, budget=budget), changes=False)
-        found = [block for block in found if not exclude(block.id)]
+    async def find_marked(self, marker: str, budget: float | None = None) -> Block | None:
+        """The block an earlier create tagged `marker` made (`GET /v1/blocks/?tags=<marker>`),
+        or None. Raises FsError (ServerAway)."""
+        found = await self._call(self.client.list_tagged_blocks(marker, budget=budget),
+                                 changes=False)
         return found[-1] if found else None
 
     async def relocate(self, block: Block, was_attached: bool, location: Location,

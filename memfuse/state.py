@@ -395,7 +395,14 @@ class MountState:
         if node is None or not self.shows(node, last.block_id):
             return
         now = trio.current_time()
-        if created:  # the provisional id is the server's now
+        if created:
+            listed = self.tree.block_node(block.id)
+            if listed is not None and listed is not node:
+                # an earlier attempt's block, listed where the server has it (not attached
+                # yet): it is this file's block, shown where the person put it
+                path = self.tree.path(listed)
+                self._remove(listed, notify=True)
+                self._record(path, None, Origin.LOCAL)
             self.tree.bind(node, dataclasses.replace(node.block, id=block.id), now)
         if node.block.id in self.pinned():
             if recorded:  # later changes still shown: history hears of the shown file again
@@ -413,15 +420,16 @@ class MountState:
         rejected edit, so a person can get it back with git."""
         self._record(path, blockfile.render(made), Origin.REJECTED)
 
-    def rejected(self, node: Node, data: bytes) -> None:
+    def rejected(self, node: Node, data: bytes, made: bool = True) -> None:
         """A close of the block file `node` failed (EFBIG, EINVAL, a refusal of the server):
         the bytes `data` the program wrote go to history as a rejected edit, then the file as
         the mount still shows it, so a person can get them back with git and history still
-        equals the mount. A new file whose block was never made leaves the mount (it would be
-        a file neither the server nor the journal knows); an open handle keeps it as scratch."""
+        equals the mount. A new file whose block was never made (no block, or made=False: a
+        journaled create the server refused) leaves the mount (it would be a file neither the
+        server nor the journal knows); an open handle keeps it as scratch."""
         path = self.tree.path(node)
         self._record(path, data, Origin.REJECTED)
-        if node.block is not None:
+        if node.block is not None and made:
             self._record(path, bytes(node.content), Origin.SERVER)
             return
         self._record(path, None, Origin.SERVER)

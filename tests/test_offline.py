@@ -332,16 +332,22 @@ async def test_a_create_while_the_server_is_away_is_journaled_and_replayed_once(
 
 async def test_a_replayed_create_after_a_crash_makes_no_second_block(world, nursery):
     world.fake.down = True
-    await create(world.fs, "idea.md", b"an idea\n")
+    await create(world.fs, "system/idea.md", b"an idea\n")
     world.fake.down = False
     world.fake.requests.clear()
-    # the replay's POST reached the server, then the daemon died before its `done` line
+    # the replay's POST reached the server, then the daemon died before attaching it
+    [entry] = world.journal.pending()
     world.fake.add_block("idea", "an idea\n", agent=world.agent, attached=False,
-                         tags=[f"owner:{world.agent}"])
+                         tags=[f"owner:{world.agent}", f"memfuse-create:{entry.block_id}"])
     again = await make_world(nursery, after=world)
+    assert "idea.md" in await listdir(again.fs, "")  # listed detached, as the server has it
     assert await again.files.replay()
-    assert len(world.fake.by_label("idea")) == 1 and world.fake.calls("create") == []
-    assert (await read_all(again.fs, "idea.md")).endswith(b"---\nan idea\n")
+    assert await Poller(again.state, again.remote).poll_once()
+    [made] = world.fake.by_label("idea")
+    assert world.fake.calls("create") == [] and made["id"] in world.fake.agents[world.agent]
+    assert made["tags"] == [f"owner:{world.agent}"]  # the marker is dropped
+    assert (await read_all(again.fs, "system/idea.md")).endswith(b"---\nan idea\n")
+    assert "idea.md" not in await listdir(again.fs, "")
     assert again.journal.pending() == []
     check_invariants(again)
 
@@ -464,3 +470,135 @@ async def test_a_create_the_server_refuses_leaves_no_file_behind(world):
     assert "refused.md" not in await listdir(world.fs, "")
     assert ("refused.md", b"keep me\n", Origin.REJECTED) in world.records
     assert world.records[-1] == ("refused.md", None, Origin.SERVER)
+
+
+# -- found in review: the provisional id, half-made creates, order across blocks ---------------
+
+
+async def poll(world) -> bool:
+    return await Poller(world.state, world.remote).poll_once()
+
+
+async def test_a_create_whose_file_is_unlinked_in_its_grace_period_is_never_sent(world):
+    world.fake.down = True
+    await create(world.fs, "idea.md", b"an idea\n")
+    await unlink(world.fs, "idea.md")
+    world.fake.down = False
+    assert await poll(world)
+    assert not await world.files.replay()  # the create waits: the file may be claimed back
+    await trio.sleep(5)  # the grace period ends online: the unlink joins the create
+    assert await world.files.replay()
+    assert await poll(world)
+    assert world.fake.by_label("idea") == [] and "idea.md" not in await listdir(world.fs, "")
+    assert world.journal.pending() == []
+
+
+async def test_a_vim_save_of_a_journaled_create_is_one_block(world):
+    world.fake.down = True
+    await create(world.fs, "idea.md", b"an idea\n")
+    world.fake.down = False
+    assert await poll(world)
+    await rename(world.fs, "idea.md", "idea.md~")  # vim's backup: the unlink in its grace period
+    assert not await world.files.replay()  # the create waits for the grace period
+    await create(world.fs, "idea.md", b"edited in vim\n")  # claims the journaled block back
+    assert await world.files.replay()
+    assert await poll(world)
+    [made] = world.fake.by_label("idea")
+    assert made["value"] == "edited in vim\n" and made["tags"] == [f"owner:{world.agent}"]
+    node = world.state.tree.node(await inode_of(world.fs, "idea.md"))
+    assert node.block.id == made["id"] and world.journal.pending() == []
+
+
+async def test_a_create_whose_attach_got_no_answer_is_completed_not_made_twice(world, monkeypatch):
+    world.fake.down = True
+    await create(world.fs, "system/todo.md", b"todo\n")
+    world.fake.down = False
+    attach = world.client.attach_block
+
+    async def attach_then_away(*args, **kwargs):
+        world.fake.down = True  # the POST went through; the attach gets no answer
+        return await attach(*args, **kwargs)
+
+    monkeypatch.setattr(world.client, "attach_block", attach_then_away)
+    assert not await world.files.replay()
+    monkeypatch.setattr(world.client, "attach_block", attach)
+    world.fake.down = False
+    assert await poll(world)  # lists the half-made block, detached
+    assert await world.files.replay()
+    assert await poll(world)
+    [made] = world.fake.by_label("todo")
+    assert made["id"] in world.fake.agents[world.agent] and made["tags"] == [
+        f"owner:{world.agent}"]
+    assert "todo.md" not in await listdir(world.fs, "")
+    assert "todo.md" in await listdir(world.fs, "system")
+
+
+async def test_renames_across_blocks_are_replayed_in_their_order(world):
+    world.fake.down = True
+    await write(world, "notes.md", b"edited\n")
+    await rename(world.fs, "system/human.md", "human-old.md")  # frees the attached label
+    await rename(world.fs, "notes.md", "system/human.md")  # then takes it
+    world.fake.down = False
+    assert await poll(world)
+    assert await world.files.replay(), world.files.last_replay
+    attached = {world.fake.blocks[i]["label"]: i for i in world.fake.agents[world.agent]}
+    assert attached["human"] == world.ids["notes"]
+    assert world.fake.blocks[world.ids["notes"]]["value"] == "edited\n"
+    assert world.fake.blocks[world.ids["human"]]["label"] == "human-old"
+
+
+async def test_a_rename_that_waited_for_a_create_replay_uses_the_real_block(world, nursery,
+                                                                           monkeypatch):
+    world.fake.down = True
+    await create(world.fs, "idea.md", b"an idea\n")
+    world.fake.down = False
+    assert await poll(world)
+    post = world.client.create_block
+
+    async def slow_post(**kwargs):
+        await trio.sleep(1)
+        return await post(**kwargs)
+
+    monkeypatch.setattr(world.client, "create_block", slow_post)
+    nursery.start_soon(world.files.replay)
+    await trio.sleep(0.5)
+    await rename(world.fs, "idea.md", "idea2.md")  # waits for the create's replay
+    [made] = world.fake.by_label("idea2")
+    node = world.state.tree.node(await inode_of(world.fs, "idea2.md"))
+    assert node.block.id == made["id"] and world.journal.pending() == []
+
+
+@pytest.mark.expect_error("the server refused journaled changes")
+async def test_a_journaled_create_the_server_refuses_leaves_history_and_mount_equal(world):
+    world.fake.down = True
+    await create(world.fs, "idea.md", b"an idea\n")
+    world.fake.down = False
+    world.fake.fail_paths["/v1/blocks/"] = 422
+    assert await world.files.replay()
+    assert "idea.md" not in await listdir(world.fs, "")
+    assert ("idea.md", b"an idea\n", Origin.REJECTED) in world.records
+
+
+@pytest.mark.expect_error("the server refused journaled changes")
+async def test_a_block_made_read_only_during_the_outage_settles_its_journaled_write(world):
+    world.fake.down = True
+    await write(world, "system/human.md", b"offline\n")
+    world.fake.blocks[world.ids["human"]]["read_only"] = True
+    world.fake.down = False
+    assert await world.files.replay()  # refused for good, kept in history: never stuck
+    assert world.journal.pending() == [] and "refused" in world.files.last_replay
+    assert world.fake.blocks[world.ids["human"]]["value"] == "The human.\n"
+
+
+async def test_a_new_file_unlinked_while_its_first_close_waits_is_not_created(world):
+    world.fake.down = True  # not known to be away yet: the close tries for 2 s
+    info, _ = await world.fs.create(ROOT_INODE, b"gone.md", 0o644, os.O_WRONLY, None)
+    await world.fs.write(info.fh, 0, b"x\n")
+    async with trio.open_nursery() as closes:
+        closes.start_soon(world.fs.flush, info.fh)
+        await trio.sleep(0.5)
+        await unlink(world.fs, "gone.md")
+    await world.fs.release(info.fh)
+    assert world.journal.pending() == []
+    await server_back(world)
+    assert world.fake.by_label("gone") == [] and "gone.md" not in await listdir(world.fs, "")

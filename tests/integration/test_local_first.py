@@ -62,7 +62,7 @@ def test_with_the_server_cut_off_a_mount_starts_from_history_then_reconciles(
         assert m.sh("cat system/human.md system/persona.md").stdout == online
         m.sh("echo 'Written while the server was away.' > system/human.md")  # exit 0: journaled
         wait_for(lambda: "local-first (mounted from history at" in status(m)
-                 and "1 write(s) waiting for the server" in status(m), 10)
+                 and "1 change(s) waiting for the server" in status(m), 10)
         persona = block_by_label(api, agent, "persona")
         api.patch(f"/v1/blocks/{persona['id']}", json={"value": "Changed on the server.\n"})
         proxy.restore()
