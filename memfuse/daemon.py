@@ -50,6 +50,7 @@ log = logging.getLogger("memfuse.daemon")
 STATUS_INTERVAL = 1.0  # seconds between status file updates
 RESTART_DELAY = 1.0    # seconds before a background task that failed is started again
 UMOUNT_REPLAY = 10.0   # seconds an unmount tries to send journaled changes before keeping them
+START_BUDGET = 2.0     # seconds of retries at mount before starting from the local history
 
 
 class MountError(Exception):
@@ -101,11 +102,12 @@ def clear_stale_locks(history_dir: Path) -> None:
         lock.unlink(missing_ok=True)
 
 
-async def _connect(client: LettaClient, config: Config) -> None:
-    """Check that `config.base_url` is a Letta server that knows the agent. Raises MountError;
-    ServerUnreachable when no answer came within the client's retry budget."""
+async def _connect(client: LettaClient, config: Config, budget: float | None = None) -> None:
+    """Check that `config.base_url` is a Letta server that knows the agent, with `budget`
+    seconds of retries (None: the client's). Raises MountError; ServerUnreachable when no
+    answer came."""
     try:
-        answer = await client.health()
+        answer = await client.health(budget=budget)
         if not isinstance(answer, dict) or "version" not in answer:
             raise LettaError("GET", "/v1/health/", 200, f"an answer without a version: "
                                                         f"{str(answer)[:80]}")
@@ -118,7 +120,7 @@ async def _connect(client: LettaClient, config: Config) -> None:
         raise MountError(f"{config.base_url} does not look like a Letta server (GET "
                          f"/v1/health/ answered {exc.status or ''} {exc.detail})") from None
     try:
-        await client.get_agent(config.agent_id)
+        await client.get_agent(config.agent_id, budget=budget)
     except Unreachable as exc:
         raise ServerUnreachable(config.base_url, exc.detail) from None
     except (NotFound, Invalid):
@@ -204,10 +206,11 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
     client = await stack.enter_async_context(LettaClient(
         config.base_url, config.api_key, retry_budget=config.retry_budget, transport=transport))
     away: ServerUnreachable | None = None
-    try:
-        await _connect(client, config)
+    has_history = (config.history_dir / "HEAD").exists()  # checked before open() makes one
+    try:  # with a history to fall back on, a short wait: the mount works from it meanwhile
+        await _connect(client, config, START_BUDGET if has_history else None)
     except ServerUnreachable as exc:
-        if not (config.history_dir / "HEAD").exists():  # checked before open() would make one
+        if not has_history:
             raise _no_history(exc, config) from None
         away = exc
     repo = HistoryRepo(config.history_dir)
@@ -229,10 +232,11 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
             away = ServerUnreachable(config.base_url, exc.detail)
         except LettaError as exc:
             raise MountError(f"could not list the agent's blocks: {exc}") from None
+    recovered = snapshots.recover()
     if away is not None:
-        attached, owned, committed = _from_history(config, away, repo, committed)
-        remote.reachable, remote.reachable_since = False, time.time()  # as Remote._seen does
-    state.load(attached, owned, listed_at, committed, snapshots.recover())
+        attached, owned, committed = _from_history(config, away, repo, committed, recovered)
+        remote.mark_unreachable(away.detail)
+    state.load(attached, owned, listed_at, committed, recovered)
     state.show_journal()
     if journal.pending():
         log.info("%d journaled change(s) from an earlier mount; replaying them",
@@ -264,11 +268,14 @@ def _no_history(away: ServerUnreachable, config: Config) -> MountError:
 
 
 def _from_history(config: Config, away: ServerUnreachable, repo: HistoryRepo,
-                  committed: dict[str, bytes]
+                  committed: dict[str, bytes],
+                  recovered: list[tuple[str, bytes | None, Origin]] = ()
                   ) -> tuple[list[Block], list[Block], dict[str, bytes]]:
     """(attached, owned, committed) for a mount started while the server cannot be reached:
     the blocks as the history's head (`committed`, path -> content) and the block map have
-    them, and the part of `committed` they show (a file left out is no server delete, so
+    them, with the local edits the server accepted but a dead daemon never committed
+    (`recovered`, Snapshotter.recover) on top (state.load then commits them as the
+    person's), and the part of `committed` they show (a file left out is no server delete, so
     `state.load` must not see it go). Raises MountError when there is no history (no commit)
     or no block map (a history an older memfuse made), or the map cannot be read."""
     if repo.head() is None:
@@ -281,7 +288,11 @@ def _from_history(config: Config, away: ServerUnreachable, repo: HistoryRepo,
         raise MountError(f"{away}, and the local history at {config.history_dir} has no block "
                          f"map ({config.block_map_file.name}; a memfuse before local-first "
                          f"mounts made it): mount once with the server reachable")
-    attached, owned = blockmap.blocks(found, committed)
+    files = dict(committed)
+    for path, content, origin in recovered:
+        if origin is Origin.LOCAL and content is not None and path in files:
+            files[path] = content
+    attached, owned = blockmap.blocks(found, files)
     shown = {"/".join(Location(is_attached, block.label).parts() or ())
              for blocks, is_attached in ((attached, True), (owned, False)) for block in blocks}
     return attached, owned, {p: c for p, c in committed.items() if p in shown}

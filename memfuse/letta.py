@@ -158,13 +158,15 @@ class LettaClient:
                 return blocks
             after = page[-1]["id"]
 
-    async def health(self) -> dict[str, Any]:
-        """`GET /v1/health/` -> e.g. `{"version": "0.16.8", "status": "ok"}`."""
-        return await self._request("GET", "/v1/health/")
+    async def health(self, *, budget: float | None = None) -> dict[str, Any]:
+        """`GET /v1/health/` -> e.g. `{"version": "0.16.8", "status": "ok"}`. budget: seconds
+        of retries (default: the client's retry_budget)."""
+        return await self._request("GET", "/v1/health/", budget=budget)
 
-    async def get_agent(self, agent_id: str) -> dict[str, Any]:
-        """`GET /v1/agents/{agent_id}` -> the agent object. NotFound/Invalid for a bad id."""
-        return await self._request("GET", f"/v1/agents/{agent_id}")
+    async def get_agent(self, agent_id: str, *, budget: float | None = None) -> dict[str, Any]:
+        """`GET /v1/agents/{agent_id}` -> the agent object. NotFound/Invalid for a bad id.
+        budget: seconds of retries (default: the client's retry_budget)."""
+        return await self._request("GET", f"/v1/agents/{agent_id}", budget=budget)
 
     async def list_attached_blocks(self, agent_id: str, *, budget: float | None = None
                                    ) -> list[Block]:

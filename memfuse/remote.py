@@ -79,6 +79,11 @@ class Remote:
         self.reachable_since = time.time()
         self._locks: dict[str, trio.Lock] = {}
 
+    def mark_unreachable(self, why: str) -> None:
+        """Note that the server gave no answer elsewhere (the checks at mount): `reachable` is
+        False from now on, until a call gets an answer."""
+        self._seen(False, why)
+
     def _seen(self, answered: bool, why: str = "") -> None:
         if answered != self.reachable:
             self.reachable, self.reachable_since = answered, time.time()

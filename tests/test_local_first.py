@@ -2,6 +2,7 @@
 mount and the fake API: it mounts from the history's head, the block map and the journal,
 says so, journals writes, and when the server answers first shows (and commits as the
 server's) what changed there, then sends the journal."""
+import base64
 import json
 import os
 import stat
@@ -238,3 +239,24 @@ def test_status_says_local_first_until_the_server_is_listed():
     assert text.splitlines()[2] == (f"  started        local-first (mounted from history at "
                                     f"{at}); the server's changes show once it answers")
     assert "local-first" not in Status(**fields).render(now)
+
+
+async def test_an_edit_a_killed_daemon_never_committed_is_shown_and_committed_as_the_persons(
+        setup):
+    fake, config, ids = setup
+    await mount_once_online(config, fake)
+    # A daemon wrote this, the server took it, then the daemon was killed before committing.
+    edited = b"---\ndescription: desc\nlimit: 20000\n---\nAccepted, never committed.\n"
+    fake.blocks[ids["human"]]["value"] = "Accepted, never committed.\n"
+    (config.history_dir / "memfuse-uncommitted.jsonl").write_text(json.dumps({
+        "path": "system/human.md", "origin": "local",
+        "content": base64.b64encode(edited).decode()}) + "\n")
+    fake.down = True
+    async with trio.open_nursery() as nursery:
+        await start(nursery, config, fake.transport())
+        human = config.mountpoint / "system/human.md"
+        assert await in_thread(human.read_bytes) == edited  # not the history's older version
+        nursery.cancel_scope.cancel()
+    author, subject = history(config)[0]
+    assert subject == "Local edit (recovered at mount): system/human.md"
+    assert author != "Letta server"
