@@ -1,13 +1,16 @@
 """Chaos trials against a real mount and the real Letta server: nothing acknowledged is lost.
 
 Each trial mounts one agent through a loopback TCP proxy (tests/integration/proxy.py), runs a
-writer that writes numbered values to two block files (a write counts as acknowledged when
-close() returned 0), kills the daemon with SIGKILL at a random moment, and in half of the
-trials cuts the proxy first so that writes are journaled. It then clears the dead mount,
-restores the proxy, mounts again, waits for the journal to drain and checks:
+writer that writes numbered values to two block files, and every few writes creates a new
+file or removes one it created (a change counts as acknowledged when close() or unlink()
+returned 0), kills the daemon with SIGKILL at a random moment, and in half of the trials cuts
+the proxy first so that changes are journaled. It then clears the dead mount, restores the
+proxy, mounts again, waits for the journal to drain and checks:
 
 - every block on the server holds the last acknowledged value for it, or a later one (the
   write in flight when the daemon died may have landed);
+- every acknowledged new file is exactly one block the agent owns, with its value, and every
+  acknowledged removal left no block the agent owns under that label;
 - `git fsck --strict` of the history reports nothing.
 
 Prints `acknowledged writes: N, lost: L, fsck errors: F` and returns the counts.
@@ -132,6 +135,8 @@ def _trial(api: httpx.Client, setup: Rig, number: int, offline: bool, rng: rando
     proxy, env, agent, state = setup.proxy, setup.env, setup.agent, setup.state
     mountpoint = setup.mountpoint
     acked: dict[str, int] = {}  # file -> the last acknowledged write's number
+    created: dict[str, str] = {}  # new file -> its acknowledged content
+    removed: set[str] = set()  # new files whose unlink was acknowledged
     count = [0]
     stop = threading.Event()
 
@@ -139,14 +144,25 @@ def _trial(api: httpx.Client, setup: Rig, number: int, offline: bool, rng: rando
         seq = 0
         while not stop.is_set():
             seq += 1
-            name = FILES[seq % len(FILES)]
             try:
-                with open(mountpoint / name, "w") as f:
-                    f.write(f"trial {number} write {seq}\n")
+                if seq % 10 == 0:  # a new file
+                    name, value = f"new-{seq}.md", f"trial {number} create {seq}\n"
+                    with open(mountpoint / name, "w") as f:
+                        f.write(value)
+                    created[name] = value
+                elif seq % 10 == 5 and created:  # remove the oldest new file
+                    name = min(created, key=lambda n: int(n[4:-3]))
+                    os.unlink(mountpoint / name)
+                    del created[name]
+                    removed.add(name)
+                else:
+                    name = FILES[seq % len(FILES)]
+                    with open(mountpoint / name, "w") as f:
+                        f.write(f"trial {number} write {seq}\n")
+                    acked[name] = seq
             except OSError:
                 time.sleep(0.01)
                 continue  # not acknowledged: the daemon died under it
-            acked[name] = seq
             count[0] += 1
 
     try:
@@ -182,6 +198,20 @@ def _trial(api: httpx.Client, setup: Rig, number: int, offline: bool, rng: rando
                 result.lost += 1
                 result.details.append(f"trial {number}: {name} holds {found and found[0]!r}, "
                                       f"acknowledged write {seq}")
+        owned: dict[str, list[str]] = {}
+        for block in api.get("/v1/blocks/", params={"tags": f"owner:{agent}",
+                                                     "limit": 1000}).json():
+            owned.setdefault(block["label"], []).append(block["value"])
+        for name, value in created.items():
+            if owned.get(name[:-3]) != [value]:
+                result.lost += 1
+                result.details.append(f"trial {number}: new file {name} is "
+                                      f"{owned.get(name[:-3])!r} on the server, not [{value!r}]")
+        for name in removed:
+            if name[:-3] in owned:
+                result.lost += 1
+                result.details.append(f"trial {number}: {name} was removed, yet the agent "
+                                      f"still owns {owned[name[:-3]]!r}")
         _memfuse(env, "umount", agent)
         fsck = subprocess.run(["git", "--git-dir", str(state / "memory.git"), "fsck", "--strict"],
                               capture_output=True, text=True)
