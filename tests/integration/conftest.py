@@ -14,8 +14,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from urllib.parse import urlparse
+
 import httpx
 import pytest
+
+from .proxy import Proxy
 
 MEMFUSE = str(Path(sys.executable).parent / "memfuse")
 
@@ -31,6 +35,15 @@ def letta_url() -> str:
     except httpx.HTTPError as exc:
         pytest.fail(f"the Letta server at {url} does not answer: {exc}")
     return url
+
+
+@pytest.fixture
+def proxy(letta_url):
+    """A loopback TCP proxy to the server that a test cuts and restores (a real fault)."""
+    url = urlparse(letta_url)
+    p = Proxy((url.hostname, url.port))
+    yield p
+    p.close()
 
 
 @pytest.fixture

@@ -10,14 +10,12 @@ import os
 import re
 import subprocess
 from pathlib import Path
-from urllib.parse import urlparse
 
 import httpx
 import pytest
 
 from .conftest import (DEFAULT_BLOCKS, block_by_label, make_agent, start_mount, stop_mount,
                        wait_for)
-from .proxy import Proxy
 
 pytestmark = pytest.mark.integration
 
@@ -25,14 +23,6 @@ ROOT = Path(__file__).resolve().parents[2]
 # A second server, stopped and started by the tests (never the shared one on 8383).
 SECOND_SERVER = {"MEMFUSE_LETTA_HOME": str(Path.home() / ".cache/memfuse/letta-server-flaky"),
                  "MEMFUSE_LETTA_PORT": "8384"}
-
-
-@pytest.fixture
-def proxy(letta_url):
-    url = urlparse(letta_url)
-    p = Proxy((url.hostname, url.port))
-    yield p
-    p.close()
 
 
 def git_log(mount) -> list[str]:

@@ -8,24 +8,14 @@ import json
 import os
 import subprocess
 import time
-from urllib.parse import urlparse
 
 import pytest
 
 from .conftest import block_by_label, start_mount, stop_mount, wait_for
-from .proxy import Proxy
 
 pytestmark = pytest.mark.integration
 
 HUMAN = "---\ndescription: About the human\nlimit: 2000\n---\nThe human.\n"
-
-
-@pytest.fixture
-def proxy(letta_url):
-    url = urlparse(letta_url)
-    p = Proxy((url.hostname, url.port))
-    yield p
-    p.close()
 
 
 @pytest.fixture
