@@ -22,7 +22,7 @@ import trio
 
 from .config import (Config, ConfigError, RunningMount, agent_dir, private_dir,
                      running_mounts)
-from .daemon import MountError, serve
+from .daemon import MountError, clear_dead_mount, is_mounted, serve
 from .journal import Journal
 from .remote import CONFLICT_POLICIES
 from .status import Status
@@ -154,7 +154,7 @@ def _read_report(fd: int, timeout: float) -> list[str]:
 def _find_mount(target: str) -> tuple[Path | None, RunningMount | None, Path]:
     """(pid file, record, mountpoint) for an agent id or a mountpoint path (anything with a
     `/`, or an existing directory or mount here)."""
-    if os.sep not in target and not os.path.isdir(target) and not _is_mounted(Path(target)):
+    if os.sep not in target and not os.path.isdir(target) and not is_mounted(Path(target)):
         pid_file = agent_dir(target) / "memfuse.pid"
         record = RunningMount.load(pid_file)
         mountpoint = Path(record.mountpoint) if record else agent_dir(target) / "memory"
@@ -164,16 +164,6 @@ def _find_mount(target: str) -> tuple[Path | None, RunningMount | None, Path]:
         if Path(record.mountpoint) == mountpoint:
             return pid_file, record, mountpoint
     return None, None, mountpoint
-
-
-def _is_mounted(path: Path) -> bool:
-    try:
-        os.lstat(path)
-    except FileNotFoundError:
-        return False
-    except OSError:  # ENOTCONN: a FUSE mount whose daemon is gone
-        return True
-    return os.path.ismount(path)
 
 
 def umount(target: str, timeout: float) -> int:
@@ -193,11 +183,10 @@ def umount(target: str, timeout: float) -> int:
             print(f"memfuse: daemon {record.pid} did not finish within {timeout:g} s "
                   f"(log: {record.log_file})", file=sys.stderr)
             return 1
-    elif not _is_mounted(mountpoint):
+    elif not is_mounted(mountpoint):
         print(f"memfuse: nothing is mounted at {mountpoint}", file=sys.stderr)
         return 1
-    if _is_mounted(mountpoint):  # the daemon died without unmounting: clear the stale mount
-        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+    clear_dead_mount(mountpoint)  # the daemon died without unmounting: clear the stale mount
     if pid_file is not None:
         pid_file.unlink(missing_ok=True)
     print(f"memfuse: unmounted {mountpoint}")
@@ -223,7 +212,7 @@ def status(target: str | None) -> int:
         if record is None or not record.alive():
             print(f"memfuse: nothing is mounted at {mountpoint}"
                   + (" (the daemon is gone; clear it with memfuse umount)"
-                     if _is_mounted(mountpoint) else ""))
+                     if is_mounted(mountpoint) else ""))
             code = 1
             continue
         report = Status.load(agent_dir(record.agent_id) / "memfuse.status.json")

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -64,6 +65,27 @@ class ServerUnreachable(MountError):
     def __init__(self, base_url: str, detail: str):
         super().__init__(f"cannot reach the Letta server at {base_url} ({detail})")
         self.detail = detail
+
+
+def is_mounted(path: Path) -> bool:
+    """Whether something is mounted at `path`, a FUSE mount whose daemon is gone included
+    (its lstat fails with ENOTCONN)."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError:  # ENOTCONN: a FUSE mount whose daemon is gone
+        return True
+    return os.path.ismount(path)
+
+
+def clear_dead_mount(path: Path) -> bool:
+    """Lazily unmount `path` (`fusermount3 -u -z`) when something is mounted there; only for a
+    mount this agent's daemon made and died leaving. Returns whether there was one."""
+    if not is_mounted(path):
+        return False
+    subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, check=False)
+    return True
 
 
 def check_mountpoint(path: Path) -> None:
@@ -200,6 +222,10 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
     if running is not None and running.alive():
         raise MountError(f"agent {config.agent_id} is already mounted at "
                          f"{running.mountpoint} (pid {running.pid})")
+    if (running is not None and Path(running.mountpoint) == config.mountpoint
+            and clear_dead_mount(config.mountpoint)):
+        log.warning("%s: the mount of a daemon that died (pid %d) was still there; cleared",
+                    config.mountpoint, running.pid)
     check_mountpoint(config.mountpoint)
     _make_private(config)
     clear_stale_locks(config.history_dir)

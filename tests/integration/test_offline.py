@@ -155,11 +155,12 @@ def test_journaled_namespace_changes_survive_kill_9(agent, home, proxy, api):
         proxy.cut()
         m.sh("echo 'Created, then the daemon died.' > system/later.md")
         m.sh("rm system/persona.md")  # killed within its grace period
-        os.kill(json.loads((m.state / "memfuse.pid").read_text())["pid"], 9)
-        subprocess.run(["fusermount3", "-u", "-z", str(m.path)], check=False)
-        m.memfuse("umount", agent, check=False)
+        pid = json.loads((m.state / "memfuse.pid").read_text())["pid"]
+        os.kill(pid, 9)
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10)
         proxy.restore()
-        m = start_mount(agent, home, "--base-url", proxy.url)
+        m = start_mount(agent, home, "--base-url", proxy.url)  # clears the dead mount itself
+        assert "the mount of a daemon that died" in m.log()
         assert m.sh("ls system").stdout.split() == ["human.md", "later.md"]
         wait_for(lambda: "journal        empty" in m.memfuse("status", agent).stdout, 20)
         attached = {b["label"]: b for b in api.get(
