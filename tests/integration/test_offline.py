@@ -4,6 +4,7 @@ are journaled (durably, through kill -9 and unmount) and replayed when it answer
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import os
 import subprocess
@@ -169,3 +170,19 @@ def test_journaled_namespace_changes_survive_kill_9(agent, home, proxy, api):
         assert attached["later"]["value"] == "Created, then the daemon died.\n"
     finally:
         stop_mount(m)
+
+
+def test_a_failed_close_keeps_its_bytes_in_history_and_leaves_no_phantom_file(mount, api):
+    m = mount
+    big, bigger = "x" * 2001, "y" * 20001  # human's limit is 2000; a new file's is 20000
+    for name, data in (("system/human.md", big), ("new.md", bigger)):
+        with pytest.raises(OSError) as caught:
+            with open(m.path / name, "w") as f:
+                f.write(data)
+        assert caught.value.errno == errno.EFBIG
+    assert "new.md" not in m.sh("ls").stdout.split()  # no file the server does not know
+    assert block_by_label(api, m.agent_id, "human")["value"] == "The human.\n"
+    wait_for(lambda: "Rejected local edit" in m.sh("git log --format=%s").stdout, 10)
+    shown = m.sh("git log -p --format=%s").stdout
+    assert big in shown and bigger in shown  # a person gets the bytes back with git
+    wait_for(lambda: m.sh("git status --porcelain").stdout == "", 10)
