@@ -24,14 +24,17 @@ from .errors import Faults, FsError
 from .files import BlockFiles
 from .model import MAX_NAME, Block
 from .namespace import Namespace
+from .pagecache import PageCache
 from .remote import Stale
 from .state import MountState
 from .tree import Kind, Node
 
 log = logging.getLogger("memfuse.fs")
 
-# Files: attributes are never cached by the kernel, so `st_size` always matches what a read
-# returns after the content changed on the server (getattr is served from memory, so it is cheap).
+# Block files: the kernel keeps their attributes, and MountState tells it to forget them at once
+# whenever what a block file shows changes (tree.Tree.on_change), so `st_size` never lags the
+# content. Scratch files change under the kernel's eyes only: never cached.
+BLOCK_ATTR_TIMEOUT = 60.0
 FILE_ATTR_TIMEOUT = 0.0
 DIR_ATTR_TIMEOUT = 1.0
 ENTRY_TIMEOUT = 1.0
@@ -108,6 +111,7 @@ class MemoryFs(pyfuse3.Operations):
         self.faults = faults or Faults()
         self.tree = state.tree
         self._files: dict[int, OpenFile | ScratchFile] = {}
+        self._pages = PageCache()  # what the kernel's page cache holds: keep_cache at open
         self._dirs: dict[int, list[tuple[str, int]]] = {}
         self._next_fh = 1
         self._uid, self._gid = os.getuid(), os.getgid()
@@ -161,6 +165,8 @@ class MemoryFs(pyfuse3.Operations):
         else:
             attr.st_mode = stat.S_IFREG | (0o444 if node.read_only else 0o644)
             attr.st_size = self._size(node)
+            if node.kind is Kind.BLOCK:
+                attr.attr_timeout = BLOCK_ATTR_TIMEOUT
         attr.st_blocks = (attr.st_size + 511) // 512
         attr.st_blksize = BLOCK_SIZE
         attr.st_uid, attr.st_gid = self._uid, self._gid
@@ -199,6 +205,7 @@ class MemoryFs(pyfuse3.Operations):
         """FUSE forget: drop the kernel's lookups; unlinked nodes with none left are freed."""
         for inode, count in inode_list:
             self.state.forget(inode, count)
+            self._pages.forget(inode)  # the kernel may drop its pages with the inode
 
     async def getattr(self, inode, ctx=None):
         """FUSE getattr: attributes from memory (exact st_size; the pending write's size)."""
@@ -366,17 +373,19 @@ class MemoryFs(pyfuse3.Operations):
         writable = (flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
         truncate = writable and flags & os.O_TRUNC  # libfuse 3 passes O_TRUNC here
         handle: OpenFile | ScratchFile
+        fh = self._fh()
+        keep_cache = False
         if node.kind is Kind.SCRATCH:
             handle = ScratchFile(node, writable)
             if truncate:
                 self.state.scratch_truncate(node, 0)
         else:
             handle = OpenFile(node, node.content, writable, base=node.block)
+            keep_cache = self._pages.opened(node.inode, fh, node.version, writable)
             if truncate:
                 self._resize(handle, 0)
-        fh = self._fh()
         self._files[fh] = handle
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
     async def open(self, inode, flags, ctx):
         """FUSE open: revalidate a block older than the window, then snapshot its bytes for this
@@ -492,6 +501,11 @@ class MemoryFs(pyfuse3.Operations):
     async def release(self, fh):
         """FUSE release (last close): send an O_TRUNC/O_CREAT open that was never written."""
         handle = self._files.pop(fh)
+        if isinstance(handle, OpenFile):
+            self._pages.released(handle.node.inode, fh)
+            if handle.written or handle.refused is not None:
+                # the kernel sized the file by this handle's writes; what it shows may differ
+                self.state.invalidator.attributes(handle.node.inode)
         if not isinstance(handle, OpenFile) or not handle.dirty:
             return
         if handle.refused is not None:

@@ -42,6 +42,10 @@ class Invalidator(Protocol):
     def entry(self, parent_inode: int, name: str) -> None:
         """Forget the directory entry `name` (it moved, appeared or went away)."""
 
+    def attributes(self, inode: int) -> None:
+        """Forget the attributes (size, mode, times) of `inode`, at once: safe inside any
+        FUSE handler, since it waits for no page."""
+
     async def inode(self, inode: int) -> None:
         """Forget the attributes and cached pages of `inode` (its content changed)."""
 
@@ -55,6 +59,14 @@ class KernelInvalidator:
         """`pyfuse3.invalidate_entry_async`; a name the kernel never saw is fine."""
         pyfuse3.invalidate_entry_async(parent_inode, os.fsencode(name), ignore_enoent=True)
 
+    def attributes(self, inode: int) -> None:
+        """`pyfuse3.invalidate_inode(inode, attr_only=True)`: one notify write, no page lock
+        (FUSE_NOTIFY_INVAL_INODE with offset -1); an inode the kernel forgot is fine."""
+        try:
+            pyfuse3.invalidate_inode(inode, attr_only=True)
+        except OSError:  # ENOENT: the kernel holds nothing of it
+            pass
+
     async def inode(self, inode: int) -> None:
         """`pyfuse3.invalidate_inode` in a worker thread; an inode the kernel forgot is fine."""
         try:
@@ -67,6 +79,9 @@ class NoInvalidator:
     """For a tree nothing is mounted on yet (the load at mount) and for tests."""
 
     def entry(self, parent_inode: int, name: str) -> None:
+        """Nothing cached: nothing to do."""
+
+    def attributes(self, inode: int) -> None:
         """Nothing cached: nothing to do."""
 
     async def inode(self, inode: int) -> None:
@@ -91,6 +106,8 @@ class MountState:
         self.tree = tree
         self._record = record
         self.invalidator: Invalidator = invalidator or NoInvalidator()
+        # whatever changes a block file, the kernel's copy of its attributes goes at once
+        tree.on_change = lambda node: self.invalidator.attributes(node.inode)
         self.scratch = scratch or ScratchStore()
         self.graveyard = graveyard or Graveyard()
         self.journal = journal

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from . import blockfile
 from .model import GITFILE_NAME, MEMORY_FILESYSTEM_LABEL, SYSTEM_DIR, Block
@@ -34,7 +35,9 @@ class Node:
     """One inode. `content`: the rendered file (BLOCK, GITFILE), the link target (SYMLINK);
     empty for SCRATCH (its bytes are in the scratch store) and DIR. `children` maps names to inodes (DIR). `parent` is 0 once unlinked. Times
     are nanoseconds since the epoch; `checked_at` is the trio clock (seconds) of the server view
-    the block shows (see `Tree.bind`); `lookups` is the kernel's lookup count."""
+    the block shows (see `Tree.bind`); `lookups` is the kernel's lookup count; `version` counts
+    the changes of what a block file shows (content or mode), so a cached copy can be told
+    apart from the current one."""
 
     inode: int
     kind: Kind
@@ -48,6 +51,7 @@ class Node:
     checked_at: float = 0.0
     lookups: int = 0
     mode: int = 0o644
+    version: int = 0
 
     @property
     def read_only(self) -> bool:
@@ -62,10 +66,12 @@ class Node:
 
 class Tree:
     """The namespace data: nodes by inode, and blocks by id. Only state.MountState changes it;
-    every other module only reads it."""
+    every other module only reads it. `on_change(node)` is called whenever what a block file
+    shows changes (its content or mode, or it stops being a block file), after the change."""
 
     def __init__(self, gitfile: bytes | None = None):
         now = time.time_ns()
+        self.on_change: Callable[[Node], None] = lambda node: None
         self._nodes: dict[int, Node] = {}
         self._next_inode = ROOT_INODE + 1
         self._by_block: dict[str, int] = {}
@@ -167,14 +173,20 @@ class Tree:
             return False
         if node.block is not None and node.block.id != block.id:
             self._by_block.pop(node.block.id, None)
+        was_read_only = node.read_only
         node.kind, node.block, node.checked_at = Kind.BLOCK, block, checked_at
         if node.parent:  # an unlinked node shows no block in the mount
             self._by_block[block.id] = node.inode
         content = blockfile.render(block)
         if content == node.content:
+            if node.read_only != was_read_only:  # the mode changed: attributes must follow
+                node.version += 1
+                self.on_change(node)
             return False
         node.content = content
+        node.version += 1
         node.touch()
+        self.on_change(node)
         return True
 
     def unbind(self, node: Node) -> tuple[Block | None, bytes]:
@@ -184,6 +196,8 @@ class Tree:
         if block is not None:
             self._by_block.pop(block.id, None)
         content, node.kind, node.content = bytes(node.content), Kind.SCRATCH, b""
+        node.version += 1
+        self.on_change(node)
         return block, content
 
     def move(self, node: Node, parent: Node, name: str) -> None:

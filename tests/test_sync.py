@@ -21,10 +21,13 @@ from .test_namespace import create, listdir, unlink
 
 class RecordingInvalidator:
     def __init__(self):
-        self.entries, self.inodes = [], []
+        self.entries, self.inodes, self.attributes_of = [], [], []
 
     def entry(self, parent_inode, name):
         self.entries.append((parent_inode, name))
+
+    def attributes(self, inode):
+        self.attributes_of.append(inode)
 
     async def inode(self, inode):
         self.inodes.append(inode)
