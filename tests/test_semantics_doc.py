@@ -15,6 +15,8 @@ PREFIXES = {"fs": "tests/test_fs.py", "ns": "tests/test_namespace.py",
             "offline": "tests/test_offline.py",
             "offline-mount": "tests/integration/test_offline.py",
             "chaos": "tests/integration/test_chaos.py",
+            "cache-mount": "tests/integration/test_cache.py",
+            "pagecache": "tests/test_pagecache.py",
             "local-first": "tests/test_local_first.py",
             "local-first-mount": "tests/integration/test_local_first.py",
             "blockmap": "tests/test_blockmap.py"}
