@@ -425,7 +425,9 @@ class BlockFiles:
                                                  marker=marker)
                 words.append("created")
             else:  # an earlier attempt made it (no answer after its POST, or a crash)
-                block = await self.remote.relocate(block, False, location, WRITE_BUDGET)
+                # its label, if the unit moved it since; `complete` attaches it (once)
+                block = await self.remote.relocate(block, location.attached, location,
+                                                   WRITE_BUDGET)
                 outcome, block, recorded = await self._write(block, base_of(block), contents,
                                                              path, node, entry_path=first.path)
                 block = await self.remote.complete(block, location, WRITE_BUDGET)

@@ -174,19 +174,17 @@ class LettaClient:
         budget: seconds of retries (default: the client's retry_budget)."""
         return await self._paginate(f"/v1/agents/{agent_id}/core-memory/blocks", {}, budget)
 
-    async def list_owned_blocks(self, agent_id: str, *, label: str | None = None,
-                                budget: float | None = None) -> list[Block]:
-        """All blocks tagged `owner:<agent_id>`: `GET /v1/blocks/?tags=owner:<id>`, paginated;
-        label: only those with this label (`&label=`). budget: seconds of retries (default:
-        the client's retry_budget)."""
-        return await self.list_tagged_blocks(f"owner:{agent_id}", label=label, budget=budget)
+    async def list_owned_blocks(self, agent_id: str, *, budget: float | None = None
+                                ) -> list[Block]:
+        """All blocks tagged `owner:<agent_id>`: `GET /v1/blocks/?tags=owner:<id>`, paginated.
+        budget: seconds of retries (default: the client's retry_budget)."""
+        return await self.list_tagged_blocks(f"owner:{agent_id}", budget=budget)
 
-    async def list_tagged_blocks(self, tag: str, *, label: str | None = None,
-                                 budget: float | None = None) -> list[Block]:
-        """All blocks tagged `tag` (`GET /v1/blocks/?tags=<tag>`, paginated); label: only those
-        with this label. budget: seconds of retries (default: the client's retry_budget)."""
-        params = {"tags": tag, **({"label": label} if label is not None else {})}
-        return await self._paginate("/v1/blocks/", params, budget)
+    async def list_tagged_blocks(self, tag: str, *, budget: float | None = None
+                                 ) -> list[Block]:
+        """All blocks tagged `tag` (`GET /v1/blocks/?tags=<tag>`, paginated). budget: seconds
+        of retries (default: the client's retry_budget)."""
+        return await self._paginate("/v1/blocks/", {"tags": tag}, budget)
 
     async def get_block(self, block_id: str, *, budget: float | None = None,
                         timeout: float | None = None) -> Block:

@@ -84,9 +84,8 @@ class FakeLetta:
         if m := re.fullmatch(r"/v1/agents/([^/]+)/core-memory/blocks", path):
             return self._page([self.blocks[i] for i in self.agents[m[1]]], params)
         if path == "/v1/blocks/" and request.method == "GET":
-            tag, label = params.get("tags"), params.get("label")
-            return self._page([b for b in self.blocks.values() if tag in b["tags"]
-                               and label in (None, b["label"])], params)
+            tag = params.get("tags")
+            return self._page([b for b in self.blocks.values() if tag in b["tags"]], params)
         if path == "/v1/blocks/" and request.method == "POST":
             block_id = self.add_block(body["label"], body.get("value", ""),
                                       description=body.get("description"),
