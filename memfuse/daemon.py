@@ -171,6 +171,7 @@ class Mount:
     unmounted: bool = False  # the kernel ended the session itself (fusermount3 -u)
     local_first_at: float | None = None  # time.time() it was mounted from history (server away)
     notice: str | None = None  # what a person should read as it starts (a local-first mount)
+    started_at: float = field(default_factory=time.time)  # time.time() the mount was built
 
     @property
     def local_first(self) -> bool:
@@ -195,7 +196,9 @@ class Mount:
             journal_pending=len(pending), journal_oldest_at=pending[0].at if pending else None,
             last_replay=self.files.last_replay,
             local_first_at=self.local_first_at if self.local_first else None,
-            updated_at=time.time())
+            requests=poller.remote.client.requests,
+            received_bytes=poller.remote.client.received_bytes,
+            started_at=self.started_at, updated_at=time.time())
 
 
 def _teardown(stack: contextlib.AsyncExitStack, what: str,

@@ -80,6 +80,10 @@ class LettaClient:
     one attempt, no waiting (a request on a pooled connection the server closed is repeated
     once at once). Non-idempotent calls (create) are retried only when the request provably
     never reached the server (connect errors).
+
+    `requests` counts the HTTP requests sent (each attempt, answered or not) and
+    `received_bytes` the bytes of the answers' bodies, since the client was made: what the
+    mount costs the server (`memfuse status`, scripts/bench).
     """
 
     def __init__(self, base_url: str = DEFAULT_BASE_URL, api_key: str | None = None, *,
@@ -89,6 +93,8 @@ class LettaClient:
         self.base_url = base_url.rstrip("/")
         self.retry_budget = retry_budget
         self.connect_timeout = connect_timeout
+        self.requests = 0
+        self.received_bytes = 0
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=headers,
                                        timeout=httpx.Timeout(timeout, connect=connect_timeout),
                                        transport=transport)
@@ -114,6 +120,7 @@ class LettaClient:
         delay = 0.1
         stale_connection_retried = False
         while True:
+            self.requests += 1
             try:
                 response = await self._http.request(method, path, params=params, json=json,
                                                     **options)
@@ -128,6 +135,7 @@ class LettaClient:
                 error: LettaError = Unreachable(method, path, None,
                                                 f"{type(exc).__name__}: {exc}".rstrip(": "))
             else:
+                self.received_bytes += len(response.content)
                 if response.status_code < 400:
                     if not response.content:
                         return None

@@ -40,6 +40,9 @@ class Status(JsonRecord):
     journal_oldest_at: float | None = None  # when the oldest of them was journaled
     last_replay: str | None = None  # the last journal entry replayed and its outcome
     local_first_at: float | None = None  # mounted from history then; None once the server listed
+    requests: int = 0  # HTTP requests sent to the server since the mount started
+    received_bytes: int = 0  # bytes of the server's answers since the mount started
+    started_at: float | None = None  # time.time() the daemon started
 
     def render(self, now: float | None = None) -> str:
         """The human-readable report."""
@@ -76,6 +79,7 @@ class Status(JsonRecord):
                                     if self.journal_pending else "empty")
             + (f"; last replayed: {self.last_replay}" if self.last_replay else ""),
             f"  last error     {error}",
+            f"  server load    {self._load(now)}",
             f"  unexpected     {self.unexpected_errors} (bugs caught: the call got EIO or the "
             f"task was restarted; see the log)" if self.unexpected_errors else
             "  unexpected     none",
@@ -88,6 +92,15 @@ class Status(JsonRecord):
             lines.insert(1, f"  WARNING        the daemon has not reported for "
                             f"{now - self.updated_at:.0f} s")
         return "\n".join(lines)
+
+
+    def _load(self, now: float) -> str:
+        made = f"{self.requests} request(s), {self.received_bytes / 1e6:.1f} MB received"
+        if self.started_at is None or now - self.started_at < 1:
+            return made + " since mount"
+        seconds = now - self.started_at
+        return (f"{made} in {seconds:.0f} s since mount ({self.requests / seconds:.2f} "
+                f"requests/s, {self.received_bytes / seconds / 1e3:.1f} kB/s)")
 
 
 class LastProblem(logging.Handler):

@@ -29,6 +29,22 @@ async def test_pagination_follows_after_until_a_short_page(monkeypatch):
     assert len(gets) == 3  # pages of 2, 2, 1
 
 
+async def test_requests_and_received_bytes_are_counted_per_attempt():
+    calls = []
+
+    def handler(request):
+        calls.append(1)
+        if len(calls) == 1:
+            return httpx.Response(503, json={"detail": "busy"})
+        return httpx.Response(200, json=BLOCK)
+
+    async with client_for(handler) as client:
+        await client.get_block("block-1")
+    assert client.requests == 2
+    assert client.received_bytes == len(b'{"detail":"busy"}') + len(httpx.Response(
+        200, json=BLOCK).content)
+
+
 async def test_owned_blocks_are_listed_by_owner_tag():
     fake = FakeLetta()
     agent = fake.add_agent()

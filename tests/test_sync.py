@@ -205,8 +205,9 @@ def test_status_report_reads_at_a_glance():
                     uncommitted=0, last_commit="0123456789abcdef", last_commit_message="Local "
                     "edit: system/human.md", last_commit_at=now - 1, last_conflict=None,
                     last_error="system/x.md: value too long (EFBIG)", last_error_at=now - 5,
-                    updated_at=now)
+                    updated_at=now, requests=30, received_bytes=2_000_000, started_at=now - 10)
     text = status.render(now)
+    assert "30 request(s), 2.0 MB received in 10 s since mount (3.00 requests/s, 200.0 kB/s)" in text
     assert "agent agent-1 mounted at /m (pid 7)" in text
     assert "http://s: UNREACHABLE (serving the last known state)" in text
     assert "last poll      3.0 s ago" in text
