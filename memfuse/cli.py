@@ -46,9 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("--revalidate", type=float, default=1.0, metavar="SECONDS",
                        help="re-read a block from the server on open when the cached copy is "
                             "older than this (default 1)")
-    mount.add_argument("--poll-interval", type=float, default=1.0, metavar="SECONDS",
-                       help="how often to list the agent's blocks for server-side changes "
-                            "(default 1)")
+    mount.add_argument("--poll-interval", type=float, default=0.5, metavar="SECONDS",
+                       help="how often to list the attached blocks for server-side changes "
+                            "(default 0.5)")
+    mount.add_argument("--full-poll-interval", type=float, default=4.0, metavar="SECONDS",
+                       help="how often to list all the agent's blocks, at least: it grows to "
+                            "10 times what a listing takes (default 4)")
     mount.add_argument("--on-conflict", choices=CONFLICT_POLICIES, default="overwrite",
                        help="when a file is written after the server changed its block since "
                             "the file was opened: overwrite (the file wins; default) or reject "
@@ -108,7 +111,9 @@ def _mount_background(args: argparse.Namespace, config: Config) -> int:
     argv = [sys.executable, "-m", "memfuse.cli", "mount", config.agent_id, str(config.mountpoint),
             "--foreground", "--ready-fd", str(write_fd), "--base-url", config.base_url,
             "--history-dir", str(config.history_dir), "--revalidate", str(config.revalidate),
-            "--poll-interval", str(config.poll_interval), "--on-conflict", config.on_conflict]
+            "--poll-interval", str(config.poll_interval),
+            "--full-poll-interval", str(config.full_poll_interval),
+            "--on-conflict", config.on_conflict]
     if args.debug:
         argv.append("--debug")
     log_fd = os.open(config.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -231,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
             return status(args.target)
         config = Config.build(args.agent_id, args.mountpoint, base_url=args.base_url,
                               history_dir=args.history_dir, revalidate=args.revalidate,
-                              poll_interval=args.poll_interval, on_conflict=args.on_conflict,
+                              poll_interval=args.poll_interval,
+                              full_poll_interval=args.full_poll_interval,
+                              on_conflict=args.on_conflict,
                               debug=args.debug)
     except ConfigError as exc:
         print(f"memfuse: {exc}", file=sys.stderr)

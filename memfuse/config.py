@@ -68,7 +68,8 @@ class Config:
     base_url: str = DEFAULT_BASE_URL
     api_key: str | None = field(default=None, repr=False)
     revalidate: float = 1.0
-    poll_interval: float = 1.0
+    poll_interval: float = 0.5  # attached listing
+    full_poll_interval: float = 4.0  # full listing, at least (poller.FULL_COST_FACTOR)
     on_conflict: str = "overwrite"
     quiet_period: float = 1.0
     retry_budget: float = 10.0

@@ -278,9 +278,11 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
     files = BlockFiles(state, remote, revalidate=config.revalidate)
     namespace = Namespace(state, remote, files)
     faults = Faults()
+    poller = Poller(state, remote, interval=config.poll_interval,
+                    full_interval=config.full_poll_interval)
+    files.listed_since = poller.listed_since
     mount = Mount(config, repo, snapshots, state, files,
-                  MemoryFs(state, files, namespace, faults),
-                  Poller(state, remote, interval=config.poll_interval),
+                  MemoryFs(state, files, namespace, faults), poller,
                   TreeBlockKeeper(state, remote), problems, faults)
     if away is not None:
         mount.local_first_at = time.time()

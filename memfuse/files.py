@@ -1,7 +1,8 @@
 """Block file contents both ways: revalidate on open, send a flushed file.
 
 An `open` of a block file re-reads its block when the cached copy is older than the revalidation
-window (close-to-open consistency); a flushed file becomes one PATCH of its block (or the block
+window (close-to-open consistency); a burst of such opens (`grep -r`) is served by one full
+listing instead of a GET each; a flushed file becomes one PATCH of its block (or the block
 is created); a conflict with a newer server version is settled by the policy and both versions
 go to history. The server is called through remote.Remote, every change lands through
 state.MountState: flush -> BlockFiles.send -> Remote.update (PATCH) -> MountState.written
@@ -9,10 +10,12 @@ state.MountState: flush -> BlockFiles.send -> Remote.update (PATCH) -> MountStat
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import errno
 import logging
 import uuid
+from typing import Awaitable, Callable
 
 import trio
 
@@ -22,7 +25,7 @@ from .grace import Tombstone
 from .journal import CREATE, RELOCATE, UNLINK, WRITE, Entry, base_of
 from .letta import LettaError, NotFound, ServerError, Unreachable
 from .model import PROVISIONAL_PREFIX, Block, Location, is_provisional
-from .remote import Remote, Stale, create_marker
+from .remote import FETCH_TIMEOUT, Remote, Stale, create_marker
 from .state import MountState
 from .tree import Kind, Node
 
@@ -30,6 +33,8 @@ log = logging.getLogger("memfuse.files")
 
 WRITE_BUDGET = 2.0  # seconds of retries before a write the server does not take is journaled
 REPLAY_FAILURES = 5  # 5xx answers to one journaled write before it is given up as refused
+BURST_OPENS = 3  # opens that must revalidate, within BURST_WINDOW seconds: a burst
+BURST_WINDOW = 1.0
 
 
 def _made(entries: list[Entry]) -> Block:
@@ -55,6 +60,8 @@ class BlockFiles:
     """The contents of one mount's block files.
 
     revalidate: seconds a cached block is trusted before `open` asks the server again.
+    listed_since: Poller.listed_since (set by the daemon): how a burst of opens asks for one
+    full listing instead of a GET each.
     `last_conflict`: the last conflict, `last_replay` the last journal entry replayed and
     its outcome, in words (for `memfuse status`).
     """
@@ -62,6 +69,8 @@ class BlockFiles:
     def __init__(self, state: MountState, remote: Remote, *, revalidate: float):
         self.state, self.remote, self.tree = state, remote, state.tree
         self.revalidate_after = revalidate
+        self.listed_since: Callable[[float, float], Awaitable[bool]] | None = None
+        self._stale_opens: collections.deque[float] = collections.deque(maxlen=BURST_OPENS)
         self.last_conflict: str | None = None
         self.last_replay: str | None = None
         self._order_locks: dict[str, trio.Lock] = {}
@@ -76,9 +85,20 @@ class BlockFiles:
 
         One attempt, never a retry budget: when the server does not answer, or is already known
         not to (Remote.reachable), the cached copy is served at once. A block the journal pins
-        (its changes not replayed yet) is served as the journal makes it, with no call.
+        (its changes not replayed yet) is served as the journal makes it, with no call. The
+        BURST_OPENS-th open to revalidate within BURST_WINDOW seconds asks for a full listing
+        instead (`listed_since`, waiting at most FETCH_TIMEOUT seconds), which refreshes
+        every block at once; a block that listing did not show is read alone.
         """
         if self._fresh(node):
+            return
+        now = trio.current_time()
+        self._stale_opens.append(now)
+        if (self.listed_since is not None and self.remote.reachable
+                and len(self._stale_opens) == BURST_OPENS
+                and now - self._stale_opens[0] < BURST_WINDOW
+                and await self.listed_since(now - self.revalidate_after, FETCH_TIMEOUT)
+                and self._fresh(node)):
             return
         async with self.remote.lock(node.block.id):
             if self._fresh(node):  # another open refreshed it while this one waited

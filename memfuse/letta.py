@@ -6,6 +6,8 @@ errors carry `{"detail": ...}`; 409 means two server transactions raced and is w
 """
 from __future__ import annotations
 
+import hashlib
+import json as jsonlib
 import logging
 from typing import Any
 
@@ -17,7 +19,11 @@ from .model import Block
 log = logging.getLogger("memfuse.letta")
 
 DEFAULT_BASE_URL = "http://localhost:8283"
-PAGE_SIZE = 100
+# Blocks per list request. 0.16.8 caps no page size, and each page of the attached listing
+# re-reads the agent, so a listing is one request up to this many blocks (about 25 MB of
+# JSON with 5 KB values).
+PAGE_SIZE = 5000
+PAGES_KEPT = 16  # listing answers remembered (by request) to skip decoding an unchanged one
 
 
 class LettaError(Exception):
@@ -95,6 +101,7 @@ class LettaClient:
         self.connect_timeout = connect_timeout
         self.requests = 0
         self.received_bytes = 0
+        self._pages: dict[tuple, tuple[bytes, list[Block]]] = {}  # request -> (digest, blocks)
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=headers,
                                        timeout=httpx.Timeout(timeout, connect=connect_timeout),
                                        transport=transport)
@@ -111,7 +118,10 @@ class LettaClient:
 
     async def _request(self, method: str, path: str, *, params: dict | None = None,
                        json: dict | None = None, idempotent: bool = True,
-                       budget: float | None = None, timeout: float | None = None) -> Any:
+                       budget: float | None = None, timeout: float | None = None,
+                       raw: bool = False) -> Any:
+        """One call with retries (see the class). Returns the decoded JSON answer, or its body
+        as bytes when `raw`; None for an empty body. Raises LettaError subclasses."""
         budget = self.retry_budget if budget is None else budget
         options: dict[str, Any] = {}
         if timeout is not None:
@@ -139,6 +149,8 @@ class LettaClient:
                 if response.status_code < 400:
                     if not response.content:
                         return None
+                    if raw:
+                        return response.content
                     try:
                         return response.json()
                     except ValueError:  # not the API: a proxy's page, another server
@@ -160,11 +172,33 @@ class LettaClient:
         after: str | None = None
         while True:
             page_params = dict(params, limit=PAGE_SIZE, **({"after": after} if after else {}))
-            page = await self._request("GET", path, params=page_params, budget=budget)
-            blocks.extend(Block.from_json(item) for item in page)
+            page = await self._page(path, page_params, budget)
+            blocks.extend(page)
             if len(page) < PAGE_SIZE:
                 return blocks
-            after = page[-1]["id"]
+            after = page[-1].id
+
+    async def _page(self, path: str, params: dict[str, Any], budget: float | None
+                    ) -> list[Block]:
+        """One page of a listing. A page whose bytes equal the last answer to the same request
+        is not decoded again: the same Block objects come back (a poller lists unchanged
+        blocks over and over; decoding is most of its cost)."""
+        body = await self._request("GET", path, params=params, budget=budget, raw=True)
+        if body is None:
+            return []
+        key = (path, tuple(sorted(params.items())))
+        digest = hashlib.blake2b(body, digest_size=16).digest()
+        cached = self._pages.get(key)
+        if cached is not None and cached[0] == digest:
+            return cached[1]
+        try:
+            page = [Block.from_json(item) for item in jsonlib.loads(body)]
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise LettaError("GET", path, 200, "the answer is not a list of blocks") from None
+        self._pages[key] = (digest, page)
+        while len(self._pages) > PAGES_KEPT:
+            self._pages.pop(next(iter(self._pages)))
+        return page
 
     async def health(self, *, budget: float | None = None) -> dict[str, Any]:
         """`GET /v1/health/` -> e.g. `{"version": "0.16.8", "status": "ok"}`. budget: seconds

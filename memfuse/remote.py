@@ -112,7 +112,8 @@ class Remote:
 
     async def listing(self, budget: float | None = None) -> tuple[list[Block], list[Block]]:
         """(attached, owned) blocks: `GET /v1/agents/{id}/core-memory/blocks` and
-        `GET /v1/blocks/?tags=owner:<id>`, both paginated. budget: seconds of retries (None:
+        `GET /v1/blocks/?tags=owner:<id>`, both paginated (one request each up to
+        letta.PAGE_SIZE blocks). budget: seconds of retries (None:
         the client's; 0: one attempt, as a poller that asks again soon wants). Raises
         LettaError."""
         attached = await self._observed(self.client.list_attached_blocks(self.agent_id,
@@ -120,6 +121,12 @@ class Remote:
         owned = await self._observed(self.client.list_owned_blocks(self.agent_id,
                                                                    budget=budget))
         return attached, owned
+
+    async def attached(self, budget: float | None = None) -> list[Block]:
+        """The attached blocks alone: `GET /v1/agents/{id}/core-memory/blocks` (one request up
+        to letta.PAGE_SIZE blocks). budget: as for `listing`. Raises LettaError."""
+        return await self._observed(self.client.list_attached_blocks(self.agent_id,
+                                                                     budget=budget))
 
     async def fetch(self, block_id: str) -> Block | None:
         """`GET /v1/blocks/{id}`, one attempt (it only refreshes a cache), or None without any

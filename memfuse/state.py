@@ -27,7 +27,8 @@ from . import blockfile
 from .errors import FsError
 from .grace import Graveyard
 from .journal import CREATE, RELOCATE, UNLINK, WRITE, Entry, Journal
-from .model import MAX_PATH, MEMORY_FILESYSTEM_LABEL, Block, Location, Origin, is_block_name
+from .model import (MAX_PATH, MEMORY_FILESYSTEM_LABEL, SYSTEM_DIR, Block, Location, Origin,
+                    is_block_name)
 from .scratch import ScratchStore
 from .tree import Kind, Node, Tree
 
@@ -225,6 +226,36 @@ class MountState:
         for inode in changed:
             await self.invalidator.inode(inode)
 
+    async def reconcile_attached(self, attached: list[Block], left: list[Block],
+                                 listed_at: float) -> None:
+        """Apply a listing of the attached blocks alone (the poller's frequent one): blocks
+        attached, changed or relabelled under system/ are shown as in `reconcile`; a block
+        shown under system/ that is missing from `attached` moves to the root when it is in
+        `left` (read again since it left the listing, and still owned), else leaves the mount.
+        Files at the root are otherwise left to the full listing. listed_at: when the
+        listing started (trio clock)."""
+        changed: list[int] = []
+        self._apply(attached, left, listed_at, changed, attached_only=True)
+        for inode in changed:
+            await self.invalidator.inode(inode)
+
+    def left_attached(self, attached: list[Block]) -> list[Node]:
+        """The block files shown under system/ whose blocks are missing from the attached
+        listing `attached` (detached or deleted on the server), except those the journal pins
+        or hides: the poller reads each again before `reconcile_attached`."""
+        listed = {b.id for b in attached}
+        keep = self.hidden() | self.pinned()
+        return [n for n in self._shown_attached() if n.block.id not in listed | keep]
+
+    def _shown_attached(self) -> list[Node]:
+        """The block files under system/ (a walk of that directory alone: attached blocks are
+        few, the root may hold thousands)."""
+        system = self.tree.child(self.tree.root, SYSTEM_DIR)
+        if system is None:
+            return []
+        return [n for n in self.tree.walk(system) if n.kind is Kind.BLOCK
+                and n.block is not None and self.tree.block_node(n.block.id) is n]
+
     def _desired(self, attached: list[Block], owned: list[Block], hidden: set[str]
                  ) -> dict[str, tuple[tuple[str, ...], Block]]:
         attached_ids = {b.id for b in attached}
@@ -242,12 +273,14 @@ class MountState:
         return desired
 
     def _apply(self, attached: list[Block], owned: list[Block], listed_at: float,
-               changed: list[int]) -> None:
+               changed: list[int], attached_only: bool = False) -> None:
         hidden = self.hidden()  # unlinked here, not retired yet
         pinned = self.pinned()  # the journal's version is shown until it is replayed
         desired = self._desired(attached, owned, hidden)
-        for node in self.tree.blocks():
-            if node.block.id not in desired and node.block.id not in hidden | pinned:
+        kept = hidden | pinned
+        # an attached listing says nothing of the root's files: the full listing judges those
+        for node in self._shown_attached() if attached_only else self.tree.blocks():
+            if node.block.id not in desired and node.block.id not in kept:
                 path = self.tree.path(node)
                 self._remove(node, notify=True)
                 self._record(path, None, Origin.SERVER)

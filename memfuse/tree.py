@@ -171,6 +171,9 @@ class Tree:
         if (node.block is not None and node.block.id == block.id
                 and checked_at < node.checked_at):
             return False
+        if node.block == block and node.kind is Kind.BLOCK:  # unchanged: nothing to render
+            node.checked_at = checked_at
+            return False
         if node.block is not None and node.block.id != block.id:
             self._by_block.pop(node.block.id, None)
         was_read_only = node.read_only

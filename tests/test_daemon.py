@@ -31,7 +31,8 @@ def setup(tmp_path, monkeypatch):
     agent = fake.add_agent()
     fake.add_block("human", "The human.\n", agent=agent)
     config = Config.build(agent, base_url="http://letta.test", quiet_period=0.05,
-                          poll_interval=0.05, retry_budget=0.2)
+                          poll_interval=0.05, full_poll_interval=0.05,
+                          retry_budget=0.2)
     return fake, config
 
 

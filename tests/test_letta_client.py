@@ -169,3 +169,16 @@ async def test_an_answer_that_is_not_json_is_a_letta_error():
         with pytest.raises(letta.LettaError) as caught:
             await client.health()
     assert "not JSON" in str(caught.value)
+
+
+async def test_a_listing_answer_with_the_same_bytes_is_not_decoded_again():
+    fake = FakeLetta()
+    agent = fake.add_agent()
+    block_id = fake.add_block("x", "v", agent=agent)
+    async with LettaClient("http://letta.test", transport=fake.transport()) as client:
+        first = await client.list_attached_blocks(agent)
+        again = await client.list_attached_blocks(agent)
+        fake.blocks[block_id]["value"] = "changed"
+        changed = await client.list_attached_blocks(agent)
+    assert again[0] is first[0]
+    assert changed[0] is not first[0] and changed[0].value == "changed"

@@ -53,7 +53,8 @@ def setup(tmp_path, monkeypatch):
            "notes": fake.add_block("projects/notes", "Owned, detached.\n", agent=agent,
                                    attached=False, tags=[f"owner:{agent}"])}
     config = Config.build(agent, base_url="http://letta.test", quiet_period=0.05,
-                          poll_interval=0.05, retry_budget=0.2)
+                          poll_interval=0.05, full_poll_interval=0.05,
+                          retry_budget=0.2)
     return fake, config, ids
 
 

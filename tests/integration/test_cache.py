@@ -54,7 +54,8 @@ def test_a_server_change_reaches_a_warm_cache_exactly(cached, api, new_value):
                                        "short\n"])
 def test_an_open_that_revalidates_drops_the_cached_size_and_pages(agent, home, api, new_value):
     # no poller in the way: the open's own read of the server is what changes the file
-    m = start_mount(agent, home, "--revalidate", "0.5", "--poll-interval", "3600")
+    m = start_mount(agent, home, "--revalidate", "0.5", "--poll-interval", "3600",
+                    "--full-poll-interval", "3600")
     try:
         for _ in range(3):
             assert m.sh("cat system/human.md").stdout == HUMAN
