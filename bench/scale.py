@@ -186,6 +186,7 @@ class Mount:
     env: dict
     seconds: float        # wall time of `memfuse mount` until it returned
     stderr: str           # what `memfuse mount` printed on stderr (progress, notices)
+    listed: int           # block files (`*.md`) listed at once after it returned
 
     @property
     def state_dir(self) -> Path:
@@ -225,7 +226,10 @@ def mount(agent_id: str, *flags: str) -> Mount:
         raise RuntimeError(f"memfuse mount failed: {done.stderr.strip()}")
     if not os.path.ismount(mountpoint) or "system" not in os.listdir(mountpoint):
         raise RuntimeError("memfuse mount returned before the mount was usable")
-    return Mount(agent_id, home, mountpoint, env, seconds, done.stderr.strip())
+    listed = sum(name.endswith(".md") for name in os.listdir(mountpoint)) + sum(
+        name.endswith(".md") for _, _, names in os.walk(os.path.join(mountpoint, "system"))
+        for name in names)
+    return Mount(agent_id, home, mountpoint, env, seconds, done.stderr.strip(), listed)
 
 
 def umount(m: Mount) -> None:
@@ -321,6 +325,8 @@ class ScaleRow:
     run_at: str
     mount_s: float
     rss_mount_mb: float
+    listed_at_mount: int | None = None  # block files listed right after `memfuse mount` returned
+    mount_stderr: str = ""  # the last line `memfuse mount` printed on stderr
     rss_end_mb: float = 0.0
     idle_cpu_pct: float = 0.0
     idle_req_s: float = 0.0
@@ -348,10 +354,11 @@ def measure_scale(api: httpx.Client, agent_id: str, n: int, idle_s: float,
     try:
         pid = m.pid()
         row = ScaleRow(n=n, run_at=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                       mount_s=m.seconds, rss_mount_mb=rss_mb(pid), grep_timeout_s=grep_timeout)
-        if m.stderr:
-            print(f"[N={n}] memfuse mount stderr (last line): {m.stderr.splitlines()[-1]}")
-        print(f"[N={n}] mount {row.mount_s:.2f} s, RSS {row.rss_mount_mb:.0f} MB", flush=True)
+                       mount_s=m.seconds, rss_mount_mb=rss_mb(pid), grep_timeout_s=grep_timeout,
+                       listed_at_mount=m.listed,
+                       mount_stderr=m.stderr.splitlines()[-1] if m.stderr else "")
+        print(f"[N={n}] mount {row.mount_s:.2f} s ({m.listed} files listed at return; stderr: "
+              f"{row.mount_stderr or 'nothing'}), RSS {row.rss_mount_mb:.0f} MB", flush=True)
         time.sleep(max(0.0, mounted_at + 5 - time.monotonic()))
         row.idle_cpu_pct, row.idle_req_s, row.idle_kb_s = idle(m, idle_s)
         row.idle_window_s = idle_s
@@ -561,7 +568,7 @@ def render(data: dict) -> str:
         "from the run named in them (a quick run with `--sizes` refreshes its rows only; the "
         "raw figures are in bench/scale.json). Shared machine: read the ratios.",
         "",
-        "| N | run | `memfuse mount` | target | RSS after mount / after reading all | target "
+        "| N | run | `memfuse mount` (block files listed when it returned) | target | RSS after mount / after reading all | target "
         "| idle CPU (% of a core) | target | idle requests/s | target | idle kB/s received "
         "| read every file once | 10 sampled equal to the server |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -569,7 +576,9 @@ def render(data: dict) -> str:
     for r in rows:
         t = TARGETS.get(r.n, (None,) * 5)
         out.append(
-            f"| {r.n:,} | {r.run_at} | {r.mount_s:.2f} s | {target(t[0], 's', r.mount_s)} "
+            f"| {r.n:,} | {r.run_at} | {r.mount_s:.2f} s ("
+            f"{'—' if r.listed_at_mount is None else format(r.listed_at_mount, ',')}) "
+            f"| {target(t[0], 's', r.mount_s)} "
             f"| {r.rss_mount_mb:.0f} / {r.rss_end_mb:.0f} MB "
             f"| {target(t[1], 'MB', max(r.rss_mount_mb, r.rss_end_mb))} "
             f"| {r.idle_cpu_pct:.1f} % (over {r.idle_window_s:.0f} s) "
@@ -577,6 +586,9 @@ def render(data: dict) -> str:
             f"| {target(t[3], '/s', r.idle_req_s)} | {r.idle_kb_s:,.0f} "
             f"| {r.files_read:,} files in {r.read_all_s:.2f} s "
             f"| {10 - r.sample_mismatches} of 10 |")
+    out += ["", "`memfuse mount` printed on stderr (its last line): " + "; ".join(
+        f"N = {r.n:,}: " + (f"`{r.mount_stderr}`" if r.mount_stderr else "nothing")
+        for r in rows) + "."]
     out += [
         "",
         f"`grep -rl {WORD}` over the mount, cold (after 3 s without reads) then warm (again at "
