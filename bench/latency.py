@@ -7,7 +7,8 @@ Measures, side by side in one run:
   directly with httpx;
 - a read through the mount (`open`/`read`/`close` within the revalidation window) against a
   GET of the block.
-Writes a markdown table to the file given as the first argument.
+Writes its markdown tables into its own section of the file given as the first argument
+(bench/sections.py), leaving the other sections alone.
 Usage: LETTA_BASE_URL=... python bench/latency.py bench/results.md [ROUNDS]
 """
 import os
@@ -21,6 +22,8 @@ import uuid
 from pathlib import Path
 
 import httpx
+
+from sections import replace_section
 
 BASE = os.environ["LETTA_BASE_URL"]
 MEMFUSE = str(Path(sys.executable).parent / "memfuse")
@@ -103,9 +106,7 @@ def main():
 
     d_med, d_max = summary(delays)
     mw, aw, mr, ar = (summary(x)[0] for x in (mount_writes, api_writes, mount_reads, api_reads))
-    out.write_text(f"""# memfuse benchmark results
-
-Run `scripts/bench` to refresh. Last run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())},
+    replace_section(out, "latency", f"""Run `scripts/bench` to refresh. Last run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())},
 {platform.machine()}, {os.cpu_count()} cores, Letta server 0.16.8 on loopback, {rounds} rounds
 each, default poll interval (1 s). Shared machine: compare the ratios, not the absolute times.
 
@@ -117,7 +118,7 @@ each, default poll interval (1 s). Shared machine: compare the ratios, not the a
 |---|---|---|---|
 | write a block (open/write/close = GET + PATCH, vs one PATCH) | {mw:.1f} ms | {aw:.1f} ms | {mw / aw:.2f}x |
 | read a block (cached, inside the revalidation window, vs one GET) | {mr:.2f} ms | {ar:.1f} ms | {mr / ar:.3f}x |
-""")
+""", first=True)
     print(out.read_text())
 
 
