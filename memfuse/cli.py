@@ -49,9 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("--poll-interval", type=float, default=0.5, metavar="SECONDS",
                        help="how often to list the attached blocks for server-side changes "
                             "(default 0.5)")
-    mount.add_argument("--full-poll-interval", type=float, default=4.0, metavar="SECONDS",
+    mount.add_argument("--full-poll-interval", type=float, default=3.0, metavar="SECONDS",
                        help="how often to list all the agent's blocks, at least: it grows to "
-                            "10 times what a listing takes (default 4)")
+                            "5 times what a listing takes (default 3)")
     mount.add_argument("--on-conflict", choices=CONFLICT_POLICIES, default="overwrite",
                        help="when a file is written after the server changed its block since "
                             "the file was opened: overwrite (the file wins; default) or reject "

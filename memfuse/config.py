@@ -69,7 +69,7 @@ class Config:
     api_key: str | None = field(default=None, repr=False)
     revalidate: float = 1.0
     poll_interval: float = 0.5  # attached listing
-    full_poll_interval: float = 4.0  # full listing, at least (poller.FULL_COST_FACTOR)
+    full_poll_interval: float = 3.0  # full listing, at least (poller.FULL_COST_FACTOR)
     on_conflict: str = "overwrite"
     quiet_period: float = 1.0
     retry_budget: float = 10.0

@@ -69,7 +69,10 @@ class BlockFiles:
     def __init__(self, state: MountState, remote: Remote, *, revalidate: float):
         self.state, self.remote, self.tree = state, remote, state.tree
         self.revalidate_after = revalidate
-        self.listed_since: Callable[[float, float], Awaitable[bool]] | None = None
+        self.listed_since: Callable[[float, float], Awaitable[float | None]] | None = None
+        self._burst_from: float | None = None  # start of the listing serving the burst of opens
+        # going on (None: none is)
+        self._last_open = float("-inf")  # trio time of the last open that asked to revalidate
         self._stale_opens: collections.deque[float] = collections.deque(maxlen=BURST_OPENS)
         self.last_conflict: str | None = None
         self.last_replay: str | None = None
@@ -77,29 +80,43 @@ class BlockFiles:
         self._failures: dict[int, int] = {}  # journal seq -> 5xx answers at replay
 
     def _fresh(self, node: Node) -> bool:
-        return (node.block is None or node.block.id in self.state.pinned()
-                or trio.current_time() - node.checked_at < self.revalidate_after)
+        if node.block is None or node.block.id in self.state.pinned():
+            return True
+        now = trio.current_time()
+        if now - node.checked_at < self.revalidate_after:
+            return True
+        return self._burst_from is not None and node.checked_at >= self._burst_from
 
     async def revalidate(self, node: Node) -> None:
         """Refresh `node` from `GET /v1/blocks/{id}` when its copy is older than the window.
 
         One attempt, never a retry budget: when the server does not answer, or is already known
         not to (Remote.reachable), the cached copy is served at once. A block the journal pins
-        (its changes not replayed yet) is served as the journal makes it, with no call. The
-        BURST_OPENS-th open to revalidate within BURST_WINDOW seconds asks for a full listing
-        instead (`listed_since`, waiting at most FETCH_TIMEOUT seconds), which refreshes
-        every block at once; a block that listing did not show is read alone.
+        (its changes not replayed yet) is served as the journal makes it, with no call.
+
+        A burst of opens (`grep -r`: BURST_OPENS opens needing a read within BURST_WINDOW
+        seconds) is served by one full listing that started after the burst's first open
+        (`listed_since`, waited for at most FETCH_TIMEOUT seconds) instead of a GET each: the
+        burst's later opens take a copy that listing or a later one confirmed, until no open
+        comes for BURST_WINDOW seconds. So a pass over the memory sees every change made
+        before it began; a block the listing did not show is read alone.
         """
+        now = trio.current_time()
+        if now - self._last_open >= BURST_WINDOW:
+            self._burst_from = None  # no open for a while: the burst is over
+        self._last_open = now
         if self._fresh(node):
             return
-        now = trio.current_time()
         self._stale_opens.append(now)
         if (self.listed_since is not None and self.remote.reachable
                 and len(self._stale_opens) == BURST_OPENS
-                and now - self._stale_opens[0] < BURST_WINDOW
-                and await self.listed_since(now - self.revalidate_after, FETCH_TIMEOUT)
-                and self._fresh(node)):
-            return
+                and now - self._stale_opens[0] < BURST_WINDOW):
+            listed = await self.listed_since(self._stale_opens[0], FETCH_TIMEOUT)
+            if listed is not None:
+                self._burst_from = listed
+                self._last_open = trio.current_time()
+                if self._fresh(node):
+                    return
         async with self.remote.lock(node.block.id):
             if self._fresh(node):  # another open refreshed it while this one waited
                 return

@@ -10,12 +10,12 @@ so changes are found by listing. Two listings, at two rates:
   few and change most. A block that leaves this listing is read once (`GET /v1/blocks/{id}`)
   to tell a detach (still owned: it moves to the root) from a deletion.
 - the full listing (attached, then `GET /v1/blocks/?tags=owner:<id>`) every
-  `full_interval` (4 s), or ten times what the last one took, whichever is longer, so a
-  listing of thousands of blocks never takes more than a tenth of the time; and at once when
+  `full_interval` (3 s), or five times what the last one took, whichever is longer, so a
+  listing of thousands of blocks never takes more than a fifth of the time; and at once when
   a burst of opens asks for it (`listed_since`).
 
 A listing answer whose bytes did not change is not decoded again (LettaClient), and an
-unchanged block is not rendered again (Tree.bind), so an idle mount costs about 2.25 requests
+unchanged block is not rendered again (Tree.bind), so an idle mount costs about 2.3 requests
 a second and little CPU; the bytes of the full listing still grow with the values.
 """
 from __future__ import annotations
@@ -31,8 +31,8 @@ from .state import MountState
 
 log = logging.getLogger("memfuse.poller")
 
-FULL_INTERVAL = 4.0  # seconds between full listings, at least
-FULL_COST_FACTOR = 10  # ... and at least this many times the last full listing's duration
+FULL_INTERVAL = 3.0  # seconds between full listings, at least
+FULL_COST_FACTOR = 5  # ... and at least this many times the last full listing's duration
 
 
 class Poller:
@@ -84,11 +84,11 @@ class Poller:
                 await self._wake.wait()
             self._wake = trio.Event()
 
-    async def listed_since(self, since: float, timeout: float) -> bool:
-        """Whether a full listing that started at or after `since` (trio clock) has been
-        applied, asking for one at once and waiting at most `timeout` seconds for it. False
-        when the server did not answer (or not in time): the caller falls back to its own
-        read. A burst of opens is served this way with one listing instead of a GET each."""
+    async def listed_since(self, since: float, timeout: float) -> float | None:
+        """The start (trio clock) of an applied full listing that started at or after `since`,
+        asking for one at once and waiting at most `timeout` seconds for it. None when the
+        server did not answer (or not in time): the caller falls back to its own read. A
+        burst of opens is served this way with one listing instead of a GET each."""
         with trio.move_on_after(timeout):
             while self.last_full is None or self.last_full < since:
                 done = self._full_done
@@ -96,8 +96,8 @@ class Poller:
                 self._wake.set()
                 await done.wait()
                 if self._full_failed:
-                    return False
-        return self.last_full is not None and self.last_full >= since
+                    return None
+        return self.last_full if self.last_full is not None and self.last_full >= since else None
 
     async def poll_once(self) -> bool:
         """One full listing and, unless a local change raced it, its reconciliation. Returns

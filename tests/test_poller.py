@@ -107,7 +107,7 @@ async def test_a_slow_full_listing_stretches_the_full_interval(world, autojump_c
     real = world.remote.listing
 
     async def slow(*args, **kwargs):
-        await trio.sleep(1.0)  # a listing of many thousands of blocks
+        await trio.sleep(2.0)  # a listing of many thousands of blocks
         return await real(*args, **kwargs)
 
     monkeypatch.setattr(world.remote, "listing", slow)
@@ -115,7 +115,8 @@ async def test_a_slow_full_listing_stretches_the_full_interval(world, autojump_c
     world.fake.requests.clear()
     with trio.move_on_after(25):
         await poller.run()
-    assert gets(world, "/v1/blocks/") == 3  # at 0, 11 and 22 s: ten times 1 s apart, not 4 s
+    # listings start at 0 and 12 s (answered at 2 and 14): five times 2 s apart, not 4 s
+    assert gets(world, "/v1/blocks/") == 2
 
 
 async def test_a_burst_of_opens_is_served_by_one_listing(world, nursery, autojump_clock):
@@ -179,3 +180,28 @@ async def test_asking_for_a_listing_while_the_server_is_away_is_one_attempt(worl
     world.fake.requests.clear()
     assert not await poller.listed_since(trio.current_time(), 0.5)
     assert gets(world, ATTACHED) == 1  # no answer: the opens read their blocks themselves
+
+
+async def test_a_burst_is_served_by_its_listing_until_its_opens_stop(world, nursery,
+                                                                     autojump_clock):
+    poller = Poller(world.state, world.remote, interval=3600, full_interval=3600)
+    nursery.start_soon(poller.run)
+    await trio.sleep(1)
+    world.files.listed_since = poller.listed_since
+    world.files.revalidate_after = 1.0
+    for i in range(4):
+        world.fake.add_block(f"n{i}", f"v{i}", agent=world.agent, attached=False,
+                             tags=[f"owner:{world.agent}"])
+    await poller.poll_once()
+    await trio.sleep(5)
+    for i in range(3):  # the third starts a burst: one listing
+        await read_all(world.fs, f"n{i}.md")
+    world.fake.requests.clear()
+    for _ in range(6):  # a long pass: past the 1 s window, but the burst goes on
+        await trio.sleep(0.5)
+        await read_all(world.fs, "n3.md")
+    assert world.fake.requests == []
+    await trio.sleep(1.5)  # the burst is over: an open reads its block again
+    await read_all(world.fs, "n3.md")
+    assert [p for m, p, _ in world.fake.requests if m == "GET"] == [
+        f"/v1/blocks/{world.fake.by_label('n3')[0]['id']}"]
