@@ -19,7 +19,8 @@ PREFIXES = {"fs": "tests/test_fs.py", "ns": "tests/test_namespace.py",
             "pagecache": "tests/test_pagecache.py",
             "local-first": "tests/test_local_first.py",
             "local-first-mount": "tests/integration/test_local_first.py",
-            "blockmap": "tests/test_blockmap.py"}
+            "blockmap": "tests/test_blockmap.py", "poller": "tests/test_poller.py",
+            "client": "tests/test_letta_client.py"}
 
 
 def rows():
