@@ -29,6 +29,7 @@ from .status import Status
 
 READY = "ready"    # the ready pipe's last line: "ready", or "error <why>"
 NOTICE = "notice"  # lines before it: "notice <sentence>" (a local-first mount says so)
+PROGRESS = "progress"  # and "progress <sentence>" while a large memory loads, shown at once
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,14 +90,15 @@ def _mount_foreground(config: Config, ready_fd: int | None) -> int:
             print(f"memfuse: serving agent {config.agent_id} at {config.mountpoint} "
                   f"(Ctrl-C to unmount)", file=sys.stderr)
 
-    def on_notice(text: str) -> None:
+    def on_notice(text: str, kind: str = NOTICE) -> None:
         if ready_fd is not None:
-            os.write(ready_fd, f"{NOTICE} {text}\n".encode())
+            os.write(ready_fd, f"{kind} {text}\n".encode())
         else:
             print(f"memfuse: {text}", file=sys.stderr)
 
     try:
-        trio.run(partial(serve, config, on_ready, on_notice=on_notice))
+        trio.run(partial(serve, config, on_ready, on_notice=on_notice,
+                         on_progress=partial(on_notice, kind=PROGRESS)))
     except MountError as exc:
         logging.getLogger("memfuse").error("%s", exc)
         return 1
@@ -140,11 +142,15 @@ def _mount_background(args: argparse.Namespace, config: Config) -> int:
 def _read_report(fd: int, timeout: float) -> list[str]:
     """The lines the daemon writes on its ready pipe `fd`: any `notice` lines, then `ready` or
     `error <why>` (the last line; "" when the daemon exited without one), waiting at most
-    `timeout` seconds."""
+    `timeout` seconds. `progress` lines are printed on stderr as they come, not returned."""
     deadline = time.monotonic() + timeout
     data = b""
     while True:
         *complete, rest = [line.strip() for line in data.decode(errors="replace").split("\n")]
+        for line in [c for c in complete if c.startswith(PROGRESS + " ")]:
+            print(f"memfuse: {line.removeprefix(PROGRESS + ' ')}", file=sys.stderr, flush=True)
+        complete = [c for c in complete if not c.startswith(PROGRESS + " ")]
+        data = ("\n".join(complete + [rest])).encode()
         if complete and not complete[-1].startswith(NOTICE + " "):
             return complete
         ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))

@@ -52,6 +52,7 @@ STATUS_INTERVAL = 1.0  # seconds between status file updates
 RESTART_DELAY = 1.0    # seconds before a background task that failed is started again
 UMOUNT_REPLAY = 10.0   # seconds an unmount tries to send journaled changes before keeping them
 START_BUDGET = 2.0     # seconds of retries at mount before starting from the local history
+PROGRESS_FROM = 1000   # owned blocks from which a mount reports how its load goes
 
 
 class MountError(Exception):
@@ -218,9 +219,10 @@ def _teardown(stack: contextlib.AsyncExitStack, what: str,
 
 
 async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: LastProblem,
-                 transport: httpx.AsyncBaseTransport | None) -> Mount:
-    """Acquire everything up to a loaded tree, each teardown registered on `stack`.
-    Raises MountError."""
+                 transport: httpx.AsyncBaseTransport | None,
+                 on_progress: Callable[[str], None] | None = None) -> Mount:
+    """Acquire everything up to a loaded tree, each teardown registered on `stack`; tell
+    on_progress how a large load goes (`serve`). Raises MountError."""
     running = RunningMount.load(config.pid_file)
     if running is not None and running.alive():
         raise MountError(f"agent {config.agent_id} is already mounted at "
@@ -254,9 +256,13 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
     remote = Remote(client, config.agent_id, on_conflict=config.on_conflict)
     committed = await trio.to_thread.run_sync(repo.files)
     listed_at = trio.current_time()
+    total = await remote.owned_count() if away is None and on_progress is not None else None
+    progress = on_progress if total is not None and total >= PROGRESS_FROM else None
     if away is None:
         try:
-            attached, owned = await remote.listing()
+            attached, owned = await remote.listing(on_page=progress and (
+                lambda n: progress(f"loading agent {config.agent_id}: {n:,} of {total:,} "
+                                   f"blocks listed")))
         except Unreachable as exc:  # it went away between the checks and the listing
             away = ServerUnreachable(config.base_url, exc.detail)
         except LettaError as exc:
@@ -270,6 +276,9 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
     if journal.pending():
         log.info("%d journaled change(s) from an earlier mount; replaying them",
                  len(journal.pending()))
+    if progress is not None:
+        progress(f"loading agent {config.agent_id}: {len(state.tree.blocks()):,} files shown; "
+                 f"the snapshot at mount is being committed")
     saver = _BlockMapSaver(config.block_map_file, state)
     snapshots.on_commit = saver.capture
     await snapshots.flush({Origin.SERVER: "Snapshot at mount",
@@ -364,6 +373,7 @@ class _BlockMapSaver:
 
 async def serve(config: Config, on_ready: Callable[[str | None], None], *,
                 on_notice: Callable[[str], None] | None = None,
+                on_progress: Callable[[str], None] | None = None,
                 transport: httpx.AsyncBaseTransport | None = None) -> None:
     """Mount `config.agent_id` at `config.mountpoint` and serve until unmounted, signalled, or
     a task fails (its exception propagates after the teardown).
@@ -371,7 +381,9 @@ async def serve(config: Config, on_ready: Callable[[str | None], None], *,
     on_ready(None) is called once the mount is usable; on_ready(message) when it cannot start
     (then MountError is raised too). on_notice(sentence), just before on_ready(None), when a
     person should know how it started (mounted from the local history, the server away).
-    transport: an httpx transport for the client (tests).
+    on_progress(sentence) while a large memory (PROGRESS_FROM blocks or more) loads: blocks
+    listed of the total, then the snapshot at mount. transport: an httpx transport for the
+    client (tests).
     """
     problems = LastProblem()
     logger = logging.getLogger("memfuse")
@@ -379,7 +391,7 @@ async def serve(config: Config, on_ready: Callable[[str | None], None], *,
     try:
         async with contextlib.AsyncExitStack() as stack:
             try:
-                mount = await _start(stack, config, problems, transport)
+                mount = await _start(stack, config, problems, transport, on_progress)
                 await _mount(stack, mount)
             except MountError as exc:
                 on_ready(str(exc))

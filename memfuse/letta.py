@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json as jsonlib
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 import trio
@@ -20,9 +20,9 @@ log = logging.getLogger("memfuse.letta")
 
 DEFAULT_BASE_URL = "http://localhost:8283"
 # Blocks per list request. 0.16.8 caps no page size, and each page of the attached listing
-# re-reads the agent, so a listing is one request up to this many blocks (about 25 MB of
-# JSON with 5 KB values).
-PAGE_SIZE = 5000
+# re-reads the agent; a page's time grows with its size (0.13 s for 1,000 blocks of 5 KB,
+# 0.23 s for 2,000 on loopback), so pages of this many keep a listing to few requests.
+PAGE_SIZE = 2000
 PAGES_KEPT = 16  # listing answers remembered (by request) to skip decoding an unchanged one
 
 
@@ -166,14 +166,16 @@ class LettaClient:
             await trio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
-    async def _paginate(self, path: str, params: dict[str, Any], budget: float | None = None
-                        ) -> list[Block]:
+    async def _paginate(self, path: str, params: dict[str, Any], budget: float | None = None,
+                        on_page: Callable[[int], None] | None = None) -> list[Block]:
         blocks: list[Block] = []
         after: str | None = None
         while True:
             page_params = dict(params, limit=PAGE_SIZE, **({"after": after} if after else {}))
             page = await self._page(path, page_params, budget)
             blocks.extend(page)
+            if on_page is not None:
+                on_page(len(blocks))
             if len(page) < PAGE_SIZE:
                 return blocks
             after = page[-1].id
@@ -216,17 +218,25 @@ class LettaClient:
         budget: seconds of retries (default: the client's retry_budget)."""
         return await self._paginate(f"/v1/agents/{agent_id}/core-memory/blocks", {}, budget)
 
-    async def list_owned_blocks(self, agent_id: str, *, budget: float | None = None
-                                ) -> list[Block]:
+    async def list_owned_blocks(self, agent_id: str, *, budget: float | None = None,
+                                on_page: Callable[[int], None] | None = None) -> list[Block]:
         """All blocks tagged `owner:<agent_id>`: `GET /v1/blocks/?tags=owner:<id>`, paginated.
-        budget: seconds of retries (default: the client's retry_budget)."""
-        return await self.list_tagged_blocks(f"owner:{agent_id}", budget=budget)
+        budget: seconds of retries (default: the client's retry_budget); on_page(n) after each
+        page, n the blocks listed so far."""
+        return await self.list_tagged_blocks(f"owner:{agent_id}", budget=budget,
+                                             on_page=on_page)
 
-    async def list_tagged_blocks(self, tag: str, *, budget: float | None = None
-                                 ) -> list[Block]:
+    async def list_tagged_blocks(self, tag: str, *, budget: float | None = None,
+                                 on_page: Callable[[int], None] | None = None) -> list[Block]:
         """All blocks tagged `tag` (`GET /v1/blocks/?tags=<tag>`, paginated). budget: seconds
-        of retries (default: the client's retry_budget)."""
-        return await self._paginate("/v1/blocks/", {"tags": tag}, budget)
+        of retries (default: the client's retry_budget); on_page as for list_owned_blocks."""
+        return await self._paginate("/v1/blocks/", {"tags": tag}, budget, on_page)
+
+    async def count_owned_blocks(self, agent_id: str, *, budget: float | None = None) -> int:
+        """How many blocks are tagged `owner:<agent_id>`: `GET /v1/blocks/count?tags=...`
+        (an integer). budget: seconds of retries (default: the client's retry_budget)."""
+        return int(await self._request("GET", "/v1/blocks/count",
+                                       params={"tags": f"owner:{agent_id}"}, budget=budget))
 
     async def get_block(self, block_id: str, *, budget: float | None = None,
                         timeout: float | None = None) -> Block:

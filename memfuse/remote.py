@@ -10,7 +10,7 @@ import errno
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import trio
 
@@ -110,17 +110,29 @@ class Remote:
         """The lock that serialises calls about `block_id` (reads that revalidate take it too)."""
         return self._locks.setdefault(block_id, trio.Lock())
 
-    async def listing(self, budget: float | None = None) -> tuple[list[Block], list[Block]]:
+    async def listing(self, budget: float | None = None,
+                      on_page: Callable[[int], None] | None = None
+                      ) -> tuple[list[Block], list[Block]]:
         """(attached, owned) blocks: `GET /v1/agents/{id}/core-memory/blocks` and
         `GET /v1/blocks/?tags=owner:<id>`, both paginated (one request each up to
         letta.PAGE_SIZE blocks). budget: seconds of retries (None:
-        the client's; 0: one attempt, as a poller that asks again soon wants). Raises
+        the client's; 0: one attempt, as a poller that asks again soon wants); on_page(n)
+        after each page of owned blocks, n the owned blocks listed so far. Raises
         LettaError."""
         attached = await self._observed(self.client.list_attached_blocks(self.agent_id,
                                                                          budget=budget))
         owned = await self._observed(self.client.list_owned_blocks(self.agent_id,
-                                                                   budget=budget))
+                                                                   budget=budget,
+                                                                   on_page=on_page))
         return attached, owned
+
+    async def owned_count(self) -> int | None:
+        """How many blocks the agent owns (`GET /v1/blocks/count`), one attempt; None when
+        the server does not say (it only sizes a progress line)."""
+        try:
+            return await self._observed(self.client.count_owned_blocks(self.agent_id, budget=0))
+        except (LettaError, ValueError, TypeError):
+            return None
 
     async def attached(self, budget: float | None = None) -> list[Block]:
         """The attached blocks alone: `GET /v1/agents/{id}/core-memory/blocks` (one request up

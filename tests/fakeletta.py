@@ -83,6 +83,9 @@ class FakeLetta:
             return httpx.Response(200, json={"id": m[1]})
         if m := re.fullmatch(r"/v1/agents/([^/]+)/core-memory/blocks", path):
             return self._page([self.blocks[i] for i in self.agents[m[1]]], params)
+        if path == "/v1/blocks/count" and request.method == "GET":
+            return httpx.Response(200, json=sum(1 for b in self.blocks.values()
+                                                if params.get("tags") in b["tags"]))
         if path == "/v1/blocks/" and request.method == "GET":
             tag = params.get("tags")
             return self._page([b for b in self.blocks.values() if tag in b["tags"]], params)

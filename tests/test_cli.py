@@ -1,6 +1,8 @@
 """The `memfuse` command without a server: flags to Config, the report pipe, status and umount
 of what is (not) mounted."""
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 
@@ -28,7 +30,7 @@ def dead_pid() -> int:
 def test_mount_flags_become_the_config_and_ready_goes_down_the_pipe(home, monkeypatch):
     seen = {}
 
-    async def fake_serve(config, on_ready, on_notice=None):
+    async def fake_serve(config, on_ready, on_notice=None, on_progress=None):
         seen["config"] = config
         on_ready(None)
 
@@ -48,7 +50,7 @@ def test_mount_flags_become_the_config_and_ready_goes_down_the_pipe(home, monkey
 
 @pytest.mark.expect_error("not found on http://x")
 def test_a_start_up_refusal_is_reported_and_exits_1(home, monkeypatch):
-    async def refusing_serve(config, on_ready, on_notice=None):
+    async def refusing_serve(config, on_ready, on_notice=None, on_progress=None):
         on_ready("agent agent-1 not found on http://x")
         raise MountError("agent agent-1 not found on http://x")
 
@@ -59,7 +61,7 @@ def test_a_start_up_refusal_is_reported_and_exits_1(home, monkeypatch):
 
 
 def test_a_notice_goes_down_the_pipe_before_ready_and_is_read_back(home, monkeypatch):
-    async def local_first_serve(config, on_ready, on_notice=None):
+    async def local_first_serve(config, on_ready, on_notice=None, on_progress=None):
         on_notice("the server at http://x cannot be reached; mounted agent agent-1 from its "
                   "local history (2 blocks, 0 journaled changes)")
         on_ready(None)
@@ -73,6 +75,20 @@ def test_a_notice_goes_down_the_pipe_before_ready_and_is_read_back(home, monkeyp
         os.close(read_fd)
     assert lines == ["notice the server at http://x cannot be reached; mounted agent agent-1 "
                      "from its local history (2 blocks, 0 journaled changes)", "ready"]
+
+
+def test_progress_lines_are_printed_as_they_come_and_not_returned(capsys):
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, b"progress loading agent a: 2,000 of 10,003 blocks listed\nprogress lo")
+    try:
+        with pytest.raises(TimeoutError):  # the first line is shown while the daemon works on
+            with _alarm(0.3):
+                cli._read_report(read_fd, 5)
+        assert capsys.readouterr().err == ("memfuse: loading agent a: 2,000 of 10,003 blocks "
+                                           "listed\n")
+    finally:
+        os.close(write_fd)
+        os.close(read_fd)
 
 
 def test_the_report_pipe_says_when_the_daemon_exits_without_a_word():
@@ -150,3 +166,17 @@ def test_umount_of_another_users_mount_says_so(home, capsys, monkeypatch):
     monkeypatch.setattr(os, "kill", lambda pid, sig: refuse(pid, sig) if sig else None)
     assert cli.main(["umount", "agent-1"]) == 1
     assert "belongs to another user" in capsys.readouterr().err
+
+
+@contextlib.contextmanager
+def _alarm(seconds: float):
+    """Raise TimeoutError in the main thread after `seconds` (a blocking read goes on)."""
+    def ring(*_):
+        raise TimeoutError
+    old = signal.signal(signal.SIGALRM, ring)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)

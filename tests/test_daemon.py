@@ -12,7 +12,7 @@ import pyfuse3
 import pytest
 import trio
 
-from memfuse import daemon
+from memfuse import daemon, letta
 from memfuse.config import Config
 from memfuse.daemon import MountError, serve
 from memfuse.fs import MemoryFs
@@ -232,3 +232,28 @@ async def test_a_base_url_that_is_not_a_letta_server_says_so(setup, answer):
     with pytest.raises(MountError):
         await serve(config, reports.append, transport=httpx.MockTransport(lambda r: answer))
     assert "does not look like a Letta server" in reports[0]
+
+
+async def test_a_large_memory_reports_how_its_load_goes(setup, monkeypatch):
+    fake, config = setup
+    for i in range(5):
+        fake.add_block(f"n{i}", "v", attached=False,
+                       tags=[f"owner:{config.agent_id}"])
+    monkeypatch.setattr(daemon, "PROGRESS_FROM", 3)
+    monkeypatch.setattr(letta, "PAGE_SIZE", 2)
+    said, ready = [], trio.Event()
+
+    def on_ready(error):
+        ready.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(serve, config, on_ready, on_progress=said.append,
+                                   transport=fake.transport()))
+        await ready.wait()
+        nursery.cancel_scope.cancel()
+    agent = config.agent_id
+    assert said == [f"loading agent {agent}: 2 of 5 blocks listed",
+                    f"loading agent {agent}: 4 of 5 blocks listed",
+                    f"loading agent {agent}: 5 of 5 blocks listed",
+                    f"loading agent {agent}: 6 files shown; the snapshot at mount is being "
+                    f"committed"]
