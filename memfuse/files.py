@@ -80,10 +80,10 @@ class BlockFiles:
         self._failures: dict[int, int] = {}  # journal seq -> 5xx answers at replay
 
     def _fresh(self, node: Node) -> bool:
-        if node.block is None or node.block.id in self.state.pinned():
+        # the clock first: within the window (every warm open) the journal is not asked
+        if node.block is None or trio.current_time() - node.checked_at < self.revalidate_after:
             return True
-        now = trio.current_time()
-        if now - node.checked_at < self.revalidate_after:
+        if node.block.id in self.state.pinned():
             return True
         return self._burst_from is not None and node.checked_at >= self._burst_from
 

@@ -23,8 +23,12 @@ class PageCache:
     def opened(self, inode: int, fh: int, version: int, writable: bool) -> bool:
         """A handle `fh` of `inode` opens showing `version`: whether the kernel may keep its
         pages (the `keep_cache` of this open)."""
-        handles = self._open.setdefault(inode, {})
-        agree = all(v == version and not w for v, w in handles.values())
+        handles = self._open.get(inode)
+        if handles is None:  # the usual case: no other handle open on the file
+            handles = self._open[inode] = {}
+            agree = True
+        else:
+            agree = all(v == version and not w for v, w in handles.values())
         handles[fh] = (version, writable)
         if writable or not agree:
             self._holds.pop(inode, None)  # its writes, or another version's reads, fill pages

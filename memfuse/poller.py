@@ -54,6 +54,7 @@ class Poller:
         self.last_poll: float | None = None
         self.last_error: str | None = None
         self.last_full: float | None = None
+        self.full_duration = 0.0  # seconds the last full listing took
         self.applied = trio.Event()
         self._wanted = False  # a full listing was asked for (listed_since)
         self._wake = trio.Event()
@@ -74,7 +75,7 @@ class Poller:
                 self._wanted = False
                 started = trio.current_time()
                 await self.poll_once()
-                spent = trio.current_time() - started
+                spent = self.full_duration = trio.current_time() - started
                 next_full = trio.current_time() + max(self.full_interval,
                                                       FULL_COST_FACTOR * spent)
             else:
@@ -88,8 +89,10 @@ class Poller:
         """The start (trio clock) of an applied full listing that started at or after `since`,
         asking for one at once and waiting at most `timeout` seconds for it. None when the
         server did not answer (or not in time): the caller falls back to its own read. A
-        burst of opens is served this way with one listing instead of a GET each."""
-        with trio.move_on_after(timeout):
+        burst of opens is served this way with one listing instead of a GET each. The wait
+        is at least twice what the last full listing took: thousands of blocks take seconds,
+        and a GET each meanwhile would cost more."""
+        with trio.move_on_after(max(timeout, 2 * self.full_duration)):
             while self.last_full is None or self.last_full < since:
                 done = self._full_done
                 self._wanted = True

@@ -205,3 +205,31 @@ async def test_a_burst_is_served_by_its_listing_until_its_opens_stop(world, nurs
     await read_all(world.fs, "n3.md")
     assert [p for m, p, _ in world.fake.requests if m == "GET"] == [
         f"/v1/blocks/{world.fake.by_label('n3')[0]['id']}"]
+
+
+async def test_a_burst_waits_for_a_listing_slower_than_a_get_would_be(world, nursery,
+                                                                      autojump_clock,
+                                                                      monkeypatch):
+    real = world.remote.listing
+
+    async def slow(*args, **kwargs):
+        await trio.sleep(3.0)  # thousands of blocks: longer than an open waits for one GET
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(world.remote, "listing", slow)
+    poller = Poller(world.state, world.remote, interval=3600, full_interval=3600)
+    nursery.start_soon(poller.run)
+    await trio.sleep(5)  # the first full listing, 3 s long
+    world.files.listed_since = poller.listed_since
+    world.files.revalidate_after = 1.0
+    for i in range(4):
+        world.fake.add_block(f"n{i}", f"v{i}", agent=world.agent, attached=False,
+                             tags=[f"owner:{world.agent}"])
+    await poller.poll_once()
+    await trio.sleep(5)
+    world.fake.requests.clear()
+    for i in range(4):
+        await read_all(world.fs, f"n{i}.md")
+    single = [p for m, p, _ in world.fake.requests
+              if m == "GET" and p.startswith("/v1/blocks/block")]
+    assert len(single) == files_module.BURST_OPENS - 1
