@@ -562,7 +562,7 @@ def render(data: dict) -> str:
         "## Scale: N detached blocks of 5 KB (`scripts/bench scale`; issue 10)",
         "",
         f"{platform.machine()}, {os.cpu_count()} cores, Letta 0.16.8 on loopback "
-        f"({BASE}), default flags (revalidate 1 s, poll 1 s). Each N: an agent with N notes "
+        f"({BASE}), default flags (revalidate 1 s; attached listing every 0.5 s, full listing every 3 s). Each N: an agent with N notes "
         f"of {NOTE_BYTES:,} characters (`note-00001.md`, ...) and {len(ATTACHED)} attached "
         f"blocks of {ATTACHED_BYTES:,}; `{WORD}` is in every {WORD_EVERY}th note. Rows are "
         "from the run named in them (a quick run with `--sizes` refreshes its rows only; the "
