@@ -119,17 +119,25 @@ async def test_a_slow_full_listing_stretches_the_full_interval(world, autojump_c
     assert gets(world, "/v1/blocks/") == 2
 
 
-async def test_a_burst_of_opens_is_served_by_one_listing(world, nursery, autojump_clock):
+async def bursting(world, nursery, notes: int, first_listing: float = 1) -> Poller:
+    """A poller that lists only when asked (a burst), wired to the opens (revalidation window
+    1 s), `notes` detached blocks n0.. added and listed, then every cached copy past the
+    window. first_listing: seconds the first full listing may take."""
     poller = Poller(world.state, world.remote, interval=3600, full_interval=3600)
     nursery.start_soon(poller.run)
-    await trio.sleep(1)  # the first full listing
+    await trio.sleep(first_listing)
     world.files.listed_since = poller.listed_since
     world.files.revalidate_after = 1.0
-    for i in range(10):
+    for i in range(notes):
         world.fake.add_block(f"n{i}", f"v{i}", agent=world.agent, attached=False,
                              tags=[f"owner:{world.agent}"])
     await poller.poll_once()
-    await trio.sleep(5)  # every cached copy is past the window now
+    await trio.sleep(5)
+    return poller
+
+
+async def test_a_burst_of_opens_is_served_by_one_listing(world, nursery, autojump_clock):
+    await bursting(world, nursery, 10)
     world.fake.requests.clear()
     for i in range(10):
         world.fake.blocks[world.fake.by_label(f"n{i}")[0]["id"]]["value"] = f"new {i}"
@@ -143,12 +151,7 @@ async def test_a_burst_of_opens_is_served_by_one_listing(world, nursery, autojum
 
 async def test_a_burst_with_the_server_away_serves_the_cache_at_once(world, nursery,
                                                                      autojump_clock):
-    poller = Poller(world.state, world.remote, interval=3600, full_interval=3600)
-    nursery.start_soon(poller.run)
-    await trio.sleep(1)
-    world.files.listed_since = poller.listed_since
-    world.files.revalidate_after = 1.0
-    await trio.sleep(5)
+    await bursting(world, nursery, 0)
     world.fake.down = True
     started = trio.current_time()
     for _ in range(5):
@@ -184,16 +187,7 @@ async def test_asking_for_a_listing_while_the_server_is_away_is_one_attempt(worl
 
 async def test_a_burst_is_served_by_its_listing_until_its_opens_stop(world, nursery,
                                                                      autojump_clock):
-    poller = Poller(world.state, world.remote, interval=3600, full_interval=3600)
-    nursery.start_soon(poller.run)
-    await trio.sleep(1)
-    world.files.listed_since = poller.listed_since
-    world.files.revalidate_after = 1.0
-    for i in range(4):
-        world.fake.add_block(f"n{i}", f"v{i}", agent=world.agent, attached=False,
-                             tags=[f"owner:{world.agent}"])
-    await poller.poll_once()
-    await trio.sleep(5)
+    await bursting(world, nursery, 4)
     for i in range(3):  # the third starts a burst: one listing
         await read_all(world.fs, f"n{i}.md")
     world.fake.requests.clear()
@@ -217,16 +211,7 @@ async def test_a_burst_waits_for_a_listing_slower_than_a_get_would_be(world, nur
         return await real(*args, **kwargs)
 
     monkeypatch.setattr(world.remote, "listing", slow)
-    poller = Poller(world.state, world.remote, interval=3600, full_interval=3600)
-    nursery.start_soon(poller.run)
-    await trio.sleep(5)  # the first full listing, 3 s long
-    world.files.listed_since = poller.listed_since
-    world.files.revalidate_after = 1.0
-    for i in range(4):
-        world.fake.add_block(f"n{i}", f"v{i}", agent=world.agent, attached=False,
-                             tags=[f"owner:{world.agent}"])
-    await poller.poll_once()
-    await trio.sleep(5)
+    await bursting(world, nursery, 4, first_listing=5)  # the first listing is 3 s long
     world.fake.requests.clear()
     for i in range(4):
         await read_all(world.fs, f"n{i}.md")
