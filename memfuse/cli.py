@@ -92,7 +92,10 @@ def _mount_foreground(config: Config, ready_fd: int | None) -> int:
 
     def on_notice(text: str, kind: str = NOTICE) -> None:
         if ready_fd is not None:
-            os.write(ready_fd, f"{kind} {text}\n".encode())
+            try:
+                os.write(ready_fd, f"{kind} {text}\n".encode())
+            except OSError:  # `memfuse mount` gave up waiting: the daemon goes on loading
+                pass
         else:
             print(f"memfuse: {text}", file=sys.stderr)
 
@@ -146,11 +149,15 @@ def _read_report(fd: int, timeout: float) -> list[str]:
     deadline = time.monotonic() + timeout
     data = b""
     while True:
-        *complete, rest = [line.strip() for line in data.decode(errors="replace").split("\n")]
-        for line in [c for c in complete if c.startswith(PROGRESS + " ")]:
-            print(f"memfuse: {line.removeprefix(PROGRESS + ' ')}", file=sys.stderr, flush=True)
-        complete = [c for c in complete if not c.startswith(PROGRESS + " ")]
-        data = ("\n".join(complete + [rest])).encode()
+        *raw, rest = data.split(b"\n")  # `rest`: a line not complete yet, kept as bytes
+        complete = [line.decode(errors="replace").strip() for line in raw]
+        for line in complete:
+            if line.startswith(PROGRESS + " "):
+                print(f"memfuse: {line.removeprefix(PROGRESS + ' ')}", file=sys.stderr,
+                      flush=True)
+        kept = [r for r, line in zip(raw, complete) if not line.startswith(PROGRESS + " ")]
+        complete = [line for line in complete if not line.startswith(PROGRESS + " ")]
+        data = b"\n".join(kept + [rest])
         if complete and not complete[-1].startswith(NOTICE + " "):
             return complete
         ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
@@ -158,7 +165,7 @@ def _read_report(fd: int, timeout: float) -> list[str]:
             return complete + [f"error the daemon did not report in {timeout:g} s"]
         chunk = os.read(fd, 4096)
         if not chunk:  # the daemon exited
-            return complete + [rest]
+            return complete + [rest.decode(errors="replace").strip()]
         data += chunk
 
 

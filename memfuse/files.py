@@ -35,6 +35,7 @@ WRITE_BUDGET = 2.0  # seconds of retries before a write the server does not take
 REPLAY_FAILURES = 5  # 5xx answers to one journaled write before it is given up as refused
 BURST_OPENS = 3  # opens that must revalidate, within BURST_WINDOW seconds: a burst
 BURST_WINDOW = 1.0
+BURST_SPAN = 5.0  # seconds a burst's listing serves its opens, at most
 
 
 def _made(entries: list[Entry]) -> Block:
@@ -85,7 +86,10 @@ class BlockFiles:
             return True
         if node.block.id in self.state.pinned():
             return True
-        return self._burst_from is not None and node.checked_at >= self._burst_from
+        # a burst's listing serves its opens for BURST_SPAN seconds at most: however long
+        # opens keep coming, no copy older than that is served without asking again
+        return (self._burst_from is not None and node.checked_at >= self._burst_from
+                and trio.current_time() - self._burst_from < BURST_SPAN)
 
     async def revalidate(self, node: Node) -> None:
         """Refresh `node` from `GET /v1/blocks/{id}` when its copy is older than the window.
@@ -96,10 +100,12 @@ class BlockFiles:
 
         A burst of opens (`grep -r`: BURST_OPENS opens needing a read within BURST_WINDOW
         seconds) is served by one full listing that started after the burst's first open
-        (`listed_since`, waited for at most FETCH_TIMEOUT seconds) instead of a GET each: the
-        burst's later opens take a copy that listing or a later one confirmed, until no open
-        comes for BURST_WINDOW seconds. So a pass over the memory sees every change made
-        before it began; a block the listing did not show is read alone.
+        (`listed_since`, waited for at most FETCH_TIMEOUT seconds or twice the last full
+        listing's time) instead of a GET each: the burst's later opens take a copy that
+        listing or a later one confirmed, until no open comes for BURST_WINDOW seconds or
+        the listing is BURST_SPAN seconds old (then the next burst asks for a newer one). So
+        a pass over the memory sees every change made before it began; a block the listing
+        did not show is read alone.
         """
         now = trio.current_time()
         if now - self._last_open >= BURST_WINDOW:

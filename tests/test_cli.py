@@ -5,6 +5,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -88,6 +90,25 @@ def test_progress_lines_are_printed_as_they_come_and_not_returned(capsys):
                                            "listed\n")
     finally:
         os.close(write_fd)
+        os.close(read_fd)
+
+
+def test_a_line_split_across_reads_is_read_back_whole():
+    read_fd, write_fd = os.pipe()
+    chunks = [b"notice mounted a ", b"caf\xc3", b"\xa9 b\nready\n"]  # after a space, in a letter
+
+    def daemon():
+        for chunk in chunks:
+            os.write(write_fd, chunk)
+            time.sleep(0.1)
+        os.close(write_fd)
+
+    writer = threading.Thread(target=daemon)
+    writer.start()
+    try:
+        assert cli._read_report(read_fd, 5) == ["notice mounted a café b", "ready"]
+    finally:
+        writer.join()
         os.close(read_fd)
 
 

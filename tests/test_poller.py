@@ -218,3 +218,15 @@ async def test_a_burst_waits_for_a_listing_slower_than_a_get_would_be(world, nur
     single = [p for m, p, _ in world.fake.requests
               if m == "GET" and p.startswith("/v1/blocks/block")]
     assert len(single) == files_module.BURST_OPENS - 1
+
+
+async def test_opens_that_never_stop_still_ask_again_once_the_bursts_listing_is_old(
+        world, nursery, autojump_clock):
+    await bursting(world, nursery, 4)
+    for i in range(3):  # a burst: one listing
+        await read_all(world.fs, f"n{i}.md")
+    world.fake.requests.clear()
+    for _ in range(14):  # opens every 0.5 s for 7 s: the burst never ends by itself
+        await trio.sleep(0.5)
+        await read_all(world.fs, "n3.md")
+    assert world.fake.requests, f"served a copy more than {files_module.BURST_SPAN} s old"
