@@ -243,9 +243,8 @@ class MountState:
         """The block files shown under system/ whose blocks are missing from the attached
         listing `attached` (detached or deleted on the server), except those the journal pins
         or hides: the poller reads each again before `reconcile_attached`."""
-        listed = {b.id for b in attached}
-        keep = self.hidden() | self.pinned()
-        return [n for n in self._shown_attached() if n.block.id not in listed | keep]
+        skip = {b.id for b in attached} | self.hidden() | self.pinned()
+        return [n for n in self._shown_attached() if n.block.id not in skip]
 
     def _shown_attached(self) -> list[Node]:
         """The block files under system/ (a walk of that directory alone: attached blocks are
