@@ -7,6 +7,7 @@ blocks the agent owns at the root, and a `/` in a label makes directories.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +70,32 @@ def is_block_name(name: str) -> bool:
     return name.endswith(SUFFIX) and name != SUFFIX and not name.startswith(("#", ".#"))
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _label_parts(attached: bool, label: str) -> tuple[str, ...] | None:
+    """Location.parts, memoized: every listing maps each of thousands of labels again, and
+    this check was two thirds of a poll's reconciliation (7.4 ms at 1,000 blocks)."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in label):
+        return None
+    try:
+        size = len(label.encode("utf-8")) + len(SUFFIX) + (len(SYSTEM_DIR) + 1) * attached
+    except UnicodeEncodeError:
+        return None
+    if size > MAX_PATH:
+        return None
+    names = label.split("/")
+    names[-1] += SUFFIX
+    for name in names:
+        if name in ("", SUFFIX, ".", "..") or len(name.encode()) > MAX_NAME:
+            return None
+    if any(name.casefold() == GITFILE_NAME for name in names[:-1]):
+        return None
+    if not is_block_name(names[-1]):
+        return None
+    if not attached and names[0] == SYSTEM_DIR and len(names) > 1:
+        return None
+    return ((SYSTEM_DIR,) if attached else ()) + tuple(names)
+
+
 @dataclass(frozen=True)
 class Location:
     """Where a block is in the mount: attached (under `system/`) or not, and its label.
@@ -88,27 +115,7 @@ class Location:
         UTF-8, a component over MAX_NAME bytes, a path over MAX_PATH bytes, a `.git` directory
         in any case (git refuses such paths: `hasDotgit`), an emacs lock/autosave name, or
         (detached) a path inside `system/`."""
-        label = self.label
-        if any(ord(c) < 32 or ord(c) == 127 for c in label):
-            return None
-        try:
-            size = len(label.encode("utf-8")) + len(SUFFIX) + (len(SYSTEM_DIR) + 1) * self.attached
-        except UnicodeEncodeError:
-            return None
-        if size > MAX_PATH:
-            return None
-        names = label.split("/")
-        names[-1] += SUFFIX
-        for name in names:
-            if name in ("", SUFFIX, ".", "..") or len(name.encode()) > MAX_NAME:
-                return None
-        if any(name.casefold() == GITFILE_NAME for name in names[:-1]):
-            return None
-        if not is_block_name(names[-1]):
-            return None
-        if not self.attached and names[0] == SYSTEM_DIR and len(names) > 1:
-            return None
-        return ((SYSTEM_DIR,) if self.attached else ()) + tuple(names)
+        return _label_parts(self.attached, self.label)
 
     @classmethod
     def at(cls, parts: tuple[str, ...]) -> "Location | None":
