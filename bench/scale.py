@@ -17,7 +17,12 @@ Measured for each N, one mount at a time, each in a private HOME (nothing touche
 - grep: `grep -rl WORD` over the mount, cold (after 3 s without reads) and warm (again at
   once), and over a copy of the same files on a tmpfs (/dev/shm) in the same run, cold and warm;
   capped at --grep-timeout seconds (120), reported as "> 120 s".
+- floors, in the same run once the mount is gone: the raw listing (one GET of every owned
+  block), bare polling (bench/pollfloor.py: httpx on the poller's schedule, nothing else) and
+  a minimal pyfuse3 filesystem serving the same files (bench/minimalfs.py --tree): its mount
+  time, RSS, idle CPU and grep.
 At N = 1,000 (or the size given by --latency-at) also, with interleaved samples:
+- warm open+read+close of a 2 KB block file against the minimal pyfuse3 filesystem and tmpfs;
 - server -> file: PATCH a block through the API, then read the file every 10 ms until it shows
   the new value; attached and detached blocks, p50/p95 over --edits edits (20) each; once with
   default flags (an open revalidates after 1 s) and once with --revalidate 3600 (poller only);
@@ -53,6 +58,7 @@ from pathlib import Path
 import httpx
 
 from sections import replace_section
+from warm_read import per_op_us
 
 BASE = os.environ.get("LETTA_BASE_URL", "http://127.0.0.1:8385")
 MEMFUSE = str(Path(sys.executable).parent / "memfuse")
@@ -317,6 +323,54 @@ def grep(root: str, timeout: float) -> tuple[float | None, set[str]]:
             {os.path.relpath(p, root) for p in done.stdout.splitlines()})
 
 
+def raw_list_s(api: httpx.Client, agent_id: str, n: int) -> float:
+    """Wall seconds of one GET of every block the agent owns (`limit` past N, one page),
+    the median of 3: the floor of a mount's load and of the listing a burst of opens waits
+    for."""
+    times = []
+    for _ in range(3):
+        started = time.monotonic()
+        api.get("/v1/blocks/", params={"tags": f"owner:{agent_id}", "limit": n + 100},
+                timeout=300).raise_for_status()
+        times.append(time.monotonic() - started)
+    return statistics.median(times)
+
+
+def poll_floor(agent_id: str, seconds: float) -> dict:
+    """bench/pollfloor.py over `seconds`: {"cpu_pct", "req_s"} of a bare httpx client on the
+    poller's schedule."""
+    done = subprocess.run([sys.executable, str(HERE / "pollfloor.py"), BASE, agent_id,
+                           str(seconds)], capture_output=True, text=True, check=True,
+                          timeout=seconds + 300)
+    return json.loads(done.stdout)
+
+
+def minimal_floor(src: str, idle_s: float, grep_timeout: float) -> dict:
+    """bench/minimalfs.py --tree `src` (the same files as the mount): seconds from start until
+    mounted, RSS (MB), idle CPU (% of a core over `idle_s`), grep -rl cold (its first pass)
+    and warm."""
+    mountpoint = tempfile.mkdtemp(prefix="memfuse-minimal-", dir=os.path.expanduser("~/.cache"))
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, str(HERE / "minimalfs.py"), mountpoint, "--tree",
+                             src])
+    try:
+        while not os.path.ismount(mountpoint):
+            if proc.poll() is not None or time.monotonic() - started > 300:
+                raise RuntimeError("minimalfs.py did not mount")
+            time.sleep(0.01)
+        figures = {"mount_s": time.monotonic() - started, "rss_mb": rss_mb(proc.pid)}
+        c0, t0 = cpu_seconds(proc.pid), time.monotonic()
+        time.sleep(idle_s)
+        figures["idle_cpu_pct"] = (cpu_seconds(proc.pid) - c0) / (time.monotonic() - t0) * 100
+        figures["grep_cold_s"], _ = grep(mountpoint, grep_timeout)
+        figures["grep_warm_s"], _ = grep(mountpoint, grep_timeout)
+        return figures
+    finally:
+        subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True)
+        proc.wait(timeout=60)
+        os.rmdir(mountpoint)
+
+
 @dataclass
 class ScaleRow:
     """The figures of one N. Seconds, MB, % of one core, requests/s, kB/s; None: not reached."""
@@ -342,6 +396,15 @@ class ScaleRow:
     grep_same_files: bool = False
     grep_timeout_s: float = 120.0
     log_problems: list[str] = field(default_factory=list)
+    # floors measured in the same run (None: a row from a run before they were measured)
+    raw_list_s: float | None = None        # one raw GET of every owned block (httpx), median of 3
+    poll_floor_cpu_pct: float | None = None  # bare httpx on the poller's schedule (pollfloor.py)
+    poll_floor_req_s: float | None = None
+    minimal_mount_s: float | None = None   # minimalfs.py --tree over the same files: start..mounted
+    minimal_rss_mb: float | None = None
+    minimal_idle_cpu_pct: float | None = None
+    minimal_grep_cold_s: float | None = None  # its first pass (nothing in the kernel yet)
+    minimal_grep_warm_s: float | None = None
 
 
 def measure_scale(api: httpx.Client, agent_id: str, n: int, idle_s: float,
@@ -351,6 +414,7 @@ def measure_scale(api: httpx.Client, agent_id: str, n: int, idle_s: float,
     m = mount(agent_id)
     mounted_at = time.monotonic()
     shm = tempfile.mkdtemp(prefix="memfuse-scale-", dir="/dev/shm")
+    unmounted = False
     try:
         pid = m.pid()
         row = ScaleRow(n=n, run_at=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -383,9 +447,27 @@ def measure_scale(api: httpx.Client, agent_id: str, n: int, idle_s: float,
               f"{'all found' if row.grep_same_files else 'MISMATCH'}", flush=True)
         row.rss_end_mb = rss_mb(pid)
         row.log_problems = log_problems(m)[:20]
+        umount(m)  # the floors run alone: nothing else polls the server meanwhile
+        unmounted = True
+        # the floors, in the same run: the raw listing, bare polling, a minimal pyfuse3 tree
+        row.raw_list_s = raw_list_s(api, agent_id, n)
+        floor = poll_floor(agent_id, idle_s)
+        row.poll_floor_cpu_pct, row.poll_floor_req_s = floor["cpu_pct"], floor["req_s"]
+        minimal = minimal_floor(shm, idle_s, grep_timeout)
+        row.minimal_mount_s, row.minimal_rss_mb = minimal["mount_s"], minimal["rss_mb"]
+        row.minimal_idle_cpu_pct = minimal["idle_cpu_pct"]
+        row.minimal_grep_cold_s = minimal["grep_cold_s"]
+        row.minimal_grep_warm_s = minimal["grep_warm_s"]
+        print(f"[N={n}] floors: raw listing {row.raw_list_s:.3f} s; bare polling "
+              f"{row.poll_floor_cpu_pct:.2f} % CPU, {row.poll_floor_req_s:.1f} requests/s; "
+              f"minimal pyfuse3 mount {row.minimal_mount_s:.2f} s, RSS {row.minimal_rss_mb:.0f} "
+              f"MB, idle {row.minimal_idle_cpu_pct:.2f} %, grep "
+              f"{fmt_s(row.minimal_grep_cold_s, grep_timeout)} / "
+              f"{fmt_s(row.minimal_grep_warm_s, grep_timeout)}", flush=True)
         return row
     finally:
-        umount(m)
+        if not unmounted:
+            umount(m)
         shutil.rmtree(shm, ignore_errors=True)
 
 
@@ -491,6 +573,40 @@ class LatencyRow:
     write_ms: dict = field(default_factory=dict)  # way -> median
     commit_ms: list = field(default_factory=list)  # [p50, p95, max]
     log_problems: list = field(default_factory=list)
+    warm_us: dict = field(default_factory=dict)  # "tmpfs"/"minimal"/"memfuse" -> median µs
+
+
+def warm_read(m: Mount, rounds: int = 15, per_round: int = 300) -> dict[str, float]:
+    """Warm open+read+close of `system/human.md` (an attached block of about 2 KB) through
+    the mount, of a copy on tmpfs, and of a copy served by the minimal pyfuse3 filesystem,
+    in interleaved rounds (bench/warm_read.py): the median microseconds of each."""
+    data = Path(m.mountpoint, "system", "human.md").read_bytes()
+    shm = tempfile.mkdtemp(prefix="memfuse-warm-", dir="/dev/shm")
+    mountpoint = tempfile.mkdtemp(prefix="memfuse-minimal-", dir=os.path.expanduser("~/.cache"))
+    Path(shm, "human.md").write_bytes(data)
+    proc = subprocess.Popen([sys.executable, str(HERE / "minimalfs.py"), mountpoint, "--tree",
+                             shm])
+    try:
+        started = time.monotonic()
+        while not os.path.ismount(mountpoint):
+            if proc.poll() is not None or time.monotonic() - started > 60:
+                raise RuntimeError("minimalfs.py did not mount")
+            time.sleep(0.01)
+        paths = {"tmpfs": os.path.join(shm, "human.md"),
+                 "minimal": os.path.join(mountpoint, "human.md"),
+                 "memfuse": os.path.join(m.mountpoint, "system", "human.md")}
+        for path in paths.values():
+            per_op_us(path, 50)  # warm every cache
+        times: dict[str, list[float]] = {k: [] for k in paths}
+        for _ in range(rounds):
+            for kind, path in paths.items():
+                times[kind].append(per_op_us(path, per_round))
+        return {k: statistics.median(v) for k, v in times.items()}
+    finally:
+        subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True)
+        proc.wait(timeout=60)
+        os.rmdir(mountpoint)
+        shutil.rmtree(shm, ignore_errors=True)
 
 
 def measure_latency(api: httpx.Client, agent_id: str, n: int, edits: int) -> LatencyRow:
@@ -506,6 +622,10 @@ def measure_latency(api: httpx.Client, agent_id: str, n: int, edits: int) -> Lat
             m = mount(agent_id, *flags)
             try:
                 time.sleep(2)
+                if name == "default":
+                    row.warm_us = warm_read(m)
+                    print(f"[N={n}] warm open+read+close: " + ", ".join(
+                        f"{k} {v:.1f} µs" for k, v in row.warm_us.items()), flush=True)
                 delays = server_to_file(api, m, blocks, edits)
                 for kind, samples in delays.items():
                     row.visible[f"{name}/{kind}"] = [pct(samples, 0.5), pct(samples, 0.95),
@@ -589,6 +709,31 @@ def render(data: dict) -> str:
     out += ["", "`memfuse mount` printed on stderr (its last line): " + "; ".join(
         f"N = {r.n:,}: " + (f"`{r.mount_stderr}`" if r.mount_stderr else "nothing")
         for r in rows) + "."]
+    floored = [r for r in rows if r.raw_list_s is not None]
+    if floored:
+        out += [
+            "",
+            "Floors, measured in the same run once the mount is gone: the raw listing (one GET "
+            "of every owned block, httpx, median of 3: what any mount of these blocks must "
+            "receive), bare polling (`bench/pollfloor.py`: httpx making the poller's requests "
+            "on its schedule, nothing else), and a minimal pyfuse3 filesystem serving the "
+            "same files from memory (`bench/minimalfs.py --tree`).",
+            "",
+            "| N | `memfuse mount` | raw listing | ratio | minimal pyfuse3 mount | RSS after "
+            "mount: memfuse | minimal pyfuse3 | ratio | idle CPU: memfuse | bare polling "
+            "| ratio | minimal pyfuse3 idle | idle requests/s: memfuse / bare polling |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in floored:
+            out.append(
+                f"| {r.n:,} | {r.mount_s:.2f} s | {r.raw_list_s:.2f} s "
+                f"| {r.mount_s / r.raw_list_s:.1f}x | {r.minimal_mount_s:.2f} s "
+                f"| {r.rss_mount_mb:.0f} MB | {r.minimal_rss_mb:.0f} MB "
+                f"| {r.rss_mount_mb / r.minimal_rss_mb:.1f}x | {r.idle_cpu_pct:.2f} % "
+                f"| {r.poll_floor_cpu_pct:.2f} % "
+                f"| {r.idle_cpu_pct / max(r.poll_floor_cpu_pct, 0.01):.1f}x "
+                f"| {r.minimal_idle_cpu_pct:.2f} % "
+                f"| {r.idle_req_s:.1f} / {r.poll_floor_req_s:.1f} |")
     out += [
         "",
         f"`grep -rl {WORD}` over the mount, cold (after 3 s without reads) then warm (again at "
@@ -596,8 +741,9 @@ def render(data: dict) -> str:
         "at the timeout shown.",
         "",
         "| N | grep cold: memfuse | tmpfs | ratio | grep warm: memfuse | tmpfs | ratio "
-        "| target | same files found |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| target | same files found | minimal pyfuse3: first pass / again | memfuse cold / "
+        "(raw listing + minimal pyfuse3 again) | memfuse warm / minimal pyfuse3 again |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         t = TARGETS.get(r.n, (None,) * 5)
@@ -608,7 +754,12 @@ def render(data: dict) -> str:
             f"| {ratio(r.grep_cold_s, r.tmpfs_cold_s, r.grep_timeout_s)} "
             f"| {fmt_s(r.grep_warm_s, r.grep_timeout_s)} | {r.tmpfs_warm_s:.3f} s "
             f"| {ratio(r.grep_warm_s, r.tmpfs_warm_s, r.grep_timeout_s)} "
-            f"| {target(t[4], 's', worst)} | {'yes' if r.grep_same_files else 'NO'} |")
+            f"| {target(t[4], 's', worst)} | {'yes' if r.grep_same_files else 'NO'} "
+            + (f"| {fmt_s(r.minimal_grep_cold_s, r.grep_timeout_s)} / "
+               f"{fmt_s(r.minimal_grep_warm_s, r.grep_timeout_s)} "
+               f"| {ratio(r.grep_cold_s, r.raw_list_s + r.minimal_grep_warm_s, r.grep_timeout_s)} "
+               f"| {ratio(r.grep_warm_s, r.minimal_grep_warm_s, r.grep_timeout_s)} |"
+               if r.raw_list_s is not None and r.minimal_grep_warm_s else "| — | — | — |"))
     lat = data.get("latency")
     if lat:
         lr = LatencyRow(**lat)
@@ -640,6 +791,13 @@ def render(data: dict) -> str:
             f"it | {lr.commit_ms[0]:.0f} ms | {lr.commit_ms[1]:.0f} ms | {lr.commit_ms[2]:.0f} ms "
             f"| quiet period 1 s | — | — |",
         ]
+        if lr.warm_us:
+            u = lr.warm_us
+            out.append(
+                f"| warm open+read+close of a 2 KB block file (median of 15 rounds of 300) "
+                f"| {u['memfuse']:.1f} µs | — | — | minimal pyfuse3 {u['minimal']:.1f} µs; "
+                f"tmpfs {u['tmpfs']:.1f} µs | {u['memfuse'] / u['minimal']:.2f}x minimal "
+                f"pyfuse3 | ≤ 1.0x ({'met' if u['memfuse'] <= u['minimal'] else 'not met'}) |")
     problems = sorted({p.split(" ", 2)[-1][:160] for r in rows for p in r.log_problems}
                       | ({p.split(" ", 2)[-1][:160] for p in lat.get("log_problems", [])}
                          if lat else set()))
