@@ -108,7 +108,7 @@ def main():
     mw, aw, mr, ar = (summary(x)[0] for x in (mount_writes, api_writes, mount_reads, api_reads))
     replace_section(out, "latency", f"""Run `scripts/bench` to refresh. Last run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())},
 {platform.machine()}, {os.cpu_count()} cores, Letta server 0.16.8 on loopback, {rounds} rounds
-each, default poll interval (1 s). Shared machine: compare the ratios, not the absolute times.
+each, default poll intervals (attached blocks every 0.5 s, all blocks every 3 s). Shared machine: compare the ratios, not the absolute times.
 
 | measure | median | worst | target |
 |---|---|---|---|
