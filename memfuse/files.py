@@ -35,7 +35,7 @@ WRITE_BUDGET = 2.0  # seconds of retries before a write the server does not take
 REPLAY_FAILURES = 5  # 5xx answers to one journaled write before it is given up as refused
 BURST_OPENS = 3  # opens that must revalidate, within BURST_WINDOW seconds: a burst
 BURST_WINDOW = 1.0
-BURST_SPAN = 5.0  # seconds a burst's listing serves its opens, at most
+BURST_SPAN = 5.0  # seconds a burst's listing serves its opens after it arrived, at most
 
 
 def _made(entries: list[Entry]) -> Block:
@@ -73,6 +73,7 @@ class BlockFiles:
         self.listed_since: Callable[[float, float], Awaitable[float | None]] | None = None
         self._burst_from: float | None = None  # start of the listing serving the burst of opens
         # going on (None: none is)
+        self._burst_until = float("-inf")  # trio time until which that listing serves opens
         self._last_open = float("-inf")  # trio time of the last open that asked to revalidate
         self._stale_opens: collections.deque[float] = collections.deque(maxlen=BURST_OPENS)
         self.last_conflict: str | None = None
@@ -86,10 +87,12 @@ class BlockFiles:
             return True
         if node.block.id in self.state.pinned():
             return True
-        # a burst's listing serves its opens for BURST_SPAN seconds at most: however long
-        # opens keep coming, no copy older than that is served without asking again
+        # a burst's listing serves its opens for BURST_SPAN seconds after it arrived, at most:
+        # however long opens keep coming, no copy older than that (plus the listing's own
+        # time) is served without asking again; counted from its arrival, so a listing of
+        # thousands of blocks that takes seconds still serves a long pass
         return (self._burst_from is not None and node.checked_at >= self._burst_from
-                and trio.current_time() - self._burst_from < BURST_SPAN)
+                and trio.current_time() < self._burst_until)
 
     async def revalidate(self, node: Node) -> None:
         """Refresh `node` from `GET /v1/blocks/{id}` when its copy is older than the window.
@@ -103,7 +106,7 @@ class BlockFiles:
         (`listed_since`, waited for at most FETCH_TIMEOUT seconds or twice the last full
         listing's time) instead of a GET each: the burst's later opens take a copy that
         listing or a later one confirmed, until no open comes for BURST_WINDOW seconds or
-        the listing is BURST_SPAN seconds old (then the next burst asks for a newer one). So
+        the listing arrived BURST_SPAN seconds ago (then the next burst asks for a newer one). So
         a pass over the memory sees every change made before it began; a block the listing
         did not show is read alone.
         """
@@ -121,6 +124,7 @@ class BlockFiles:
             if listed is not None:
                 self._burst_from = listed
                 self._last_open = trio.current_time()
+                self._burst_until = self._last_open + BURST_SPAN
                 if self._fresh(node):
                     return
         async with self.remote.lock(node.block.id):

@@ -201,6 +201,25 @@ async def test_a_burst_is_served_by_its_listing_until_its_opens_stop(world, nurs
         f"/v1/blocks/{world.fake.by_label('n3')[0]['id']}"]
 
 
+async def test_a_slow_listing_serves_a_long_pass_for_the_span_after_it_arrived(
+        world, nursery, autojump_clock, monkeypatch):
+    real = world.remote.listing
+
+    async def slow(*args, **kwargs):
+        await trio.sleep(3.0)  # 10,000 blocks: a listing of seconds
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(world.remote, "listing", slow)
+    await bursting(world, nursery, 4, first_listing=5)
+    for i in range(3):  # the third open waits for a listing of 3 s
+        await read_all(world.fs, f"n{i}.md")
+    world.fake.requests.clear()
+    for _ in range(8):  # the pass goes on for 4 s after the listing arrived (7 s after it began)
+        await trio.sleep(0.5)
+        await read_all(world.fs, "n3.md")
+    assert world.fake.requests == [], "a long pass paid for a second listing"
+
+
 async def test_a_burst_waits_for_a_listing_slower_than_a_get_would_be(world, nursery,
                                                                       autojump_clock,
                                                                       monkeypatch):
