@@ -108,3 +108,30 @@ def test_a_file_read_while_another_process_writes_it(cached):
             assert fresh.read() == after.encode()
         assert os.fstat(reader.fileno()).st_size == len(after.encode())
     assert m.sh("cat system/human.md").stdout == after
+
+
+def test_server_side_relabel_detach_and_delete_leave_cached_entries_at_once(cached, api):
+    """The kernel keeps directory entries (fs.ENTRY_TIMEOUT: a minute). A block file the server
+    relabels, detaches or deletes leaves its old path as soon as the mount shows the change,
+    not when the kernel's entry expires: each such change invalidates the entry."""
+    m = cached
+    system = m.path / "system"
+    human = block_by_label(api, m.agent_id, "human")
+    persona = block_by_label(api, m.agent_id, "persona")
+    note = api.post("/v1/blocks/", json={"label": "note", "value": "n\n",
+                                         "tags": [f"owner:{m.agent_id}"]}).json()
+    wait_for(lambda: (m.path / "note.md").exists(), 10)
+    old = [system / "human.md", system / "persona.md", m.path / "note.md"]
+    for path in old:
+        path.stat()  # the kernel now holds each entry and its attributes
+    api.patch(f"/v1/blocks/{human['id']}", json={"label": "renamed"}).raise_for_status()
+    api.patch(f"/v1/agents/{m.agent_id}/core-memory/blocks/detach/{persona['id']}"
+              ).raise_for_status()
+    api.delete(f"/v1/blocks/{note['id']}").raise_for_status()
+    # readdir is never cached: once it shows the changes, the mount has made them
+    wait_for(lambda: os.listdir(system) == ["renamed.md"]
+             and "note.md" not in os.listdir(m.path), 10)
+    # the entries' notifications reach the kernel a moment later; without them the old
+    # paths would stay for the entry timeout
+    wait_for(lambda: not any(path.exists() for path in old), 5)
+    assert (system / "renamed.md").read_text() == HUMAN
