@@ -6,7 +6,9 @@ The server is shared with other tests: every `--all` here selects a tag made for
 """
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import uuid
 from pathlib import Path
@@ -148,20 +150,69 @@ def test_a_block_attached_to_two_agents_is_live_in_both_mounts(api, agents, home
     wait_for(lambda: a.sh("cat system/team.md").stdout.endswith(
         "---\nAnd back through the second.\n"), timeout=30)
 
-    def history(m: Mount) -> list[str]:  # each mount's own history, authors and subjects
-        return m.sh("git log --format='%an|%s' -- system/team.md").stdout.splitlines()
+    # A conflict is per mount: a file opened in the second mount before the first mount's
+    # write, written after it, wins (overwrite), the first mount's version kept before it.
+    held = open(b.path / "system/team.md", "w")
+    a.sh('echo "Third, from the first mount." > system/team.md')
+    held.write("Fourth, from the second mount.\n")
+    held.close()
+    assert api.get(f"/v1/blocks/{block_id}").json()["value"] == "Fourth, from the second mount.\n"
+    assert "system/team.md" in b.memfuse("status").stdout.split("last conflict")[1]
+    wait_for(lambda: a.sh("cat system/team.md").stdout.endswith(
+        "---\nFourth, from the second mount.\n"), timeout=30)
 
-    # Each agent's history has both versions: its own write as the user's, the other
-    # mount's as the server's (seen by its poller).
-    wait_for(lambda: len(history(a)) >= 3 and len(history(b)) >= 3, timeout=30)
-    for m, mine, theirs in ((a, "Written through the first mount.",
-                             "And back through the second."),
-                            (b, "And back through the second.",
-                             "Written through the first mount.")):
-        log = m.sh("git log -p --format='AUTHOR %an' -- system/team.md").stdout
-        chunks = log.split("AUTHOR ")
-        assert any(c.startswith("Letta server") and f"+{theirs}" in c for c in chunks), log
-        assert any(not c.startswith("Letta server") and f"+{mine}" in c for c in chunks), log
-    api.patch(f"/v1/agents/{ada}/core-memory/blocks/detach/{block_id}")
+    # History is per agent: each has its own writes as the person's and the other mount's as
+    # the server's, in order.
+    expected = ["Written through the first mount.", "And back through the second.",
+                "Third, from the first mount.", "Fourth, from the second mount."]
+    mine = {a.agent_id: {0, 2}, b.agent_id: {1, 3}}  # which of them each mount wrote
+
+    def versions(m: Mount) -> list[tuple[bool, str]]:  # (by the server, value) oldest first
+        log = m.sh("git log --reverse -p --format='AUTHOR %an' -- system/team.md").stdout
+        found = []
+        for chunk in log.split("AUTHOR ")[1:]:
+            added = [line[1:] for line in chunk.splitlines()
+                     if line.startswith("+") and not line.startswith("+++")]
+            if added and not added[-1].startswith(("description:", "limit:", "---")):
+                found.append((chunk.startswith("Letta server"), added[-1]))
+        return found
+
+    for m in (a, b):
+        wait_for(lambda: [v for _, v in versions(m)][-4:] == expected, timeout=30)
+        for i, (by_server, value) in enumerate(versions(m)[-4:]):
+            assert by_server == (i not in mine[m.agent_id]), (m.agent_id, versions(m))
+
+    # mv relabels the block: its file is renamed in the other mount too; rm detaches it from
+    # that agent only.
+    a.sh("mv system/team.md system/crew.md")
+    wait_for(lambda: b.sh("ls system").stdout.split() == ["crew.md", "human.md"], timeout=30)
+    a.sh("rm system/crew.md")
+    wait_for(lambda: block_id not in [x["id"] for x in api.get(
+        f"/v1/agents/{ada}/core-memory/blocks").json()], timeout=30)
+    assert block_id in [x["id"] for x in api.get(f"/v1/agents/{bob}/core-memory/blocks").json()]
+    assert b.sh("cat system/crew.md").stdout.endswith("---\nFourth, from the second mount.\n")
     api.patch(f"/v1/agents/{bob}/core-memory/blocks/detach/{block_id}")
     api.delete(f"/v1/blocks/{block_id}")
+
+
+def test_list_shows_a_dead_daemon_and_umount_all_clears_its_mount(api, agents, home_mounts):
+    env = home_mounts
+    tag = f"memfuse-test-{uuid.uuid4().hex[:8]}"
+    alive, killed = agents("many alive", [tag]), agents("many killed", [tag])
+    assert memfuse(env, "mount", "--all", "--tag", tag).returncode == 0
+    pid = int(json.loads((mountpoint(env, killed).parent / "memfuse.pid").read_text())["pid"])
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: "dead daemon" in list_rows(env)[killed], timeout=30)
+    rows = list_rows(env)
+    assert rows[killed].endswith(f"dead daemon (stale mount: memfuse umount {killed}) ?")
+    assert " serving " in rows[alive]
+
+    result = memfuse(env, "umount", "--all")
+    assert result.returncode == 0, result.stderr
+    for agent_id in (alive, killed):
+        assert f"memfuse: unmounted {mountpoint(env, agent_id)}" in result.stdout
+        assert not os.path.ismount(mountpoint(env, agent_id))
+        assert not (mountpoint(env, agent_id).parent / "memfuse.pid").exists()
+    # the killed agent mounts again from where it was
+    assert memfuse(env, "mount", "--all", "--tag", tag).returncode == 0
+    assert (mountpoint(env, killed) / "system/human.md").read_text().endswith("The human.\n")
