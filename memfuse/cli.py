@@ -107,7 +107,7 @@ def _add_selection(parser: argparse.ArgumentParser, what: str) -> None:
 def _check_selection(parser: argparse.ArgumentParser, args: argparse.Namespace,
                      command: str) -> None:
     """AGENT_ID or --all, not both; --tag only with --all (else usage error, exit 2)."""
-    if args.all == bool(args.agent_id):
+    if args.all == (args.agent_id is not None):
         parser.error(f"{command}: give an AGENT_ID or --all")
     if args.tag and not args.all:
         parser.error(f"{command}: --tag selects agents for --all")
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `memfuse` console script; returns the exit status (2: bad usage)."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "umount" and args.all == bool(args.target):
+    if args.command == "umount" and args.all == (args.target is not None):
         parser.error("umount: give an AGENT_ID, a MOUNTPOINT or --all")
     if args.command == "mount":
         _check_selection(parser, args, "mount")
