@@ -208,10 +208,11 @@ def test_umount_all_stops_every_daemon_and_clears_dead_records(home, capsys):
         for i, daemon in enumerate(daemons):
             pid_file(home, f"agent-{i}", daemon.pid)
         pid_file(home, "agent-dead", dead_pid())
-        reaper = threading.Thread(target=lambda: [d.wait() for d in daemons])
+        reaper = threading.Thread(target=lambda: [d.wait() for d in daemons], daemon=True)
         reaper.start()  # a child gone is reaped, so its pid stops being alive
         assert cli.main(["umount", "--all", "--timeout", "60"]) == 0
-        reaper.join()
+        reaper.join(timeout=60)
+        assert [d.poll() for d in daemons] == [-15, -15]  # each got SIGTERM
     finally:
         for daemon in daemons:
             daemon.kill()
