@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     svc_sub = svc.add_subparsers(dest="service_command", required=True)
     install = svc_sub.add_parser(
         "install", help=f"write {service.TEMPLATE} to the systemd user unit directory and "
-                        f"enable memfuse@AGENT_ID.service (or print the commands to)")
+                        f"enable memfuse@AGENT_ID.service, or print the commands that would")
     install.add_argument("agent_id", nargs="?", help="the agent, e.g. agent-1234...")
     _add_selection(install, "an instance for every agent on the server")
     install.add_argument("--base-url", help="Letta server to list agents from with --all "
@@ -101,7 +101,7 @@ def _add_selection(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--tag", action="append", default=[], metavar="TAG",
                         help="with --all: only agents having this tag; repeated, agents having "
                              "ALL the tags (each --tag narrows the set, so a mistyped or extra "
-                             "tag mounts fewer agents, never more)")
+                             "tag selects fewer agents, never more)")
 
 
 def _check_selection(parser: argparse.ArgumentParser, args: argparse.Namespace,
@@ -229,7 +229,7 @@ def _mount_all(args: argparse.Namespace) -> int:
 
 def _config(args: argparse.Namespace, agent_id: str, mountpoint: str | None = None) -> Config:
     return Config.build(agent_id, mountpoint, base_url=args.base_url,
-                        history_dir=None if args.all else args.history_dir,
+                        history_dir=args.history_dir,
                         revalidate=args.revalidate, poll_interval=args.poll_interval,
                         full_poll_interval=args.full_poll_interval,
                         on_conflict=args.on_conflict, debug=args.debug)
@@ -415,7 +415,12 @@ def _service_install(args: argparse.Namespace) -> int:
         agent_ids = [agent.id for agent in agents]
     else:
         agent_ids = [check_agent_id(args.agent_id)]
-    unit = service.install_unit()
+    try:
+        unit = service.install_unit()
+    except OSError as exc:
+        print(f"memfuse: could not write the unit to {service.unit_dir()}: {exc}",
+              file=sys.stderr)
+        return 1
     print(f"memfuse: wrote {unit}")
     mounted = frozenset(a for a in agent_ids if many.live_mount(a) is not None)
     lines, code = service.enable(agent_ids, now=not args.no_enable and service.user_systemd(),
