@@ -1,9 +1,13 @@
-"""The `memfuse` command: mount, status and umount.
+"""The `memfuse` command: mount, status, list, umount and service.
 
 `memfuse mount AGENT_ID [MOUNTPOINT]` starts the daemon in the background and returns once the
 mount is ready (or prints why it could not start); `--foreground` serves in this process.
-`memfuse status [AGENT_ID|MOUNTPOINT]` reports what a mount is doing.
-`memfuse umount AGENT_ID|MOUNTPOINT` asks the daemon to flush, snapshot and unmount, and waits.
+`memfuse mount --all [--tag TAG ...]` does so for every agent on the server (many.py).
+`memfuse status [AGENT_ID|MOUNTPOINT]` reports what a mount is doing; `memfuse list` one line
+per mount.
+`memfuse umount AGENT_ID|MOUNTPOINT|--all` asks the daemon(s) to flush, snapshot and unmount,
+and waits.
+`memfuse service install AGENT_ID|--all` installs the systemd user unit (service.py).
 """
 from __future__ import annotations
 
@@ -20,10 +24,12 @@ from pathlib import Path
 
 import trio
 
-from .config import (Config, ConfigError, RunningMount, agent_dir, private_dir,
-                     running_mounts)
+from . import many, service
+from .config import (Config, ConfigError, RunningMount, agent_dir, check_agent_id,
+                     private_dir, running_mounts)
 from .daemon import MountError, clear_dead_mount, is_mounted, serve
 from .journal import Journal
+from .letta import DEFAULT_BASE_URL, LettaError
 from .remote import CONFLICT_POLICIES
 from .status import Status
 
@@ -36,10 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memfuse", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    mount = sub.add_parser("mount", help="mount an agent's memory")
-    mount.add_argument("agent_id", help="the agent, e.g. agent-1234...")
+    mount = sub.add_parser("mount", help="mount an agent's memory (or every agent's: --all)")
+    mount.add_argument("agent_id", nargs="?", help="the agent, e.g. agent-1234...")
     mount.add_argument("mountpoint", nargs="?",
                        help="where to mount (default ~/.letta/agents/AGENT_ID/memory)")
+    _add_selection(mount, "mount every agent on the server at its default mountpoint, one "
+                          "daemon each, skipping those mounted already")
     mount.add_argument("--base-url", help="Letta server (default $LETTA_BASE_URL or "
                                           "http://localhost:8283)")
     mount.add_argument("--history-dir", help="history repository (default "
@@ -64,11 +72,45 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="what a running mount is doing")
     status.add_argument("target", nargs="?", help="AGENT_ID or MOUNTPOINT (default: every mount)")
 
+    sub.add_parser("list", help="one line per mount: agent, name, mountpoint, server, state, "
+                                "pending work")
+
     umount = sub.add_parser("umount", help="flush, snapshot and unmount")
-    umount.add_argument("target", help="AGENT_ID or MOUNTPOINT")
+    umount.add_argument("target", nargs="?", help="AGENT_ID or MOUNTPOINT")
+    umount.add_argument("--all", action="store_true",
+                        help="unmount every mount here (each flushed and snapshotted; at once)")
     umount.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
-                        help="how long to wait for the daemon to finish (default 60)")
+                        help="how long to wait for the daemon(s) to finish (default 60)")
+
+    svc = sub.add_parser("service", help="start mounts at login with systemd (user units)")
+    svc_sub = svc.add_subparsers(dest="service_command", required=True)
+    install = svc_sub.add_parser(
+        "install", help=f"write {service.TEMPLATE} to the systemd user unit directory and "
+                        f"enable memfuse@AGENT_ID.service, or print the commands that would")
+    install.add_argument("agent_id", nargs="?", help="the agent, e.g. agent-1234...")
+    _add_selection(install, "an instance for every agent on the server")
+    install.add_argument("--base-url", help="Letta server to list agents from with --all "
+                                            "(default $LETTA_BASE_URL or http://localhost:8283)")
+    install.add_argument("--no-enable", action="store_true",
+                         help="write the unit only; print the systemctl commands")
     return parser
+
+
+def _add_selection(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--all", action="store_true", help=what)
+    parser.add_argument("--tag", action="append", default=[], metavar="TAG",
+                        help="with --all: only agents having this tag; repeated, agents having "
+                             "ALL the tags (each --tag narrows the set, so a mistyped or extra "
+                             "tag selects fewer agents, never more)")
+
+
+def _check_selection(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                     command: str) -> None:
+    """AGENT_ID or --all, not both; --tag only with --all (else usage error, exit 2)."""
+    if args.all == (args.agent_id is not None):
+        parser.error(f"{command}: give an AGENT_ID or --all")
+    if args.tag and not args.all:
+        parser.error(f"{command}: --tag selects agents for --all")
 
 
 def _setup_logging(debug: bool) -> None:
@@ -111,6 +153,21 @@ def _mount_foreground(config: Config, ready_fd: int | None) -> int:
 def _mount_background(args: argparse.Namespace, config: Config) -> int:
     """Start `memfuse mount --foreground` detached, logging to the agent's log file, and wait
     for its report on a pipe (notices go to stderr)."""
+    notices, error = _launch(config, args.debug)
+    for notice in notices:
+        print(f"memfuse: {notice}", file=sys.stderr)
+    if error is None:
+        print(f"memfuse: mounted agent {config.agent_id} at {config.mountpoint}")
+        return 0
+    print(f"memfuse: {error}", file=sys.stderr)
+    return 1
+
+
+def _launch(config: Config, debug: bool) -> tuple[list[str], str | None]:
+    """Start the daemon for `config` detached (`memfuse mount --foreground`, logging to the
+    agent's log file) and wait for its report on a pipe: (notices, None) once the mount is
+    ready, (notices, why) when it did not start (`why` names the log). Safe to call from
+    several threads at once: each daemon gets its own pipe (fds are not inherited otherwise)."""
     private_dir(config.state_dir)
     read_fd, write_fd = os.pipe()
     argv = [sys.executable, "-m", "memfuse.cli", "mount", config.agent_id, str(config.mountpoint),
@@ -119,7 +176,7 @@ def _mount_background(args: argparse.Namespace, config: Config) -> int:
             "--poll-interval", str(config.poll_interval),
             "--full-poll-interval", str(config.full_poll_interval),
             "--on-conflict", config.on_conflict]
-    if args.debug:
+    if debug:
         argv.append("--debug")
     log_fd = os.open(config.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.fchmod(log_fd, 0o600)  # the log names files and blocks: the user's alone
@@ -132,14 +189,50 @@ def _mount_background(args: argparse.Namespace, config: Config) -> int:
     finally:
         os.close(read_fd)
     line = lines[-1] if lines else ""
-    for notice in lines[:-1]:
-        print(f"memfuse: {notice.removeprefix(NOTICE + ' ')}", file=sys.stderr)
+    notices = [notice.removeprefix(NOTICE + " ") for notice in lines[:-1]]
     if line == READY:
-        print(f"memfuse: mounted agent {config.agent_id} at {config.mountpoint}")
-        return 0
+        return notices, None
     reason = line.removeprefix("error ") if line else "the daemon exited during start-up"
-    print(f"memfuse: {reason} (log: {config.log_file})", file=sys.stderr)
-    return 1
+    return notices, f"{reason} (log: {config.log_file})"
+
+
+def _selected_agents(args: argparse.Namespace) -> tuple[list[many.Agent], str]:
+    """The agents `--all [--tag ...]` names on the server (`--base-url`, else LETTA_BASE_URL,
+    else the default) and the words saying where they come from. Raises LettaError."""
+    base_url = args.base_url or os.environ.get("LETTA_BASE_URL") or DEFAULT_BASE_URL
+    agents = trio.run(partial(many.server_agents, base_url,
+                              os.environ.get("LETTA_API_KEY") or None, args.tag))
+    where = f"on {base_url}" + (f" with the tag(s) {', '.join(args.tag)}" if args.tag else "")
+    return agents, where
+
+
+def _mount_all(args: argparse.Namespace) -> int:
+    """`memfuse mount --all`: every selected agent at its default mountpoint, one daemon each,
+    started side by side; the flags of `mount` apply to each."""
+    try:
+        agents, where = _selected_agents(args)
+    except LettaError as exc:
+        print(f"memfuse: could not list the agents: {exc}", file=sys.stderr)
+        return 1
+
+    def launch(agent: many.Agent) -> many.Launched:
+        config = _config(args, agent.id)
+        notices, error = _launch(config, args.debug)
+        return many.Launched(agent, error, tuple(notices))
+
+    launched, skipped = many.mount_all(agents, launch)
+    lines, code = many.mount_report(launched, skipped, where)
+    for line in lines:
+        print(f"memfuse: {line}", file=sys.stderr if line.startswith("FAILED") else sys.stdout)
+    return code
+
+
+def _config(args: argparse.Namespace, agent_id: str, mountpoint: str | None = None) -> Config:
+    return Config.build(agent_id, mountpoint, base_url=args.base_url,
+                        history_dir=args.history_dir,
+                        revalidate=args.revalidate, poll_interval=args.poll_interval,
+                        full_poll_interval=args.full_poll_interval,
+                        on_conflict=args.on_conflict, debug=args.debug)
 
 
 def _read_report(fd: int, timeout: float) -> list[str]:
@@ -184,25 +277,54 @@ def _find_mount(target: str) -> tuple[Path | None, RunningMount | None, Path]:
     return None, None, mountpoint
 
 
-def umount(target: str, timeout: float) -> int:
-    """Stop the daemon serving `target` (SIGTERM, then wait), clearing a stale mount if needed."""
-    pid_file, record, mountpoint = _find_mount(target)
+def umount(target: str | None, timeout: float) -> int:
+    """Stop the daemon serving `target` (SIGTERM, then wait), clearing a stale mount if needed;
+    with `target` None, every mount that has a pid file here (`umount --all`): all the daemons
+    are signalled first, so they flush and snapshot at the same time, then each is waited for
+    (within `timeout` seconds in all) and reported. 0 when every one was unmounted."""
+    if target is not None:
+        found = [_find_mount(target)]
+    else:
+        found = [(pid_file, record, Path(record.mountpoint))
+                 for pid_file, record in running_mounts()]
+        if not found:
+            print("memfuse: no mounts are running")
+            return 0
+    signalled = []
+    code = 0
+    for pid_file, record, mountpoint in found:
+        if record is not None and record.alive():
+            try:
+                os.kill(record.pid, signal.SIGTERM)
+            except PermissionError:
+                print(f"memfuse: {mountpoint} is served by pid {record.pid}, which belongs to "
+                      f"another user; only that user can unmount it", file=sys.stderr)
+                code = 1
+                continue
+        elif not is_mounted(mountpoint):
+            if target is not None:
+                print(f"memfuse: nothing is mounted at {mountpoint}", file=sys.stderr)
+                return 1
+            pid_file.unlink(missing_ok=True)  # --all: a daemon that died and left no mount
+            print(f"memfuse: {mountpoint}: its daemon (pid {record.pid}) is gone and nothing "
+                  f"is mounted; its pid file is removed")
+            continue
+        signalled.append((pid_file, record, mountpoint))
+    deadline = time.monotonic() + timeout
+    for pid_file, record, mountpoint in signalled:
+        code = max(code, _finish_umount(pid_file, record, mountpoint, deadline, timeout))
+    return code
+
+
+def _finish_umount(pid_file: Path | None, record: RunningMount | None, mountpoint: Path,
+                   deadline: float, timeout: float) -> int:
+    """Wait (until `deadline`, time.monotonic()) for a daemon told to stop, then clear what it
+    left and report; 1 when it did not finish in time."""
+    while record is not None and record.alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
     if record is not None and record.alive():
-        try:
-            os.kill(record.pid, signal.SIGTERM)
-        except PermissionError:
-            print(f"memfuse: {mountpoint} is served by pid {record.pid}, which belongs to "
-                  f"another user; only that user can unmount it", file=sys.stderr)
-            return 1
-        deadline = time.monotonic() + timeout
-        while record.alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if record.alive():
-            print(f"memfuse: daemon {record.pid} did not finish within {timeout:g} s "
-                  f"(log: {record.log_file})", file=sys.stderr)
-            return 1
-    elif not is_mounted(mountpoint):
-        print(f"memfuse: nothing is mounted at {mountpoint}", file=sys.stderr)
+        print(f"memfuse: daemon {record.pid} did not finish within {timeout:g} s "
+              f"(log: {record.log_file})", file=sys.stderr)
         return 1
     clear_dead_mount(mountpoint)  # the daemon died without unmounting: clear the stale mount
     if pid_file is not None:
@@ -212,6 +334,13 @@ def umount(target: str, timeout: float) -> int:
     if pending:
         print(f"memfuse: {len(pending)} change(s) the server did not take yet are kept in "
               f"{record.journal_file}; they are sent at the next mount")
+    return 0
+
+
+def list_mounts() -> int:
+    """`memfuse list`: one line per mount (many.render_list); always 0."""
+    rows = many.mount_rows()
+    print(many.render_list(rows) if rows else "memfuse: no mounts are running")
     return 0
 
 
@@ -241,24 +370,64 @@ def status(target: str | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `memfuse` console script; returns the exit status (2: bad usage)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "umount" and args.all == (args.target is not None):
+        parser.error("umount: give an AGENT_ID, a MOUNTPOINT or --all")
+    if args.command == "mount":
+        _check_selection(parser, args, "mount")
+        if args.all and (args.mountpoint or args.history_dir or args.foreground):
+            parser.error("mount --all: each agent is mounted at its default mountpoint with "
+                         "its default history, in the background")
+    if args.command == "service":
+        _check_selection(parser, args, "service install")
     try:
         if args.command == "umount":
-            return umount(args.target, args.timeout)
+            return umount(None if args.all else args.target, args.timeout)
         if args.command == "status":
             return status(args.target)
-        config = Config.build(args.agent_id, args.mountpoint, base_url=args.base_url,
-                              history_dir=args.history_dir, revalidate=args.revalidate,
-                              poll_interval=args.poll_interval,
-                              full_poll_interval=args.full_poll_interval,
-                              on_conflict=args.on_conflict,
-                              debug=args.debug)
+        if args.command == "list":
+            return list_mounts()
+        if args.command == "service":
+            return _service_install(args)
+        if args.all:
+            return _mount_all(args)
+        config = _config(args, args.agent_id, args.mountpoint)
     except ConfigError as exc:
         print(f"memfuse: {exc}", file=sys.stderr)
         return 2
     if args.foreground:
         return _mount_foreground(config, args.ready_fd)
     return _mount_background(args, config)
+
+
+def _service_install(args: argparse.Namespace) -> int:
+    """`memfuse service install AGENT_ID|--all`: write the unit, then enable the instances
+    with systemctl when a user systemd answers, else print the commands (service.py)."""
+    if args.all:
+        try:
+            agents, where = _selected_agents(args)
+        except LettaError as exc:
+            print(f"memfuse: could not list the agents: {exc}", file=sys.stderr)
+            return 1
+        if not agents:
+            print(f"memfuse: no agents {where}; the unit is installed, no instance enabled")
+        agent_ids = [agent.id for agent in agents]
+    else:
+        agent_ids = [check_agent_id(args.agent_id)]
+    try:
+        unit = service.install_unit()
+    except OSError as exc:
+        print(f"memfuse: could not write the unit to {service.unit_dir()}: {exc}",
+              file=sys.stderr)
+        return 1
+    print(f"memfuse: wrote {unit}")
+    mounted = frozenset(a for a in agent_ids if many.live_mount(a) is not None)
+    lines, code = service.enable(agent_ids, now=not args.no_enable and service.user_systemd(),
+                                 mounted=mounted)
+    for line in lines:
+        print(line if line.startswith(("  ", "systemctl")) else f"memfuse: {line}")
+    return code
 
 
 if __name__ == "__main__":

@@ -154,6 +154,8 @@ class RunningMount(JsonRecord):
     base_url: str
     log_file: str
     journal_file: str = ""  # "": written by a memfuse without a journal
+    agent_name: str = ""  # the agent's `name` from `GET /v1/agents/{id}` at start-up; "" when
+                          # unknown (a local-first start, or an older memfuse)
 
     def alive(self) -> bool:
         """Whether the daemon's process still exists."""

@@ -125,10 +125,10 @@ def clear_stale_locks(history_dir: Path) -> None:
         lock.unlink(missing_ok=True)
 
 
-async def _connect(client: LettaClient, config: Config, budget: float | None = None) -> None:
+async def _connect(client: LettaClient, config: Config, budget: float | None = None) -> str:
     """Check that `config.base_url` is a Letta server that knows the agent, with `budget`
-    seconds of retries (None: the client's). Raises MountError; ServerUnreachable when no
-    answer came."""
+    seconds of retries (None: the client's); returns the agent's name (`GET /v1/agents/{id}`,
+    "" when it has none). Raises MountError; ServerUnreachable when no answer came."""
     try:
         answer = await client.health(budget=budget)
         if not isinstance(answer, dict) or "version" not in answer:
@@ -143,7 +143,7 @@ async def _connect(client: LettaClient, config: Config, budget: float | None = N
         raise MountError(f"{config.base_url} does not look like a Letta server (GET "
                          f"/v1/health/ answered {exc.status or ''} {exc.detail})") from None
     try:
-        await client.get_agent(config.agent_id, budget=budget)
+        agent = await client.get_agent(config.agent_id, budget=budget)
     except Unreachable as exc:
         raise ServerUnreachable(config.base_url, exc.detail) from None
     except (NotFound, Invalid):
@@ -153,6 +153,7 @@ async def _connect(client: LettaClient, config: Config, budget: float | None = N
                          f"(check LETTA_API_KEY)") from None
     except LettaError as exc:
         raise MountError(f"the Letta server at {config.base_url} answered: {exc}") from None
+    return str(agent.get("name") or "") if isinstance(agent, dict) else ""
 
 
 @dataclass
@@ -173,6 +174,7 @@ class Mount:
     local_first_at: float | None = None  # time.time() it was mounted from history (server away)
     notice: str | None = None  # what a person should read as it starts (a local-first mount)
     started_at: float = field(default_factory=time.time)  # time.time() the mount was built
+    agent_name: str = ""  # from the server at start-up ("" when it started from history)
 
     @property
     def local_first(self) -> bool:
@@ -238,8 +240,9 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
         config.base_url, config.api_key, retry_budget=config.retry_budget, transport=transport))
     away: ServerUnreachable | None = None
     has_history = (config.history_dir / "HEAD").exists()  # checked before open() makes one
+    agent_name = ""
     try:  # with a history to fall back on, a short wait: the mount works from it meanwhile
-        await _connect(client, config, START_BUDGET if has_history else None)
+        agent_name = await _connect(client, config, START_BUDGET if has_history else None)
     except ServerUnreachable as exc:
         if not has_history:
             raise _no_history(exc, config) from None
@@ -292,7 +295,7 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
     files.listed_since = poller.listed_since
     mount = Mount(config, repo, snapshots, state, files,
                   MemoryFs(state, files, namespace, faults), poller,
-                  TreeBlockKeeper(state, remote), problems, faults)
+                  TreeBlockKeeper(state, remote), problems, faults, agent_name=agent_name)
     if away is not None:
         mount.local_first_at = time.time()
         mount.notice = (f"the server at {config.base_url} cannot be reached ({away.detail}); "
@@ -421,7 +424,8 @@ async def _mount(stack: contextlib.AsyncExitStack, mount: Mount) -> None:
 
     _teardown(stack, "removing the pid file", remove_records)
     RunningMount(config.agent_id, str(config.mountpoint), os.getpid(), config.base_url,
-                 str(config.log_file), str(config.journal_file)).save(config.pid_file)
+                 str(config.log_file), str(config.journal_file),
+                 agent_name=mount.agent_name).save(config.pid_file)
 
     async def send_pending() -> None:
         await ops.shutdown()

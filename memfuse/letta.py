@@ -24,6 +24,7 @@ DEFAULT_BASE_URL = "http://localhost:8283"
 # 0.23 s for 2,000 on loopback), so pages of this many keep a listing to few requests.
 PAGE_SIZE = 2000
 PAGES_KEPT = 16  # listing answers remembered (by request) to skip decoding an unchanged one
+AGENTS_PAGE = 100  # agents per `GET /v1/agents/` request (the server's default is 50)
 
 
 class LettaError(Exception):
@@ -213,6 +214,30 @@ class LettaClient:
         """`GET /v1/agents/{agent_id}` -> the agent object. NotFound/Invalid for a bad id.
         budget: seconds of retries (default: the client's retry_budget)."""
         return await self._request("GET", f"/v1/agents/{agent_id}", budget=budget)
+
+    async def list_agents(self, tags: list[str] | None = None, *,
+                          budget: float | None = None) -> list[dict[str, Any]]:
+        """Every agent the server lists (`GET /v1/agents/`), or those with ALL of `tags`
+        (`tags=...&match_all_tags=true`), oldest first, paginated by agent id (`after`).
+        Each item is the agent object with its `tags` only (`include=agent.tags`: 0.16.8
+        otherwise loads every relationship, blocks and tools included, for each agent).
+        budget: seconds of retries per page (default: the client's retry_budget)."""
+        agents: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:
+            params: dict[str, Any] = {"limit": AGENTS_PAGE, "order": "asc",
+                                      "include": "agent.tags"}
+            if tags:
+                params.update(tags=list(tags), match_all_tags="true")
+            if after:
+                params["after"] = after
+            page = await self._request("GET", "/v1/agents/", params=params, budget=budget)
+            if not isinstance(page, list):
+                raise LettaError("GET", "/v1/agents/", 200, "the answer is not a list")
+            agents.extend(page)
+            if len(page) < AGENTS_PAGE:
+                return agents
+            after = page[-1]["id"]
 
     async def list_attached_blocks(self, agent_id: str, *, budget: float | None = None
                                    ) -> list[Block]:
