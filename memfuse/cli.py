@@ -20,9 +20,10 @@ from pathlib import Path
 
 import trio
 
-from .config import (Config, ConfigError, RunningMount, agent_dir, private_dir,
-                     running_mounts)
+from .config import (GIT_REMOTE_ENV, Config, ConfigError, RunningMount, agent_dir,
+                     private_dir, running_mounts)
 from .daemon import MountError, clear_dead_mount, is_mounted, serve
+from .gitremote import GitRemote, RemoteError
 from .journal import Journal
 from .remote import CONFLICT_POLICIES
 from .status import Status
@@ -57,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="when a file is written after the server changed its block since "
                             "the file was opened: overwrite (the file wins; default) or reject "
                             "(close fails with ESTALE); either way both versions are in history")
+    mount.add_argument("--git-remote", metavar="URL",
+                       help="push the history to this git remote after each snapshot: a path "
+                            "to a bare repository, file://, git:// or http(s):// (default "
+                            "$MEMFUSE_GIT_REMOTE; credentials in it are never logged or "
+                            "written to disk)")
     mount.add_argument("--foreground", action="store_true", help="serve in this process")
     mount.add_argument("--debug", action="store_true", help="log every server call")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -77,6 +83,7 @@ def _setup_logging(debug: bool) -> None:
     # httpx logs every request at INFO (shown with --debug); httpcore's wire chatter never.
     logging.getLogger("httpx").setLevel(logging.INFO if debug else logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    logging.getLogger("dulwich").setLevel(logging.WARNING)  # a push's chatter, never URLs
 
 
 def _mount_foreground(config: Config, ready_fd: int | None) -> int:
@@ -121,11 +128,14 @@ def _mount_background(args: argparse.Namespace, config: Config) -> int:
             "--on-conflict", config.on_conflict]
     if args.debug:
         argv.append("--debug")
+    env = {k: v for k, v in os.environ.items() if k != GIT_REMOTE_ENV}
+    if config.git_remote:  # through the environment: argv is readable by every user
+        env[GIT_REMOTE_ENV] = config.git_remote
     log_fd = os.open(config.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.fchmod(log_fd, 0o600)  # the log names files and blocks: the user's alone
     with os.fdopen(log_fd, "ab") as log_file:
         subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                         pass_fds=(write_fd,), start_new_session=True)
+                         pass_fds=(write_fd,), start_new_session=True, env=env)
     os.close(write_fd)
     try:
         lines = _read_report(read_fd, 180)
@@ -252,8 +262,11 @@ def main(argv: list[str] | None = None) -> int:
                               poll_interval=args.poll_interval,
                               full_poll_interval=args.full_poll_interval,
                               on_conflict=args.on_conflict,
-                              debug=args.debug)
-    except ConfigError as exc:
+                              debug=args.debug, git_remote=args.git_remote)
+        os.environ.pop(GIT_REMOTE_ENV, None)  # kept in `config` only: no child inherits it
+        if config.git_remote:  # refused before mounting when it cannot be pushed to
+            config.git_remote = GitRemote(config.git_remote).url  # a path made absolute
+    except (ConfigError, RemoteError) as exc:
         print(f"memfuse: {exc}", file=sys.stderr)
         return 2
     if args.foreground:

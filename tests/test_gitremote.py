@@ -1,0 +1,230 @@
+"""The git remote (gitremote.py): pushes against local bare repositories (real dulwich, no
+server), and the pusher's backoff, catch-up, divergence and redaction on trio's MockClock."""
+import logging
+import shutil
+import time
+
+import pytest
+import trio
+from dulwich.objects import Blob, Commit, Tree
+from dulwich.repo import Repo
+
+from memfuse.gitremote import GitRemote, PushError, PushOutcome, Pusher, RemoteError
+from memfuse.history import BRANCH, HistoryRepo
+from memfuse.status import Status
+
+SECRET = "s3cr3t-t0ken"
+
+
+@pytest.fixture
+def history(tmp_path):
+    repo = HistoryRepo(tmp_path / "memory.git")
+    repo.open()
+    repo.commit({"system/human.md": b"one\n"}, b"A <a@b>", "Local edit")
+    yield repo
+    repo.close()
+
+
+@pytest.fixture
+def bare(tmp_path):
+    path = tmp_path / "remote.git"
+    path.mkdir()
+    Repo.init_bare(str(path)).close()
+    return path
+
+
+def remote_head(path) -> bytes | None:
+    with Repo(str(path)) as repo:
+        return repo.refs.as_dict().get(BRANCH)
+
+
+def unrelated_commit(path) -> bytes:
+    """Someone else's commit on the remote's main, not descending from ours."""
+    with Repo(str(path)) as repo:
+        blob = Blob.from_string(b"theirs\n")
+        tree = Tree()
+        tree.add(b"theirs.md", 0o100644, blob.id)
+        commit = Commit()
+        commit.tree, commit.parents = tree.id, []
+        commit.author = commit.committer = b"Other <o@x>"
+        commit.author_time = commit.commit_time = int(time.time())
+        commit.author_timezone = commit.commit_timezone = 0
+        commit.message = b"someone else's\n"
+        for obj in (blob, tree, commit):
+            repo.object_store.add_object(obj)
+        repo.refs[BRANCH] = commit.id
+        return commit.id
+
+
+def test_a_push_creates_the_missing_branch_then_fast_forwards(history, bare):
+    remote = GitRemote(str(bare))
+    assert remote.push(history.path) == PushOutcome(history.head(), True)
+    assert remote_head(bare) == history.head()
+    history.commit({"system/human.md": b"two\n"}, b"A <a@b>", "Local edit")
+    assert remote.push(history.path).pushed
+    assert remote_head(bare) == history.head()
+    assert GitRemote(f"file://{bare}").push(history.path).pushed  # already there: nothing sent
+
+
+def test_a_diverged_remote_is_never_forced(history, bare):
+    theirs = unrelated_commit(bare)
+    outcome = GitRemote(str(bare)).push(history.path)
+    assert outcome == PushOutcome(history.head(), False, theirs)
+    assert remote_head(bare) == theirs
+
+
+def test_a_remote_ahead_of_the_history_is_diverged_too(history, bare):
+    remote = GitRemote(str(bare))
+    first = history.head()
+    history.commit({"system/human.md": b"two\n"}, b"A <a@b>", "Local edit")
+    remote.push(history.path)
+    history.repo.refs[BRANCH] = first  # the local history was reset behind the remote
+    assert remote.push(history.path).diverged == remote_head(bare) != first
+
+
+def test_an_absent_repository_is_an_error_and_is_not_created(history, tmp_path):
+    missing = tmp_path / "nowhere.git"
+    with pytest.raises(PushError, match="not a git repository"):
+        GitRemote(str(missing)).push(history.path)
+    assert not missing.exists()
+
+
+def test_urls_memfuse_cannot_push_to_are_refused_without_showing_credentials():
+    for url in (f"ssh://me:{SECRET}@host/x.git", f"me:{SECRET}@host:x.git",
+                f"ftp://me:{SECRET}@host/x.git", "a\nb", "git:///nohost"):
+        with pytest.raises(RemoteError) as caught:
+            GitRemote(url)
+        assert SECRET not in str(caught.value)
+
+
+def test_credentials_are_redacted_everywhere_a_url_is_shown():
+    remote = GitRemote(f"https://me:{SECRET}@example.test:8443/h.git")
+    assert remote.shown == "https://***@example.test:8443/h.git"
+    assert SECRET not in repr(remote) and "me:" not in remote.shown
+    assert remote.scrub(f"failed for https://me:{SECRET}@example.test/h.git: {SECRET}") == \
+        "failed for https://***@example.test/h.git: ***"
+    encoded = GitRemote("https://me:p%40ss%2Fw0rd@example.test/h.git")
+    assert encoded.password == "p@ss/w0rd"
+    assert encoded.scrub("p@ss/w0rd and p%40ss%2Fw0rd") == "*** and ***"
+    assert GitRemote("relative/path.git").url.startswith("/")
+
+
+def test_a_failed_http_push_names_no_credentials(history):
+    remote = GitRemote(f"http://me:{SECRET}@127.0.0.1:1/h.git", timeout=5)
+    with pytest.raises(PushError) as caught:
+        remote.push(history.path)
+    assert SECRET not in str(caught.value) and "me:" not in str(caught.value)
+
+
+class FakeRemote:
+    """An attempt function whose remote is up, down or diverged; records attempt times."""
+
+    def __init__(self):
+        self.state, self.times, self.head = "up", [], b"1" * 40
+
+    async def __call__(self) -> PushOutcome:
+        self.times.append(trio.current_time())
+        if self.state == "down":
+            raise PushError(f"connection refused by https://me:{SECRET}@host/h.git")
+        if self.state == "diverged":
+            return PushOutcome(self.head, False, b"9" * 40)
+        return PushOutcome(self.head, True)
+
+
+def fake_pusher(fake=None):
+    fake = fake or FakeRemote()
+    return fake, Pusher(GitRemote(f"https://me:{SECRET}@host/h.git"), fake)
+
+
+async def test_failures_back_off_exponentially_to_a_ceiling_and_snapshots_do_not_cut_it_short(
+        nursery, caplog):
+    fake, pusher = fake_pusher()
+    fake.state = "down"
+    start = trio.current_time()
+    nursery.start_soon(pusher.run)
+    for _ in range(40):  # a snapshot every 5 s while the remote is away
+        await trio.sleep(5)
+        pusher.poke()
+    gaps = [round(b - a, 3) for a, b in zip(fake.times, fake.times[1:])]
+    assert fake.times[0] == start
+    assert gaps[:7] == [1, 2, 4, 8, 16, 32, 60] and set(gaps[7:]) == {60}
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1  # one line for the outage, not one per retry
+    assert pusher.failures == len(fake.times) and pusher.last_error.startswith("connection")
+    assert not any(SECRET in r.getMessage() for r in caplog.records)
+    assert SECRET not in pusher.last_error
+
+
+async def test_when_the_remote_returns_the_push_catches_up_and_the_backoff_resets(
+        nursery, history, bare, tmp_path):
+    remote = GitRemote(str(bare))
+
+    async def attempt():
+        return remote.push(history.path)  # in this thread: the mock clock stays exact
+
+    pusher = Pusher(remote, attempt)
+    nursery.start_soon(pusher.run)
+    await trio.sleep(0.1)
+    assert remote_head(bare) == history.head() == pusher.last_push
+    away = tmp_path / "away.git"
+    bare.rename(away)  # the remote goes away
+    for n in range(5):
+        history.commit({"system/human.md": f"edit {n}\n".encode()}, b"A <a@b>", "Local edit")
+        pusher.poke()
+        await trio.sleep(2.5)  # never at a retry's instant (0.1, 1.1, 3.1, 7.1, 15.1 s)
+    assert pusher.failures > 0 and pusher.retry_at is not None
+    away.rename(bare)  # it comes back
+    await trio.sleep(61)
+    assert remote_head(bare) == history.head() == pusher.last_push
+    assert pusher.failures == 0 and "not a git repository" in pusher.last_error
+    history.commit({"system/human.md": b"after\n"}, b"A <a@b>", "Local edit")
+    pusher.poke()
+    await trio.sleep(0.01)  # no backoff left over
+    assert remote_head(bare) == history.head()
+
+
+async def test_a_diverged_remote_is_said_once_and_retried_at_the_slow_rate_until_fixed(
+        nursery, caplog):
+    fake, pusher = fake_pusher()
+    fake.state = "diverged"
+    nursery.start_soon(pusher.run)
+    await trio.sleep(200)
+    pusher.poke()
+    await trio.sleep(100)
+    gaps = {round(b - a, 3) for a, b in zip(fake.times, fake.times[1:])}
+    assert gaps == {60} and pusher.diverged
+    assert "diverged" in pusher.last_error and "not forced" in pusher.last_error
+    said = [r.getMessage() for r in caplog.records if "diverged" in r.getMessage()]
+    assert len(said) == 1 and caplog.records[-1].levelno == logging.WARNING
+    fake.state = "up"
+    await trio.sleep(60)
+    assert not pusher.diverged and pusher.last_push == fake.head
+
+
+async def test_the_last_push_at_unmount_gives_up_after_its_timeout(caplog):
+    async def hangs():
+        await trio.sleep_forever()
+
+    pusher = Pusher(GitRemote("/nowhere.git"), hangs)
+    start = trio.current_time()
+    await pusher.last_push_now(5)
+    assert trio.current_time() - start == 5
+    assert "did not finish within 5 s" in caplog.text
+
+
+def test_status_shows_the_last_push_and_the_last_push_error():
+    now = time.time()
+    status = Status(agent_id="agent-1", mountpoint="/m", base_url="http://x", pid=1,
+                    reachable=True, last_poll=now, pending_writes=0, pending_unlinks=0,
+                    uncommitted=0, last_commit=None, last_commit_message=None,
+                    last_commit_at=None, last_conflict=None, last_error=None,
+                    last_error_at=None, updated_at=now, git_remote="https://***@h/x.git",
+                    last_push="abcdef0123", last_push_at=now - 3,
+                    last_push_error="connection refused", last_push_error_at=now - 10,
+                    push_failing=True, next_push_retry_at=now + 4)
+    text = status.render(now)
+    assert "git remote     https://***@h/x.git: FAILING, next try in 4 s" in text
+    assert "last push      abcdef0 3.0 s ago" in text
+    assert "push error     connection refused (10.0 s ago)" in text
+    status.push_failing, status.push_diverged = False, True
+    assert "DIVERGED" in status.render(now)
