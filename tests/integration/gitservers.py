@@ -1,0 +1,196 @@
+"""Real git servers on loopback for the git remote tests: `git daemon --enable=receive-pack`,
+smart HTTP (`git http-backend` behind a small CGI server with HTTP basic auth), and a listener
+that accepts connections and never answers (a remote that hangs)."""
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def git(*args: str, cwd: Path | None = None, env: dict | None = None) -> str:
+    """Run git; its stdout, stripped. Raises CalledProcessError (with stderr) on failure."""
+    result = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=60)
+    if result.returncode != 0:
+        raise AssertionError(f"git {' '.join(args)} failed: {result.stderr}")
+    return result.stdout.strip()
+
+
+def init_bare(path: Path) -> Path:
+    git("init", "--quiet", "--bare", "--initial-branch=main", str(path))
+    return path
+
+
+def head_of(git_dir: Path) -> str | None:
+    """The commit of refs/heads/main in the repository at `git_dir`, or None."""
+    result = subprocess.run(["git", "--git-dir", str(git_dir), "rev-parse", "--verify", "-q",
+                             "refs/heads/main"], capture_output=True, text=True, timeout=60)
+    return result.stdout.strip() or None
+
+
+def _wait_listening(port: int, proc: subprocess.Popen | None = None) -> None:
+    import time
+    deadline = time.monotonic() + 30
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the git server exited: {proc.stderr.read()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"nothing listens on port {port} after 30 s") from None
+            time.sleep(0.05)
+
+
+class GitDaemon:
+    """`git daemon` serving every repository under `root` at git://127.0.0.1:PORT/, with
+    pushes enabled; `stop` and `start` again on the same port."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def url(self, name: str) -> str:
+        return f"git://127.0.0.1:{self.port}/{name}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["git", "daemon", "--enable=receive-pack", "--export-all", "--reuseaddr",
+             f"--base-path={self.root}", "--listen=127.0.0.1", f"--port={self.port}",
+             "--informative-errors", str(self.root)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        _wait_listening(self.port, self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+
+class _CgiHandler(BaseHTTPRequestHandler):
+    """Runs `git http-backend` for each request, with basic auth required."""
+
+    server: "GitHttp"
+
+    def do_GET(self) -> None:
+        self._serve()
+
+    def do_POST(self) -> None:
+        self._serve()
+
+    def log_message(self, *_args) -> None:
+        pass
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            data = b""
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return data
+                data += self.rfile.read(size)
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _serve(self) -> None:
+        body = self._body() if self.command == "POST" else b""
+        expected = "Basic " + base64.b64encode(
+            f"{self.server.user}:{self.server.password}".encode()).decode()
+        if self.headers.get("Authorization") != expected:
+            self.server.refused += 1
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="memfuse-test"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        path, _, query = self.path.partition("?")
+        env = {"PATH": os.environ["PATH"], "GIT_PROJECT_ROOT": str(self.server.root),
+               "GIT_HTTP_EXPORT_ALL": "1", "PATH_INFO": path, "REQUEST_METHOD": self.command,
+               "QUERY_STRING": query, "CONTENT_TYPE": self.headers.get("Content-Type", ""),
+               "CONTENT_LENGTH": str(len(body)), "REMOTE_USER": self.server.user,
+               "REMOTE_ADDR": "127.0.0.1", "GATEWAY_INTERFACE": "CGI/1.1",
+               "SERVER_PROTOCOL": "HTTP/1.1"}
+        if self.headers.get("Content-Encoding"):
+            env["HTTP_CONTENT_ENCODING"] = self.headers["Content-Encoding"]
+        out = subprocess.run(["git", "http-backend"], input=body, env=env, capture_output=True,
+                             timeout=60).stdout
+        head, _, payload = out.partition(b"\r\n\r\n")
+        if not _:
+            head, _, payload = out.partition(b"\n\n")
+        status, headers = 200, []
+        for line in head.decode().splitlines():
+            name, _, value = line.partition(":")
+            if name.lower() == "status":
+                status = int(value.split()[0])
+            elif name:
+                headers.append((name, value.strip()))
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+class GitHttp(ThreadingHTTPServer):
+    """Smart HTTP for every repository under `root` at http://127.0.0.1:PORT/, every request
+    requiring basic auth as `user`:`password`; `refused` counts the 401s sent."""
+
+    daemon_threads = True
+
+    def __init__(self, root: Path, user: str, password: str):
+        super().__init__(("127.0.0.1", 0), _CgiHandler)
+        self.root, self.user, self.password, self.refused = root, user, password, 0
+        self.port = self.server_address[1]
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self._thread.start()
+
+    def url(self, name: str, credentials: bool = False) -> str:
+        auth = f"{self.user}:{self.password}@" if credentials else ""
+        return f"http://{auth}127.0.0.1:{self.port}/{name}"
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class Silent:
+    """A TCP listener on loopback that accepts connections and never answers (a hung remote)."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
