@@ -171,15 +171,20 @@ async def test_when_the_remote_returns_the_push_catches_up_and_the_backoff_reset
     for n in range(5):
         history.commit({"system/human.md": f"edit {n}\n".encode()}, b"A <a@b>", "Local edit")
         pusher.poke()
-        await trio.sleep(2.5)  # never at a retry's instant (0.1, 1.1, 3.1, 7.1, 15.1 s)
-    assert pusher.failures > 0 and pusher.retry_at is not None
-    away.rename(bare)  # it comes back
+        await trio.sleep(2.5)  # never at a retry's instant (0.1, 1.1, 3.1, 7.1, 15.1, 31.1 s)
+    await trio.sleep(30)  # retries with no new snapshot to prompt them
+    assert pusher.failures >= 6 and pusher.retry_at is not None
+    away.rename(bare)  # it comes back: the next retry (at 63.1 s) catches up
     await trio.sleep(61)
     assert remote_head(bare) == history.head() == pusher.last_push
     assert pusher.failures == 0 and "not a git repository" in pusher.last_error
+    bare.rename(away)  # away again: the backoff starts over at 1 s
     history.commit({"system/human.md": b"after\n"}, b"A <a@b>", "Local edit")
     pusher.poke()
-    await trio.sleep(0.01)  # no backoff left over
+    await trio.sleep(0.5)
+    assert pusher.failures == 1
+    away.rename(bare)
+    await trio.sleep(1)
     assert remote_head(bare) == history.head()
 
 
@@ -207,7 +212,8 @@ async def test_the_last_push_at_unmount_gives_up_after_its_timeout(caplog):
 
     pusher = Pusher(GitRemote("/nowhere.git"), hangs)
     start = trio.current_time()
-    await pusher.last_push_now(5)
+    with trio.fail_after(600):  # without its own timeout it would hang here
+        await pusher.last_push_now(5)
     assert trio.current_time() - start == 5
     assert "did not finish within 5 s" in caplog.text
 
