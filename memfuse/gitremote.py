@@ -127,8 +127,9 @@ class GitRemote:
         return f"GitRemote({self.shown!r})"
 
     def _keep_secret(self, secret: str | None) -> None:
-        if secret:
-            self._secrets.update({secret, unquote(secret), quote(unquote(secret), safe="")})
+        if secret:  # a new set, not an update: `scrub` may iterate it in another thread
+            self._secrets = self._secrets | {secret, unquote(secret),
+                                             quote(unquote(secret), safe="")}
 
     def scrub(self, text: str) -> str:
         """`text` with every credential this remote knows (from the URL or a helper, raw or
@@ -279,6 +280,8 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     text = str(exc).strip()
+    if "Connection refused" in text:  # urllib3's, wrapped in a long GitProtocolError
+        return "connection refused"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

@@ -113,7 +113,7 @@ def test_a_failed_http_push_names_no_credentials(history):
     remote = GitRemote(f"http://me:{SECRET}@127.0.0.1:1/h.git", timeout=5)
     with pytest.raises(PushError) as caught:
         remote.push(history.path)
-    assert SECRET not in str(caught.value) and "me:" not in str(caught.value)
+    assert str(caught.value) == "connection refused"  # not urllib3's long story of the URL
 
 
 class FakeRemote:

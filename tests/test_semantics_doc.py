@@ -20,7 +20,9 @@ PREFIXES = {"fs": "tests/test_fs.py", "ns": "tests/test_namespace.py",
             "local-first": "tests/test_local_first.py",
             "local-first-mount": "tests/integration/test_local_first.py",
             "blockmap": "tests/test_blockmap.py", "poller": "tests/test_poller.py",
-            "client": "tests/test_letta_client.py"}
+            "client": "tests/test_letta_client.py",
+            "gitremote": "tests/test_gitremote.py",
+            "gitremote-mount": "tests/integration/test_gitremote.py"}
 
 
 def rows():
