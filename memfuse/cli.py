@@ -83,7 +83,10 @@ def _setup_logging(debug: bool) -> None:
     # httpx logs every request at INFO (shown with --debug); httpcore's wire chatter never.
     logging.getLogger("httpx").setLevel(logging.INFO if debug else logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
-    logging.getLogger("dulwich").setLevel(logging.WARNING)  # a push's chatter, never URLs
+    # a push's libraries: dulwich's chatter, and urllib3's WARNING per connection retry (the
+    # pusher logs one line per outage itself)
+    logging.getLogger("dulwich").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 
 def _mount_foreground(config: Config, ready_fd: int | None) -> int:

@@ -370,7 +370,9 @@ class Pusher:
         """At unmount: one more attempt, given up after `timeout` seconds (a dead remote
         never holds the unmount; what is not pushed goes out at the next mount)."""
         with trio.move_on_after(timeout) as scope:
-            await self.push_once()
+            if not await self.push_once():
+                log.warning("git remote %s: the last push failed (%s); the next mount pushes "
+                            "what is left", self.remote.shown, self.last_error)
         if scope.cancelled_caught:
             log.warning("git remote %s: the last push did not finish within %g s; the next "
                         "mount pushes it", self.remote.shown, timeout)

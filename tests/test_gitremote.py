@@ -234,3 +234,13 @@ def test_status_shows_the_last_push_and_the_last_push_error():
     assert "push error     connection refused (10.0 s ago)" in text
     status.push_failing, status.push_diverged = False, True
     assert "DIVERGED" in status.render(now)
+
+
+async def test_a_last_push_that_fails_says_so_once_at_unmount(caplog):
+    fake, pusher = fake_pusher()
+    fake.state = "down"
+    await pusher.push_once()
+    caplog.clear()
+    await pusher.last_push_now(5)
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "the last push failed (connection refused" in line and SECRET not in line
