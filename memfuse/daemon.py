@@ -213,7 +213,8 @@ class Mount:
                     last_push=pusher.last_push.decode() if pusher.last_push else None,
                     last_push_at=pusher.last_push_at, last_push_error=pusher.last_error,
                     last_push_error_at=pusher.last_error_at, push_diverged=pusher.diverged,
-                    push_failing=pusher.failures > 0, next_push_retry_at=waiting)
+                    push_failing=pusher.failures > 0, next_push_retry_at=waiting,
+                    pushing_since=pusher.pushing_since)
 
 
 def _teardown(stack: contextlib.AsyncExitStack, what: str,

@@ -308,6 +308,7 @@ class Pusher:
         self.diverged: bool = False  # the last attempt found the remote diverged
         self.failures = 0  # failed attempts in a row
         self.retry_at: float | None = None  # trio time of the next retry while backing off
+        self.pushing_since: float | None = None  # time.time() the attempt under way began
 
     def poke(self) -> None:
         """A commit was made: push it (now, or when the current wait for a retry ends)."""
@@ -332,6 +333,7 @@ class Pusher:
     async def push_once(self) -> bool:
         """One attempt; updates the status fields and logs. Returns whether the remote's
         branch is now the local head."""
+        self.pushing_since = time.time()
         try:
             outcome = await self._attempt()
         except PushError as exc:
@@ -339,6 +341,8 @@ class Pusher:
         except Exception as exc:  # a bug in the push: logged, then retried as a failure
             log.exception("push to %s failed unexpectedly", self.remote.shown)
             return self._failed(self.remote.scrub(describe(exc)))
+        finally:
+            self.pushing_since = None
         if outcome.diverged is not None:
             message = (f"diverged: the remote's main ({outcome.diverged.decode()[:7]}) has "
                        f"commits that are not in this history; not forced (retrying every "

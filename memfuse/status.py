@@ -52,6 +52,7 @@ class Status(JsonRecord):
     push_diverged: bool = False  # the remote's main has commits this history lacks: not forced
     push_failing: bool = False  # the last attempt failed; retried with backoff
     next_push_retry_at: float | None = None  # when the next retry is due, while backing off
+    pushing_since: float | None = None  # when the push under way began (None: none is)
 
     def render(self, now: float | None = None) -> str:
         """The human-readable report."""
@@ -114,6 +115,8 @@ class Status(JsonRecord):
                                  if self.next_push_retry_at is not None else "")
         else:
             state = "ok"
+        if self.pushing_since is not None and now - self.pushing_since >= 1:
+            state += f"; a push under way for {now - self.pushing_since:.0f} s"
         error = "none"
         if self.last_push_error:
             error = f"{self.last_push_error} ({ago(self.last_push_error_at)}" + (

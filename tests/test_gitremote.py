@@ -234,6 +234,8 @@ def test_status_shows_the_last_push_and_the_last_push_error():
     assert "push error     connection refused (10.0 s ago)" in text
     status.push_failing, status.push_diverged = False, True
     assert "DIVERGED" in status.render(now)
+    status.push_diverged, status.pushing_since = False, now - 12
+    assert "https://***@h/x.git: ok; a push under way for 12 s" in status.render(now)
 
 
 async def test_a_last_push_that_fails_says_so_once_at_unmount(caplog):

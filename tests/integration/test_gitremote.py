@@ -186,6 +186,8 @@ def test_a_remote_that_never_answers_delays_no_write_and_no_umount(agent, home):
                 write(m, f"While the remote hangs, edit {n}.\n")
                 took.append(time.monotonic() - start)
             assert max(took) < 30  # far below the hung push's timeout (60 s)
+            wait_for(lambda: "a push under way" in m.memfuse("status", agent).stdout,
+                     timeout=60)
             wait_for(lambda: "edit 2" in git("--git-dir", str(history(m)), "show",
                                              "main:system/human.md"), timeout=60)  # committed
         finally:
