@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -19,7 +20,7 @@ def free_port() -> int:
 
 
 def git(*args: str, cwd: Path | None = None, env: dict | None = None) -> str:
-    """Run git; its stdout, stripped. Raises CalledProcessError (with stderr) on failure."""
+    """Run git; its stdout, stripped. Raises AssertionError (with git's stderr) on failure."""
     result = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True,
                             timeout=60)
     if result.returncode != 0:
@@ -40,7 +41,6 @@ def head_of(git_dir: Path) -> str | None:
 
 
 def _wait_listening(port: int, proc: subprocess.Popen | None = None) -> None:
-    import time
     deadline = time.monotonic() + 30
     while True:
         if proc is not None and proc.poll() is not None:
