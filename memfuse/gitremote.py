@@ -85,8 +85,6 @@ class GitRemote:
         self._secrets: set[str] = set()
         self.username: str | None = None
         self.password: str | None = None
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
         if "://" not in url:
             if re.match(r"^[^/]*:", url):  # scp-like user@host:path, or an unknown scheme
                 raise RemoteError(f"{_userinfo_hidden(url)!r}: memfuse pushes to a path, "
@@ -94,19 +92,27 @@ class GitRemote:
             self.kind, self.path = "path", str(Path(url).expanduser().absolute())
             self.url = self.shown = self.path
             return
+        scheme = url.partition("://")[0].lower()
         if scheme not in SCHEMES:
             raise RemoteError(f"{_userinfo_hidden(url)!r}: memfuse pushes to a path, file://, "
                               f"git:// or http(s):// URL (not {scheme}://)")
+        try:  # urllib's errors quote the text they choke on: a password, maybe
+            parts = urlsplit(url)
+            hostname, port = parts.hostname, parts.port
+        except ValueError:
+            raise RemoteError(f"{_userinfo_hidden(url)!r}: not a valid URL (a user name or "
+                              f"password with '/', '@' or ':' in it must be percent-encoded)"
+                              ) from None
         self.url = url
         self.username = unquote(parts.username) if parts.username is not None else None
         self.password = unquote(parts.password) if parts.password is not None else None
         for secret in (parts.username, parts.password):
             self._keep_secret(secret)
-        netloc = parts.hostname or ""
+        netloc = hostname or ""
         if ":" in netloc:
             netloc = f"[{netloc}]"
-        if parts.port is not None:
-            netloc += f":{parts.port}"
+        if port is not None:
+            netloc += f":{port}"
         self.bare_url = urlunsplit((scheme, netloc, parts.path, parts.query, ""))
         self.shown = urlunsplit((scheme, ("***@" if "@" in parts.netloc else "") + netloc,
                                  parts.path, parts.query, ""))
@@ -251,10 +257,15 @@ class GitRemote:
 
 
 def _userinfo_hidden(url: str) -> str:
-    """`url` with anything before an `@` in its first component hidden (for error messages
-    about URLs that could not be parsed)."""
-    head, sep, rest = url.partition("@")
-    return f"***@{rest}" if sep and "/" not in head else USERINFO.sub(r"\1***@", url)
+    """`url` with everything between its scheme (if any) and its last `@` hidden, for error
+    messages about URLs that are refused or could not be parsed: a password with an unencoded
+    `/`, `@` or `:` in it ends nowhere a parser would say, so all of it goes."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    return scheme + sep + rest
 
 
 def _tcp_client(remote: GitRemote, timeout: float) -> TCPGitClient:

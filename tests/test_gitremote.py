@@ -3,6 +3,7 @@ server), and the pusher's backoff, catch-up, divergence and redaction on trio's 
 import logging
 import shutil
 import time
+import traceback
 
 import pytest
 import trio
@@ -95,6 +96,20 @@ def test_urls_memfuse_cannot_push_to_are_refused_without_showing_credentials():
         with pytest.raises(RemoteError) as caught:
             GitRemote(url)
         assert SECRET not in str(caught.value)
+
+
+def test_a_malformed_url_is_refused_without_showing_any_of_its_userinfo():
+    # urllib's own errors would quote the text after the first ':' ("Port could not be cast
+    # to integer value as 'ab'"): a password with an unencoded '/' in it
+    for url, secret in ((f"https://me:ab/cd@host/x.git", "ab"),
+                        (f"https://me:{SECRET}/xyz@host/x.git", SECRET),
+                        (f"me:ab/cd@host", "ab"),
+                        (f"http://me:{SECRET}@host:99999/x.git", SECRET),
+                        (f"http://me:{SECRET}@[::1/x.git", SECRET)):
+        with pytest.raises(RemoteError) as caught:
+            GitRemote(url)
+        shown = "".join(traceback.format_exception(caught.value))  # what a traceback says
+        assert secret not in shown and "cd@" not in shown, shown
 
 
 def test_credentials_are_redacted_everywhere_a_url_is_shown():
