@@ -113,9 +113,13 @@ class GitRemote:
             netloc = f"[{netloc}]"
         if port is not None:
             netloc += f":{port}"
-        self.bare_url = urlunsplit((scheme, netloc, parts.path, parts.query, ""))
+        self.bare_url = urlunsplit((scheme, netloc, parts.path, "", ""))
         self.shown = urlunsplit((scheme, ("***@" if "@" in parts.netloc else "") + netloc,
-                                 parts.path, parts.query, ""))
+                                 parts.path, "", ""))
+        if parts.query or parts.fragment:  # `?private_token=...` would be shown and sent
+            raise RemoteError(f"{self.shown!r} (its ?query or #fragment not shown): a git "
+                              f"remote URL has no query or fragment (credentials go in "
+                              f"user:token@ or a credential helper)")
         if scheme == "file":
             if parts.netloc not in ("", "localhost"):
                 raise RemoteError(f"{self.shown!r}: a file:// URL names a path on this machine")

@@ -112,6 +112,15 @@ def test_a_malformed_url_is_refused_without_showing_any_of_its_userinfo():
         assert secret not in shown and "cd@" not in shown, shown
 
 
+def test_a_url_with_a_query_or_a_fragment_is_refused_without_showing_it():
+    for url in (f"https://host/x.git?private_token={SECRET}", f"https://host/x.git#{SECRET}",
+                f"file:///srv/x.git?{SECRET}", f"git://host/x.git?t={SECRET}#f"):
+        with pytest.raises(RemoteError) as caught:
+            GitRemote(url)
+        assert SECRET not in str(caught.value) and "no query or fragment" in str(caught.value)
+    assert GitRemote("https://host/x.git?").shown == "https://host/x.git"  # an empty one
+
+
 def test_credentials_are_redacted_everywhere_a_url_is_shown():
     remote = GitRemote(f"https://me:{SECRET}@example.test:8443/h.git")
     assert remote.shown == "https://***@example.test:8443/h.git"
