@@ -116,6 +116,11 @@ class GitRemote:
         self.bare_url = urlunsplit((scheme, netloc, parts.path, "", ""))
         self.shown = urlunsplit((scheme, ("***@" if "@" in parts.netloc else "") + netloc,
                                  parts.path, "", ""))
+        if any(c in unquote(url) for c in "\n\r\0"):  # the user name goes into the lines of
+            # `git credential fill`'s request: `evil%0Ahost=github.com@attacker` would ask
+            # for github.com's credentials and send them to attacker
+            raise RemoteError(f"{self.shown!r}: a line break or NUL (%0A, %0D, %00) in the "
+                              f"URL: refused")
         if parts.query or parts.fragment:  # `?private_token=...` would be shown and sent
             raise RemoteError(f"{self.shown!r} (its ?query or #fragment not shown): a git "
                               f"remote URL has no query or fragment (credentials go in "
@@ -251,7 +256,10 @@ class GitRemote:
             return None
         if answer.returncode != 0:
             return None  # no helper has them (its stderr may echo the request: not logged)
-        fields = dict(line.split("=", 1) for line in answer.stdout.splitlines() if "=" in line)
+        if "\r" in answer.stdout or "\0" in answer.stdout:
+            raise PushError("git's credential helper answered with a carriage return or NUL "
+                            "in a value: not used")
+        fields = dict(line.split("=", 1) for line in answer.stdout.split("\n") if "=" in line)
         username, password = fields.get("username"), fields.get("password")
         if not username or password is None:
             return None

@@ -2,6 +2,7 @@
 server), and the pusher's backoff, catch-up, divergence and redaction on trio's MockClock."""
 import logging
 import shutil
+import subprocess
 import time
 import traceback
 
@@ -10,6 +11,7 @@ import trio
 from dulwich.objects import Blob, Commit, Tree
 from dulwich.repo import Repo
 
+from memfuse import gitremote
 from memfuse.gitremote import GitRemote, PushError, PushOutcome, Pusher, RemoteError
 from memfuse.history import BRANCH, HistoryRepo
 from memfuse.status import Status
@@ -119,6 +121,31 @@ def test_a_url_with_a_query_or_a_fragment_is_refused_without_showing_it():
             GitRemote(url)
         assert SECRET not in str(caught.value) and "no query or fragment" in str(caught.value)
     assert GitRemote("https://host/x.git?").shown == "https://host/x.git"  # an empty one
+
+
+def test_a_line_break_or_nul_in_the_decoded_userinfo_is_refused():
+    # `git credential fill` reads lines: a decoded user name "evil\nhost=github.com" would
+    # ask for github.com's credentials, then sent to attacker.example
+    for url in ("https://evil%0Ahost=github.com@attacker.example/x.git",
+                "https://evil%0D%0Ahost=github.com@attacker.example/x.git",
+                f"https://me:{SECRET}%0Aprotocol=https@host/x.git",
+                "https://me%00@host/x.git"):
+        with pytest.raises(RemoteError) as caught:
+            GitRemote(url)
+        assert SECRET not in str(caught.value) and "github.com" not in str(caught.value)
+
+
+@pytest.mark.parametrize("answer", ["username=u\npassword=p\rhost=github.com\n",
+                                    "username=u\rx\npassword=p\n",
+                                    "username=u\npassword=p\0q\n"])
+def test_a_credential_helper_answer_with_a_carriage_return_or_nul_is_not_used(
+        monkeypatch, answer):
+    def fake_run(argv, **kwargs):
+        return subprocess.CompletedProcess(argv, 0, stdout=answer, stderr="")
+
+    monkeypatch.setattr(gitremote.subprocess, "run", fake_run)
+    with pytest.raises(PushError, match="carriage return or NUL"):
+        GitRemote("https://host/x.git")._fill()
 
 
 def test_credentials_are_redacted_everywhere_a_url_is_shown():
