@@ -41,6 +41,7 @@ RETRY_MAX = 60.0     # the backoff's ceiling, and the rate a diverged remote is 
 PUSH_TIMEOUT = 60.0  # seconds a push's connection may stay silent (socket timeout)
 HELPER_TIMEOUT = 10.0  # seconds `git credential fill` may take (a helper may wait for a person)
 MAX_URL = 8192       # characters
+SECRET_NAME_MIN = 8  # characters from which a user name given with no password is scrubbed
 SCHEMES = ("http", "https", "git", "file")
 USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]*@")
 
@@ -106,8 +107,7 @@ class GitRemote:
         self.url = url
         self.username = unquote(parts.username) if parts.username is not None else None
         self.password = unquote(parts.password) if parts.password is not None else None
-        for secret in (parts.username, parts.password):
-            self._keep_secret(secret)
+        self._keep_credentials(parts.username, parts.password)
         netloc = hostname or ""
         if ":" in netloc:
             netloc = f"[{netloc}]"
@@ -141,14 +141,25 @@ class GitRemote:
     def __repr__(self) -> str:
         return f"GitRemote({self.shown!r})"
 
+    def _keep_credentials(self, username: str | None, password: str | None) -> None:
+        """Have `scrub` hide the password; the user name only when it carries the secret (no
+        password: `https://TOKEN@host/...`) and is as long as a token (SECRET_NAME_MIN): a
+        user name such as `git` is no secret, and scrubbing it would turn "not a git
+        repository" into "not a *** repository"."""
+        if password:
+            self._keep_secret(password)
+        elif username and len(unquote(username)) >= SECRET_NAME_MIN:
+            self._keep_secret(username)
+
     def _keep_secret(self, secret: str | None) -> None:
         if secret:  # a new set, not an update: `scrub` may iterate it in another thread
             self._secrets = self._secrets | {secret, unquote(secret),
                                              quote(unquote(secret), safe="")}
 
     def scrub(self, text: str) -> str:
-        """`text` with every credential this remote knows (from the URL or a helper, raw or
-        percent-encoded) and any URL userinfo replaced by `***`."""
+        """`text` with every secret this remote knows (the password from the URL or a helper,
+        raw or percent-encoded; a token-long user name given with no password) and any URL
+        userinfo replaced by `***`."""
         for secret in sorted(self._secrets, key=len, reverse=True):
             text = text.replace(secret, "***")
         return USERINFO.sub(r"\1***@", text)
@@ -263,8 +274,7 @@ class GitRemote:
         username, password = fields.get("username"), fields.get("password")
         if not username or password is None:
             return None
-        self._keep_secret(username)
-        self._keep_secret(password)
+        self._keep_credentials(username, password)
         return username, password
 
 

@@ -160,6 +160,17 @@ def test_credentials_are_redacted_everywhere_a_url_is_shown():
     assert GitRemote("relative/path.git").url.startswith("/")
 
 
+def test_a_user_name_is_scrubbed_only_when_it_carries_the_secret():
+    with_password = GitRemote(f"https://git:{SECRET}@host/x.git")
+    assert with_password.scrub(f"not a git repository; digit; {SECRET}") == \
+        "not a git repository; digit; ***"
+    assert GitRemote("https://git@host/x.git").scrub("not a git repository") == \
+        "not a git repository"  # a short user name with no password: a name, not a token
+    token = GitRemote(f"https://{SECRET}@host/x.git")  # the token as the user name
+    assert token.scrub(f"refused {SECRET} at https://{SECRET}@host/x.git") == \
+        "refused *** at https://***@host/x.git"
+
+
 def test_a_failed_http_push_names_no_credentials(history):
     remote = GitRemote(f"http://me:{SECRET}@127.0.0.1:1/h.git", timeout=5)
     with pytest.raises(PushError) as caught:
