@@ -43,6 +43,7 @@ HELPER_TIMEOUT = 10.0  # seconds `git credential fill` may take (a helper may wa
 MAX_URL = 8192       # characters
 SECRET_NAME_MIN = 8  # characters from which a user name given with no password is scrubbed
 SCHEMES = ("http", "https", "git", "file")
+FILL_ENV_DROPPED = ("GIT_ASKPASS", "SSH_ASKPASS", "GIT_DIR", "GIT_WORK_TREE", "GIT_COMMON_DIR")
 USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]*@")
 
 
@@ -252,15 +253,19 @@ class GitRemote:
 
     def _fill(self) -> tuple[str, str] | None:
         """(username, password) from `git credential fill` for this URL, or None. Never
-        prompts: no terminal, GIT_TERMINAL_PROMPT=0, no askpass."""
+        prompts: no terminal, GIT_TERMINAL_PROMPT=0, no askpass. It runs in / (the daemon's
+        directory may be in a repository, whose config would name helpers or include files)
+        with the user's environment less memfuse's own (LETTA_API_KEY, MEMFUSE_GIT_REMOTE:
+        a helper is no business of theirs) and anything that would pick a repository."""
         request = f"url={self.bare_url}\n" + (f"username={self.username}\n"
                                               if self.username else "") + "\n"
-        env = {k: v for k, v in os.environ.items() if k not in ("GIT_ASKPASS", "SSH_ASKPASS")}
+        env = {k: v for k, v in os.environ.items()
+               if k not in FILL_ENV_DROPPED and not k.startswith(("LETTA_", "MEMFUSE_"))}
         env["GIT_TERMINAL_PROMPT"] = "0"
         try:
             answer = subprocess.run(["git", "-c", "core.askPass=", "credential", "fill"],
                                     input=request, capture_output=True, text=True, env=env,
-                                    timeout=HELPER_TIMEOUT)
+                                    cwd="/", timeout=HELPER_TIMEOUT)
         except (OSError, subprocess.TimeoutExpired) as exc:
             log.warning("git credential fill for %s failed: %s", self.shown,
                         type(exc).__name__)

@@ -148,6 +148,32 @@ def test_a_credential_helper_answer_with_a_carriage_return_or_nul_is_not_used(
         GitRemote("https://host/x.git")._fill()
 
 
+def test_git_credential_fill_reads_no_repository_config_and_gets_no_memfuse_secrets(
+        tmp_path, monkeypatch):
+    # the daemon's directory is a repository whose config names a helper: not asked
+    work = tmp_path / "work"
+    Repo.init(str(work), mkdir=True).close()
+    marker, env_dump = tmp_path / "local-helper-ran", tmp_path / "helper-env"
+    with open(work / ".git" / "config", "a") as config:
+        config.write(f"[credential]\n\thelper = \"!f() {{ touch {marker}; "
+                     f"echo username=u; echo password=p; }}; f\"\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    # the user's own helper is asked, with the user's environment less memfuse's secrets
+    (home / ".gitconfig").write_text(f"[credential]\n\thelper = \"!f() {{ env > {env_dump}; "
+                                     f"}}; f\"\n")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    monkeypatch.setenv("LETTA_API_KEY", "letta-key-" + SECRET)
+    monkeypatch.setenv("MEMFUSE_GIT_REMOTE", f"https://me:{SECRET}@host/x.git")
+    monkeypatch.chdir(work)
+    assert GitRemote("https://host/x.git")._fill() is None
+    assert not marker.exists()
+    seen = env_dump.read_text()
+    assert SECRET not in seen and "LETTA_API_KEY" not in seen
+    assert f"HOME={home}" in seen and "GIT_TERMINAL_PROMPT=0" in seen
+
+
 def test_credentials_are_redacted_everywhere_a_url_is_shown():
     remote = GitRemote(f"https://me:{SECRET}@example.test:8443/h.git")
     assert remote.shown == "https://***@example.test:8443/h.git"
