@@ -207,6 +207,8 @@ class GitRemote:
         if self.kind == "http":
             result = self._send_http(repo, update_refs)
         else:
+            if self.kind == "path":
+                _refuse_a_work_tree(self.path)
             client = LocalGitClient() if self.kind == "path" else _tcp_client(self, self.timeout)
             result = client.send_pack(self.path, update_refs, repo.generate_pack_data)
         if "theirs" not in found:
@@ -293,6 +295,21 @@ def _userinfo_hidden(url: str) -> str:
     if "@" in rest:
         rest = "***@" + rest.rpartition("@")[2]
     return scheme + sep + rest
+
+
+def _refuse_a_work_tree(path: str) -> None:
+    """Raise PushError when the repository at `path` is not bare: dulwich's local client
+    ignores receive.denyCurrentBranch, so a push would move the branch checked out there and
+    its work tree would show our files as staged deletions. (No repository at all: dulwich's
+    NotGitRepository, said by `describe`.)"""
+    target = Repo(path)
+    try:  # a work tree's .git directory opens as bare: its config says otherwise
+        bare = target.bare and target.get_config().get_boolean((b"core",), b"bare", True)
+    finally:
+        target.close()
+    if not bare:
+        raise PushError("not a bare repository (create it with: git init --bare); a push "
+                        "would move the branch checked out in its work tree")
 
 
 def _tcp_client(remote: GitRemote, timeout: float) -> TCPGitClient:

@@ -92,6 +92,21 @@ def test_an_absent_repository_is_an_error_and_is_not_created(history, tmp_path):
     assert not missing.exists()
 
 
+@pytest.mark.parametrize("where", ["work tree", ".git", "file://"])
+def test_a_repository_with_a_work_tree_is_refused_and_left_alone(history, tmp_path, where):
+    notes = tmp_path / "notes"  # made with plain `git init`: main checked out
+    subprocess.run(["git", "init", "--quiet", "--initial-branch=main", str(notes)], check=True)
+    subprocess.run(["git", "-C", str(notes), "-c", "user.name=N", "-c", "user.email=n@x",
+                    "commit", "--quiet", "--allow-empty", "-m", "mine"], check=True)
+    before = remote_head(notes)
+    url = {"work tree": str(notes), ".git": str(notes / ".git"),
+           "file://": f"file://{notes}"}[where]
+    with pytest.raises(PushError, match=r"not a bare repository \(create it with: git init "
+                                        r"--bare\)"):
+        GitRemote(url).push(history.path)
+    assert remote_head(notes) == before
+
+
 def test_urls_memfuse_cannot_push_to_are_refused_without_showing_credentials():
     for url in (f"ssh://me:{SECRET}@host/x.git", f"me:{SECRET}@host:x.git",
                 f"ftp://me:{SECRET}@host/x.git", "a\nb", "git:///nohost"):
