@@ -22,12 +22,16 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Awaitable, Callable
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import trio
-from dulwich.client import HTTPUnauthorized, LocalGitClient, TCPGitClient, Urllib3HttpGitClient
+import urllib3
+import urllib3.exceptions
+from dulwich.client import (HTTPUnauthorized, LocalGitClient, TCPGitClient,
+                            Urllib3HttpGitClient, default_urllib3_manager)
 from dulwich.errors import HangupException, NotGitRepository
 from dulwich.graph import can_fast_forward
 from dulwich.repo import Repo
@@ -223,7 +227,8 @@ class GitRemote:
     def _send_http(self, repo: Repo, update_refs):
         def send(username: str | None, password: str | None):
             client = Urllib3HttpGitClient(self.bare_url, username=username, password=password,
-                                          timeout=self.timeout)
+                                          timeout=self.timeout,
+                                          pool_manager=_http_pool(self.bare_url, self.timeout))
             return client.send_pack("", update_refs, repo.generate_pack_data)
 
         if self.password is not None:  # the URL's credentials, and only them
@@ -312,6 +317,16 @@ def _refuse_a_work_tree(path: str) -> None:
                         "would move the branch checked out in its work tree")
 
 
+def _http_pool(url: str, timeout: float):
+    """dulwich's urllib3 pool manager for `url` (proxies from the environment, certificates
+    checked) with urllib3's retries off: its default Retry(3) made a silent remote hold a push
+    for 4 timeouts, not one. Redirects are still followed (by the pool manager itself)."""
+    return default_urllib3_manager(
+        None, base_url=url, timeout=timeout,
+        pool_manager_cls=partial(urllib3.PoolManager, retries=False),
+        proxy_manager_cls=partial(urllib3.ProxyManager, retries=False))
+
+
 def _tcp_client(remote: GitRemote, timeout: float) -> TCPGitClient:
     parts = urlsplit(remote.bare_url)
     # dulwich's git:// client opens blocking sockets with no timeout of their own: without a
@@ -330,7 +345,13 @@ def describe(exc: BaseException) -> str:
         return f"the remote hung up ({str(exc).strip() or 'no reason given'})"
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
-    if isinstance(exc, (socket.timeout, TimeoutError)):
+    cause = exc.__cause__  # urllib3's, in dulwich's GitProtocolError
+    if isinstance(cause, urllib3.exceptions.NewConnectionError):  # a ConnectTimeoutError too
+        reason = str(cause).rpartition("Failed to establish a new connection: ")[2]
+        return ("connection refused" if "Connection refused" in reason
+                else f"cannot connect: {reason}")
+    if isinstance(exc, (socket.timeout, TimeoutError)) or isinstance(
+            cause, urllib3.exceptions.TimeoutError):
         return "timed out"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror

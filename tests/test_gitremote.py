@@ -16,6 +16,8 @@ from memfuse.gitremote import GitRemote, PushError, PushOutcome, Pusher, RemoteE
 from memfuse.history import BRANCH, HistoryRepo
 from memfuse.status import Status
 
+from .integration.gitservers import Silent
+
 SECRET = "s3cr3t-t0ken"
 
 
@@ -217,6 +219,20 @@ def test_a_failed_http_push_names_no_credentials(history):
     with pytest.raises(PushError) as caught:
         remote.push(history.path)
     assert str(caught.value) == "connection refused"  # not urllib3's long story of the URL
+
+
+def test_a_silent_http_remote_is_given_up_after_one_timeout_not_four(history):
+    silent = Silent()  # accepts, never answers
+    try:
+        remote = GitRemote(f"http://me:{SECRET}@127.0.0.1:{silent.port}/h.git", timeout=1)
+        start = time.monotonic()
+        with pytest.raises(PushError) as caught:
+            remote.push(history.path)
+        took = time.monotonic() - start
+    finally:
+        silent.close()
+    assert str(caught.value) == "timed out"  # not urllib3's "Max retries exceeded" story
+    assert 1 <= took < 3  # urllib3's default Retry(3) made it 4 timeouts
 
 
 class FakeRemote:
