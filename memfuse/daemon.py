@@ -268,7 +268,8 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
         remote = GitRemote(config.git_remote)
         pusher = Pusher(remote, partial(trio.to_thread.run_sync, remote.push, config.history_dir,
                                         abandon_on_cancel=True))
-        # registered before the last snapshot, so it runs after it (the stack unwinds)
+        # registered before the last snapshot, so it runs after it (the stack unwinds); it
+        # does nothing unless the pusher ran, which it does only once the mount is up
         _teardown(stack, "the last push", partial(pusher.last_push_now, UMOUNT_PUSH))
     snapshots = Snapshotter(repo, quiet_period=config.quiet_period,
                             on_committed=pusher and (lambda _sha: pusher.poke()))

@@ -385,6 +385,7 @@ class Pusher:
         self.failures = 0  # failed attempts in a row
         self.retry_at: float | None = None  # trio time of the next retry while backing off
         self.pushing_since: float | None = None  # time.time() the attempt under way began
+        self.attempted = False  # an attempt was made (the mount was up: `run` started)
 
     def poke(self) -> None:
         """A commit was made: push it (now, or when the current wait for a retry ends)."""
@@ -406,24 +407,25 @@ class Pusher:
             self.retry_at = None
             self._wanted.set()  # the retry pushes whatever the head is by then
 
-    async def push_once(self) -> bool:
-        """One attempt; updates the status fields and logs. Returns whether the remote's
-        branch is now the local head."""
+    async def push_once(self, last: bool = False) -> bool:
+        """One attempt; updates the status fields and logs (a failure, unless `last`: the
+        caller says it). Returns whether the remote's branch is now the local head."""
+        self.attempted = True
         self.pushing_since = time.time()
         try:
             outcome = await self._attempt()
         except PushError as exc:
-            return self._failed(self.remote.scrub(str(exc)))
+            return self._failed(self.remote.scrub(str(exc)), last)
         except Exception as exc:  # a bug in the push: logged, then retried as a failure
             log.exception("push to %s failed unexpectedly", self.remote.shown)
-            return self._failed(self.remote.scrub(describe(exc)))
+            return self._failed(self.remote.scrub(describe(exc)), last)
         finally:
             self.pushing_since = None
         if outcome.diverged is not None:
             message = (f"diverged: the remote's main ({outcome.diverged.decode()[:7]}) has "
-                       f"commits that are not in this history; not forced (retrying every "
-                       f"{self.retry_max:g} s)")
-            if not self.diverged:
+                       f"commits that are not in this history; not forced" +
+                       ("" if last else f" (retrying every {self.retry_max:g} s)"))
+            if not self.diverged and not last:
                 log.warning("git remote %s: %s", self.remote.shown, message)
             self.diverged = True
             self.failures += 1
@@ -437,8 +439,8 @@ class Pusher:
             self.last_push, self.last_push_at = outcome.head, time.time()
         return True
 
-    def _failed(self, message: str) -> bool:
-        if message != self.last_error or self.failures == 0:
+    def _failed(self, message: str, last: bool = False) -> bool:
+        if not last and (message != self.last_error or self.failures == 0):
             log.warning("git remote %s: push failed (%s); retrying with backoff up to %g s",
                         self.remote.shown, message, self.retry_max)
         self.diverged = False
@@ -448,9 +450,13 @@ class Pusher:
 
     async def last_push_now(self, timeout: float) -> None:
         """At unmount: one more attempt, given up after `timeout` seconds (a dead remote
-        never holds the unmount; what is not pushed goes out at the next mount)."""
+        never holds the unmount; what is not pushed goes out at the next mount). Nothing when
+        no attempt was ever made: the mount never got up (it failed after the pusher was
+        made), so there is nothing of this run to push."""
+        if not self.attempted:
+            return
         with trio.move_on_after(timeout) as scope:
-            if not await self.push_once():
+            if not await self.push_once(last=True):
                 log.warning("git remote %s: the last push failed (%s); the next mount pushes "
                             "what is left", self.remote.shown, self.last_error)
         if scope.cancelled_caught:

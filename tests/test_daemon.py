@@ -289,3 +289,23 @@ async def test_the_history_is_pushed_to_a_git_remote_and_the_last_snapshot_at_un
         assert remote_head() == repo.head()
     finally:
         repo.close()
+
+
+async def test_a_mount_that_fails_after_its_pusher_is_made_pushes_nothing(
+        setup, tmp_path, monkeypatch, caplog):
+    fake, config = setup
+    remote = tmp_path / "remote.git"
+    remote.mkdir()
+    Repo.init_bare(str(remote)).close()
+    config.git_remote = str(remote)
+
+    def init_fails(*_args):
+        raise RuntimeError("no FUSE here")
+
+    monkeypatch.setattr(pyfuse3, "init", init_fails)
+    with pytest.raises(MountError):
+        await serve(config, lambda _error: None, transport=fake.transport())
+    assert history_subjects(config) == ["Snapshot at mount: system/human.md"]  # committed
+    with Repo(str(remote)) as repo:
+        assert repo.refs.as_dict().get(BRANCH) is None  # ... and not pushed
+    assert "last push" not in caplog.text

@@ -326,10 +326,16 @@ async def test_a_diverged_remote_is_said_once_and_retried_at_the_slow_rate_until
 
 
 async def test_the_last_push_at_unmount_gives_up_after_its_timeout(caplog):
-    async def hangs():
-        await trio.sleep_forever()
+    calls = []
 
-    pusher = Pusher(GitRemote("/nowhere.git"), hangs)
+    async def hangs_after_the_first():
+        calls.append(trio.current_time())
+        if len(calls) > 1:
+            await trio.sleep_forever()
+        return PushOutcome(b"1" * 40, True)
+
+    pusher = Pusher(GitRemote("/nowhere.git"), hangs_after_the_first)
+    await pusher.push_once()  # the mount was up
     start = trio.current_time()
     with trio.fail_after(600):  # without its own timeout it would hang here
         await pusher.last_push_now(5)
@@ -365,3 +371,23 @@ async def test_a_last_push_that_fails_says_so_once_at_unmount(caplog):
     await pusher.last_push_now(5)
     [line] = [r.getMessage() for r in caplog.records]
     assert "the last push failed (connection refused" in line and SECRET not in line
+
+
+@pytest.mark.parametrize("state", ["down", "diverged"])
+async def test_a_first_failure_at_unmount_is_one_line_that_says_what_is_true(
+        nursery, caplog, state):
+    fake, pusher = fake_pusher()
+    nursery.start_soon(pusher.run)
+    await trio.sleep(1)
+    assert pusher.last_push == fake.head and pusher.failures == 0
+    fake.state = state  # the remote breaks just before the unmount
+    await pusher.last_push_now(5)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and "the last push failed" in lines[0], lines
+    assert "retrying" not in lines[0]  # there is no retry after the last push
+
+
+async def test_a_pusher_that_never_ran_pushes_nothing_at_unmount(caplog):
+    fake, pusher = fake_pusher()  # the mount failed before it was up
+    await pusher.last_push_now(5)
+    assert fake.times == [] and caplog.records == []
