@@ -62,7 +62,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="push the history to this git remote after each snapshot: a path "
                             "to a bare repository, file://, git:// or http(s):// (default "
                             "$MEMFUSE_GIT_REMOTE; credentials in it are never logged or "
-                            "written to disk)")
+                            "written to disk). A token in a URL given here is visible to other "
+                            "users in ps (with --foreground, for the whole mount) and stays "
+                            "in your shell's history: put it in MEMFUSE_GIT_REMOTE or a git "
+                            "credential helper instead")
     mount.add_argument("--foreground", action="store_true", help="serve in this process")
     mount.add_argument("--debug", action="store_true", help="log every server call")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -252,6 +255,12 @@ def status(target: str | None) -> int:
     return code
 
 
+CMDLINE_SECRET = ("memfuse: warning: the URL given with --git-remote holds a password or "
+                  "token, visible to other users in ps (with --foreground, for the whole "
+                  "mount) and kept in your shell's history; set MEMFUSE_GIT_REMOTE or use a "
+                  "git credential helper instead")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `memfuse` console script; returns the exit status (2: bad usage)."""
     args = _parser().parse_args(argv)
@@ -266,9 +275,15 @@ def main(argv: list[str] | None = None) -> int:
                               full_poll_interval=args.full_poll_interval,
                               on_conflict=args.on_conflict,
                               debug=args.debug, git_remote=args.git_remote)
-        os.environ.pop(GIT_REMOTE_ENV, None)  # kept in `config` only: no child inherits it
+        # kept in `config` only: no child (git credential fill, its helpers) inherits it.
+        # /proc/PID/environ still shows the environment this process started with: readable
+        # by its owner only, as for LETTA_API_KEY.
+        os.environ.pop(GIT_REMOTE_ENV, None)
         if config.git_remote:  # refused before mounting when it cannot be pushed to
-            config.git_remote = GitRemote(config.git_remote).url  # a path made absolute
+            remote = GitRemote(config.git_remote)
+            config.git_remote = remote.url  # a path made absolute
+            if args.git_remote and remote.secret_in_url:
+                print(CMDLINE_SECRET, file=sys.stderr)
     except (ConfigError, RemoteError) as exc:
         print(f"memfuse: {exc}", file=sys.stderr)
         return 2

@@ -3,7 +3,8 @@
 Environment: LETTA_BASE_URL (default http://localhost:8283), LETTA_API_KEY (sent as a Bearer
 token; never logged or written to disk), MEMFUSE_GIT_REMOTE (the git remote the history is
 pushed to, when `--git-remote` is not given; it may hold credentials, so like the API key it is
-never logged, written to disk or put on a command line). Paths default under
+never logged or written to disk, and memfuse puts it on no command line: the background daemon
+gets it in its environment). Paths default under
 `~/.letta/agents/<agent-id>/`.
 """
 from __future__ import annotations

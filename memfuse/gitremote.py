@@ -91,6 +91,7 @@ class GitRemote:
         self._secrets: set[str] = set()
         self.username: str | None = None
         self.password: str | None = None
+        self.secret_in_url = False
         if "://" not in url:
             if re.match(r"^[^/]*:", url):  # scp-like user@host:path, or an unknown scheme
                 raise RemoteError(f"{_userinfo_hidden(url)!r}: memfuse pushes to a path, "
@@ -113,6 +114,7 @@ class GitRemote:
         self.username = unquote(parts.username) if parts.username is not None else None
         self.password = unquote(parts.password) if parts.password is not None else None
         self._keep_credentials(parts.username, parts.password)
+        self.secret_in_url = bool(self._secrets)  # a password, or a token as the user name
         netloc = hostname or ""
         if ":" in netloc:
             netloc = f"[{netloc}]"

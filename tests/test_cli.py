@@ -237,3 +237,21 @@ def test_a_git_remote_memfuse_cannot_push_to_is_refused_before_mounting(home, ca
     err = capsys.readouterr().err
     assert "not ssh" in err and "s3cr3t" not in err
     assert not (home / ".letta/agents/agent-1").exists()
+
+
+def test_a_token_in_a_url_given_on_the_command_line_is_warned_about_once(
+        home, monkeypatch, capsys):
+    monkeypatch.setattr(cli.subprocess, "Popen", lambda argv, **kwargs: None)
+    monkeypatch.setattr(cli, "_read_report", lambda fd, timeout: ["ready"])
+    url = "https://me:s3cr3t-t0ken@git.example.test/h.git"
+    assert cli.main(["mount", "agent-1", "--git-remote", url]) == 0
+    err = capsys.readouterr().err
+    assert err.count("visible to other users in ps") == 1
+    assert "MEMFUSE_GIT_REMOTE" in err and "s3cr3t" not in err
+    for quiet in (["--git-remote", "https://me@git.example.test/h.git"],  # a name, no token
+                  ["--git-remote", "git://git.example.test/h.git"]):
+        assert cli.main(["mount", "agent-1", *quiet]) == 0
+        assert "warning" not in capsys.readouterr().err
+    monkeypatch.setenv("MEMFUSE_GIT_REMOTE", url)  # not on a command line: no warning
+    assert cli.main(["mount", "agent-1"]) == 0
+    assert "warning" not in capsys.readouterr().err
