@@ -40,18 +40,28 @@ def head_of(git_dir: Path) -> str | None:
     return result.stdout.strip() or None
 
 
-def _wait_listening(port: int, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the git server exited: {proc.stderr.read()}")
+def _listening_ports(pid: int) -> set[int]:
+    """The TCP ports the process `pid` itself listens on (its sockets' inodes, found in
+    /proc/net/tcp and tcp6 in the LISTEN state): not whoever else answers on a port."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
+            target = os.readlink(fd)
         except OSError:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"nothing listens on port {port} after 30 s") from None
-            time.sleep(0.05)
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rpartition(":")[2], 16))
+    return ports
 
 
 class GitDaemon:
@@ -65,19 +75,51 @@ class GitDaemon:
     def url(self, name: str) -> str:
         return f"git://127.0.0.1:{self.port}/{name}"
 
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["git", "daemon", "--enable=receive-pack", "--export-all", "--reuseaddr",
-             f"--base-path={self.root}", "--listen=127.0.0.1", f"--port={self.port}",
-             "--informative-errors", str(self.root)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        _wait_listening(self.port, self.proc)
+    def start(self, attempts: int = 40, pause: float = 0.25) -> None:
+        """Serve on `self.port` (the same one at every start: the URLs given out name it),
+        returning once this git daemon listens there. The port may be held for a while
+        (free_port's race: another process took it; or what still holds it after a stop): a
+        git daemon that cannot bind exits, and another is started, up to `attempts` times
+        `pause` s apart; then AssertionError with git daemon's last words."""
+        said = ""
+        for _ in range(attempts):
+            proc = subprocess.Popen(  # git-daemon itself: `git daemon` would be its parent
+                [str(Path(git("--exec-path")) / "git-daemon"), "--enable=receive-pack", "--export-all", "--reuseaddr",
+                 f"--base-path={self.root}", "--listen=127.0.0.1", f"--port={self.port}",
+                 "--informative-errors", str(self.root)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if _until_listening(proc, self.port):
+                self.proc = proc
+                return
+            said = proc.stderr.read()
+            proc.stderr.close()
+            if "Address already in use" not in said:
+                raise AssertionError(f"git daemon exited: {said}")
+            time.sleep(pause)
+        raise AssertionError(f"git daemon could not listen on port {self.port} in {attempts} "
+                             f"attempts {pause:g} s apart: {said}")
 
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.terminate()
             self.proc.wait(timeout=30)
+            self.proc.stderr.close()
             self.proc = None
+
+
+def _until_listening(proc: subprocess.Popen, port: int) -> bool:
+    """Wait until `proc` listens on `port` (True) or exits (False); a process doing neither
+    for 30 s is killed (AssertionError)."""
+    deadline = time.monotonic() + 30
+    while proc.poll() is None:
+        if port in _listening_ports(proc.pid):
+            return True
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"git daemon did not listen on port {port} within 30 s")
+        time.sleep(0.05)
+    return False
 
 
 class _CgiHandler(BaseHTTPRequestHandler):
@@ -191,6 +233,13 @@ class Silent:
             self.accepted.append(conn)
 
     def close(self) -> None:
+        """Stop listening and drop the connections. A close alone would not do: the thread
+        blocked in accept() keeps the socket open and listening; a shutdown wakes it."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
+        self._thread.join(timeout=10)
         for conn in self.accepted:
             conn.close()

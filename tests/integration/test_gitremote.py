@@ -29,9 +29,11 @@ def served(tmp_path):
 @pytest.fixture
 def gitd(served):
     daemon = GitDaemon(served)
-    daemon.start()
-    yield daemon
-    daemon.stop()
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.stop()
 
 
 @pytest.fixture
