@@ -25,9 +25,10 @@ from pathlib import Path
 import trio
 
 from . import many, service
-from .config import (Config, ConfigError, RunningMount, agent_dir, check_agent_id,
-                     private_dir, running_mounts)
+from .config import (AGENT_PLACEHOLDER, GIT_REMOTE_ENV, Config, ConfigError, RunningMount,
+                     agent_dir, check_agent_id, private_dir, running_mounts)
 from .daemon import MountError, clear_dead_mount, is_mounted, serve
+from .gitremote import GitRemote, RemoteError
 from .journal import Journal
 from .letta import DEFAULT_BASE_URL, LettaError
 from .remote import CONFLICT_POLICIES
@@ -65,6 +66,14 @@ def _parser() -> argparse.ArgumentParser:
                        help="when a file is written after the server changed its block since "
                             "the file was opened: overwrite (the file wins; default) or reject "
                             "(close fails with ESTALE); either way both versions are in history")
+    mount.add_argument("--git-remote", metavar="URL",
+                       help="push the history to this git remote after each snapshot: a path "
+                            "to a bare repository, file://, git:// or http(s):// (default "
+                            "$MEMFUSE_GIT_REMOTE; credentials in it are never logged or "
+                            "written to disk). A token in a URL given here is visible to other "
+                            "users in ps (with --foreground, for the whole mount) and stays "
+                            "in your shell's history: put it in MEMFUSE_GIT_REMOTE or a git "
+                            "credential helper instead")
     mount.add_argument("--foreground", action="store_true", help="serve in this process")
     mount.add_argument("--debug", action="store_true", help="log every server call")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -119,6 +128,10 @@ def _setup_logging(debug: bool) -> None:
     # httpx logs every request at INFO (shown with --debug); httpcore's wire chatter never.
     logging.getLogger("httpx").setLevel(logging.INFO if debug else logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    # a push's libraries: dulwich's chatter, and urllib3's WARNING per connection retry (the
+    # pusher logs one line per outage itself)
+    logging.getLogger("dulwich").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 
 def _mount_foreground(config: Config, ready_fd: int | None) -> int:
@@ -178,11 +191,14 @@ def _launch(config: Config, debug: bool) -> tuple[list[str], str | None]:
             "--on-conflict", config.on_conflict]
     if debug:
         argv.append("--debug")
+    env = {k: v for k, v in os.environ.items() if k != GIT_REMOTE_ENV}
+    if config.git_remote:  # through the environment: argv is readable by every user
+        env[GIT_REMOTE_ENV] = config.git_remote
     log_fd = os.open(config.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.fchmod(log_fd, 0o600)  # the log names files and blocks: the user's alone
     with os.fdopen(log_fd, "ab") as log_file:
         subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                         pass_fds=(write_fd,), start_new_session=True)
+                         pass_fds=(write_fd,), start_new_session=True, env=env)
     os.close(write_fd)
     try:
         lines = _read_report(read_fd, 180)
@@ -206,9 +222,10 @@ def _selected_agents(args: argparse.Namespace) -> tuple[list[many.Agent], str]:
     return agents, where
 
 
-def _mount_all(args: argparse.Namespace) -> int:
+def _mount_all(args: argparse.Namespace, git_remote: str | None) -> int:
     """`memfuse mount --all`: every selected agent at its default mountpoint, one daemon each,
-    started side by side; the flags of `mount` apply to each."""
+    started side by side; the flags of `mount` apply to each, and `git_remote` (holding
+    AGENT_PLACEHOLDER) names each agent's own remote."""
     try:
         agents, where = _selected_agents(args)
     except LettaError as exc:
@@ -216,7 +233,7 @@ def _mount_all(args: argparse.Namespace) -> int:
         return 1
 
     def launch(agent: many.Agent) -> many.Launched:
-        config = _config(args, agent.id)
+        config = _config(args, agent.id, git_remote=git_remote)
         notices, error = _launch(config, args.debug)
         return many.Launched(agent, error, tuple(notices))
 
@@ -227,12 +244,19 @@ def _mount_all(args: argparse.Namespace) -> int:
     return code
 
 
-def _config(args: argparse.Namespace, agent_id: str, mountpoint: str | None = None) -> Config:
-    return Config.build(agent_id, mountpoint, base_url=args.base_url,
-                        history_dir=args.history_dir,
-                        revalidate=args.revalidate, poll_interval=args.poll_interval,
-                        full_poll_interval=args.full_poll_interval,
-                        on_conflict=args.on_conflict, debug=args.debug)
+def _config(args: argparse.Namespace, agent_id: str, mountpoint: str | None = None,
+            git_remote: str | None = None) -> Config:
+    """The mount's Config from `mount`'s flags. git_remote: the URL (AGENT_PLACEHOLDER becomes
+    `agent_id`; a path is made absolute). Raises ConfigError, RemoteError."""
+    config = Config.build(agent_id, mountpoint, base_url=args.base_url,
+                          history_dir=args.history_dir,
+                          revalidate=args.revalidate, poll_interval=args.poll_interval,
+                          full_poll_interval=args.full_poll_interval,
+                          on_conflict=args.on_conflict, debug=args.debug,
+                          git_remote=git_remote)
+    if config.git_remote:
+        config.git_remote = GitRemote(config.git_remote).url
+    return config
 
 
 def _read_report(fd: int, timeout: float) -> list[str]:
@@ -368,6 +392,12 @@ def status(target: str | None) -> int:
     return code
 
 
+CMDLINE_SECRET = ("memfuse: warning: the URL given with --git-remote holds a password or "
+                  "token, visible to other users in ps (with --foreground, for the whole "
+                  "mount) and kept in your shell's history; set MEMFUSE_GIT_REMOTE or use a "
+                  "git credential helper instead")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `memfuse` console script; returns the exit status (2: bad usage)."""
     parser = _parser()
@@ -390,10 +420,24 @@ def main(argv: list[str] | None = None) -> int:
             return list_mounts()
         if args.command == "service":
             return _service_install(args)
+        git_remote = args.git_remote or os.environ.get(GIT_REMOTE_ENV) or None
+        # kept in memory only: no child (git credential fill, its helpers) inherits it; each
+        # daemon gets its own in its environment (_launch). /proc/PID/environ still shows the
+        # environment this process started with: readable by its owner only, as for
+        # LETTA_API_KEY.
+        os.environ.pop(GIT_REMOTE_ENV, None)
+        if git_remote:  # refused before mounting when it cannot be pushed to
+            if args.all and AGENT_PLACEHOLDER not in git_remote:
+                raise ConfigError(f"mount --all --git-remote: each agent's history needs a "
+                                  f"repository of its own; put {AGENT_PLACEHOLDER} in the URL "
+                                  f"where the agent id goes")
+            remote = GitRemote(git_remote.replace(AGENT_PLACEHOLDER, "agent-id"))
+            if args.git_remote and remote.secret_in_url:
+                print(CMDLINE_SECRET, file=sys.stderr)
         if args.all:
-            return _mount_all(args)
-        config = _config(args, args.agent_id, args.mountpoint)
-    except ConfigError as exc:
+            return _mount_all(args, git_remote)
+        config = _config(args, args.agent_id, args.mountpoint, git_remote)
+    except (ConfigError, RemoteError) as exc:
         print(f"memfuse: {exc}", file=sys.stderr)
         return 2
     if args.foreground:

@@ -1,7 +1,11 @@
 """Settings of one mount, from command-line flags and the environment.
 
 Environment: LETTA_BASE_URL (default http://localhost:8283), LETTA_API_KEY (sent as a Bearer
-token; never logged or written to disk). Paths default under `~/.letta/agents/<agent-id>/`.
+token; never logged or written to disk), MEMFUSE_GIT_REMOTE (the git remote the history is
+pushed to, when `--git-remote` is not given; it may hold credentials, so like the API key it is
+never logged or written to disk, and memfuse puts it on no command line: the background daemon
+gets it in its environment). Paths default under
+`~/.letta/agents/<agent-id>/`.
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ from pathlib import Path
 from .letta import DEFAULT_BASE_URL
 
 
+GIT_REMOTE_ENV = "MEMFUSE_GIT_REMOTE"
+AGENT_PLACEHOLDER = "{agent}"  # in a git remote URL: the agent id (one repository per agent)
 AGENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")  # one path component, never ..
 
 
@@ -74,12 +80,16 @@ class Config:
     quiet_period: float = 1.0
     retry_budget: float = 10.0
     debug: bool = False
+    git_remote: str | None = field(default=None, repr=False)  # may hold credentials
 
     @classmethod
     def build(cls, agent_id: str, mountpoint: str | None = None, *, base_url: str | None = None,
-              history_dir: str | None = None, **settings) -> "Config":
+              history_dir: str | None = None, git_remote: str | None = None,
+              **settings) -> "Config":
         """Fill the defaults: mountpoint `~/.letta/agents/<id>/memory`, history next to it as
-        `memory.git`, base URL from `--base-url`, else LETTA_BASE_URL, else localhost:8283."""
+        `memory.git`, base URL from `--base-url`, else LETTA_BASE_URL, else localhost:8283;
+        git remote from `--git-remote`, else MEMFUSE_GIT_REMOTE, else none, with `{agent}` in
+        it replaced by the agent id (one repository per agent: `mount --all`, the systemd unit)."""
         home = agent_dir(agent_id)
         return cls(
             agent_id=agent_id,
@@ -88,6 +98,8 @@ class Config:
                          else home / "memory.git"),
             base_url=base_url or os.environ.get("LETTA_BASE_URL") or DEFAULT_BASE_URL,
             api_key=os.environ.get("LETTA_API_KEY") or None,
+            git_remote=(git_remote or os.environ.get(GIT_REMOTE_ENV) or "").replace(
+                AGENT_PLACEHOLDER, agent_id) or None,
             **settings,
         )
 

@@ -9,8 +9,8 @@ the poller then reconciles once the server answers, and only after that the jour
 The lifecycle is one `contextlib.AsyncExitStack` (as in s3ql's mount.py): each resource registers
 its teardown where it is acquired, so shutdown (SIGINT, SIGTERM, an external `fusermount3 -u`,
 or a crash of any task) runs them all in reverse: send unsent writes and retire unlinked blocks,
-remove the pid and status files, unmount, take the last snapshot, close the history and the
-client. A teardown step that fails is logged and the others still run.
+remove the pid and status files, unmount, take the last snapshot, push it to the git remote
+(a few seconds at most), close the history and the client. A teardown step that fails is logged and the others still run.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from .config import Config, RunningMount, private_dir, private_file
 from .errors import Faults
 from .files import BlockFiles
 from .fs import MemoryFs
+from .gitremote import GitRemote, Pusher
 from .history import HistoryRepo, Snapshotter, gitfile_content
 from .journal import Journal
 from .keeper import TreeBlockKeeper
@@ -53,6 +54,7 @@ RESTART_DELAY = 1.0    # seconds before a background task that failed is started
 UMOUNT_REPLAY = 10.0   # seconds an unmount tries to send journaled changes before keeping them
 START_BUDGET = 2.0     # seconds of retries at mount before starting from the local history
 PROGRESS_FROM = 1000   # owned blocks from which a mount reports how its load goes
+UMOUNT_PUSH = 5.0      # seconds an unmount tries to push the last snapshot to the git remote
 
 
 class MountError(Exception):
@@ -175,6 +177,7 @@ class Mount:
     notice: str | None = None  # what a person should read as it starts (a local-first mount)
     started_at: float = field(default_factory=time.time)  # time.time() the mount was built
     agent_name: str = ""  # from the server at start-up ("" when it started from history)
+    pusher: Pusher | None = None  # with --git-remote
 
     @property
     def local_first(self) -> bool:
@@ -199,9 +202,21 @@ class Mount:
             journal_pending=len(pending), journal_oldest_at=pending[0].at if pending else None,
             last_replay=self.files.last_replay,
             local_first_at=self.local_first_at if self.local_first else None,
+            **(self._push_status() if self.pusher is not None else {}),
             requests=poller.remote.client.requests,
             received_bytes=poller.remote.client.received_bytes,
             started_at=self.started_at, updated_at=time.time())
+
+    def _push_status(self) -> dict:
+        pusher = self.pusher
+        waiting = (None if pusher.retry_at is None
+                   else time.time() + max(0.0, pusher.retry_at - trio.current_time()))
+        return dict(git_remote=pusher.remote.shown,
+                    last_push=pusher.last_push.decode() if pusher.last_push else None,
+                    last_push_at=pusher.last_push_at, last_push_error=pusher.last_error,
+                    last_push_error_at=pusher.last_error_at, push_diverged=pusher.diverged,
+                    push_failing=pusher.failures > 0, next_push_retry_at=waiting,
+                    pushing_since=pusher.pushing_since)
 
 
 def _teardown(stack: contextlib.AsyncExitStack, what: str,
@@ -251,7 +266,16 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
     await trio.to_thread.run_sync(repo.open)
     private_dir(config.history_dir)
     _teardown(stack, "closing the history", repo.close)
-    snapshots = Snapshotter(repo, quiet_period=config.quiet_period)
+    pusher = None
+    if config.git_remote:
+        remote = GitRemote(config.git_remote)
+        pusher = Pusher(remote, partial(trio.to_thread.run_sync, remote.push, config.history_dir,
+                                        abandon_on_cancel=True))
+        # registered before the last snapshot, so it runs after it (the stack unwinds); it
+        # does nothing unless the pusher ran, which it does only once the mount is up
+        _teardown(stack, "the last push", partial(pusher.last_push_now, UMOUNT_PUSH))
+    snapshots = Snapshotter(repo, quiet_period=config.quiet_period,
+                            on_committed=pusher and (lambda _sha: pusher.poke()))
     _teardown(stack, "the last snapshot", snapshots.flush)
     journal = Journal(config.journal_file)
     state = MountState(Tree(gitfile=gitfile_content(config.history_dir)), snapshots.record,
@@ -295,7 +319,8 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
     files.listed_since = poller.listed_since
     mount = Mount(config, repo, snapshots, state, files,
                   MemoryFs(state, files, namespace, faults), poller,
-                  TreeBlockKeeper(state, remote), problems, faults, agent_name=agent_name)
+                  TreeBlockKeeper(state, remote), problems, faults, agent_name=agent_name,
+                  pusher=pusher)
     if away is not None:
         mount.local_first_at = time.time()
         mount.notice = (f"the server at {config.base_url} cannot be reached ({away.detail}); "
@@ -497,10 +522,13 @@ async def _serve(mount: Mount, on_ready: Callable[[str | None], None],
                            ("the poller", mount.poller.run),
                            ("the memory_filesystem keeper", mount.keeper.run),
                            ("the journal replayer", partial(_replay_when_listed, mount)),
-                           ("the status publisher", partial(_publish_status, mount))):
+                           ("the status publisher", partial(_publish_status, mount)),
+                           *([("the git remote's pusher", mount.pusher.run)]
+                             if mount.pusher is not None else [])):
             nursery.start_soon(_supervised, name, task, mount.faults)
-        log.info("mounted agent %s at %s (server %s)", mount.config.agent_id,
-                 mount.config.mountpoint, mount.config.base_url)
+        log.info("mounted agent %s at %s (server %s%s)", mount.config.agent_id,
+                 mount.config.mountpoint, mount.config.base_url,
+                 f"; history pushed to {mount.pusher.remote.shown}" if mount.pusher else "")
         if mount.notice is not None:
             log.warning("%s", mount.notice)
             if on_notice is not None:

@@ -214,6 +214,9 @@ class Snapshotter:
     mount's state is what the commits will hold; the coroutine function it returns is awaited
     once they are all committed (not when a commit failed). The daemon saves the block map
     with it (blockmap.py), so the map and the history's head describe the same files.
+
+    on_committed: called (synchronously) with each new commit's id, once it is the branch's
+    head; the daemon pokes the git remote's pusher with it (gitremote.py).
     """
 
     repo: HistoryRepo
@@ -227,6 +230,7 @@ class Snapshotter:
     last_commit_at: float | None = None  # time.time()
     last_error: str | None = None
     on_commit: Callable[[], Callable[[], Awaitable[None]]] | None = None
+    on_committed: Callable[[bytes], None] | None = None
 
     def pending(self) -> int:
         """Changes recorded and not committed yet."""
@@ -288,6 +292,8 @@ class Snapshotter:
             sha = await trio.to_thread.run_sync(self.repo.commit, changes, author, subject)
         if sha:
             self.last_commit, self.last_commit_at = sha, time.time()
+            if self.on_committed is not None:
+                self.on_committed(sha)
         return sha
 
     async def flush(self, subjects: dict[Origin, str] | None = None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from .config import JsonRecord
 
@@ -43,6 +44,15 @@ class Status(JsonRecord):
     requests: int = 0  # HTTP requests sent to the server since the mount started
     received_bytes: int = 0  # bytes of the server's answers since the mount started
     started_at: float | None = None  # time.time() the daemon started
+    git_remote: str | None = None  # where the history is pushed (credentials shown as ***)
+    last_push: str | None = None  # the commit the remote's main was last set to (or found at)
+    last_push_at: float | None = None
+    last_push_error: str | None = None  # the last failed push's reason (kept after a success)
+    last_push_error_at: float | None = None
+    push_diverged: bool = False  # the remote's main has commits this history lacks: not forced
+    push_failing: bool = False  # the last attempt failed; retried with backoff
+    next_push_retry_at: float | None = None  # when the next retry is due, while backing off
+    pushing_since: float | None = None  # when the push under way began (None: none is)
 
     def render(self, now: float | None = None) -> str:
         """The human-readable report."""
@@ -84,6 +94,8 @@ class Status(JsonRecord):
             f"task was restarted; see the log)" if self.unexpected_errors else
             "  unexpected     none",
         ]
+        if self.git_remote is not None:
+            lines[-2:-2] = self._push_lines(ago, now)
         if self.local_first_at is not None:
             at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.local_first_at))
             lines.insert(2, f"  started        local-first (mounted from history at {at}); "
@@ -93,6 +105,25 @@ class Status(JsonRecord):
                             f"{now - self.updated_at:.0f} s")
         return "\n".join(lines)
 
+    def _push_lines(self, ago: Callable[[float | None], str], now: float) -> list[str]:
+        pushed = (f"{self.last_push[:7]} {ago(self.last_push_at)}" if self.last_push
+                  else "nothing yet")
+        if self.push_diverged:
+            state = "DIVERGED (not forced; the remote's main must be fixed)"
+        elif self.push_failing:
+            state = "FAILING" + (f", next try in {max(0.0, self.next_push_retry_at - now):.0f} s"
+                                 if self.next_push_retry_at is not None else "")
+        else:
+            state = "ok"
+        if self.pushing_since is not None and now - self.pushing_since >= 1:
+            state += f"; a push under way for {now - self.pushing_since:.0f} s"
+        error = "none"
+        if self.last_push_error:
+            error = f"{self.last_push_error} ({ago(self.last_push_error_at)}" + (
+                "; pushed since)" if not self.push_failing else ")")
+        return [f"  git remote     {self.git_remote}: {state}",
+                f"  last push      {pushed}",
+                f"  push error     {error}"]
 
     def _load(self, now: float) -> str:
         made = f"{self.requests} request(s), {self.received_bytes / 1e6:.1f} MB received"

@@ -201,3 +201,57 @@ def _alarm(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+def test_the_git_remote_reaches_the_daemon_through_its_environment_never_its_argv(
+        home, monkeypatch):
+    url = "https://me:s3cr3t-t0ken@git.example.test/h.git"
+    started = {}
+
+    def fake_popen(argv, **kwargs):
+        started.update(argv=argv, env=kwargs["env"])
+
+    monkeypatch.setattr(cli.subprocess, "Popen", fake_popen)
+    monkeypatch.setattr(cli, "_read_report", lambda fd, timeout: ["ready"])
+    assert cli.main(["mount", "agent-1", "--git-remote", url]) == 0
+    assert not any("s3cr3t" in arg for arg in started["argv"])
+    assert started["env"]["MEMFUSE_GIT_REMOTE"] == url
+
+    seen = {}
+
+    async def fake_serve(config, on_ready, on_notice=None, on_progress=None):
+        seen["config"] = config
+        on_ready(None)
+
+    monkeypatch.setattr(cli, "serve", fake_serve)
+    monkeypatch.setenv("MEMFUSE_GIT_REMOTE", url)
+    read_fd, write_fd = os.pipe()
+    assert cli.main(["mount", "agent-1", "--foreground", "--ready-fd", str(write_fd)]) == 0
+    os.close(read_fd)
+    assert seen["config"].git_remote == url and url not in repr(seen["config"])
+    assert "MEMFUSE_GIT_REMOTE" not in os.environ  # no child of the daemon inherits it
+
+
+def test_a_git_remote_memfuse_cannot_push_to_is_refused_before_mounting(home, capsys):
+    assert cli.main(["mount", "agent-1", "--git-remote", "ssh://me:s3cr3t@host/h.git"]) == 2
+    err = capsys.readouterr().err
+    assert "not ssh" in err and "s3cr3t" not in err
+    assert not (home / ".letta/agents/agent-1").exists()
+
+
+def test_a_token_in_a_url_given_on_the_command_line_is_warned_about_once(
+        home, monkeypatch, capsys):
+    monkeypatch.setattr(cli.subprocess, "Popen", lambda argv, **kwargs: None)
+    monkeypatch.setattr(cli, "_read_report", lambda fd, timeout: ["ready"])
+    url = "https://me:s3cr3t-t0ken@git.example.test/h.git"
+    assert cli.main(["mount", "agent-1", "--git-remote", url]) == 0
+    err = capsys.readouterr().err
+    assert err.count("visible to other users in ps") == 1
+    assert "MEMFUSE_GIT_REMOTE" in err and "s3cr3t" not in err
+    for quiet in (["--git-remote", "https://me@git.example.test/h.git"],  # a name, no token
+                  ["--git-remote", "git://git.example.test/h.git"]):
+        assert cli.main(["mount", "agent-1", *quiet]) == 0
+        assert "warning" not in capsys.readouterr().err
+    monkeypatch.setenv("MEMFUSE_GIT_REMOTE", url)  # not on a command line: no warning
+    assert cli.main(["mount", "agent-1"]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -11,12 +11,13 @@ import httpx
 import pyfuse3
 import pytest
 import trio
+from dulwich.repo import Repo
 
 from memfuse import daemon, letta
 from memfuse.config import Config
 from memfuse.daemon import MountError, serve
 from memfuse.fs import MemoryFs
-from memfuse.history import HistoryRepo
+from memfuse.history import BRANCH, HistoryRepo
 from memfuse.poller import Poller
 
 from .fakeletta import FakeLetta
@@ -257,3 +258,54 @@ async def test_a_large_memory_reports_how_its_load_goes(setup, monkeypatch):
                     f"loading agent {agent}: 5 of 5 blocks listed",
                     f"loading agent {agent}: 6 files shown; the snapshot at mount is being "
                     f"committed"]
+
+
+async def test_the_history_is_pushed_to_a_git_remote_and_the_last_snapshot_at_unmount(
+        setup, tmp_path):
+    fake, config = setup
+    remote = tmp_path / "remote.git"
+    remote.mkdir()
+    Repo.init_bare(str(remote)).close()
+    config.git_remote = str(remote)
+    config.quiet_period = 60.0  # the write below is committed only by the unmount
+
+    def remote_head():
+        with Repo(str(remote)) as repo:
+            return repo.refs.as_dict().get(BRANCH)
+
+    async with trio.open_nursery() as nursery:
+        assert await run_until_ready(nursery, config, fake) == [None]
+        with trio.fail_after(30):
+            while remote_head() is None:  # the snapshot at mount goes out
+                await trio.sleep(0.02)
+        await in_thread((config.mountpoint / "system/human.md").write_text, "Last words.\n")
+        status = json.loads(config.status_file.read_text())
+        assert status["git_remote"] == str(remote) and status["last_push_error"] is None
+        nursery.cancel_scope.cancel()
+    assert history_subjects(config)[0] == "Local edit: system/human.md"
+    repo = HistoryRepo(config.history_dir)
+    repo.open()
+    try:
+        assert remote_head() == repo.head()
+    finally:
+        repo.close()
+
+
+async def test_a_mount_that_fails_after_its_pusher_is_made_pushes_nothing(
+        setup, tmp_path, monkeypatch, caplog):
+    fake, config = setup
+    remote = tmp_path / "remote.git"
+    remote.mkdir()
+    Repo.init_bare(str(remote)).close()
+    config.git_remote = str(remote)
+
+    def init_fails(*_args):
+        raise RuntimeError("no FUSE here")
+
+    monkeypatch.setattr(pyfuse3, "init", init_fails)
+    with pytest.raises(MountError):
+        await serve(config, lambda _error: None, transport=fake.transport())
+    assert history_subjects(config) == ["Snapshot at mount: system/human.md"]  # committed
+    with Repo(str(remote)) as repo:
+        assert repo.refs.as_dict().get(BRANCH) is None  # ... and not pushed
+    assert "last push" not in caplog.text

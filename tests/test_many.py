@@ -99,6 +99,27 @@ def test_mount_all_mounts_each_agent_side_by_side_and_skips_the_live_ones(home, 
             "the tag(s) team, x") in out
 
 
+def test_mount_all_gives_each_agent_its_own_git_remote(home, monkeypatch, capsys, tmp_path):
+    async def server_agents(base_url, api_key, tags):
+        return AGENTS
+
+    monkeypatch.setattr(many, "server_agents", server_agents)
+    remotes = {}
+
+    def launch(config, debug):
+        remotes[config.agent_id] = config.git_remote
+        return [], None
+
+    monkeypatch.setattr(cli, "_launch", launch)
+    # one URL for every agent would make all but the first diverge: refused before listing
+    assert cli.main(["mount", "--all", "--git-remote", str(tmp_path / "memory.git")]) == 2
+    assert "{agent}" in capsys.readouterr().err and remotes == {}
+    monkeypatch.setenv("MEMFUSE_GIT_REMOTE", "git://git.example.test/{agent}.git")
+    assert cli.main(["mount", "--all"]) == 0
+    assert remotes == {a.id: f"git://git.example.test/{a.id}.git" for a in AGENTS}
+    assert "MEMFUSE_GIT_REMOTE" not in os.environ
+
+
 def test_mount_all_reports_each_failure_and_exits_1(home, monkeypatch, capsys):
     async def server_agents(base_url, api_key, tags):
         return AGENTS

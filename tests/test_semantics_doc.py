@@ -22,7 +22,9 @@ PREFIXES = {"fs": "tests/test_fs.py", "ns": "tests/test_namespace.py",
             "blockmap": "tests/test_blockmap.py", "poller": "tests/test_poller.py",
             "client": "tests/test_letta_client.py", "many": "tests/test_many.py",
             "service": "tests/test_service.py",
-            "many-mount": "tests/integration/test_many.py"}
+            "many-mount": "tests/integration/test_many.py",
+            "gitremote": "tests/test_gitremote.py",
+            "gitremote-mount": "tests/integration/test_gitremote.py"}
 
 
 def rows():
