@@ -116,7 +116,7 @@ class MemoryFs(pyfuse3.Operations):
         self.tree = state.tree
         self._files: dict[int, OpenFile | ScratchFile] = {}
         self._pages = PageCache()  # what the kernel's page cache holds: keep_cache at open
-        self._dirs: dict[int, list[tuple[str, int]]] = {}
+        self._dirs: dict[int, tuple[int, list[tuple[str, int]]]] = {}  # fh -> (dir, entries)
         self._next_fh = 1
         self._uid, self._gid = os.getuid(), os.getgid()
 
@@ -272,17 +272,22 @@ class MemoryFs(pyfuse3.Operations):
         """FUSE opendir: snapshot the entries, so readdir offsets stay stable."""
         node = self._dir(inode)
         fh = self._fh()
-        self._dirs[fh] = sorted(node.children.items())
+        self._dirs[fh] = (inode, sorted(node.children.items()))
         return fh
 
     async def readdir(self, fh, start_id, token):
-        """FUSE readdir(plus): entries from `start_id` (an index into the snapshot)."""
-        entries = self._dirs[fh]
+        """FUSE readdir(plus): entries from `start_id` (an index into the snapshot), less those
+        no longer at that name in this directory: each reply hands the kernel an entry it keeps
+        for ENTRY_TIMEOUT, and a name the daemon removed (a server relabel or delete) after the
+        snapshot, its invalidation already sent, must not come back."""
+        directory, entries = self._dirs[fh]
         for index in range(start_id, len(entries)):
             name, inode = entries[index]
             try:
                 node = self.tree.node(inode)
             except KeyError:
+                continue
+            if node.parent != directory or node.name != name:
                 continue
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(node), index + 1):
                 return

@@ -115,6 +115,8 @@ class Location:
         UTF-8, a component over MAX_NAME bytes, a path over MAX_PATH bytes, a `.git` directory
         in any case (git refuses such paths: `hasDotgit`), an emacs lock/autosave name, or
         (detached) a path inside `system/`."""
+        if len(self.label) > MAX_PATH:  # too long in any encoding; and kept out of the cache
+            return None
         return _label_parts(self.attached, self.label)
 
     @classmethod

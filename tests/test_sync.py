@@ -13,7 +13,7 @@ from memfuse.status import Status
 from memfuse.keeper import TreeBlockKeeper, render_memory_filesystem
 from memfuse.poller import Poller
 from memfuse.state import MountState
-from memfuse.tree import Tree
+from memfuse.tree import ROOT_INODE, Tree
 
 from .fsworld import inode_of, read_all
 from .test_namespace import create, listdir, unlink
@@ -261,3 +261,20 @@ async def test_an_unreachable_server_keeps_the_last_known_state(world, poller):
     assert (await read_all(world.fs, "system/human.md")).endswith(b"---\nThe human.\n")
     world.fake.fail_next = []
     assert await poller.poll_once() and poller.reachable and poller.last_error is None
+
+
+async def test_a_directory_listing_opened_before_a_server_change_never_brings_back_a_gone_name(
+        world, poller, monkeypatch):
+    # readdirplus hands the kernel each entry it lists, kept for fs.ENTRY_TIMEOUT: a name the
+    # listing removed (its invalidation already sent) must not come back through a directory
+    # handle opened before it
+    fh = await world.fs.opendir(ROOT_INODE, None)
+    world.fake.blocks[world.ids["notes"]]["label"] = "journal"  # relabelled on the server
+    await poller.poll_once()
+    listed = []
+    monkeypatch.setattr(pyfuse3, "readdir_reply",
+                        lambda token, name, attr, next_id: listed.append(name) or True)
+    await world.fs.readdir(fh, 0, None)
+    await world.fs.releasedir(fh)
+    assert b"notes.md" not in listed
+    assert (ROOT_INODE, "notes.md") in world.state.invalidator.entries
