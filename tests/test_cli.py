@@ -20,6 +20,7 @@ from memfuse.status import Status
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("LETTA_BASE_URL", raising=False)
+    monkeypatch.delenv("LETTA_API_KEY", raising=False)
     return tmp_path
 
 

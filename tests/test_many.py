@@ -14,19 +14,7 @@ from memfuse.config import RunningMount
 from memfuse.letta import LettaClient
 from memfuse.status import Status
 
-
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.delenv("LETTA_BASE_URL", raising=False)
-    monkeypatch.delenv("LETTA_API_KEY", raising=False)
-    return tmp_path
-
-
-def dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
+from .test_cli import dead_pid, home  # noqa: F401 (home is a fixture): the same fresh HOME
 
 
 def pid_file(home, agent_id: str, pid: int, name: str = "", base_url: str = "http://x"):
