@@ -25,6 +25,7 @@ from .grace import Tombstone
 from .journal import CREATE, RELOCATE, UNLINK, WRITE, Entry, base_of
 from .letta import LettaError, NotFound, ServerError, Unreachable
 from .model import PROVISIONAL_PREFIX, Block, Location, is_provisional
+from .ordering import NameOrder
 from .remote import FETCH_TIMEOUT, Remote, Stale, create_marker
 from .state import MountState
 from .tree import Kind, Node
@@ -79,6 +80,7 @@ class BlockFiles:
         self.last_conflict: str | None = None
         self.last_replay: str | None = None
         self._order_locks: dict[str, trio.Lock] = {}
+        self.order = NameOrder()  # creates in flight: every other operation on the name waits
         self._failures: dict[int, int] = {}  # journal seq -> 5xx answers at replay
 
     def _fresh(self, node: Node) -> bool:
@@ -180,13 +182,19 @@ class BlockFiles:
         a write that waited never overtakes one that was journaled. Raises FsError (see
         `write` and Remote.create); on Stale the node shows the server's block."""
         parsed = blockfile.parse(data)
-        if node.block is None:
-            location = self.state.location(node)
-            block = await self.create(location, parsed, data, self.tree.path(node), node)
-            if block is not None:
-                self.state.written(node, block)
-            return
-        block_id = node.block.id
+        while node.block is None:
+            if not self.state.shows(node, ""):
+                log.info("%s: removed while its create waited; the write stays local",
+                         node.name)
+                return
+            async with self.order.creating(node.inode):
+                if node.block is None and self.state.shows(node, ""):
+                    await self._create_file(node, parsed, data)
+                    return
+            # another handle's create made the block meanwhile: this is a write to it
+        if base is None:  # the writer opened the file before its block existed: it read an
+            base = dataclasses.replace(node.block, value="")  # empty file; any other text
+        block_id = node.block.id  # the server has by now is a conflict (both go to history)
         async with self._order(block_id):
             if node.block is not None and node.block.id == self._real(block_id):
                 block_id = node.block.id  # its create was replayed while this write waited
@@ -208,6 +216,23 @@ class BlockFiles:
                 self._journal(node, parsed, data, base)
                 return
             self.state.written(node, block)
+
+    async def _create_file(self, node: Node, parsed: blockfile.ParsedFile, data: bytes) -> None:
+        """The first flush of the new block file `node` (held in `order.creating`): create its
+        block where the node is and show it. The namespace waits for this create, so the node
+        cannot move meanwhile; if it was removed all the same, the block just made is retired
+        at once rather than left live with no file. Raises FsError as `create`."""
+        location = self.state.location(node)
+        path = self.tree.path(node)
+        block = await self.create(location, parsed, data, path, node)
+        if block is None or self.state.written(node, block):
+            return
+        if not is_provisional(block.id):
+            try:
+                await self.remote.retire(block, location.attached, budget=self._budget())
+            except FsError as exc:
+                log.error("%s: block %s was made for a file removed meanwhile and could not "
+                          "be retired (%s)", path, block.id, exc.reason)
 
     def _real(self, block_id: str) -> str:
         journal = self.state.journal

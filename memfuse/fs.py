@@ -66,7 +66,7 @@ class OpenFile:
     written: bool = False
     written_at: float = 0.0
     refused: int | None = None  # errno of a refused write: the handle then never sends
-    attempted: bytes | None = None  # what the refused write would have made (kept in history)
+    append: bool = False  # opened with O_APPEND: every write goes to the end    attempted: bytes | None = None  # what the refused write would have made (kept in history)
 
 
 @dataclass(eq=False)
@@ -330,8 +330,13 @@ class MemoryFs(pyfuse3.Operations):
         self._in_dir(parent_inode, name, self.namespace.rmdir)
 
     async def unlink(self, parent_inode, name, ctx):
-        """FUSE unlink: remove a file; a block is retired after the grace period."""
-        self._in_dir(parent_inode, name, self.namespace.unlink)
+        """FUSE unlink: remove a file (after its create, if under way); a block is retired
+        after the grace period."""
+        parent, name = self._dir(parent_inode), os.fsdecode(name)
+        try:
+            await self.namespace.unlink(parent, name)
+        except FsError as exc:
+            raise self._refuse(self._child_path(parent, name), exc) from None
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         """FUSE rename: relabel, attach/detach, or update a replaced block (Namespace.rename)."""
@@ -389,7 +394,8 @@ class MemoryFs(pyfuse3.Operations):
             if truncate:
                 self.state.scratch_truncate(node, 0)
         else:
-            handle = OpenFile(node, node.content, writable, base=node.block)
+            handle = OpenFile(node, node.content, writable, base=node.block,
+                              append=bool(flags & os.O_APPEND))
             keep_cache = self._pages.opened(node.inode, fh, node.version, writable)
             if truncate:
                 self._resize(handle, 0)
@@ -407,11 +413,17 @@ class MemoryFs(pyfuse3.Operations):
             what = "the .git file" if node.kind is Kind.GITFILE else "the block"
             raise self._refuse(self.tree.path(node), FsError(errno.EACCES, f"{what} is read-only"))
         if node.kind is Kind.BLOCK:
+            await self.files.order.settled(node.inode)  # a new file: after its create
             await self.files.revalidate(node)
         return self._open_handle(node, flags)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
-        """FUSE create: a new file, open (Namespace.create); a block file starts empty."""
+        """FUSE create: a new file, open (Namespace.create); a block file starts empty. A name
+        that exists (the kernel had no entry for it) is opened, as open(2) does without
+        O_EXCL."""
+        existing = self.tree.child(self._dir(parent_inode), os.fsdecode(name))
+        if existing is not None and not flags & os.O_EXCL and existing.kind is not Kind.DIR:
+            return await self.open(existing.inode, flags, ctx), self._entry(existing)
         node = self._in_dir(parent_inode, name, self.namespace.create, new=True)
         self.state.set_mode(node, mode)
         info = self._open_handle(node, flags)
@@ -442,6 +454,8 @@ class MemoryFs(pyfuse3.Operations):
             except FsError as exc:
                 raise self._refuse(self.tree.path(handle.node), exc) from None
             return len(buf)
+        if handle.append:  # the kernel's offset is its cached size, which another writer
+            off = len(handle.data)  # may have moved: an append goes to this handle's end
         gap = max(0, off - len(handle.data))
         try:  # refused now, so every program sees it (shells ignore errors at close)
             if gap:  # NUL bytes before the write: counted before any is allocated
@@ -496,9 +510,12 @@ class MemoryFs(pyfuse3.Operations):
         # flush comes with every close() of every dup of the descriptor. A shell's `> file` opens
         # with O_TRUNC and closes a dup before the first write: sending then would blank the block
         # on the server for a moment, so a truncation with no write yet waits for release.
+        # A new file's block is created at its first flush, so that close() returns once the
+        # block exists (or its create is journaled) and the next command finds it.
         handle = self._files[fh]
         if isinstance(handle, OpenFile) and handle.dirty and (
-                handle.written or handle.refused is not None):
+                handle.written or handle.refused is not None
+                or (handle.node.kind is Kind.BLOCK and handle.node.block is None)):
             await self._send(handle)
 
     async def fsync(self, fh, datasync):

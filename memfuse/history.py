@@ -297,14 +297,19 @@ class Snapshotter:
         return sha
 
     async def flush(self, subjects: dict[Origin, str] | None = None) -> None:
-        """Commit everything pending now, in order, one commit per run of one origin.
-        subjects: the commits' subject by origin (default SUBJECTS). Afterwards the
+        """Commit everything pending now, in order, one commit per run of one origin; a run
+        ends early where a file's next version does not start with its last (so every version
+        that is not a prefix of the next is committed). subjects: the commits' subject by origin (default SUBJECTS). Afterwards the
         uncommitted-changes file holds only what was recorded meanwhile."""
         pending, self._pending = self._pending, []
         after = self.on_commit() if pending and self.on_commit is not None else None
         runs: list[tuple[Origin, dict[str, bytes | None]]] = []
         for change in pending:
-            if not runs or runs[-1][0] is not change.origin:
+            earlier = runs[-1][1].get(change.path) if runs else None
+            if (not runs or runs[-1][0] is not change.origin
+                    or (earlier is not None and not (change.content or b"").startswith(earlier))):
+                # a version that the next one does not extend (another writer's text, a file
+                # removed) gets a commit of its own: history keeps every acknowledged byte
                 runs.append((change.origin, {}))
             runs[-1][1][change.path] = change.content
         failed: list[_Change] = []

@@ -33,6 +33,14 @@ class Namespace:
     def __init__(self, state: MountState, remote: Remote, files: BlockFiles):
         self.state, self.remote, self.files, self.tree = state, remote, files, state.tree
 
+    async def _settled_child(self, parent: Node, name: str) -> Node | None:
+        """The entry `name` in `parent` once no create of its block is under way (None when
+        there is no such entry)."""
+        while (node := self.tree.child(parent, name)) is not None and \
+                self.files.order.busy(node.inode):
+            await self.files.order.settled(node.inode)
+        return node
+
     def _protected(self, node: Node) -> bool:
         return node is self.tree.system or node.kind is Kind.GITFILE
 
@@ -58,10 +66,11 @@ class Namespace:
             raise FsError(errno.EPERM, "a block file cannot be a symbolic link")
         return self.state.symlink(parent, name, target)
 
-    def unlink(self, parent: Node, name: str) -> None:
-        """Remove a file. A block file's block is retired after the grace period. Raises
-        FsError: ENOENT, EISDIR, EPERM (`.git`), EACCES (read-only block)."""
-        node = self.tree.child(parent, name)
+    async def unlink(self, parent: Node, name: str) -> None:
+        """Remove a file, after its block's create if one is under way (ordering.NameOrder). A
+        block file's block is retired after the grace period. Raises FsError: ENOENT, EISDIR,
+        EPERM (`.git`), EACCES (read-only block)."""
+        node = await self._settled_child(parent, name)
         if node is None:
             raise FsError(errno.ENOENT, "no such file")
         log.debug("unlink %s", self.tree.path(node))
@@ -92,13 +101,16 @@ class Namespace:
         mount only when the server accepted. Raises FsError: ENOENT, EINVAL (RENAME_EXCHANGE,
         an invalid label, a directory into itself), EEXIST (RENAME_NOREPLACE), EISDIR, ENOTDIR,
         ENOTEMPTY, EPERM (`system/`, `.git`), EACCES (read-only), or what the server raises."""
-        src = self.tree.child(parent, name)
-        if src is None:
-            raise FsError(errno.ENOENT, "no such file")
-        log.debug("rename %s -> %s/%s", self.tree.path(src), self.tree.path(new_parent), new_name)
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
-        dst = self.tree.child(new_parent, new_name)
+        while True:  # after the creates of both names, if under way (ordering.NameOrder)
+            src = await self._settled_child(parent, name)
+            if src is None:
+                raise FsError(errno.ENOENT, "no such file")
+            dst = await self._settled_child(new_parent, new_name)
+            if self.tree.child(parent, name) is src and not self.files.order.busy(src.inode):
+                break
+        log.debug("rename %s -> %s/%s", self.tree.path(src), self.tree.path(new_parent), new_name)
         if dst is src:
             return
         if dst is not None and flags & pyfuse3.RENAME_NOREPLACE:
@@ -163,6 +175,12 @@ class Namespace:
             if node is self.tree.root:
                 break
             node = self.tree.node(node.parent)
+        async with self.files.order.moving([n.inode for n in self.tree.walk(src)]):
+            await self._move_dir(src, new_parent, new_name)
+
+    async def _move_dir(self, src: Node, new_parent: Node, new_name: str) -> None:
+        """Relabel every block below the directory `src`, then move it (no create under way:
+        `_rename_dir` holds NameOrder.moving)."""
         old_parts = self.tree.parts(src) or ()
         new_parts = (self.tree.parts(new_parent) or ()) + (new_name,)
         was_attached = old_parts[0] == "system"

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 import re
 import uuid
 
 import httpx
+import trio
 
 
 class FakeLetta:
@@ -23,6 +25,8 @@ class FakeLetta:
         self.fail_next: list[int] = []  # statuses to answer with before serving normally
         self.fail_paths: dict[str, int] = {}  # path -> status for every request to it
         self.down = False  # True: every request fails to connect, as with a stopped server
+        self.latency: float | None = None  # seconds each answer takes (trio sleep), or random
+        self.random_latency: tuple[random.Random, float] | None = None  # (rng, max seconds)
         self._ids = itertools.count(1)
 
     def add_agent(self) -> str:
@@ -56,7 +60,19 @@ class FakeLetta:
         return [b for b in self.blocks.values() if b["label"] == label]
 
     def transport(self) -> httpx.MockTransport:
-        return httpx.MockTransport(self._handle)
+        return httpx.MockTransport(self._answer)
+
+    async def _answer(self, request: httpx.Request) -> httpx.Response:
+        """The server acts when the request arrives; its answer takes `latency` seconds (or a
+        random time up to the max of `random_latency`) to come back."""
+        response = self._handle(request)
+        delay = self.latency
+        if self.random_latency is not None:
+            rng, most = self.random_latency
+            delay = rng.uniform(0, most)
+        if delay:
+            await trio.sleep(delay)
+        return response
 
     def _page(self, items: list[dict], params) -> httpx.Response:
         items = sorted(items, key=lambda b: b["id"])

@@ -77,7 +77,7 @@ async def test_snapshotter_batches_a_quiet_period_and_keeps_origin_order(tmp_pat
     async with trio.open_nursery() as nursery:
         nursery.start_soon(snapshots.run)
         snapshots.record("system/human.md", b"local 1", Origin.LOCAL)
-        snapshots.record("system/human.md", b"local 2", Origin.LOCAL)
+        snapshots.record("system/human.md", b"local 1, 2", Origin.LOCAL)  # extends: batched
         snapshots.record("system/persona.md", b"server", Origin.SERVER)
         snapshots.record("system/human.md", b"local 3", Origin.LOCAL)
         # The clock is trio's MockClock: the quiet period passes at once; the commits run in a
@@ -93,6 +93,19 @@ async def test_snapshotter_batches_a_quiet_period_and_keeps_origin_order(tmp_pat
                    "Letta server|Server change: system/persona.md",
                    f"{user}|Local edit: system/human.md"]
     assert repo.files() == {"system/human.md": b"local 3", "system/persona.md": b"server"}
+
+
+async def test_a_version_the_next_does_not_extend_gets_a_commit_of_its_own(tmp_path):
+    repo = make_repo(tmp_path)
+    snapshots = Snapshotter(repo, quiet_period=0.2)
+    snapshots.record("c.md", b"one\n", Origin.LOCAL)  # two writers within a quiet period
+    snapshots.record("c.md", b"two\n", Origin.LOCAL)
+    snapshots.record("gone.md", b"hello\n", Origin.LOCAL)  # written, then removed
+    snapshots.record("gone.md", None, Origin.LOCAL)
+    await snapshots.flush()
+    log = git(repo, "log", "-p", "--format=", "main").splitlines()
+    assert {"+one", "+two", "+hello"} <= set(log)
+    assert repo.files() == {"c.md": b"two\n"}
 
 
 def work_tree(tmp_path, repo) -> Path:

@@ -597,8 +597,9 @@ async def test_a_new_file_unlinked_while_its_first_close_waits_is_not_created(wo
     async with trio.open_nursery() as closes:
         closes.start_soon(world.fs.flush, info.fh)
         await trio.sleep(0.5)
-        await unlink(world.fs, "gone.md")
+        await unlink(world.fs, "gone.md")  # waits for the create: journaled, then unlinked
+        assert [e.kind for e in world.journal.pending()] == ["create", "unlink"]
     await world.fs.release(info.fh)
-    assert world.journal.pending() == []
+    await trio.sleep(1)  # the unlink's grace period
     await server_back(world)
     assert world.fake.by_label("gone") == [] and "gone.md" not in await listdir(world.fs, "")

@@ -1,13 +1,15 @@
 """A loopback TCP proxy between memfuse and the Letta server, for real network faults.
 
 `cut()` drops every open connection and stops listening, so new connections are refused, as
-when the server's host goes away; `restore()` listens again on the same port.
+when the server's host goes away; `restore()` listens again on the same port. `delay` holds
+each answer back that many seconds (a slow server; the server itself acts at once).
 """
 from __future__ import annotations
 
 import select
 import socket
 import threading
+import time
 
 
 class Proxy:
@@ -20,6 +22,7 @@ class Proxy:
         self._sockets: set[socket.socket] = set()
         self._listener: socket.socket | None = None
         self.connections = 0  # accepted so far
+        self.delay = 0.0  # seconds added before each answer starts coming back (a slow server)
         self.restore()
 
     @property
@@ -78,6 +81,7 @@ class Proxy:
 
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
         peers = {a: b, b: a}
+        asked = False  # the client sent bytes the server has not begun to answer
         try:
             while True:
                 readable, _, _ = select.select(list(peers), [], [], 1.0)
@@ -85,6 +89,9 @@ class Proxy:
                     data = sock.recv(65536)
                     if not data:
                         return
+                    if sock is b and asked and self.delay:
+                        time.sleep(self.delay)  # the first bytes of an answer: hold them
+                    asked = sock is a
                     peers[sock].sendall(data)
                 with self._lock:
                     if a not in self._sockets:

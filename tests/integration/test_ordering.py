@@ -1,0 +1,95 @@
+"""Each name has one order, for real (SEMANTICS.md, "Ordering"): shells and Python at full speed
+on a real mount of a real Letta server, at the server's own speed and behind a loopback proxy
+that holds each answer back 1 s. A label has one block, whatever the timing; no command that
+exits 0 loses its text. The long form (20 runs each) is in scripts/chaos --ordering.
+"""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from .conftest import start_mount, stop_mount, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def blocks_labelled(api, agent_id: str, label: str) -> list[dict]:
+    """Every block with `label` the agent has: attached, or tagged owner:<agent>."""
+    attached = api.get(f"/v1/agents/{agent_id}/core-memory/blocks").json()
+    owned = api.get("/v1/blocks/", params={"tags": f"owner:{agent_id}"}).json()
+    found = {b["id"]: b for b in attached + owned if b["label"] == label}
+    return list(found.values())
+
+
+def attached_ids(api, agent_id: str) -> set[str]:
+    return {b["id"] for b in api.get(f"/v1/agents/{agent_id}/core-memory/blocks").json()}
+
+
+@pytest.fixture(params=["direct", "slow"])
+def m(request, agent, home, proxy):
+    """A mount straight to the server, or through a proxy that adds 1 s to every answer."""
+    if request.param == "slow":
+        proxy.delay = 1.0
+        mount = start_mount(agent, home, "--base-url", proxy.url)
+    else:
+        mount = start_mount(agent, home)
+    yield mount
+    proxy.delay = 0.0
+    stop_mount(mount)
+
+
+def test_touch_then_append_lands_in_the_one_block(m, api):
+    script = "; ".join(f'touch {d}s{n}.md && echo "shell {n}" >> {d}s{n}.md'
+                       for d in ("system/", "") for n in range(2))
+    m.sh(script)
+    for d in ("system/", ""):
+        for n in range(2):
+            assert (m.path / f"{d}s{n}.md").read_text().endswith(f"shell {n}\n")
+    attached = attached_ids(api, m.agent_id)
+    for n in range(2):
+        found = blocks_labelled(api, m.agent_id, f"s{n}")
+        # one attached block (system/sN.md) and one detached (sN.md): one block per path
+        assert sorted((b["id"] in attached, b["value"]) for b in found) == [
+            (False, f"shell {n}\n"), (True, f"shell {n}\n")]
+
+
+def test_python_create_then_append_never_gives_eexist(m, api):
+    script = ("import sys\n"
+              "for n in range(5):\n"
+              "    p = f'system/py{n}.md'\n"
+              "    open(p, 'w').close()\n"
+              "    with open(p, 'a') as f:\n"
+              "        f.write(f'line {n}\\n')\n")
+    subprocess.run(["python3", "-c", script], cwd=m.path, check=True, timeout=120)
+    for n in range(5):
+        assert [b["value"] for b in blocks_labelled(api, m.agent_id, f"py{n}")] == [
+            f"line {n}\n"]
+
+
+def test_touch_then_mv_and_touch_then_rm(m, api):
+    m.sh("touch system/m.md && mv system/m.md system/m2.md && touch k.md && rm k.md && "
+         "touch n.md && rm n.md && echo test > n.md && stat n.md >/dev/null")
+    assert blocks_labelled(api, m.agent_id, "m") == []
+    [moved] = blocks_labelled(api, m.agent_id, "m2")
+    assert moved["id"] in attached_ids(api, m.agent_id)
+    assert not (m.path / "system/m.md").exists() and (m.path / "system/m2.md").exists()
+    assert not (m.path / "k.md").exists()
+    assert [b["value"] for b in blocks_labelled(api, m.agent_id, "n")] == ["test\n"]
+    assert (m.path / "n.md").read_text().endswith("test\n")
+
+
+def test_two_processes_creating_one_name_make_one_block(m, api):
+    names = [f"{d}c{n}.md" for d in ("system/", "") for n in range(3)]
+    script = "\n".join(
+        f"python3 -c \"open('{p}', 'w').write('one\\n')\" & "
+        f"python3 -c \"open('{p}', 'w').write('two\\n')\" & wait" for p in names)
+    result = m.sh("set -e\n" + script)
+    assert result.returncode == 0
+    for n in range(3):
+        found = blocks_labelled(api, m.agent_id, f"c{n}")
+        assert len(found) == 2, found  # system/cN.md and cN.md: one block each
+        assert {b["value"] for b in found} <= {"one\n", "two\n"}
+    for p in names:  # the later close wins; both texts are in history
+        wait_for(lambda: {"+one", "+two"} <= set(
+            m.sh(f"git log -p --format= -- {p}").stdout.splitlines()), timeout=15)
