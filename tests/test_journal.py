@@ -14,13 +14,17 @@ from pathlib import Path
 
 import pyfuse3
 import pytest
+import trio
 
+from memfuse.config import Config
+from memfuse.daemon import MountError, serve
 from memfuse.errors import FsError
 from memfuse.journal import Journal
-from memfuse.model import Block, Location
+from memfuse.model import Block
 from memfuse.state import MountState
 from memfuse.tree import Tree
 
+from .fakeletta import FakeLetta
 from .fsworld import make_world, read_all
 from .test_offline import write
 
@@ -312,3 +316,51 @@ def test_on_a_full_tmpfs_an_append_is_enospc_and_the_journal_stays_whole(small_d
     assert [(e.seq, e.content) for e in Journal(journal.path).pending()] == [
         (1, b"first"), (2, b"acknowledged")]
     assert aside(journal.path) == []
+
+
+@pytest.fixture
+def full_home(monkeypatch):
+    """HOME on a 2 MiB tmpfs, unmounted after the test (after any FUSE mount below it)."""
+    home = Path(tempfile.mkdtemp(prefix="memfuse-full-home-"))
+    tmpfs(home, "2m")
+    monkeypatch.setenv("HOME", str(home))
+    yield home
+    subprocess.run(["umount", "-R", "-l", str(home)], check=True)
+    home.rmdir()
+
+
+async def serve_once(config: Config, fake: FakeLetta) -> list:
+    """Start the daemon in this process; stop it once it is mounted. Its reports to on_ready."""
+    reports, ready = [], trio.Event()
+
+    def on_ready(error):
+        reports.append(error)
+        ready.set()
+
+    async def run():
+        try:
+            await serve(config, on_ready, transport=fake.transport())
+        except MountError:
+            pass
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        await ready.wait()
+        nursery.cancel_scope.cancel()
+    return reports
+
+
+@pytest.mark.real_clock  # pyfuse3's loop serves real syscalls from worker threads
+@pytest.mark.parametrize("mounted_before", [False, True])
+async def test_a_mount_on_a_full_disk_says_the_disk_is_full(full_home, mounted_before):
+    fake = FakeLetta()
+    agent = fake.add_agent()
+    fake.add_block("human", "The human.\n", agent=agent)
+    config = Config.build(agent, base_url="http://letta.test", quiet_period=0.05,
+                          poll_interval=0.05, full_poll_interval=0.05, retry_budget=0.2)
+    if mounted_before:
+        assert await serve_once(config, fake) == [None]
+    fill(full_home)
+    [error] = await serve_once(config, fake)
+    assert error is not None and "is full (No space left on device)" in error, error
+    assert str(full_home) in error, error  # the path of the full disk
