@@ -420,8 +420,9 @@ async def serve(config: Config, on_ready: Callable[[str | None], None], *,
     a task fails (its exception propagates after the teardown).
 
     on_ready(None) is called once the mount is usable; on_ready(message) when it cannot start
-    (then MountError is raised too; a full disk or a used-up quota is one: `disk_full`). on_notice(sentence), just before on_ready(None), when a
-    person should know how it started (mounted from the local history, the server away).
+    (then MountError is raised too; a full disk or a used-up quota is one: `disk_full`).
+    on_notice(sentence), just before on_ready(None), when a person should know how it started
+    (mounted from the local history, the server away).
     on_progress(sentence) while a large memory (PROGRESS_FROM blocks or more) loads: blocks
     listed of the total, then the snapshot at mount. transport: an httpx transport for the
     client (tests).

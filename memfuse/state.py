@@ -37,7 +37,7 @@ log = logging.getLogger("memfuse.state")
 Recorder = Callable[[str, "bytes | None", Origin], None]
 
 
-def journal_error(exc: OSError, path: Any = None) -> FsError:
+def journal_error(exc: OSError, path: "os.PathLike[str] | str | None" = None) -> FsError:
     """The refusal a program sees when the journal at `path` cannot be written (`exc`): ENOSPC
     (the disk is full) and EDQUOT (the user's quota is used up) as they are, every other
     OSError as EIO; the reason names the disk's state and the journal's path."""
@@ -454,11 +454,14 @@ class MountState:
         server id. When nothing is pending for the block any more the node shows the server's
         block again, recorded as a local edit when it was sent; while later changes are
         pending (journaled during the replay) the node keeps showing the last of them, and
-        history hears of that again after another version."""
+        history hears of that again after another version. Raises FsError (journal_error)
+        when the journal cannot be written: then nothing changed, and the entries stay
+        pending (a replay later finds them on the server)."""
         assert self.journal is not None
         last = entries[-1]
         created = block is not None and block.id != last.block_id
-        self.journal.done(last, outcome, entries[:-1], block_id=block.id if created else None)
+        self._journal(lambda: self.journal.done(last, outcome, entries[:-1],
+                                                block_id=block.id if created else None))
         node = self.tree.block_node(last.block_id)
         if node is None or not self.shows(node, last.block_id):
             return
