@@ -5,8 +5,9 @@ here, fsync'd, before the program's call returns: a write to a block file (close
 truncate), a new block file (create), a rename (relocate: a new label, attach or detach) and an
 unlink (the block's retirement). The mount shows the change at once and history has it. When the
 server answers again the entries are replayed block by block (files.BlockFiles.replay). The file
-is JSON lines beside the history repository (`<history>.journal`, mode 0600), never inside the
-mount, and never holds the API key:
+is one record a line beside the history repository (`<history>.journal`, mode 0600), never
+inside the mount, and never holds the API key; the records' JSON (each line also starts with
+its checksum, below):
 
     {"seq": 1, "kind": "write", "block": "block-…", "path": "system/human.md", "at": 1.7e9,
      "content": "<base64 of the file's bytes>", "base": {"value": …, "description": …,
@@ -41,9 +42,11 @@ middle of a record, a failed fsync) cuts the file back to that length before the
 raised (`Journal._append`). At load, what cannot be read is never dropped silently: a last line
 with no newline (a crash cut its append short: that call never returned) is logged as a WARNING,
 any other record that cannot be read (a bad checksum, JSON or fields: it may have been
-acknowledged) as an ERROR, and both are copied to `<journal>.corrupt-<UTC time>` beside the
-journal before the journal is rewritten without them (`Journal._load`). A record an older
-memfuse glued onto the fragment of a failed append is found again behind the fragment.
+acknowledged) as an ERROR, and both are copied to `<journal>.corrupt-<UTC time>` (0600) beside
+the journal before the journal is rewritten without them (`Journal._set_aside`). A record an
+older memfuse glued onto the fragment of a failed append is found again behind the fragment
+(the fragment is kept aside, with a WARNING). When even the copy cannot be written (the disk
+is full at mount) the lines stay in the journal, skipped, with an ERROR.
 """
 from __future__ import annotations
 
@@ -274,8 +277,7 @@ class Journal:
         self._real: dict[str, str] = {}  # provisional block id -> the server's id
         self._next = 1
         self._size = 0  # bytes of whole records: where the next append starts
-        self._torn_left = False  # a torn last line stays in the file: the next append starts
-        # with a newline
+        self._torn_left = False  # the bytes past _size are a torn last line (a crash's)
         self._load()
 
     def _load(self) -> None:
@@ -311,7 +313,8 @@ class Journal:
             log.error("journal %s: %d unreadable line(s) could not be kept aside in %s (%s); "
                       "they are left in the journal and skipped", self.path,
                       len(bad) + len(fragments) + bool(torn), aside, exc.strerror or exc)
-            self._torn_left = bool(torn)
+            if torn:  # the next append keeps it aside when it can, else starts a new line
+                self._size, self._torn_left = len(data) - len(torn), True
             return
         if bad:
             log.error("journal %s: %d record(s) cannot be read (a bad checksum or a damaged "
@@ -340,7 +343,8 @@ class Journal:
         except OSError as exc:
             log.error("journal %s: could not be rewritten without the records kept in %s (%s); "
                       "they stay in it and are skipped", self.path, aside, exc.strerror or exc)
-            self._torn_left = bool(torn)
+            if torn:  # kept aside already: the next append cuts it
+                self._size, self._torn_left = len(data) - len(torn), True
 
     def _aside_path(self) -> Path:
         """A new `<journal>.corrupt-<UTC time>[-n]` path beside the journal."""
@@ -402,27 +406,26 @@ class Journal:
         try:
             os.fchmod(fd, 0o600)
             size = os.fstat(fd).st_size
-            if self._torn_left:  # a torn line that could not be kept aside stays: a new line
-                data, self._size = b"\n" + data, size
-            elif size > self._size:  # what a cut that failed left past the whole records
-                self._cut_extra(fd, size)
-            elif size < self._size:
+            if size < self._size:
                 log.warning("journal %s: %d byte(s) shorter than this daemon wrote it (changed "
                             "by something else); appending at its end", self.path,
                             self._size - size)
                 self._size = size
+            start = self._size
+            if size > self._size and not self._cut_extra(fd, size):
+                data, start = b"\n" + data, size  # they stay: this starts a line of its own
             try:
-                view, offset = memoryview(data), self._size
+                view, offset = memoryview(data), start
                 while view:  # a short write (a nearly full disk) must not pass for durable
                     written = os.pwrite(fd, view, offset)
                     view, offset = view[written:], offset + written
                 os.fsync(fd)
             except OSError:
-                self._cut_back(fd)
+                self._cut_back(fd, start)
                 raise
         finally:
             os.close(fd)
-        self._size += len(data)
+        self._size = start + len(data)
         self._torn_left = False
         if created:  # the new file's directory entry must survive a crash too
             dir_fd = os.open(self.path.parent, os.O_DIRECTORY)
@@ -431,28 +434,35 @@ class Journal:
             finally:
                 os.close(dir_fd)
 
-    def _cut_extra(self, fd: int, size: int) -> None:
-        """Bytes past the whole records (`size` > `_size`: a failed append whose cut failed
-        too, never acknowledged) are copied aside (best effort) and cut off the file `fd`."""
+    def _cut_extra(self, fd: int, size: int) -> bool:
+        """The file `fd` holds `size` bytes, more than its whole records: a torn last line
+        the load could not keep aside, or what remains of a failed append whose cut failed
+        too (neither ever acknowledged). Copy them to a `.corrupt-` file and cut them off;
+        returns False, leaving them, when the copy cannot be written (logged either way)."""
+        what = ("a torn last line (a crash in the middle of an append)" if self._torn_left
+                else "what an append that failed and could not be cut back left")
         try:
             with open(self.path, "rb") as f:
                 f.seek(self._size)
                 extra = f.read()
             aside = self._aside_path()
             _write_new(aside, extra)
-            kept = f"kept in {aside}"
         except OSError as exc:
-            kept = f"they could not be kept aside ({exc.strerror or exc})"
-        log.warning("journal %s: %d byte(s) past its last whole record, left by an append that "
-                    "failed and was never acknowledged, are cut off; %s", self.path,
-                    size - self._size, kept)
+            log.warning("journal %s: %d byte(s) past its last whole record, %s, cannot be kept "
+                        "aside (%s); they stay, and the next record starts a line of its own",
+                        self.path, size - self._size, what, exc.strerror or exc)
+            return False
+        log.warning("journal %s: %d byte(s) past its last whole record, %s, are kept in %s and "
+                    "cut off", self.path, size - self._size, what, aside)
         os.ftruncate(fd, self._size)
+        return True
 
-    def _cut_back(self, fd: int) -> None:
-        """An append failed: cut the file `fd` back to its whole records (a shrinking truncate
-        needs no free space). A cut that fails too is logged; the next append retries it."""
+    def _cut_back(self, fd: int, length: int) -> None:
+        """An append that started at `length` failed: cut the file `fd` back to it (a
+        shrinking truncate needs no free space). A cut that fails too is logged; the next
+        append retries it."""
         try:
-            os.ftruncate(fd, self._size)
+            os.ftruncate(fd, length)
             os.fsync(fd)
         except OSError as exc:
             log.error("journal %s: a failed append could not be cut back (%s); the next append "

@@ -318,6 +318,74 @@ def test_on_a_full_tmpfs_an_append_is_enospc_and_the_journal_stays_whole(small_d
     assert aside(journal.path) == []
 
 
+@pytest.mark.expect_error("could not be kept aside")
+def test_a_torn_line_a_full_disk_cannot_keep_aside_at_mount_is_kept_at_the_next_append(
+        small_disk, caplog):
+    journal = Journal(small_disk / "memory.journal")
+    journal.add(BLOCK, "system/human.md", b"first", BLOCK)
+    whole = journal.path.read_bytes()
+    with open(journal.path, "ab") as f:
+        f.write(b'0badc0de {"seq": 2, "kind": "wri')  # kill -9 in the middle of an append
+    torn = journal.path.read_bytes()
+    filler = fill(small_disk)
+    reopened = Journal(journal.path)  # a mount on the full disk
+    assert [e.content for e in reopened.pending()] == [b"first"]
+    assert journal.path.read_bytes() == torn and aside(journal.path) == []  # left as it was
+    assert any("could not be kept aside" in r.getMessage() for r in caplog.records
+               if r.levelname == "ERROR")
+    with pytest.raises(OSError) as full:  # still full: the torn line stays, nothing is added
+        reopened.add(BLOCK, "system/human.md", b"y" * 8192, BLOCK)
+    assert full.value.errno == errno.ENOSPC and journal.path.read_bytes() == torn
+    filler.unlink()
+    reopened.add(BLOCK, "system/human.md", b"second", BLOCK)
+    [kept] = aside(journal.path)  # kept aside now that there is room, then cut off
+    assert kept.read_bytes() == b'0badc0de {"seq": 2, "kind": "wri'
+    assert journal.path.read_bytes().startswith(whole)
+    assert [e.content for e in Journal(journal.path).pending()] == [b"first", b"second"]
+    assert len(aside(journal.path)) == 1
+
+
+def test_bytes_that_cannot_be_kept_aside_stay_and_the_next_record_starts_a_line(
+        small_disk, caplog):
+    from memfuse.journal import read_records
+    journal = Journal(small_disk / "memory.journal")
+    journal.add(BLOCK, "system/human.md", b"first", BLOCK)
+    journal.path.write_bytes(journal.path.read_bytes() + b"left by a failed cut")
+    fill(small_disk)  # no page for a new file; the journal's own last page still has room
+    journal.add(BLOCK, "system/human.md", b"second", BLOCK)
+    assert any("cannot be kept aside" in r.getMessage() for r in caplog.records
+               if r.levelname == "WARNING")
+    journal.add(BLOCK, "system/human.md", b"third", BLOCK)
+    items, bad, fragments, torn = read_records(journal.path.read_bytes())
+    assert [base64.b64decode(i["content"]) for i in items] == [b"first", b"second", b"third"]
+    assert bad == [b"left by a failed cut\n"] and fragments == [] and torn == b""
+
+
+@pytest.mark.expect_error("could not be cut back")
+def test_a_failed_append_whose_cut_fails_too_is_cut_at_the_next_append(tmp_path, monkeypatch,
+                                                                        caplog):
+    journal = Journal(tmp_path / "memory.journal")
+    journal.add(BLOCK, "system/human.md", b"first", BLOCK)
+    before = journal.path.read_bytes()
+    with monkeypatch.context() as patch:
+        FullDisk(patch, journal.path, room=30)
+
+        def ftruncate(fd, length):
+            raise OSError(errno.EIO, "Input/output error")
+
+        patch.setattr(os, "ftruncate", ftruncate)
+        with pytest.raises(OSError):
+            journal.add(BLOCK, "system/human.md", b"x" * 100, BLOCK)
+    assert len(journal.path.read_bytes()) == len(before) + 30  # the fragment stayed...
+    journal.add(BLOCK, "system/human.md", b"second", BLOCK)  # ...and is cut before this one
+    assert journal.path.read_bytes().startswith(before)
+    assert [e.content for e in Journal(journal.path).pending()] == [b"first", b"second"]
+    [kept] = aside(journal.path)
+    assert len(kept.read_bytes()) == 30
+    assert any("kept in" in r.getMessage() and "cut off" in r.getMessage()
+               for r in caplog.records if r.levelname == "WARNING")
+
+
 @pytest.fixture
 def full_home(monkeypatch):
     """HOME on a 2 MiB tmpfs, unmounted after the test (after any FUSE mount below it)."""
