@@ -15,6 +15,7 @@ remove the pid and status files, unmount, take the last snapshot, push it to the
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -330,6 +331,18 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
     return mount
 
 
+def disk_full(exc: OSError, config: Config) -> MountError:
+    """The start-up error for `exc`, an ENOSPC or EDQUOT met while writing the state directory,
+    the history, the journal or the pid file: it names the disk's state and the path (the
+    file `exc` names, else the agent's state directory)."""
+    where = exc.filename or config.state_dir
+    what = "the disk quota for" if exc.errno == errno.EDQUOT else "the disk holding"
+    full = "used up" if exc.errno == errno.EDQUOT else "full"
+    return MountError(f"{what} {where} is {full} ({exc.strerror}): memfuse cannot write the "
+                      f"agent's history, journal and state there; free some space and mount "
+                      f"again")
+
+
 def _no_history(away: ServerUnreachable, config: Config) -> MountError:
     return MountError(f"{away}, and there is no local history of agent {config.agent_id} to "
                       f"mount from ({config.history_dir})")
@@ -407,8 +420,9 @@ async def serve(config: Config, on_ready: Callable[[str | None], None], *,
     a task fails (its exception propagates after the teardown).
 
     on_ready(None) is called once the mount is usable; on_ready(message) when it cannot start
-    (then MountError is raised too). on_notice(sentence), just before on_ready(None), when a
-    person should know how it started (mounted from the local history, the server away).
+    (then MountError is raised too; a full disk or a used-up quota is one: `disk_full`).
+    on_notice(sentence), just before on_ready(None), when a person should know how it started
+    (mounted from the local history, the server away).
     on_progress(sentence) while a large memory (PROGRESS_FROM blocks or more) loads: blocks
     listed of the total, then the snapshot at mount. transport: an httpx transport for the
     client (tests).
@@ -419,8 +433,13 @@ async def serve(config: Config, on_ready: Callable[[str | None], None], *,
     try:
         async with contextlib.AsyncExitStack() as stack:
             try:
-                mount = await _start(stack, config, problems, transport, on_progress)
-                await _mount(stack, mount)
+                try:
+                    mount = await _start(stack, config, problems, transport, on_progress)
+                    await _mount(stack, mount)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    raise disk_full(exc, config) from None
             except MountError as exc:
                 on_ready(str(exc))
                 raise

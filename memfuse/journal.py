@@ -5,8 +5,9 @@ here, fsync'd, before the program's call returns: a write to a block file (close
 truncate), a new block file (create), a rename (relocate: a new label, attach or detach) and an
 unlink (the block's retirement). The mount shows the change at once and history has it. When the
 server answers again the entries are replayed block by block (files.BlockFiles.replay). The file
-is JSON lines beside the history repository (`<history>.journal`, mode 0600), never inside the
-mount, and never holds the API key:
+is one record a line beside the history repository (`<history>.journal`, mode 0600), never
+inside the mount, and never holds the API key; the records' JSON (each line also starts with
+its checksum, below):
 
     {"seq": 1, "kind": "write", "block": "block-…", "path": "system/human.md", "at": 1.7e9,
      "content": "<base64 of the file's bytes>", "base": {"value": …, "description": …,
@@ -25,15 +26,38 @@ line names the real one, and entries journaled meanwhile are read as the real bl
 is journaled at once but waits out its grace period (grace.py) before it is *queued*: re-creating
 the file within it settles the entry ("claimed back"). After a restart every entry is queued.
 An entry counts as pending until a `done` line names it; when nothing is pending the file is
-emptied. A line cut short by a crash is ignored (its call never returned).
+emptied.
+
+Each record is one line: its JSON after the CRC-32 of that JSON's bytes (8 lowercase hex digits
+and a space), so a reader can tell a whole record from a torn or damaged one:
+
+    3f1c0a9e {"seq": 1, "kind": "write", ...}
+
+A line that starts with `{` is a record of the format before records carried a checksum: read
+as it is, so a journal an older memfuse left replays after an upgrade.
+
+An append either adds whole records or leaves the file exactly as it was: each starts at the
+length the journal had after the last append that returned, and one that fails (ENOSPC in the
+middle of a record, a failed fsync) cuts the file back to that length before the OSError is
+raised (`Journal._append`). At load, what cannot be read is never dropped silently: a last line
+with no newline (a crash cut its append short: that call never returned) is logged as a WARNING,
+any other record that cannot be read (a bad checksum, JSON or fields: it may have been
+acknowledged) as an ERROR, and both are copied to `<journal>.corrupt-<UTC time>` (0600) beside
+the journal before the journal is rewritten without them (`Journal._set_aside`). A record an
+older memfuse glued onto the fragment of a failed append is found again behind the fragment
+(the fragment is kept aside, with a WARNING). When even the copy cannot be written (the disk
+is full at mount) the lines stay in the journal, skipped, with an ERROR.
 """
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import logging
 import os
+import re
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -119,20 +143,141 @@ class Entry:
         return entry
 
 
+def encode(item: dict[str, Any]) -> bytes:
+    """One record as the journal stores it: `<crc32 of the JSON, 8 hex> <JSON>\\n` (bytes)."""
+    body = json.dumps(item).encode()
+    return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+_STARTS = (b'{"seq": ', b'{"done": ')  # how a record's JSON begins (json.dumps, keys in order)
+_CRC = re.compile(rb"[0-9a-f]{8} ")
+
+
+def _decode(line: bytes) -> dict[str, Any] | None:
+    """The record a whole `line` (no newline) holds, checked (checksum, JSON, fields), in
+    either format (with the checksum, or a bare JSON object as older memfuse wrote); None when
+    it holds none."""
+    if line[:1] == b"{":
+        body = line
+    elif len(line) > 9 and line[8:9] == b" ":
+        body = line[9:]
+        try:
+            if int(line[:8], 16) != zlib.crc32(body):
+                return None
+        except ValueError:
+            return None
+    else:
+        return None
+    try:
+        item = json.loads(body)
+        if not isinstance(item, dict):
+            return None
+        if "done" in item:
+            int(item["done"])
+            if item.get("block") is not None and not isinstance(item["block"], str):
+                return None
+        else:
+            Entry.from_json(item)
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        return None
+    return item
+
+
+def read_records(data: bytes
+                 ) -> tuple[list[dict[str, Any]], list[bytes], list[bytes], bytes]:
+    """The journal's bytes `data` read: (the records, in order, as JSON objects; the lines
+    that hold none, each with its newline; the fragments found before a record on its line;
+    the last line when it has no newline, b"" when it does). A fragment is what an older
+    memfuse left of an append that failed (ENOSPC) and then appended the next record to:
+    that record is read, the fragment (never acknowledged) is not."""
+    items: list[dict[str, Any]] = []
+    bad: list[bytes] = []
+    fragments: list[bytes] = []
+    lines = data.split(b"\n")
+    torn = lines.pop()  # b"" when data ends with a newline
+    for line in lines:
+        if not line.strip():
+            continue
+        item = _decode(line)
+        if item is None:
+            item, start = _salvage(line)
+            if item is None:
+                bad.append(line + b"\n")
+                continue
+            fragments.append(line[:start] + b"\n")
+        items.append(item)
+    return items, bad, fragments, torn
+
+
+def _salvage(line: bytes) -> tuple[dict[str, Any] | None, int]:
+    """A record at the end of a `line` that holds none as a whole, and where it starts:
+    (None, len(line)) when there is none. Only a record's own beginning can hold `{"seq": `
+    or `{"done": ` (inside a JSON string a quote is escaped), and only a checksum ends in 8
+    hex digits and a space just before one."""
+    for i in sorted(i for marker in _STARTS for i in _finditer(line, marker) if i > 0):
+        # a checksum before it is the record's own: never read such a record unchecked
+        start = i - 9 if i >= 9 and _CRC.fullmatch(line, i - 9, i) else i
+        item = _decode(line[start:]) if start > 0 else None
+        if item is not None:
+            return item, start
+    return None, len(line)
+
+
+def _finditer(data: bytes, marker: bytes) -> Iterable[int]:
+    i = data.find(marker)
+    while i >= 0:
+        yield i
+        i = data.find(marker, i + 1)
+
+
+def _write_new(path: Path, data: bytes, replace: bool = False) -> None:
+    """Write `data` to `path` (mode 0600), a new file, and fsync it and its directory;
+    replace: through a temporary file renamed over `path` (atomic). Raises OSError
+    (FileExistsError when `path` exists and not `replace`); a file this made is removed when
+    it fails."""
+    target = path.with_name(path.name + ".tmp") if replace else path
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if replace else os.O_EXCL)
+    fd = os.open(target, flags, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except OSError:
+        os.close(fd)
+        target.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    if replace:
+        os.replace(target, path)
+    dir_fd = os.open(path.parent, os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def base_of(block: Block) -> dict[str, Any]:
     """The fields of `block` a replay compares with the server's: value, description, limit."""
     return {"value": block.value, "description": block.description, "limit": block.limit}
 
 
 class Journal:
-    """The journal file at `path`. Appends are fsync'd before they return. Raises OSError when
-    the disk refuses (nothing is then changed in memory)."""
+    """The journal file at `path` (created at the first append). Appends are fsync'd before
+    they return and add whole records or nothing: OSError when the disk refuses (ENOSPC,
+    EDQUOT, EIO...), and then neither the file nor anything in memory changed. Loading it
+    (here) may log a WARNING or an ERROR and keep unreadable records aside (see the module's
+    docstring); it raises nothing for the file's contents, OSError only when the file exists
+    and cannot be read."""
 
     def __init__(self, path: Path):
         self.path = path
         self._pending: dict[int, Entry] = {}  # seq -> entry, in seq order
         self._real: dict[str, str] = {}  # provisional block id -> the server's id
         self._next = 1
+        self._size = 0  # bytes of whole records: where the next append starts
+        self._torn_left = False  # the bytes past _size are a torn last line (a crash's)
         self._load()
 
     def _load(self) -> None:
@@ -140,29 +285,75 @@ class Journal:
             data = self.path.read_bytes()
         except FileNotFoundError:
             return
-        if data and not data.endswith(b"\n"):
-            # A crash cut the last append short (its call never returned): drop that partial
-            # line, so the next append starts on a line of its own.
-            keep = data[:data.rfind(b"\n") + 1]
-            fd = os.open(self.path, os.O_WRONLY)
-            try:
-                os.ftruncate(fd, len(keep))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            data = keep
-        for line in data.decode("utf-8", "replace").splitlines():
-            try:
-                item = json.loads(line)
-                if "done" in item:
-                    self._settle(int(item["done"]), item.get("block"))
-                    continue
-                entry = Entry.from_json(item)
-            except (ValueError, KeyError, TypeError):
-                continue  # cut short by a crash before the append returned
+        items, bad, fragments, torn = read_records(data)
+        self._size = len(data)
+        if bad or fragments or torn:
+            self._set_aside(data, items, bad, fragments, torn)
+        for item in items:  # each checked by read_records
+            if "done" in item:
+                self._settle(int(item["done"]), item.get("block"))
+                continue
+            entry = Entry.from_json(item)
             entry.block_id = self._real.get(entry.block_id, entry.block_id)
             self._pending[entry.seq] = entry
             self._next = max(self._next, entry.seq + 1)
+
+    def _set_aside(self, data: bytes, items: list[dict[str, Any]], bad: list[bytes],
+                   fragments: list[bytes], torn: bytes) -> None:
+        """Copy the unreadable lines `bad`, the `fragments` of failed appends and the torn last
+        line `torn` of the journal's bytes `data` (read_records) to a `.corrupt-<UTC time>` file
+        beside it, then rewrite the journal with `items` alone (a torn line only: cut off).
+        Logs what was found (ERROR for `bad`: they may have been acknowledged); when the copy
+        cannot be made (the disk is full) the journal is left as it is, an ERROR says so, and
+        the next append starts on a line of its own."""
+        aside = self._aside_path()
+        try:
+            _write_new(aside, b"".join(bad + fragments) + torn)
+        except OSError as exc:
+            log.error("journal %s: %d unreadable line(s) could not be kept aside in %s (%s); "
+                      "they are left in the journal and skipped", self.path,
+                      len(bad) + len(fragments) + bool(torn), aside, exc.strerror or exc)
+            if torn:  # the next append keeps it aside when it can, else starts a new line
+                self._size, self._torn_left = len(data) - len(torn), True
+            return
+        if bad:
+            log.error("journal %s: %d record(s) cannot be read (a bad checksum or a damaged "
+                      "line: changes that may have been acknowledged); kept in %s, not "
+                      "replayed", self.path, len(bad), aside)
+        if fragments:
+            log.warning("journal %s: %d record(s) found behind the fragment of an append that "
+                        "failed (an older memfuse left it); the fragments are kept in %s",
+                        self.path, len(fragments), aside)
+        if torn:
+            log.warning("journal %s: its last line was cut short (a crash in the middle of an "
+                        "append, whose call never returned); kept in %s", self.path, aside)
+        try:
+            if bad or fragments:
+                keep = b"".join(encode(item) for item in items)
+                _write_new(self.path, keep, replace=True)
+            else:
+                keep = data[:len(data) - len(torn)]
+                fd = os.open(self.path, os.O_WRONLY)
+                try:
+                    os.ftruncate(fd, len(keep))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            self._size = len(keep)
+        except OSError as exc:
+            log.error("journal %s: could not be rewritten without the records kept in %s (%s); "
+                      "they stay in it and are skipped", self.path, aside, exc.strerror or exc)
+            if torn:  # kept aside already: the next append cuts it
+                self._size, self._torn_left = len(data) - len(torn), True
+
+    def _aside_path(self) -> Path:
+        """A new `<journal>.corrupt-<UTC time>[-n]` path beside the journal."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside, n = self.path.with_name(f"{self.path.name}.corrupt-{stamp}"), 1
+        while aside.exists():  # set aside earlier in the same second
+            n += 1
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+        return aside
 
     def _settle(self, seq: int, real_id: str | None) -> None:
         entry = self._pending.pop(seq, None)
@@ -207,22 +398,75 @@ class Journal:
     # -- appends -------------------------------------------------------------------------------
 
     def _append(self, *items: dict[str, Any]) -> None:
+        """Add `items` as whole records at the end of the whole records, fsync'd; on OSError
+        the file is cut back to where it was before it is raised."""
+        data = b"".join(encode(item) for item in items)
         created = not self.path.exists()
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             os.fchmod(fd, 0o600)
-            data = memoryview("".join(json.dumps(item) + "\n" for item in items).encode())
-            while data:  # a short write (a nearly full disk) must not pass for durable
-                data = data[os.write(fd, data):]
-            os.fsync(fd)
+            size = os.fstat(fd).st_size
+            if size < self._size:
+                log.warning("journal %s: %d byte(s) shorter than this daemon wrote it (changed "
+                            "by something else); appending at its end", self.path,
+                            self._size - size)
+                self._size = size
+            start = self._size
+            if size > self._size and not self._cut_extra(fd, size):
+                data, start = b"\n" + data, size  # they stay: this starts a line of its own
+            try:
+                view, offset = memoryview(data), start
+                while view:  # a short write (a nearly full disk) must not pass for durable
+                    written = os.pwrite(fd, view, offset)
+                    view, offset = view[written:], offset + written
+                os.fsync(fd)
+            except OSError:
+                self._cut_back(fd, start)
+                raise
         finally:
             os.close(fd)
+        self._size = start + len(data)
+        self._torn_left = False
         if created:  # the new file's directory entry must survive a crash too
             dir_fd = os.open(self.path.parent, os.O_DIRECTORY)
             try:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
+
+    def _cut_extra(self, fd: int, size: int) -> bool:
+        """The file `fd` holds `size` bytes, more than its whole records: a torn last line
+        the load could not keep aside, or what remains of a failed append whose cut failed
+        too (neither ever acknowledged). Copy them to a `.corrupt-` file and cut them off;
+        returns False, leaving them, when the copy cannot be written (logged either way)."""
+        what = ("a torn last line (a crash in the middle of an append)" if self._torn_left
+                else "what an append that failed and could not be cut back left")
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._size)
+                extra = f.read()
+            aside = self._aside_path()
+            _write_new(aside, extra)
+        except OSError as exc:
+            log.warning("journal %s: %d byte(s) past its last whole record, %s, cannot be kept "
+                        "aside (%s); they stay, and the next record starts a line of its own",
+                        self.path, size - self._size, what, exc.strerror or exc)
+            return False
+        log.warning("journal %s: %d byte(s) past its last whole record, %s, are kept in %s and "
+                    "cut off", self.path, size - self._size, what, aside)
+        os.ftruncate(fd, self._size)
+        return True
+
+    def _cut_back(self, fd: int, length: int) -> None:
+        """An append that started at `length` failed: cut the file `fd` back to it (a
+        shrinking truncate needs no free space). A cut that fails too is logged; the next
+        append retries it."""
+        try:
+            os.ftruncate(fd, length)
+            os.fsync(fd)
+        except OSError as exc:
+            log.error("journal %s: a failed append could not be cut back (%s); the next append "
+                      "cuts it, and a load sets it aside", self.path, exc.strerror or exc)
 
     def _add(self, *entries: Entry) -> list[Entry]:
         for entry in entries:  # a caller that read the block before its create was replayed
@@ -287,6 +531,7 @@ class Journal:
         if not self._pending:
             fd = os.open(self.path, os.O_WRONLY | os.O_TRUNC)
             try:
+                self._size = 0
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -37,6 +37,21 @@ log = logging.getLogger("memfuse.state")
 Recorder = Callable[[str, "bytes | None", Origin], None]
 
 
+def journal_error(exc: OSError, path: "os.PathLike[str] | str | None" = None) -> FsError:
+    """The refusal a program sees when the journal at `path` cannot be written (`exc`): ENOSPC
+    (the disk is full) and EDQUOT (the user's quota is used up) as they are, every other
+    OSError as EIO; the reason names the disk's state and the journal's path."""
+    where = f" ({path})" if path is not None else ""
+    if exc.errno == errno.ENOSPC:
+        return FsError(errno.ENOSPC, f"the disk holding the journal{where} is full; the change "
+                                     f"was not made (free some space and retry)")
+    if exc.errno == errno.EDQUOT:
+        return FsError(errno.EDQUOT, f"the disk quota of the journal{where} is used up; the "
+                                     f"change was not made")
+    return FsError(errno.EIO, f"the journal{where} cannot be written "
+                              f"({exc.strerror or exc}); the change was not made")
+
+
 class Invalidator(Protocol):
     """Tells the kernel to drop what it cached (FUSE notify calls)."""
 
@@ -125,12 +140,15 @@ class MountState:
         return ids | self.journal.hidden() if self.journal is not None else ids
 
     def _journal(self, append: Callable[[], Any]) -> Any:
-        """Run a journal append; OSError (a full or failing disk) becomes FsError(EIO) and
-        nothing changed."""
+        """Run a journal append and return what it returns. OSError (the disk refused; the
+        journal and the state are then as they were: Journal._append) becomes FsError with the
+        errno a program understands: ENOSPC for a full disk, EDQUOT for a quota, EIO for
+        anything else."""
         try:
             return append()
         except OSError as exc:
-            raise FsError(errno.EIO, f"the journal cannot be written ({exc.strerror})") from None
+            raise journal_error(exc, self.journal.path if self.journal is not None else None
+                                ) from None
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -354,30 +372,31 @@ class MountState:
     def journaled(self, node: Node, view: Block, content: bytes, base: Block) -> None:
         """A write the server could not take: journal it (durable when this returns) and show
         `view` (the block as the write makes it) at `node`, recorded as a local edit. base:
-        the server's block the write was made on. Raises FsError(EIO) when the journal cannot
-        be written (then nothing changed)."""
+        the server's block the write was made on. Raises FsError (ENOSPC, EDQUOT, EIO:
+        journal_error) when the journal cannot be written (then nothing changed)."""
         self.journal_write(view, self.tree.path(node), content, base)
         self.tree.bind(node, view, trio.current_time())
         self._record(self.tree.path(node), bytes(node.content), Origin.LOCAL)
 
     def journal_write(self, block: Block, path: str, content: bytes, base: Block) -> None:
         """Journal a write of the file `content` to `block` at `path`, made on the server's
-        `base`, before the tree shows it (`renamed` over a block file). Raises FsError(EIO)."""
+        `base`, before the tree shows it (`renamed` over a block file). Raises FsError
+        (journal_error)."""
         assert self.journal is not None
         self._journal(lambda: self.journal.add(block, path, content, base))
 
     def journal_create(self, block_id: str, path: str, location: Location,
                        content: bytes) -> None:
         """Journal the create of a new block `block_id` (provisional) at `location` with the
-        file `content`, before the tree shows it (`written`, `renamed`). Raises FsError(EIO)
-        when the journal cannot be written."""
+        file `content`, before the tree shows it (`written`, `renamed`). Raises FsError
+        (journal_error) when the journal cannot be written."""
         assert self.journal is not None
         self._journal(lambda: self.journal.add_create(block_id, path, location, content))
 
     def journal_relocations(self, moves: list[tuple[Node, Location]]) -> None:
         """Renames the server could not take now: journal each block file's move to its new
         location (one append) before the tree changes (`renamed`, `dir_renamed`). Raises
-        FsError(EIO) when the journal cannot be written."""
+        FsError (journal_error) when the journal cannot be written."""
         assert self.journal is not None
         self._journal(lambda: self.journal.add_relocations(
             (node.block.id, self.tree.path(node), self.location(node), location)
@@ -435,11 +454,14 @@ class MountState:
         server id. When nothing is pending for the block any more the node shows the server's
         block again, recorded as a local edit when it was sent; while later changes are
         pending (journaled during the replay) the node keeps showing the last of them, and
-        history hears of that again after another version."""
+        history hears of that again after another version. Raises FsError (journal_error)
+        when the journal cannot be written: then nothing changed, and the entries stay
+        pending (a replay later finds them on the server)."""
         assert self.journal is not None
         last = entries[-1]
         created = block is not None and block.id != last.block_id
-        self.journal.done(last, outcome, entries[:-1], block_id=block.id if created else None)
+        self._journal(lambda: self.journal.done(last, outcome, entries[:-1],
+                                                block_id=block.id if created else None))
         node = self.tree.block_node(last.block_id)
         if node is None or not self.shows(node, last.block_id):
             return
@@ -536,7 +558,8 @@ class MountState:
 
     def _claim_entry(self, parts: tuple[str, ...]) -> None:
         """A file appears at `parts`: the journaled unlink of a tombstone there is settled
-        first (the tombstone itself is claimed by the caller). Raises FsError(EIO)."""
+        first (the tombstone itself is claimed by the caller). Raises FsError
+        (journal_error)."""
         tomb = self.graveyard.peek(parts)
         if tomb is not None and tomb.entry is not None and self.journal is not None:
             self._journal(lambda: self.journal.done(
@@ -547,8 +570,8 @@ class MountState:
         """The linked block file `node` becomes a scratch file with the same bytes; its block
         (if sent) is gone from history at this path and retired after the grace period unless
         a file claims it back. With a journal the unlink is journaled first (a crash in the
-        grace period still retires the block at the next mount). Raises FsError(EIO) when the
-        journal cannot be written (then nothing changed)."""
+        grace period still retires the block at the next mount). Raises FsError
+        (journal_error) when the journal cannot be written (then nothing changed)."""
         parts = self.tree.parts(node)
         assert parts is not None
         location = Location.at(parts) or Location(False, "/".join(parts))
@@ -564,7 +587,8 @@ class MountState:
 
     def retired(self, entry: Entry | None, outcome: str) -> None:
         """An unlinked file's block was retired (or found gone, or refused for good): its
-        journaled unlink is settled. Raises FsError(EIO) when the journal cannot be written."""
+        journaled unlink is settled. Raises FsError (journal_error) when the journal cannot be
+        written."""
         if entry is not None and self.journal is not None:
             self._journal(lambda: self.journal.done(entry, outcome))
 

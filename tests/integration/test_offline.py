@@ -9,10 +9,12 @@ import json
 import os
 import subprocess
 import time
+import zlib
+from pathlib import Path
 
 import pytest
 
-from .conftest import block_by_label, start_mount, stop_mount, wait_for
+from .conftest import block_by_label, make_agent, start_mount, stop_mount, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +73,9 @@ def test_a_write_during_an_outage_is_journaled_then_replayed(proxied, proxy, api
     wait_for(lambda: "1 change(s) waiting for the server" in m.memfuse("status", m.agent_id)
              .stdout, 10)
     journal = m.state / "memory.journal"  # beside the history, never in the mount
-    entry = json.loads(journal.read_text().splitlines()[0])
+    checksum, line = journal.read_text().splitlines()[0].split(" ", 1)  # '<crc32> <json>'
+    assert int(checksum, 16) == zlib.crc32(line.encode())
+    entry = json.loads(line)
     assert base64.b64decode(entry["content"]) == b"Written while the server was away.\n"
     proxy.restore()
     wait_for(lambda: block_by_label(api, m.agent_id, "human")["value"]
@@ -186,3 +190,66 @@ def test_a_failed_close_keeps_its_bytes_in_history_and_leaves_no_phantom_file(mo
     shown = m.sh("git log -p --format=%s").stdout
     assert big in shown and bigger in shown  # a person gets the bytes back with git
     wait_for(lambda: m.sh("git status --porcelain").stdout == "", 10)
+
+
+@pytest.fixture
+def small_home(home):
+    """`home` with HOME on a 16 MiB tmpfs of its own (root only: fails, never skips, without
+    it), unmounted (with any mount left below it) after the test."""
+    path = Path(home["HOME"])
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs",
+                           str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, f"cannot mount a tmpfs at {path} (root needed): {done.stderr}"
+    yield home
+    subprocess.run(["umount", "-R", "-l", str(path)], check=True)
+
+
+def fill(directory: Path) -> Path:
+    """Fill the file system of `directory` with one file; returns it."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 65536)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_full_disk_is_enospc_for_the_program_and_tears_no_journal_line(api, small_home,
+                                                                        proxy):
+    agent = make_agent(api, [{"label": "human", "value": "The human.\n", "limit": 500000,
+                              "description": "About the human"}])
+    m = start_mount(agent, small_home, "--base-url", proxy.url)
+    home = Path(small_home["HOME"])
+    try:
+        proxy.cut()
+        m.sh("echo 'Journaled before the disk filled up.' > system/human.md")
+        filler = fill(home)
+        big = "A value bigger than any page the daemon frees meanwhile.\n" * 2000  # 114 KB
+        with pytest.raises(OSError) as full:
+            with open(m.path / "system/human.md", "w") as f:
+                f.write(big)
+        assert full.value.errno == errno.ENOSPC  # not EIO: the program knows the disk is full
+        filler.unlink()  # space is freed
+        m.sh("echo 'Acknowledged after the disk was freed.' > system/human.md")
+        journal = m.state / "memory.journal"
+        lines = journal.read_bytes().splitlines(keepends=True)
+        assert len(lines) == 2 and all(
+            line.endswith(b"\n") and int(line[:8], 16) == zlib.crc32(line[9:-1])
+            for line in lines)  # two whole records: no fragment of the refused one
+        assert list(m.state.glob("memory.journal.corrupt-*")) == []
+        proxy.restore()
+        wait_for(lambda: block_by_label(api, agent, "human")["value"]
+                 == "Acknowledged after the disk was freed.\n", 20)
+        stop_mount(m)
+        filler = fill(home)
+        result = m.memfuse("mount", agent, "--base-url", proxy.url, check=False)
+        assert result.returncode == 1 and not os.path.ismount(m.path)
+        assert "is full (No space left on device)" in result.stderr, result.stderr
+        assert str(m.state) in result.stderr, result.stderr  # where: the agent's state
+    finally:
+        stop_mount(m)
+        api.delete(f"/v1/agents/{agent}")
