@@ -26,7 +26,7 @@ from .journal import CREATE, RELOCATE, UNLINK, WRITE, Entry, base_of
 from .letta import LettaError, NotFound, ServerError, Unreachable
 from .model import PROVISIONAL_PREFIX, Block, Location, is_provisional
 from .ordering import NameOrder
-from .remote import FETCH_TIMEOUT, Remote, Stale, create_marker
+from .remote import FETCH_TIMEOUT, LabelTaken, Remote, Stale, create_marker
 from .state import MountState
 from .tree import Kind, Node
 
@@ -47,6 +47,13 @@ def _made(entries: list[Entry]) -> Block:
     for entry in entries:
         block = blockfile.applied(block, blockfile.parse(entry.content))
     return block
+
+
+def _blank(block: Block) -> Block:
+    """`block` as a new, empty file would have read it: the base of a write made by a file
+    that did not know the block existed (any text the block has is then a conflict)."""
+    return dataclasses.replace(block, value="", description=None,
+                               limit=blockfile.DEFAULT_LIMIT)
 
 
 def _target(entries: list[Entry]) -> blockfile.ParsedFile:
@@ -255,6 +262,8 @@ class BlockFiles:
                                                  marker=create_marker(provisional.id))
                 log.info("%s: created block %s", path, block.id)
                 return block
+            except LabelTaken as exc:
+                return await self._write_taken(exc, parsed, path, node)
             except FsError as exc:
                 self._fall_back(exc, path)
             if node is not None and (node.parent == 0 or node.kind is not Kind.BLOCK
@@ -264,6 +273,17 @@ class BlockFiles:
         self.state.journal_create(provisional.id, path, location, data)
         log.info("%s: the server is away; its create is journaled", path)
         return dataclasses.replace(provisional, tags=(self.remote.owner_tag,))
+
+    async def _write_taken(self, taken: LabelTaken, parsed: blockfile.ParsedFile, path: str,
+                           node: Node | None) -> Block:
+        """A new file whose label the agent already has (LabelTaken): the file is a write to
+        that block, under the conflict rule, as if it had been read empty (its text first goes
+        to history as the server's version). Raises FsError as `write` (Stale under reject)."""
+        theirs = taken.theirs
+        log.warning("%s: %s; the new file is written to that block (both versions are in "
+                    "history)", path, taken.reason)
+        return await self.write(theirs, parsed, path, base=_blank(theirs), node=node,
+                                budget=self._budget())
 
     async def write_now(self, block: Block, parsed: blockfile.ParsedFile, path: str,
                         base: Block | None = None) -> Block:
@@ -492,12 +512,8 @@ class BlockFiles:
             block = await self.remote.find_marked(marker, WRITE_BUDGET)
             if block is None and unlink is not None:
                 return "created and removed while the server was away", None, False, False
-            if block is None:
-                block = await self.remote.create(location, _target(contents), WRITE_BUDGET,
-                                                 marker=marker)
-                words.append("created")
-            else:  # an earlier attempt made it (no answer after its POST, or a crash)
-                # its label, if the unit moved it since; `complete` attaches it (once)
+            if block is not None:  # an earlier attempt made it (no answer after its POST,
+                # or a crash): its label, if the unit moved it since; `complete` attaches it
                 block = await self.remote.relocate(block, location.attached, location,
                                                    WRITE_BUDGET)
                 outcome, block, recorded = await self._write(block, base_of(block), contents,
@@ -505,6 +521,20 @@ class BlockFiles:
                 block = await self.remote.complete(block, location, WRITE_BUDGET)
                 words.append("created (by an earlier attempt)" + (
                     "" if outcome == "already on the server" else f", {outcome}"))
+            else:
+                try:
+                    block = await self.remote.create(location, _target(contents), WRITE_BUDGET,
+                                                     marker=marker)
+                    words.append("created")
+                except LabelTaken as taken:  # an earlier attempt whose marker is gone (the
+                    # answer to its drop was lost), or a block made elsewhere: written to it
+                    log.warning("%s: %s; the journaled file is written to that block",
+                                first.path, taken.reason)
+                    outcome, block, recorded = await self._write(
+                        taken.theirs, base_of(_blank(taken.theirs)), contents, path, node,
+                        entry_path=first.path)
+                    words.append(f"written to the block the label had ({taken.theirs.id}): "
+                                 f"{outcome}")
             sent, moves = True, []
         else:
             block = await self.remote.fetch_now(first.block_id, WRITE_BUDGET)

@@ -259,6 +259,17 @@ class LettaClient:
         of retries (default: the client's retry_budget); on_page as for list_owned_blocks."""
         return await self._paginate("/v1/blocks/", {"tags": tag}, budget, on_page)
 
+    async def list_labelled_blocks(self, tag: str, label: str, *,
+                                   budget: float | None = None) -> list[Block]:
+        """The blocks tagged `tag` whose label is `label` (`GET /v1/blocks/?tags=<tag>&label=
+        <label>`, paginated), oldest first. budget: as for list_tagged_blocks."""
+        return await self._paginate("/v1/blocks/", {"tags": tag, "label": label}, budget)
+
+    async def delete_block(self, block_id: str, *, budget: float | None = None) -> None:
+        """`DELETE /v1/blocks/{block_id}` (idempotent: repeated until answered within `budget`
+        seconds; default: the client's retry_budget). NotFound when it is gone already."""
+        await self._request("DELETE", f"/v1/blocks/{block_id}", budget=budget)
+
     async def count_owned_blocks(self, agent_id: str, *, budget: float | None = None) -> int:
         """How many blocks are tagged `owner:<agent_id>`: `GET /v1/blocks/count?tags=...`
         (an integer). budget: seconds of retries (default: the client's retry_budget)."""

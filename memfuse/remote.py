@@ -15,7 +15,7 @@ from typing import Any, Callable
 import trio
 
 from . import blockfile
-from .errors import FsError, from_letta
+from .errors import FsError, ServerRefused, from_letta
 from .letta import (BadRequest, Conflict, Invalid, LettaClient, LettaError, NotFound,
                     Unauthorized)
 from .model import Block, Location
@@ -38,6 +38,18 @@ class Stale(FsError):
 
     def __init__(self, reason: str, theirs: Block):
         super().__init__(errno.ESTALE, reason)
+        self.theirs = theirs
+
+
+class LabelTaken(FsError):
+    """A new block's label is taken under the agent by the block `theirs`: the 409 of its
+    attach, or a block the agent owns with that label already (an earlier attempt whose
+    answer was lost, or a block made elsewhere). The block this create made, if any, is
+    deleted first: it was never complete, so nobody else has seen it as a file."""
+
+    def __init__(self, theirs: Block):
+        super().__init__(errno.EEXIST, f"the agent already has a block labelled "
+                                       f"{theirs.label} ({theirs.id})")
         self.theirs = theirs
 
 
@@ -210,13 +222,45 @@ class Remote:
         block carries until it is complete (attached), so that a create repeated after a
         failure finds the block the first attempt made (`find_marked`) instead of making a
         second; dropped at the end. budget: seconds of retries (default: the client's).
-        Raises FsError: EINVAL (read_only set), EFBIG, EEXIST (an attached block has the
-        label), ServerAway, or the errno of a server refusal."""
+
+        A label has one block: a detached one is looked for first among the agent's own
+        blocks (`GET /v1/blocks/?tags=owner:<agent>&label=...`), an attached one is found by
+        the 409 of the attach; either way LabelTaken is raised with that block (never
+        retried). A refusal after the POST deletes the block it made, so a create that fails
+        leaves no live block; no answer (ServerAway) leaves it, marked, for the next attempt.
+        Raises FsError: EINVAL (read_only set), EFBIG, LabelTaken, ServerAway, or the errno
+        of a server refusal."""
         made = self.new_block("", location, parsed)
+        if not location.attached:
+            taken = await self._call(self.client.list_labelled_blocks(
+                self.owner_tag, location.label, budget=budget), changes=False)
+            if taken:
+                raise LabelTaken(taken[0])
         block = await self._call(self.client.create_block(
             label=made.label, value=made.value, description=made.description, limit=made.limit,
             tags=[self.owner_tag, *([marker] if marker else [])], budget=budget))
-        return await self.complete(block, location, budget)
+        try:
+            return await self.complete(block, location, budget)
+        except ServerRefused as exc:
+            theirs = None
+            if exc.status == 409 and location.attached:
+                theirs = next((b for b in await self._call(self.client.list_attached_blocks(
+                    self.agent_id, budget=budget), changes=False)
+                    if b.label == location.label and b.id != block.id), None)
+            await self._discard(block, budget)
+            if theirs is not None:
+                raise LabelTaken(theirs) from None
+            raise
+
+    async def _discard(self, block: Block, budget: float | None) -> None:
+        """Delete a block this mount made whose create failed (never complete, never a file):
+        `DELETE /v1/blocks/{id}`; a failure is logged, not raised."""
+        try:
+            await self._call(self.client.delete_block(block.id, budget=budget))
+        except FsError as exc:
+            if exc.errno != errno.ESTALE:
+                log.error("block %s: made by a create that failed, and it could not be "
+                          "deleted (%s); it is tagged %s", block.id, exc.reason, self.owner_tag)
 
     async def complete(self, block: Block, location: Location, budget: float | None = None
                        ) -> Block:

@@ -10,6 +10,7 @@ import json
 import random
 import re
 import uuid
+from typing import Callable
 
 import httpx
 import trio
@@ -25,6 +26,9 @@ class FakeLetta:
         self.fail_next: list[int] = []  # statuses to answer with before serving normally
         self.fail_paths: dict[str, int] = {}  # path -> status for every request to it
         self.down = False  # True: every request fails to connect, as with a stopped server
+        # (method, path, body) -> bool: the server acts on the first matching request, then its
+        # answer is lost (a read timeout) and the fake goes down, as when a link dies mid-call
+        self.lose_answer: Callable[[str, str, dict | None], bool] | None = None
         self.latency: float | None = None  # seconds each answer takes (trio sleep), or random
         self.random_latency: tuple[random.Random, float] | None = None  # (rng, max seconds)
         self._ids = itertools.count(1)
@@ -66,6 +70,11 @@ class FakeLetta:
         """The server acts when the request arrives; its answer takes `latency` seconds (or a
         random time up to the max of `random_latency`) to come back."""
         response = self._handle(request)
+        body = json.loads(request.content) if request.content else None
+        if (self.lose_answer is not None and response.status_code < 400
+                and self.lose_answer(request.method, request.url.path, body)):
+            self.lose_answer, self.down = None, True
+            raise httpx.ReadTimeout("the answer was lost (fake)", request=request)
         delay = self.latency
         if self.random_latency is not None:
             rng, most = self.random_latency
@@ -103,8 +112,9 @@ class FakeLetta:
             return httpx.Response(200, json=sum(1 for b in self.blocks.values()
                                                 if params.get("tags") in b["tags"]))
         if path == "/v1/blocks/" and request.method == "GET":
-            tag = params.get("tags")
-            return self._page([b for b in self.blocks.values() if tag in b["tags"]], params)
+            tag, label = params.get("tags"), params.get("label")
+            return self._page([b for b in self.blocks.values() if tag in b["tags"]
+                               and label in (None, b["label"])], params)
         if path == "/v1/blocks/" and request.method == "POST":
             block_id = self.add_block(body["label"], body.get("value", ""),
                                       description=body.get("description"),
@@ -131,5 +141,10 @@ class FakeLetta:
                 return httpx.Response(404, json={"detail": "Block not found"})
             if request.method == "PATCH":
                 block.update(body)
+            if request.method == "DELETE":
+                del self.blocks[m[1]]
+                for attached in self.agents.values():
+                    if m[1] in attached:
+                        attached.remove(m[1])
             return httpx.Response(200, json=block)
         return httpx.Response(404, json={"detail": f"no route {request.method} {path}"})

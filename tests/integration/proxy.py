@@ -23,6 +23,12 @@ class Proxy:
         self._listener: socket.socket | None = None
         self.connections = 0  # accepted so far
         self.delay = 0.0  # seconds added before each answer starts coming back (a slow server)
+        # lose_answer(request bytes) -> bool: for the first request it matches, the server acts
+        # but its answer is dropped, every connection reset and new ones refused for
+        # `outage` seconds (a link that dies just after the server acted)
+        self.lose_answer = None
+        self.outage = 5.0
+        self.lost = 0  # answers lost so far
         self.restore()
 
     @property
@@ -82,6 +88,7 @@ class Proxy:
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
         peers = {a: b, b: a}
         asked = False  # the client sent bytes the server has not begun to answer
+        request = b""  # the bytes of the request being answered
         try:
             while True:
                 readable, _, _ = select.select(list(peers), [], [], 1.0)
@@ -89,8 +96,18 @@ class Proxy:
                     data = sock.recv(65536)
                     if not data:
                         return
-                    if sock is b and asked and self.delay:
-                        time.sleep(self.delay)  # the first bytes of an answer: hold them
+                    if sock is b and asked:  # the first bytes of an answer
+                        rule = self.lose_answer
+                        if rule is not None and rule(request):
+                            self.lose_answer = None
+                            self.lost += 1
+                            self.cut()
+                            threading.Timer(self.outage, self.restore).start()
+                            return
+                        if self.delay:
+                            time.sleep(self.delay)
+                    if sock is a:
+                        request = data if not asked else request + data
                     asked = sock is a
                     peers[sock].sendall(data)
                 with self._lock:

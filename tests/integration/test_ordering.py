@@ -5,6 +5,7 @@ exits 0 loses its text. The long form (20 runs each) is in scripts/chaos --order
 """
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
@@ -93,3 +94,32 @@ def test_two_processes_creating_one_name_make_one_block(m, api):
     for p in names:  # the later close wins; both texts are in history
         wait_for(lambda: {"+one", "+two"} <= set(
             m.sh(f"git log -p --format= -- {p}").stdout.splitlines()), timeout=15)
+
+
+def _marker_drop(request: bytes) -> bool:
+    return (request.startswith(b"PATCH /v1/blocks/") and b'"tags"' in request
+            and b"memfuse-create:" not in request)
+
+
+def test_a_lost_answer_to_a_creates_last_step_stalls_nothing(agent, home, proxy, api):
+    """Issue 17's repro: the PATCH that drops a create's marker tag takes effect, its answer is
+    lost and the link is down for 5 s. The create is journaled; at replay it finds its block
+    by its label (the 409 of the attach), the journal empties, and one block has the label."""
+    m = start_mount(agent, home, "--base-url", proxy.url)
+    try:
+        proxy.lose_answer = _marker_drop
+        m.sh("echo x > system/new.md; echo y > system/human.md")
+        assert proxy.lost == 1
+        wait_for(lambda: block_value(api, agent, "human") == "y\n", timeout=30)
+        wait_for(lambda: re.search(r"journal\s+empty", m.memfuse("status").stdout), timeout=30)
+        [block] = blocks_labelled(api, agent, "new")
+        assert block["value"] == "x\n" and block["id"] in attached_ids(api, agent)
+        assert not any(t.startswith("memfuse-create:") for t in block["tags"])
+        assert (m.path / "system/new.md").read_text().endswith("x\n")
+    finally:
+        stop_mount(m)
+
+
+def block_value(api, agent_id: str, label: str) -> str | None:
+    found = blocks_labelled(api, agent_id, label)
+    return found[0]["value"] if found else None

@@ -1,0 +1,104 @@
+"""Every create is idempotent, whatever answer is lost (issue 17 point 1; SEMANTICS.md,
+"Ordering"): a label has one block, a 409 is resolved and never retried, and a create that
+failed leaves no live block. FUSE operations over the fake API, which can act on a request and
+then lose its answer (the link going down with it).
+"""
+import os
+
+import pyfuse3
+import pytest
+
+from memfuse.model import Origin
+from memfuse.poller import Poller
+from memfuse.tree import ROOT_INODE
+
+from .fsworld import inode_of, read_all
+
+
+def _is_marker_drop(method: str, path: str, body) -> bool:
+    return (method == "PATCH" and path.startswith("/v1/blocks/") and body is not None
+            and "tags" in body and not any(t.startswith("memfuse-create:") for t in body["tags"]))
+
+
+async def _new_file(world, path: str, data: bytes) -> None:
+    parent, _, name = path.rpartition("/")
+    parent_inode = await inode_of(world.fs, parent) if parent else ROOT_INODE
+    info, _ = await world.fs.create(parent_inode, name.encode(), 0o644,
+                                    os.O_WRONLY | os.O_CREAT | os.O_TRUNC, None)
+    await world.fs.write(info.fh, 0, data)
+    await world.fs.flush(info.fh)
+    await world.fs.release(info.fh)
+
+
+async def _server_back(world) -> None:
+    world.fake.down = False
+    assert await Poller(world.state, world.remote).poll_once()
+    assert await world.files.replay(), world.files.last_replay
+    assert world.journal.pending() == []
+
+
+def _live(world, label: str) -> list[dict]:
+    owner = f"owner:{world.agent}"
+    attached = world.fake.agents[world.agent]
+    return [b for b in world.fake.by_label(label) if owner in b["tags"] or b["id"] in attached]
+
+
+@pytest.mark.parametrize("path", ["system/new.md", "new.md"])
+async def test_a_lost_answer_to_the_marker_drop_makes_no_second_block(world, path):
+    world.fake.lose_answer = _is_marker_drop  # the drop happens; its answer never comes
+    await _new_file(world, path, b"x\n")  # close returns: the create is journaled
+    assert [e.kind for e in world.journal.pending()] == ["create"]
+    await _server_back(world)
+    [block] = _live(world, "new")
+    assert block["value"] == "x\n" and not any(t.startswith("memfuse-create:")
+                                               for t in block["tags"])
+    assert (block["id"] in world.fake.agents[world.agent]) == path.startswith("system/")
+    assert (await read_all(world.fs, path)).endswith(b"x\n")
+
+
+async def test_a_write_journaled_behind_a_stuck_create_is_sent(world):
+    world.fake.lose_answer = _is_marker_drop
+    await _new_file(world, "system/new.md", b"x\n")
+    info = await world.fs.open(await inode_of(world.fs, "system/human.md"), os.O_WRONLY
+                               | os.O_TRUNC, None)
+    await world.fs.write(info.fh, 0, b"y\n")
+    await world.fs.flush(info.fh)
+    await world.fs.release(info.fh)
+    await _server_back(world)  # replay empties the journal: nothing stalls behind the create
+    assert world.fake.blocks[world.ids["human"]]["value"] == "y\n"
+    assert len(_live(world, "new")) == 1
+
+
+async def test_a_new_file_whose_label_the_agent_has_already_is_written_to_that_block(world):
+    theirs = world.fake.add_block("taken", "theirs\n", agent=world.agent)  # not polled yet
+    await _new_file(world, "system/taken.md", b"mine\n")
+    [block] = _live(world, "taken")
+    assert block["id"] == theirs and block["value"] == "mine\n"
+    versions = [(c, o) for p, c, o in world.records if p == "system/taken.md"]
+    assert versions[0][1] is Origin.SERVER and versions[0][0].endswith(b"theirs\n")
+    assert versions[-1][1] is Origin.LOCAL and versions[-1][0].endswith(b"mine\n")
+
+
+async def test_a_detached_label_the_agent_owns_already_gets_no_second_block(world):
+    theirs = world.fake.add_block("own", "theirs\n", agent=world.agent, attached=False,
+                                  tags=[f"owner:{world.agent}"])
+    await _new_file(world, "own.md", b"mine\n")
+    [block] = _live(world, "own")
+    assert block["id"] == theirs and block["value"] == "mine\n"
+
+
+async def test_a_create_refused_after_its_post_leaves_no_live_block(world):
+    world.fake.fail_paths = {}
+    original = world.fake._handle
+
+    def refuse_attach(request):
+        if "/attach/" in request.url.path:
+            return __import__("httpx").Response(422, json={"detail": "refused (fake)"})
+        return original(request)
+
+    world.fake._handle = refuse_attach
+    with pytest.raises(pyfuse3.FUSEError):
+        await _new_file(world, "system/no.md", b"x\n")
+    assert world.fake.by_label("no") == []  # the POSTed block was deleted
+    assert "system/no.md" not in world.state.tree.files()
+    assert ("system/no.md", b"x\n", Origin.REJECTED) in world.records
