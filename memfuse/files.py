@@ -241,6 +241,37 @@ class BlockFiles:
                 log.error("%s: block %s was made for a file removed meanwhile and could not "
                           "be retired (%s)", path, block.id, exc.reason)
 
+    async def append(self, node: Node, added: bytes) -> None:
+        """Add the bytes `added` (what an O_APPEND handle wrote) to the end of the block file
+        `node`'s value as the server has it now (`GET /v1/blocks/{id}`, then one PATCH), not as
+        it was when the file was opened: appenders, and the agent's own edits meanwhile, all
+        keep their text, in the order of the closes. Not a conflict. With the server away (or
+        a journal waiting) the file as the mount shows it plus `added` is journaled instead.
+        Raises FsError: EINVAL (not UTF-8), EFBIG (past the limit), as `send`."""
+        try:
+            text = added.decode("utf-8")
+        except UnicodeDecodeError:
+            raise FsError(errno.EINVAL, "the appended bytes are not valid UTF-8") from None
+        block_id = node.block.id
+        async with self._order(block_id):
+            if not self.state.shows(node, block_id) or node.block is None:
+                log.info("%s: removed while its append waited; it stays local", node.name)
+                return
+            if not self.offline() and not is_provisional(node.block.id):
+                try:
+                    current = await self.remote.fetch_now(node.block.id, self._budget())
+                    parsed = blockfile.ParsedFile(value=current.value + text, fields={},
+                                                  has_frontmatter=False)
+                    block = await self.write(current, parsed, self.tree.path(node), None, node,
+                                             budget=self._budget())
+                except ServerAway as exc:
+                    self._fall_back(exc, self.tree.path(node))
+                else:
+                    self.state.written(node, block)
+                    return
+            data = bytes(node.content) + added
+            self._journal(node, blockfile.parse(data), data, node.block)
+
     def _real(self, block_id: str) -> str:
         journal = self.state.journal
         return journal.real_id(block_id) if journal is not None else block_id

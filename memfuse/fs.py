@@ -66,7 +66,9 @@ class OpenFile:
     written: bool = False
     written_at: float = 0.0
     refused: int | None = None  # errno of a refused write: the handle then never sends
-    append: bool = False  # opened with O_APPEND: every write goes to the end    attempted: bytes | None = None  # what the refused write would have made (kept in history)
+    append: bool = False  # opened with O_APPEND: every write goes to the end
+    added: bytearray | None = None  # O_APPEND without O_TRUNC, never truncated: the bytes
+    # written since the last send, which go to the end of the block as the server has it then    attempted: bytes | None = None  # what the refused write would have made (kept in history)
 
 
 @dataclass(eq=False)
@@ -267,6 +269,7 @@ class MemoryFs(pyfuse3.Operations):
         del data[size:]
         data.extend(b"\0" * (size - len(data)))
         handle.data, handle.dirty, handle.written_at = data, True, trio.current_time()
+        handle.added = None  # no longer only added bytes: the whole file is sent
 
     async def opendir(self, inode, ctx):
         """FUSE opendir: snapshot the entries, so readdir offsets stay stable."""
@@ -394,8 +397,10 @@ class MemoryFs(pyfuse3.Operations):
             if truncate:
                 self.state.scratch_truncate(node, 0)
         else:
-            handle = OpenFile(node, node.content, writable, base=node.block,
-                              append=bool(flags & os.O_APPEND))
+            append = bool(flags & os.O_APPEND)
+            handle = OpenFile(node, node.content, writable, base=node.block, append=append,
+                              added=bytearray() if append and writable and not truncate
+                              else None)
             keep_cache = self._pages.opened(node.inode, fh, node.version, writable)
             if truncate:
                 self._resize(handle, 0)
@@ -471,6 +476,8 @@ class MemoryFs(pyfuse3.Operations):
             raise
         handle.data = data
         handle.dirty, handle.written, handle.written_at = True, True, trio.current_time()
+        if handle.added is not None:
+            handle.added += buf
         return len(buf)
 
     @staticmethod
@@ -488,7 +495,11 @@ class MemoryFs(pyfuse3.Operations):
         try:
             if node.kind is Kind.BLOCK:
                 try:
-                    await self.files.send(node, bytes(handle.data), handle.base)
+                    if handle.added is not None and node.block is not None:
+                        await self.files.append(node, bytes(handle.added))
+                        handle.added = bytearray()
+                    else:
+                        await self.files.send(node, bytes(handle.data), handle.base)
                 except Stale:
                     raise  # both versions are in history already
                 except FsError:

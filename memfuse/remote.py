@@ -161,9 +161,10 @@ class Remote:
         return await self._observed(self.client.get_block(block_id, budget=0,
                                                           timeout=FETCH_TIMEOUT))
 
-    async def fetch_now(self, block_id: str, budget: float) -> Block:
-        """`GET /v1/blocks/{id}` with `budget` seconds of retries, whatever `reachable` says (a
-        replay asks). Raises FsError: ServerAway, ESTALE when the block is gone."""
+    async def fetch_now(self, block_id: str, budget: float | None) -> Block:
+        """`GET /v1/blocks/{id}` with `budget` seconds of retries (None: the client's), whatever
+        `reachable` says (a replay, an append). Raises FsError: ServerAway, ESTALE when the
+        block is gone."""
         return await self._call(self.client.get_block(block_id, budget=budget), changes=False)
 
     async def update(self, block: Block, parsed: blockfile.ParsedFile,
@@ -234,6 +235,10 @@ class Remote:
         if not location.attached:
             taken = await self._call(self.client.list_labelled_blocks(
                 self.owner_tag, location.label, budget=budget), changes=False)
+            if taken:  # one attached (system/<label>.md) is another file: not this label's
+                attached = {b.id for b in await self._call(self.client.list_attached_blocks(
+                    self.agent_id, budget=budget), changes=False)}
+                taken = [b for b in taken if b.id not in attached]
             if taken:
                 raise LabelTaken(taken[0])
         block = await self._call(self.client.create_block(

@@ -102,3 +102,9 @@ async def test_a_create_refused_after_its_post_leaves_no_live_block(world):
     assert world.fake.by_label("no") == []  # the POSTed block was deleted
     assert "system/no.md" not in world.state.tree.files()
     assert ("system/no.md", b"x\n", Origin.REJECTED) in world.records
+
+
+async def test_an_attached_block_with_the_label_does_not_take_a_detached_file(world):
+    await _new_file(world, "system/same.md", b"attached\n")
+    await _new_file(world, "same.md", b"detached\n")
+    assert sorted(b["value"] for b in _live(world, "same")) == ["attached\n", "detached\n"]

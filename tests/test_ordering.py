@@ -188,3 +188,39 @@ async def test_a_directory_renamed_while_files_are_created_inside_relabels_them_
     assert {p for p, c in history.items() if c is not None and "/f" in p} == {
         p for p in files if "/f" in p}
     assert all(o is not Origin.REJECTED for _p, _c, o in slow.records)
+
+
+async def _append_lines(fs, path: str, lines: list[bytes], nursery) -> None:
+    """One shell's `echo line >> path`, line after line: open(O_APPEND), write at the offset
+    the kernel has cached (the size this handle saw at open), close."""
+    for line in lines:
+        fh = await _open(fs, path, os.O_WRONLY | os.O_APPEND)
+        seen = (await fs.getattr(await inode_of(fs, path), None)).st_size
+        await fs.write(fh, seen, line)
+        await _close(fs, fh, nursery)
+
+
+async def test_three_appenders_keep_every_line_in_each_ones_order(slow, nursery):
+    fs = slow.fs
+    async with trio.open_nursery() as shells:
+        for n in range(3):
+            shells.start_soon(_append_lines, fs, "system/human.md",
+                              [f"shell {n} line {i}\n".encode() for i in range(10)], nursery)
+    value = slow.fake.blocks[slow.ids["human"]]["value"]
+    lines = value.splitlines()
+    assert lines[0] == "The human." and len(lines) == 31
+    for n in range(3):
+        mine = [line for line in lines if line.startswith(f"shell {n} ")]
+        assert mine == [f"shell {n} line {i}" for i in range(10)]
+
+
+async def test_an_api_edit_while_an_append_is_open_is_kept_before_the_appended_line(slow,
+                                                                                   nursery):
+    fs = slow.fs
+    fh = await _open(fs, "system/human.md", os.O_WRONLY | os.O_APPEND)
+    await fs.write(fh, 0, b"appended\n")
+    slow.fake.blocks[slow.ids["human"]]["value"] = "Edited through the API.\n"
+    await _close(fs, fh, nursery)
+    assert slow.fake.blocks[slow.ids["human"]]["value"] == "Edited through the API.\nappended\n"
+    assert (await read_all(fs, "system/human.md")).endswith(
+        b"Edited through the API.\nappended\n")

@@ -55,7 +55,8 @@ def test_touch_then_append_lands_in_the_one_block(m, api):
             (False, f"shell {n}\n"), (True, f"shell {n}\n")]
 
 
-def test_python_create_then_append_never_gives_eexist(m, api):
+def test_python_create_then_append_never_gives_eexist(mount, api):
+    m = mount
     script = ("import sys\n"
               "for n in range(5):\n"
               "    p = f'system/py{n}.md'\n"
@@ -80,7 +81,8 @@ def test_touch_then_mv_and_touch_then_rm(m, api):
     assert (m.path / "n.md").read_text().endswith("test\n")
 
 
-def test_two_processes_creating_one_name_make_one_block(m, api):
+def test_two_processes_creating_one_name_make_one_block(mount, api):
+    m = mount
     names = [f"{d}c{n}.md" for d in ("system/", "") for n in range(3)]
     script = "\n".join(
         f"python3 -c \"open('{p}', 'w').write('one\\n')\" & "
@@ -123,3 +125,36 @@ def test_a_lost_answer_to_a_creates_last_step_stalls_nothing(agent, home, proxy,
 def block_value(api, agent_id: str, label: str) -> str | None:
     found = blocks_labelled(api, agent_id, label)
     return found[0]["value"] if found else None
+
+
+APPENDER = """
+import os, sys
+n, count = sys.argv[1], int(sys.argv[2])
+for i in range(count):
+    fd = os.open("system/human.md", os.O_WRONLY | os.O_APPEND)
+    os.write(fd, f"shell {n} line {i}\\n".encode())
+    os.close(fd)  # raises if the close failed
+"""
+
+
+def test_three_appenders_keep_every_line(mount, api):
+    m = mount
+    count = 20  # scripts/chaos --ordering runs 100 each
+    procs = [subprocess.Popen(["python3", "-c", APPENDER, str(n), str(count)], cwd=m.path,
+                              stderr=subprocess.PIPE, text=True) for n in range(3)]
+    for p in procs:
+        assert p.wait(timeout=240) == 0, p.stderr.read()
+    lines = block_value(api, m.agent_id, "human").splitlines()
+    assert len(lines) == 1 + 3 * count
+    for n in range(3):
+        assert [x for x in lines if x.startswith(f"shell {n} ")] == [
+            f"shell {n} line {i}" for i in range(count)]
+
+
+def test_an_api_edit_while_an_append_is_open_is_kept(mount, api):
+    block = blocks_labelled(api, mount.agent_id, "human")[0]
+    with open(mount.path / "system/human.md", "a") as f:
+        f.write("appended\n")
+        f.flush()  # the bytes reach the daemon's handle; the close sends them
+        api.patch(f"/v1/blocks/{block['id']}", json={"value": "Edited.\n"}).raise_for_status()
+    assert block_value(api, mount.agent_id, "human") == "Edited.\nappended\n"
