@@ -44,6 +44,11 @@ DIR_ATTR_TIMEOUT = 1.0
 ENTRY_TIMEOUT = 60.0
 BLOCK_SIZE = 4096
 MAX_BLOCK_FILE = 64 << 20  # bytes: no block file grows past this in the daemon's memory
+# Seconds after a writer closed during which a reader's reads bypass the kernel's size and pages
+# (direct_io): a save in place (O_TRUNC) makes the kernel set the size to 0 at its open, and a
+# reader whose read follows would get a cut or empty version. Outside this window readers use
+# the page cache (keep_cache), as warm reads need.
+WRITER_WINDOW = 2.0
 
 
 @dataclass(eq=False)
@@ -67,6 +72,7 @@ class OpenFile:
     written_at: float = 0.0
     refused: int | None = None  # errno of a refused write: the handle then never sends
     append: bool = False  # opened with O_APPEND: every write goes to the end
+    pid: int | None = None  # the process that opened it: it alone sees this handle's size
     added: bytearray | None = None  # O_APPEND without O_TRUNC, never truncated: the bytes
     # written since the last send, which go to the end of the block as the server has it then    attempted: bytes | None = None  # what the refused write would have made (kept in history)
 
@@ -120,6 +126,7 @@ class MemoryFs(pyfuse3.Operations):
         self._pages = PageCache()  # what the kernel's page cache holds: keep_cache at open
         self._dirs: dict[int, tuple[int, list[tuple[str, int]]]] = {}  # fh -> (dir, entries)
         self._next_fh = 1
+        self._writer_closed: dict[int, float] = {}  # inode -> trio time its last writer closed
         self._uid, self._gid = os.getuid(), os.getgid()
 
     # -- helpers -------------------------------------------------------------------------------
@@ -144,14 +151,36 @@ class MemoryFs(pyfuse3.Operations):
         fh, self._next_fh = self._next_fh, self._next_fh + 1
         return fh
 
-    def _size(self, node: Node) -> int:
-        writers = [f for f in self._files.values()
-                   if f.node is node and isinstance(f, OpenFile) and f.dirty]
-        if writers:
-            return len(max(writers, key=lambda f: f.written_at).data)
+    def _writers(self, node: Node) -> list[OpenFile]:
+        return [f for f in self._files.values()
+                if f.node is node and isinstance(f, OpenFile) and f.writable]
+
+    def _being_written(self, node: Node) -> bool:
+        """Whether a handle writes `node` now, or closed less than WRITER_WINDOW seconds ago: a
+        program saving in place again and again (O_TRUNC, write, close) moves the kernel's
+        size between a reader's open and its read."""
+        if self._writers(node):
+            return True
+        closed = self._writer_closed.get(node.inode)
+        if closed is None:
+            return False
+        if trio.current_time() - closed < WRITER_WINDOW:
+            return True
+        del self._writer_closed[node.inode]
+        return False
+
+    def _size(self, node: Node, pid: int | None) -> int:
+        """st_size as process `pid` sees it: its own unsent writes' size when it writes the
+        file, else the last version closed (what every other process reads)."""
+        mine = [f for f in self._writers(node) if f.dirty and f.pid == pid]
+        if mine:
+            return len(max(mine, key=lambda f: f.written_at).data)
         return self.state.size(node)
 
-    def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
+    def _attr(self, node: Node, ctx=None) -> pyfuse3.EntryAttributes:
+        """The attributes of `node` as the process of `ctx` (a FUSE request's context; None:
+        no process in particular) sees them: see `_size`."""
+        pid = ctx.pid if ctx is not None else None
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = node.inode
         attr.st_nlink = 1
@@ -167,11 +196,12 @@ class MemoryFs(pyfuse3.Operations):
             attr.st_size = len(node.content)
         elif node.kind is Kind.SCRATCH:
             attr.st_mode = stat.S_IFREG | (node.mode & 0o7777)
-            attr.st_size = self._size(node)
+            attr.st_size = self._size(node, pid)
         else:
             attr.st_mode = stat.S_IFREG | (0o444 if node.read_only else 0o644)
-            attr.st_size = self._size(node)
-            if node.kind is Kind.BLOCK:
+            attr.st_size = self._size(node, pid)
+            if node.kind is Kind.BLOCK and not self._writers(node):
+                # while a handle writes it, sizes differ by process: the kernel must ask
                 attr.attr_timeout = BLOCK_ATTR_TIMEOUT
         attr.st_blocks = (attr.st_size + 511) // 512
         attr.st_blksize = BLOCK_SIZE
@@ -181,10 +211,11 @@ class MemoryFs(pyfuse3.Operations):
         attr.entry_timeout = ENTRY_TIMEOUT
         return attr
 
-    def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
-        """Attributes of an entry handed to the kernel (which then holds a lookup on it)."""
+    def _entry(self, node: Node, ctx=None) -> pyfuse3.EntryAttributes:
+        """Attributes of an entry handed to the kernel (which then holds a lookup on it), as
+        the process of `ctx` sees them."""
         self.state.looked_up(node)
-        return self._attr(node)
+        return self._attr(node, ctx)
 
     def _dir(self, inode: int) -> Node:
         node = self._node(inode)
@@ -199,13 +230,13 @@ class MemoryFs(pyfuse3.Operations):
         parent = self._dir(parent_inode)
         name = os.fsdecode(name)
         if name == ".":
-            return self._entry(parent)
+            return self._entry(parent, ctx)
         if name == "..":
-            return self._entry(self._node(parent.parent))
+            return self._entry(self._node(parent.parent), ctx)
         child = self.tree.child(parent, name)
         if child is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._entry(child)
+        return self._entry(child, ctx)
 
     async def forget(self, inode_list):
         """FUSE forget: drop the kernel's lookups; unlinked nodes with none left are freed."""
@@ -214,8 +245,9 @@ class MemoryFs(pyfuse3.Operations):
             self._pages.forget(inode)  # the kernel may drop its pages with the inode
 
     async def getattr(self, inode, ctx=None):
-        """FUSE getattr: attributes from memory (exact st_size; the pending write's size)."""
-        return self._attr(self._node(inode))
+        """FUSE getattr: attributes from memory (exact st_size: the last version closed, or to
+        a process writing the file, its own unsent writes' size)."""
+        return self._attr(self._node(inode), ctx)
 
     async def setattr(self, inode, attr, fields, fh, ctx):
         """FUSE setattr: size = truncate (buffered with fh, else one PATCH now); mtime kept in
@@ -228,7 +260,7 @@ class MemoryFs(pyfuse3.Operations):
         if fields.update_mtime:
             self.state.set_mtime(node, attr.st_mtime_ns)
         # chown, atime, a block's mode: accepted, nothing sent.
-        return self._attr(node)
+        return self._attr(node, ctx)
 
     async def _truncate(self, node: Node, size: int, handle: OpenFile | ScratchFile | None
                         ) -> None:
@@ -386,26 +418,30 @@ class MemoryFs(pyfuse3.Operations):
 
     # -- files ---------------------------------------------------------------------------------
 
-    def _open_handle(self, node: Node, flags: int) -> pyfuse3.FileInfo:
+    def _open_handle(self, node: Node, flags: int, ctx=None) -> pyfuse3.FileInfo:
         writable = (flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
         truncate = writable and flags & os.O_TRUNC  # libfuse 3 passes O_TRUNC here
         handle: OpenFile | ScratchFile
         fh = self._fh()
-        keep_cache = False
+        keep_cache = direct_io = False
         if node.kind is Kind.SCRATCH:
             handle = ScratchFile(node, writable)
             if truncate:
                 self.state.scratch_truncate(node, 0)
         else:
             append = bool(flags & os.O_APPEND)
+            # a reader while another handle writes: its reads come from its own snapshot, past
+            # the kernel's size and pages, which the writer's O_TRUNC and writes have moved
+            direct_io = not writable and node.kind is Kind.BLOCK and self._being_written(node)
             handle = OpenFile(node, node.content, writable, base=node.block, append=append,
                               added=bytearray() if append and writable and not truncate
-                              else None)
+                              else None, pid=ctx.pid if ctx is not None else None)
             keep_cache = self._pages.opened(node.inode, fh, node.version, writable)
             if truncate:
                 self._resize(handle, 0)
         self._files[fh] = handle
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache and not direct_io,
+                                direct_io=direct_io)
 
     async def open(self, inode, flags, ctx):
         """FUSE open: revalidate a block older than the window, then snapshot its bytes for this
@@ -420,7 +456,7 @@ class MemoryFs(pyfuse3.Operations):
         if node.kind is Kind.BLOCK:
             await self.files.order.settled(node.inode)  # a new file: after its create
             await self.files.revalidate(node)
-        return self._open_handle(node, flags)
+        return self._open_handle(node, flags, ctx)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         """FUSE create: a new file, open (Namespace.create); a block file starts empty. A name
@@ -428,13 +464,13 @@ class MemoryFs(pyfuse3.Operations):
         O_EXCL."""
         existing = self.tree.child(self._dir(parent_inode), os.fsdecode(name))
         if existing is not None and not flags & os.O_EXCL and existing.kind is not Kind.DIR:
-            return await self.open(existing.inode, flags, ctx), self._entry(existing)
+            return await self.open(existing.inode, flags, ctx), self._entry(existing, ctx)
         node = self._in_dir(parent_inode, name, self.namespace.create, new=True)
         self.state.set_mode(node, mode)
-        info = self._open_handle(node, flags)
+        info = self._open_handle(node, flags, ctx)
         if node.kind is Kind.BLOCK:  # a new (or re-created) block file: empty until written
             self._resize(self._files[info.fh], 0)
-        return info, self._entry(node)
+        return info, self._entry(node, ctx)
 
     async def read(self, fh, off, size):
         """FUSE read: up to `size` bytes at `off` from the handle's bytes (a scratch file's
@@ -540,6 +576,8 @@ class MemoryFs(pyfuse3.Operations):
         handle = self._files.pop(fh)
         if isinstance(handle, OpenFile):
             self._pages.released(handle.node.inode, fh)
+            if handle.writable:
+                self._writer_closed[handle.node.inode] = trio.current_time()
             if handle.written or handle.refused is not None:
                 # the kernel sized the file by this handle's writes; what it shows may differ
                 self.state.invalidator.attributes(handle.node.inode)

@@ -11,7 +11,9 @@ from types import SimpleNamespace
 
 import pyfuse3
 import pytest
+import trio
 
+from memfuse.fs import WRITER_WINDOW
 from memfuse.model import Origin
 from memfuse.tree import ROOT_INODE
 
@@ -81,13 +83,39 @@ async def test_changed_frontmatter_fields_are_sent(world):
 async def test_size_while_writing_is_the_buffer(world):
     fs = world.fs
     inode = await inode_of(fs, "system/human.md")
-    info = await fs.open(inode, os.O_RDWR, None)
+    writer, reader = SimpleNamespace(pid=10), SimpleNamespace(pid=11)
+    info = await fs.open(inode, os.O_RDWR, writer)
     await fs.write(info.fh, len(HUMAN), b"more text\n")
-    assert (await fs.getattr(inode, None)).st_size == len(HUMAN) + 10
+    assert (await fs.getattr(inode, writer)).st_size == len(HUMAN) + 10
+    # every other process sees the last version closed, and may not cache it meanwhile
+    assert (await fs.getattr(inode, reader)).st_size == len(HUMAN)
+    assert (await fs.getattr(inode, reader)).attr_timeout == 0
     assert await fs.read(info.fh, len(HUMAN), 100) == b"more text\n"
     await fs.flush(info.fh)
     await fs.release(info.fh)
     assert world.fake.patches() == [{"value": "The human.\nmore text\n"}]
+
+
+async def test_a_reader_while_a_handle_writes_reads_the_last_version_whole(world):
+    fs = world.fs
+    inode = await inode_of(fs, "system/human.md")
+    writer = await fs.open(inode, os.O_WRONLY | os.O_TRUNC, SimpleNamespace(pid=10))
+    await fs.write(writer.fh, 0, b"new\n")
+    reader = await fs.open(inode, os.O_RDONLY, SimpleNamespace(pid=11))
+    assert reader.direct_io and not reader.keep_cache  # past the kernel's moved size
+    assert await fs.read(reader.fh, 0, 4096) == HUMAN
+    await fs.flush(writer.fh)
+    await fs.release(writer.fh)
+    assert await fs.read(reader.fh, 0, 4096) == HUMAN  # the version it opened
+    await fs.release(reader.fh)
+    soon = await fs.open(inode, os.O_RDONLY, SimpleNamespace(pid=11))
+    assert soon.direct_io  # the writer may save in place again at once
+    await fs.release(soon.fh)
+    await trio.sleep(WRITER_WINDOW)
+    later = await fs.open(inode, os.O_RDONLY, SimpleNamespace(pid=11))
+    assert not later.direct_io and await fs.read(later.fh, 0, 4096) == (
+        b"---\ndescription: desc\nlimit: 20000\n---\nnew\n")
+    await fs.release(later.fh)
 
 
 @pytest.mark.parametrize("data, code, words", [

@@ -158,3 +158,44 @@ def test_an_api_edit_while_an_append_is_open_is_kept(mount, api):
         f.flush()  # the bytes reach the daemon's handle; the close sends them
         api.patch(f"/v1/blocks/{block['id']}", json={"value": "Edited.\n"}).raise_for_status()
     assert block_value(api, mount.agent_id, "human") == "Edited.\nappended\n"
+
+
+SAVER = """
+import os, sys, time
+versions = [b"a" * 10, b"b" * 1000]
+end = time.monotonic() + float(sys.argv[1])
+i = 0
+while time.monotonic() < end:
+    fd = os.open("system/human.md", os.O_WRONLY | os.O_TRUNC)  # a save in place (nano, >)
+    os.write(fd, versions[i % 2])
+    os.close(fd)
+    i += 1
+print(i)
+"""
+
+READER = """
+import sys, time
+end = time.monotonic() + float(sys.argv[1])
+torn = reads = 0
+while time.monotonic() < end:
+    with open("system/human.md", "rb") as f:
+        data = f.read()
+    value = data.split(b"---\\n", 2)[-1]
+    reads += 1
+    if value not in (b"a" * 10, b"b" * 1000, b"The human.\\n"):
+        torn += 1
+        print(repr(data[:80]), len(data), file=sys.stderr)
+print(reads, torn)
+"""
+
+
+def test_a_reader_during_saves_in_place_never_reads_a_torn_file(mount):
+    seconds = "4"  # scripts/chaos --ordering runs 60 s
+    saver = subprocess.Popen(["python3", "-c", SAVER, seconds], cwd=mount.path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reader = subprocess.run(["python3", "-c", READER, seconds], cwd=mount.path,
+                            capture_output=True, text=True, timeout=120)
+    assert saver.wait(timeout=120) == 0, saver.stderr.read()
+    reads, torn = map(int, reader.stdout.split())
+    assert int(saver.stdout.read()) > 10 and reads > 10
+    assert torn == 0, reader.stderr[:2000]
