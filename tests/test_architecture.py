@@ -52,7 +52,7 @@ LAYERS = [  # a module may import only modules of lower layers (or its own layer
     {"namespace"},
     {"fs"},
     {"daemon"},
-    {"many", "service"},
+    {"many", "service", "locate"},
     {"cli"},
 ]
 

@@ -211,7 +211,7 @@ def test_umount_of_another_users_mount_says_so(home, capsys, monkeypatch, live_p
 
     monkeypatch.setattr(os, "kill", lambda pid, sig: refuse(pid, sig) if sig else None)
     assert cli.main(["umount", "agent-1"]) == 1
-    assert "belongs to another user" in capsys.readouterr().err
+    assert f"served by pid {live_pid}, which belongs to root (uid 0)" in capsys.readouterr().err
 
 
 @contextlib.contextmanager

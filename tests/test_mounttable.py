@@ -1,13 +1,14 @@
 """Finding a mount by its path without a server: the kernel's mount table (escapes, stacked
-mounts, owners) and which pids are memfuse daemons."""
+mounts, owners), which pids are memfuse daemons, and what `umount`/`status` do with a mount the
+table shows but this HOME has no record of (the real two-user mounts: integration test_owner)."""
 import os
 
 import pytest
 
-from memfuse import mounttable, procs
+from memfuse import cli, daemon, mounttable, procs
 from memfuse.config import RunningMount
 
-from .test_cli import live_pid  # noqa: F401 (a fixture)
+from .test_cli import home, live_pid  # noqa: F401 (fixtures)
 
 TABLE = (
     b"22 27 0:21 / /proc rw,relatime - proc proc rw\n"
@@ -70,3 +71,74 @@ def test_a_pid_taken_by_another_program_is_not_a_live_daemon(tmp_path, live_pid)
     record.pid = live_pid
     assert record.alive()
     assert procs.daemons(os.getuid()).count(live_pid) == 1
+
+
+@pytest.fixture
+def table(tmp_path, monkeypatch):
+    """Points the mount table at a file the test writes (`write(line, ...)`), and records
+    every command run, so a lazy unmount would be seen."""
+    path = tmp_path / "mountinfo"
+    path.write_bytes(b"")
+    monkeypatch.setattr(mounttable, "MOUNTINFO", path)
+    ran = []
+    monkeypatch.setattr(daemon.subprocess, "run", lambda argv, **kw: ran.append(argv))
+
+    def write(mountpoint, fstype="fuse.memfuse", uid=os.getuid()):
+        escaped = str(mountpoint).replace("\\", "\\134").replace(" ", "\\040")
+        path.write_text(f"60 27 0:50 / {escaped} rw - {fstype} memfuse rw,user_id={uid}\n")
+    write.ran = ran
+    return write
+
+
+def test_a_mount_of_another_user_is_refused_naming_its_owner(home, table, monkeypatch,
+                                                               capsys):
+    mountpoint = home / "theirs" / "my memory"
+    mountpoint.mkdir(parents=True)
+    table(mountpoint, uid=0)
+    monkeypatch.setattr(os, "getuid", lambda: 4242)
+    monkeypatch.setattr(os, "geteuid", lambda: 4242)
+    assert cli.main(["umount", str(mountpoint)]) == 1
+    assert (f"{mountpoint} is mounted by root (uid 0); only root can unmount it"
+            in capsys.readouterr().err)
+    assert cli.main(["status", str(mountpoint)]) == 1
+    out = capsys.readouterr().out
+    assert f"{mountpoint} is a memfuse mount of root (uid 0)" in out
+    assert "cannot be read here" in out and "gone" not in out
+    assert table.ran == []  # no fusermount3, lazy or not
+
+
+def test_a_mount_that_answers_without_a_record_here_is_left_alone(home, table, capsys):
+    mountpoint = home / "elsewhere" / "memory"  # its lstat answers: a daemon serves it
+    mountpoint.mkdir(parents=True)
+    table(mountpoint)
+    assert cli.main(["umount", str(mountpoint)]) == 1
+    err = capsys.readouterr().err
+    assert f"{mountpoint} is served by a live memfuse daemon that no pid file names" in err
+    assert cli.main(["status", str(mountpoint)]) == 1
+    out = capsys.readouterr().out
+    assert "served by a live memfuse daemon" in out and "gone" not in out
+    assert table.ran == []
+
+
+def test_a_mount_that_is_not_memfuse_is_left_alone(home, table, capsys):
+    table(home, fstype="tmpfs")
+    assert cli.main(["umount", str(home)]) == 1
+    assert f"{home} is a tmpfs mount, not a memfuse one; left alone" in capsys.readouterr().err
+    assert table.ran == []
+
+
+def test_a_record_beside_the_mountpoint_under_another_home_is_found(home, table, capsys,
+                                                                    live_pid, tmp_path):
+    other = tmp_path / "other-home" / ".letta/agents/agent-1"
+    (other / "memory").mkdir(parents=True)
+    RunningMount("agent-1", str(other / "memory"), live_pid, "http://x",
+                 str(other / "memfuse.log")).save(other / "memfuse.pid")
+    table(other / "memory")
+    assert cli.main(["status", str(other / "memory")]) == 0  # HOME is `home`, not other-home
+    assert f"agent agent-1 at {other / 'memory'} (pid {live_pid}): starting" in (
+        capsys.readouterr().out)
+    assert cli.main(["umount", str(other / "memory"), "--timeout", "60"]) == 0
+    assert f"memfuse: unmounted {other / 'memory'}" in capsys.readouterr().out
+    assert not (other / "memfuse.pid").exists()
+    assert procs.argv(live_pid) == []  # SIGTERM ended it: a zombie until the fixture reaps it
+    assert table.ran == []  # its mount answers (the fake one is a directory): not cleared
