@@ -373,7 +373,10 @@ def _finish_umount(mount: locate.Found, deadline: float, timeout: float) -> int:
     """Wait (until `deadline`, time.monotonic()) for a daemon told to stop, then clear what it
     left and report; 1 when it did not finish in time."""
     record, mountpoint = mount.record, mount.mountpoint
-    while record is not None and record.alive() and time.monotonic() < deadline:
+    # until its pid is gone: a daemon that has exited is a zombie until its parent reaps it,
+    # and who then looks for the pid must not find it
+    while (record is not None and (record.alive() or procs.zombie(record.pid))
+           and time.monotonic() < deadline):
         time.sleep(0.05)
     if record is not None and record.alive():
         print(f"memfuse: daemon {record.pid} did not finish within {timeout:g} s "

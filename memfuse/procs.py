@@ -40,6 +40,15 @@ def is_memfuse_daemon(pid: int) -> bool | None:
     return None if args is None else is_daemon_argv(args)
 
 
+def zombie(pid: int) -> bool:
+    """Whether `pid` has exited and waits for its parent to reap it (state Z)."""
+    try:
+        stat = (PROC / str(pid) / "stat").read_bytes()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:][:1] == b"Z"  # after the name, which may hold ") "
+
+
 def uid_of(pid: int) -> int | None:
     """The user `pid` runs as, or None when there is no such process."""
     try:

@@ -2,13 +2,14 @@
 mounts, owners), which pids are memfuse daemons, and what `umount`/`status` do with a mount the
 table shows but this HOME has no record of (the real two-user mounts: integration test_owner)."""
 import os
+import threading
 
 import pytest
 
 from memfuse import cli, daemon, mounttable, procs
 from memfuse.config import RunningMount
 
-from .test_cli import home, live_pid  # noqa: F401 (fixtures)
+from .test_cli import daemon_like, home, live_pid  # noqa: F401 (fixtures)
 
 TABLE = (
     b"22 27 0:21 / /proc rw,relatime - proc proc rw\n"
@@ -128,17 +129,26 @@ def test_a_mount_that_is_not_memfuse_is_left_alone(home, table, capsys):
 
 
 def test_a_record_beside_the_mountpoint_under_another_home_is_found(home, table, capsys,
-                                                                    live_pid, tmp_path):
+                                                                    tmp_path):
     other = tmp_path / "other-home" / ".letta/agents/agent-1"
     (other / "memory").mkdir(parents=True)
-    RunningMount("agent-1", str(other / "memory"), live_pid, "http://x",
-                 str(other / "memfuse.log")).save(other / "memfuse.pid")
-    table(other / "memory")
-    assert cli.main(["status", str(other / "memory")]) == 0  # HOME is `home`, not other-home
-    assert f"agent agent-1 at {other / 'memory'} (pid {live_pid}): starting" in (
-        capsys.readouterr().out)
-    assert cli.main(["umount", str(other / "memory"), "--timeout", "60"]) == 0
+    daemon_ = daemon_like()
+    reaper = threading.Thread(target=daemon_.wait)  # reaped once it ends, as init would
+    reaper.start()
+    try:
+        RunningMount("agent-1", str(other / "memory"), daemon_.pid, "http://x",
+                     str(other / "memfuse.log")).save(other / "memfuse.pid")
+        table(other / "memory")
+        assert cli.main(["status", str(other / "memory")]) == 0  # HOME is `home`, not other's
+        assert f"agent agent-1 at {other / 'memory'} (pid {daemon_.pid}): starting" in (
+            capsys.readouterr().out)
+        assert cli.main(["umount", str(other / "memory"), "--timeout", "60"]) == 0
+        assert daemon_.returncode == -15  # SIGTERM, and umount waited until it was gone
+    finally:
+        daemon_.kill()
+        reaper.join()
+        daemon_.stdin.close()
+        daemon_.stdout.close()
     assert f"memfuse: unmounted {other / 'memory'}" in capsys.readouterr().out
     assert not (other / "memfuse.pid").exists()
-    assert procs.argv(live_pid) == []  # SIGTERM ended it: a zombie until the fixture reaps it
     assert table.ran == []  # its mount answers (the fake one is a directory): not cleared
