@@ -24,10 +24,10 @@ from pathlib import Path
 
 import trio
 
-from . import many, service
-from .config import (AGENT_PLACEHOLDER, GIT_REMOTE_ENV, Config, ConfigError, RunningMount,
-                     agent_dir, check_agent_id, private_dir, running_mounts)
-from .daemon import MountError, clear_dead_mount, is_mounted, serve
+from . import locate, many, mounttable, procs, service
+from .config import (AGENT_PLACEHOLDER, GIT_REMOTE_ENV, Config, ConfigError, check_agent_id,
+                     private_dir)
+from .daemon import MountError, answers, clear_dead_mount, serve
 from .gitremote import GitRemote, RemoteError
 from .journal import Journal
 from .letta import DEFAULT_BASE_URL, LettaError
@@ -286,74 +286,107 @@ def _read_report(fd: int, timeout: float) -> list[str]:
         data += chunk
 
 
-def _find_mount(target: str) -> tuple[Path | None, RunningMount | None, Path]:
-    """(pid file, record, mountpoint) for an agent id or a mountpoint path (anything with a
-    `/`, or an existing directory or mount here)."""
-    if os.sep not in target and not os.path.isdir(target) and not is_mounted(Path(target)):
-        pid_file = agent_dir(target) / "memfuse.pid"
-        record = RunningMount.load(pid_file)
-        mountpoint = Path(record.mountpoint) if record else agent_dir(target) / "memory"
-        return pid_file, record, mountpoint
-    mountpoint = Path(target).expanduser().absolute()
-    for pid_file, record in running_mounts():
-        if Path(record.mountpoint) == mountpoint:
-            return pid_file, record, mountpoint
-    return None, None, mountpoint
-
-
 def umount(target: str | None, timeout: float) -> int:
-    """Stop the daemon serving `target` (SIGTERM, then wait), clearing a stale mount if needed;
-    with `target` None, every mount that has a pid file here (`umount --all`): all the daemons
-    are signalled first, so they flush and snapshot at the same time, then each is waited for
-    (within `timeout` seconds in all) and reported. 0 when every one was unmounted."""
+    """Stop the daemon serving `target` (an agent id, or a mountpoint path whoever mounted it:
+    locate.find) with SIGTERM and wait, clearing the mount a dead daemon left; with `target`
+    None, every mount that has a pid file here (`umount --all`): all the daemons are signalled
+    first, so they flush and snapshot at the same time, then each is waited for (within
+    `timeout` seconds in all) and reported. Another user's mount is refused, naming its owner
+    (root stops its daemon like its owner would), and a mount that may still be served is never
+    cleared behind its daemon. 0 when every one was unmounted, else 1."""
     if target is not None:
-        found = [_find_mount(target)]
+        found = [locate.find(target)]
     else:
-        found = [(pid_file, record, Path(record.mountpoint))
-                 for pid_file, record in running_mounts()]
+        found = locate.mine()
         if not found:
             print("memfuse: no mounts are running")
             return 0
     signalled = []
     code = 0
-    for pid_file, record, mountpoint in found:
+    for mount in found:
+        mountpoint, record = mount.mountpoint, mount.record
+        refusal = _refusal(mount)
+        if refusal is not None:
+            print(f"memfuse: {refusal}", file=sys.stderr)
+            code = 1
+            continue
         if record is not None and record.alive():
             try:
                 os.kill(record.pid, signal.SIGTERM)
             except PermissionError:
+                uid = procs.uid_of(record.pid)
+                owner = "another user" if uid is None else mounttable.user_name(uid)
                 print(f"memfuse: {mountpoint} is served by pid {record.pid}, which belongs to "
-                      f"another user; only that user can unmount it", file=sys.stderr)
+                      f"{owner}" + (f" (uid {uid})" if uid is not None else "")
+                      + f"; only {_who_can(owner, uid)} can unmount it", file=sys.stderr)
                 code = 1
                 continue
-        elif not is_mounted(mountpoint):
+        elif mount.kernel is None:
             if target is not None:
                 print(f"memfuse: nothing is mounted at {mountpoint}", file=sys.stderr)
                 return 1
-            pid_file.unlink(missing_ok=True)  # --all: a daemon that died and left no mount
+            mount.pid_file.unlink(missing_ok=True)  # --all: a daemon that died, no mount left
             print(f"memfuse: {mountpoint}: its daemon (pid {record.pid}) is gone and nothing "
                   f"is mounted; its pid file is removed")
             continue
-        signalled.append((pid_file, record, mountpoint))
+        elif not mount.daemon_gone():
+            print(f"memfuse: {_unrecorded(mount)}; left alone (memfuse umount clears only a "
+                  f"mount whose daemon is gone)", file=sys.stderr)
+            code = 1
+            continue
+        signalled.append(mount)
     deadline = time.monotonic() + timeout
-    for pid_file, record, mountpoint in signalled:
-        code = max(code, _finish_umount(pid_file, record, mountpoint, deadline, timeout))
+    for mount in signalled:
+        code = max(code, _finish_umount(mount, deadline, timeout))
     return code
 
 
-def _finish_umount(pid_file: Path | None, record: RunningMount | None, mountpoint: Path,
-                   deadline: float, timeout: float) -> int:
+def _refusal(mount: locate.Found) -> str | None:
+    """Why `umount` leaves `mount` alone before looking at its daemon: not memfuse's, or
+    another user's (we are not root); None when it may go on."""
+    if mount.alien:
+        return (f"{mount.mountpoint} is a {mount.kernel.fstype} mount, not a memfuse one; "
+                f"left alone")
+    if mount.private:
+        return (f"{mount.mountpoint} is mounted by {mount.owner} (uid {mount.owner_uid}); only "
+                f"{_who_can(mount.owner, mount.owner_uid)} can unmount it")
+    return None
+
+
+def _unrecorded(mount: locate.Found) -> str:
+    """What is known of a mount whose daemon's record is missing or dead while the mount
+    may still be served."""
+    if answers(mount.mountpoint):
+        return (f"{mount.mountpoint} is served by a live memfuse daemon that no pid file names "
+                f"(none of a live daemon under this HOME, beside the mountpoint, or under the "
+                f"HOME of a memfuse daemon running now)")
+    return (f"{mount.mountpoint} is a memfuse mount of {mount.owner} whose daemon's record was "
+            f"not found, so whether it is still served cannot be told")
+
+
+def _who_can(owner: str, uid: int | None) -> str:
+    """`ada (or root)`: who may stop a daemon `owner` runs."""
+    return "root" if uid == 0 else f"{owner} (or root)"
+
+
+def _finish_umount(mount: locate.Found, deadline: float, timeout: float) -> int:
     """Wait (until `deadline`, time.monotonic()) for a daemon told to stop, then clear what it
     left and report; 1 when it did not finish in time."""
-    while record is not None and record.alive() and time.monotonic() < deadline:
+    record, mountpoint = mount.record, mount.mountpoint
+    # until its pid is gone: a daemon that has exited is a zombie until its parent reaps it,
+    # and who then looks for the pid must not find it
+    while (record is not None and (record.alive() or procs.zombie(record.pid))
+           and time.monotonic() < deadline):
         time.sleep(0.05)
     if record is not None and record.alive():
         print(f"memfuse: daemon {record.pid} did not finish within {timeout:g} s "
               f"(log: {record.log_file})", file=sys.stderr)
         return 1
     clear_dead_mount(mountpoint)  # the daemon died without unmounting: clear the stale mount
-    if pid_file is not None:
-        pid_file.unlink(missing_ok=True)
-    print(f"memfuse: unmounted {mountpoint}")
+    if mount.pid_file is not None:
+        mount.pid_file.unlink(missing_ok=True)
+    print(f"memfuse: unmounted {mountpoint}"
+          + (f" (mounted by {mount.owner})" if mount.foreign else ""))
     pending = Journal(Path(record.journal_file)).pending() if record and record.journal_file else []
     if pending:
         print(f"memfuse: {len(pending)} change(s) the server did not take yet are kept in "
@@ -369,26 +402,40 @@ def list_mounts() -> int:
 
 
 def status(target: str | None) -> int:
-    """Print the status of the mount serving `target`, or of every running mount."""
-    if target is None:
-        found = [(Path(r.mountpoint), r) for _, r in running_mounts()]
-    else:
-        _, record, mountpoint = _find_mount(target)
-        found = [(mountpoint, record)]
+    """Print the status of the mount `target` names (an agent id, or a mountpoint path whoever
+    mounted it: locate.find), or of every mount with a pid file here. 0 when every one was
+    reported; 1 when nothing is mounted, its daemon is gone, or its status cannot be read here
+    (another user's mount: its owner is named)."""
+    found = [locate.find(target)] if target is not None else locate.mine()
     if not found:
         print("memfuse: no mounts are running")
         return 0
     code = 0
-    for mountpoint, record in found:
-        if record is None or not record.alive():
-            print(f"memfuse: nothing is mounted at {mountpoint}"
-                  + (" (the daemon is gone; clear it with memfuse umount)"
-                     if is_mounted(mountpoint) else ""))
+    for mount in found:
+        mountpoint, record = mount.mountpoint, mount.record
+        if mount.alien:
+            print(f"memfuse: {mountpoint} is a {mount.kernel.fstype} mount, not a memfuse one")
             code = 1
-            continue
-        report = Status.load(agent_dir(record.agent_id) / "memfuse.status.json")
-        print(report.render() if report else f"agent {record.agent_id} at {mountpoint} (pid "
-              f"{record.pid}): starting, no status yet")
+        elif mount.private:
+            print(f"memfuse: {mountpoint} is a memfuse mount of {mount.owner} (uid "
+                  f"{mount.owner_uid}); its daemon's records are {mount.owner}'s and private, "
+                  f"so its status cannot be read here (run memfuse status as {mount.owner})")
+            code = 1
+        elif record is None or not record.alive():
+            if mount.kernel is None:
+                print(f"memfuse: nothing is mounted at {mountpoint}")
+            elif mount.daemon_gone():
+                print(f"memfuse: nothing is mounted at {mountpoint} (the daemon is gone; clear "
+                      f"it with memfuse umount)")
+            else:
+                print(f"memfuse: {_unrecorded(mount)}")
+            code = 1
+        else:
+            report = Status.load(mount.status_file)
+            print(report.render() if report else f"agent {record.agent_id} at {mountpoint} "
+                  f"(pid {record.pid}): starting, no status yet")
+            if mount.foreign:
+                print(f"  mounted by     {mount.owner} (uid {mount.owner_uid})")
     return code
 
 

@@ -15,6 +15,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import procs
 from .letta import DEFAULT_BASE_URL
 
 
@@ -53,9 +54,9 @@ def private_file(path: Path) -> None:
         pass
 
 
-def letta_home() -> Path:
-    """`~/.letta`: where Letta tools keep per-agent state."""
-    return Path(os.path.expanduser("~")) / ".letta"
+def letta_home(home: Path | None = None) -> Path:
+    """`~/.letta` (`home`/.letta when given): where Letta tools keep per-agent state."""
+    return (home or Path(os.path.expanduser("~"))) / ".letta"
 
 
 def agent_dir(agent_id: str) -> Path:
@@ -170,20 +171,23 @@ class RunningMount(JsonRecord):
                           # unknown (a local-first start, or an older memfuse)
 
     def alive(self) -> bool:
-        """Whether the daemon's process still exists."""
+        """Whether the daemon still runs: its pid exists and is a memfuse daemon (a pid taken
+        by another program after a crash is not). When /proc hides the command line, a pid
+        that exists counts as live: no mount is cleared behind a daemon that may be serving."""
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:
             return False
-        except PermissionError:
-            return True
-        return True
+        except PermissionError:  # another user's process
+            pass
+        return procs.is_memfuse_daemon(self.pid) is not False
 
 
-def running_mounts() -> list[tuple[Path, RunningMount]]:
-    """Every pid file under `~/.letta/agents/*/memfuse.pid` with its record."""
+def running_mounts(home: Path | None = None) -> list[tuple[Path, RunningMount]]:
+    """Every pid file under `~/.letta/agents/*/memfuse.pid` (`home`/.letta/... when given)
+    with its record; those that cannot be read are left out."""
     found = []
-    for pid_file in sorted((letta_home() / "agents").glob("*/memfuse.pid")):
+    for pid_file in sorted((letta_home(home) / "agents").glob("*/memfuse.pid")):
         record = RunningMount.load(pid_file)
         if record is not None:
             found.append((pid_file, record))

@@ -30,7 +30,7 @@ import httpx
 import pyfuse3
 import trio
 
-from . import blockmap
+from . import blockmap, mounttable
 from .config import Config, RunningMount, private_dir, private_file
 from .errors import Faults
 from .files import BlockFiles
@@ -72,21 +72,30 @@ class ServerUnreachable(MountError):
 
 
 def is_mounted(path: Path) -> bool:
-    """Whether something is mounted at `path`, a FUSE mount whose daemon is gone included
-    (its lstat fails with ENOTCONN)."""
+    """Whether something is mounted at `path` (absolute), by any user, a FUSE mount whose
+    daemon is gone included: the kernel's mount table says, so a path this user cannot reach
+    is not taken for a mount. Raises OSError when /proc cannot be read."""
+    return mounttable.mount_at(path) is not None
+
+
+def answers(path: Path) -> bool | None:
+    """Whether the mount at `path` is served: True when it answers (a live daemon serves it),
+    False when its FUSE connection is gone (ENOTCONN: its daemon died), None when this user
+    cannot tell (FUSE refuses every other user, root included, and a directory on the way
+    may be private)."""
     try:
         os.lstat(path)
-    except FileNotFoundError:
-        return False
-    except OSError:  # ENOTCONN: a FUSE mount whose daemon is gone
-        return True
-    return os.path.ismount(path)
+    except OSError as exc:
+        return False if exc.errno == errno.ENOTCONN else None
+    return True
 
 
 def clear_dead_mount(path: Path) -> bool:
-    """Lazily unmount `path` (`fusermount3 -u -z`) when something is mounted there; only for a
-    mount this agent's daemon made and died leaving. Returns whether there was one."""
-    if not is_mounted(path):
+    """Lazily unmount `path` (`fusermount3 -u -z`) when something is mounted there that does
+    not answer for certain; only for a mount whose daemon is gone (the caller checks its
+    record when `answers` cannot tell). A mount that answers is never cleared: its daemon
+    serves it. Returns whether there was one to clear."""
+    if not is_mounted(path) or answers(path):
         return False
     subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, check=False)
     return True

@@ -46,13 +46,13 @@ def test_only_the_owner_writes_the_tree_or_records_history(path):
 LAYERS = [  # a module may import only modules of lower layers (or its own layer's, listed)
     {"model"},
     {"errors", "blockfile", "letta", "scratch", "grace", "tree", "history", "config", "journal",
-     "blockmap", "pagecache", "gitremote", "ordering"},
+     "blockmap", "pagecache", "gitremote", "ordering", "mounttable", "procs"},
     {"remote", "state", "status"},
     {"files", "poller", "keeper"},
     {"namespace"},
     {"fs"},
     {"daemon"},
-    {"many", "service"},
+    {"many", "service", "locate"},
     {"cli"},
 ]
 

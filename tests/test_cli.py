@@ -30,6 +30,28 @@ def dead_pid() -> int:
     return process.pid
 
 
+def daemon_like(agent_id: str = "agent-1") -> subprocess.Popen:
+    """A running process whose command line is a memfuse daemon's (`-m memfuse.cli mount ...
+    --foreground`), as the pid file of a live mount names; it runs until its stdin is closed
+    (or it is signalled). Returned once it runs its code: just after exec its command line
+    still reads empty."""
+    process = subprocess.Popen([sys.executable, "-c", "import sys; print(flush=True); "
+                                "sys.stdin.read()", "-m", "memfuse.cli", "mount", agent_id,
+                                "--foreground"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    process.stdout.readline()
+    return process
+
+
+@pytest.fixture
+def live_pid():
+    """The pid of a daemon_like process, ended after the test."""
+    process = daemon_like()
+    yield process.pid
+    process.stdin.close()
+    process.stdout.close()
+    process.wait()
+
+
 def test_mount_flags_become_the_config_and_ready_goes_down_the_pipe(home, monkeypatch):
     seen = {}
 
@@ -142,13 +164,13 @@ def test_status_of_a_dead_daemon_says_so(home, capsys):
     assert f"nothing is mounted at {state / 'memory'}" in capsys.readouterr().out
 
 
-def test_status_of_a_live_daemon_prints_its_report(home, capsys):
+def test_status_of_a_live_daemon_prints_its_report(home, capsys, live_pid):
     state = home / ".letta/agents/agent-1"
     state.mkdir(parents=True)
-    RunningMount("agent-1", str(state / "memory"), os.getpid(), "http://x",
+    RunningMount("agent-1", str(state / "memory"), live_pid, "http://x",
                  str(state / "memfuse.log")).save(state / "memfuse.pid")
     Status(agent_id="agent-1", mountpoint=str(state / "memory"), base_url="http://x",
-           pid=os.getpid(), reachable=True, last_poll=None, pending_writes=0, pending_unlinks=0,
+           pid=live_pid, reachable=True, last_poll=None, pending_writes=0, pending_unlinks=0,
            uncommitted=0, last_commit=None, last_commit_message=None, last_commit_at=None,
            last_conflict=None, last_error=None, last_error_at=None,
            updated_at=1e12).save(state / "memfuse.status.json")
@@ -176,10 +198,12 @@ def test_an_agent_id_that_is_not_one_is_refused_before_any_path_is_made(home, ca
     assert not (home / ".letta").exists() and not (home / "etc").exists()
 
 
-def test_umount_of_another_users_mount_says_so(home, capsys, monkeypatch):
+def test_umount_of_another_users_mount_says_so(home, capsys, monkeypatch, live_pid):
+    # the narrow case: a pid file here naming a daemon this user may not signal (another
+    # user's mount found by its path: integration test_owner)
     state = home / ".letta/agents/agent-1"
     state.mkdir(parents=True)
-    RunningMount("agent-1", str(state / "memory"), os.getpid(), "http://x",
+    RunningMount("agent-1", str(state / "memory"), live_pid, "http://x",
                  str(state / "memfuse.log")).save(state / "memfuse.pid")
 
     def refuse(pid, signum):
@@ -187,7 +211,7 @@ def test_umount_of_another_users_mount_says_so(home, capsys, monkeypatch):
 
     monkeypatch.setattr(os, "kill", lambda pid, sig: refuse(pid, sig) if sig else None)
     assert cli.main(["umount", "agent-1"]) == 1
-    assert "belongs to another user" in capsys.readouterr().err
+    assert f"served by pid {live_pid}, which belongs to root (uid 0)" in capsys.readouterr().err
 
 
 @contextlib.contextmanager

@@ -2,8 +2,6 @@
 side, the report), `memfuse list` from pid and status files, `umount --all`, and listing agents
 by tag in the client."""
 import os
-import subprocess
-import sys
 import threading
 
 import httpx
@@ -14,7 +12,8 @@ from memfuse.config import RunningMount
 from memfuse.letta import LettaClient
 from memfuse.status import Status
 
-from .test_cli import dead_pid, home  # noqa: F401 (home is a fixture): the same fresh HOME
+from .test_cli import (daemon_like, dead_pid, home,  # noqa: F401 (fixtures): the same HOME
+                       live_pid)
 
 
 def pid_file(home, agent_id: str, pid: int, name: str = "", base_url: str = "http://x"):
@@ -54,7 +53,7 @@ AGENTS = [many.Agent("agent-a", "Ada", ("team",)), many.Agent("agent-b", "Bob", 
 
 
 def test_mount_all_mounts_each_agent_side_by_side_and_skips_the_live_ones(home, monkeypatch,
-                                                                          capsys):
+                                                                          capsys, live_pid):
     asked = {}
 
     async def server_agents(base_url, api_key, tags):
@@ -62,7 +61,7 @@ def test_mount_all_mounts_each_agent_side_by_side_and_skips_the_live_ones(home, 
         return AGENTS
 
     monkeypatch.setattr(many, "server_agents", server_agents)
-    pid_file(home, "agent-b", os.getpid(), "Bob")  # live: skipped
+    pid_file(home, "agent-b", live_pid, "Bob")  # live: skipped
     pid_file(home, "agent-c", dead_pid(), "Cy")    # a daemon that died: mounted again
     both_started = threading.Barrier(2, timeout=10)  # broken if the launches run one by one
     launched = []
@@ -174,10 +173,10 @@ async def test_an_agent_id_that_cannot_name_a_directory_is_left_out(monkeypatch)
 
 
 def test_list_shows_one_line_per_mount_with_its_state_and_pending_work(home, monkeypatch,
-                                                                       capsys):
+                                                                       capsys, live_pid):
     now = 1_000_000.0
     monkeypatch.setattr(many.time, "time", lambda: now)
-    me = os.getpid()
+    me = live_pid
     status_file(pid_file(home, "agent-a", me, "Ada", "http://one"), "agent-a", now,
                 pending_writes=1, journal_pending=2, uncommitted=3)
     status_file(pid_file(home, "agent-b", me, "Bob\nthe builder"), "agent-b", now,
@@ -211,8 +210,7 @@ def test_list_with_nothing_mounted(home, capsys):
 
 
 def test_umount_all_stops_every_daemon_and_clears_dead_records(home, capsys):
-    daemons = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-               for _ in range(2)]
+    daemons = [daemon_like(f"agent-{i}") for i in range(2)]
     try:
         for i, daemon in enumerate(daemons):
             pid_file(home, f"agent-{i}", daemon.pid)
@@ -225,6 +223,8 @@ def test_umount_all_stops_every_daemon_and_clears_dead_records(home, capsys):
     finally:
         for daemon in daemons:
             daemon.kill()
+            daemon.stdin.close()
+            daemon.stdout.close()
     out = capsys.readouterr().out
     state = home / ".letta/agents"
     for i in range(2):

@@ -24,7 +24,9 @@ PREFIXES = {"fs": "tests/test_fs.py", "ns": "tests/test_namespace.py",
             "service": "tests/test_service.py",
             "many-mount": "tests/integration/test_many.py",
             "gitremote": "tests/test_gitremote.py",
-            "gitremote-mount": "tests/integration/test_gitremote.py"}
+            "gitremote-mount": "tests/integration/test_gitremote.py",
+            "mounttable": "tests/test_mounttable.py",
+            "owner-mount": "tests/integration/test_owner.py"}
 
 
 def rows():

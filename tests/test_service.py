@@ -10,6 +10,8 @@ import pytest
 from memfuse import cli, service
 from memfuse.config import RunningMount
 
+from .test_cli import live_pid  # noqa: F401 (a fixture)
+
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD_ANALYZE = "/usr/bin/systemd-analyze"
 
@@ -102,11 +104,12 @@ def test_without_a_user_systemd_the_commands_are_printed(home, monkeypatch, caps
     assert calls.read_text().splitlines() == ["--user show-environment"]  # nothing enabled
 
 
-def test_with_a_user_systemd_the_instances_are_enabled_and_started(home, monkeypatch, capsys):
+def test_with_a_user_systemd_the_instances_are_enabled_and_started(home, monkeypatch, capsys,
+                                                                   live_pid):
     calls = fake_systemctl(home, monkeypatch, answers=True)
     state = home / "home/.letta/agents/agent-b"
     state.mkdir(parents=True)
-    RunningMount("agent-b", str(state / "memory"), os.getpid(), "http://x",
+    RunningMount("agent-b", str(state / "memory"), live_pid, "http://x",
                  str(state / "memfuse.log")).save(state / "memfuse.pid")
     for agent in ("agent-a", "agent-b"):
         assert cli.main(["service", "install", agent]) == 0
