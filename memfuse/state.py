@@ -113,6 +113,8 @@ class MountState:
         self.graveyard = graveyard or Graveyard()
         self.journal = journal
         self._warned: set[str] = set()
+        # called after a change of times or modes alone (no history): fileattrs keeps them
+        self.on_attributes: Callable[[], None] = lambda: None
 
     def pinned(self) -> set[str]:
         """Blocks shown as the journal makes them until it is replayed (Journal.pinned)."""
@@ -347,9 +349,17 @@ class MountState:
         if not self.shows(node, block.id):
             log.info("%s: removed while its write was in flight", node.name)
             return False
-        self.tree.bind(node, block, trio.current_time())
+        self._bind_written(node, block)
         self._record(self.tree.path(node), bytes(node.content), origin)
         return True
+
+    def _bind_written(self, node: Node, block: Block) -> None:
+        """Show the block a local write made: mtime and ctime move to now, unless the program
+        gave the mtime with utimens after its last write (`tar -x`, `cp -a`: write, futimens,
+        close): then that mtime stays."""
+        given = node.mtime_ns if node.mtime_given else None
+        if self.tree.bind(node, block, trio.current_time()) and given is not None:
+            node.mtime_ns, node.mtime_given = given, True
 
     def journaled(self, node: Node, view: Block, content: bytes, base: Block) -> None:
         """A write the server could not take: journal it (durable when this returns) and show
@@ -357,7 +367,7 @@ class MountState:
         the server's block the write was made on. Raises FsError(EIO) when the journal cannot
         be written (then nothing changed)."""
         self.journal_write(view, self.tree.path(node), content, base)
-        self.tree.bind(node, view, trio.current_time())
+        self._bind_written(node, view)
         self._record(self.tree.path(node), bytes(node.content), Origin.LOCAL)
 
     def journal_write(self, block: Block, path: str, content: bytes, base: Block) -> None:
@@ -616,7 +626,11 @@ class MountState:
             src.kind = Kind.BLOCK
         self.tree.move(src, new_parent, new_name)
         if shows is not None:
+            times = src.atime_ns, src.mtime_ns
             self.tree.bind(src, shows, trio.current_time())
+            # the file is the source's inode: it keeps the source's times (rsync sets them on
+            # its temporary file, then renames it onto the block)
+            src.atime_ns, src.mtime_ns = times
             self._record(self.tree.path(src), bytes(src.content), Origin.LOCAL)
 
     def dir_renamed(self, src: Node, new_parent: Node, new_name: str,
@@ -652,13 +666,44 @@ class MountState:
         node.touch()
 
     def set_mode(self, node: Node, mode: int) -> None:
-        """chmod of a scratch file (permission bits); blocks have no mode to keep."""
-        if node.kind is Kind.SCRATCH:
-            node.mode = mode & 0o7777
+        """chmod: `mode`'s permission bits (mode & 0o7777) are the node's, kept in the daemon
+        (and across mounts: fileattrs.py); nothing is sent, the server has no modes. ctime
+        moves. Raises FsError(EPERM) for a read-only block and the `.git` file: they stay
+        0444 whatever chmod asks; a symbolic link has no mode of its own (0777) and keeps it."""
+        if node.read_only:
+            raise FsError(errno.EPERM, "a read-only file stays 0444")
+        if node.kind is Kind.SYMLINK:
+            return
+        node.mode = mode & 0o7777
+        node.changed()
+        self._attributes_changed(node)
 
-    def set_mtime(self, node: Node, mtime_ns: int) -> None:
-        """utimes: kept in the daemon only (nothing about times goes to the server)."""
-        node.mtime_ns = mtime_ns
+    def set_times(self, node: Node, atime_ns: int | None, mtime_ns: int | None) -> None:
+        """utimens: the node's atime and/or mtime (nanoseconds since the epoch; None: left as
+        it is), kept in the daemon (and across mounts: fileattrs.py); nothing is sent. ctime
+        moves. A given mtime holds through the close of writes made before it (`_bind_written`)
+        until the next write (`wrote`) or server change."""
+        if atime_ns is not None:
+            node.atime_ns = atime_ns
+        if mtime_ns is not None:
+            node.mtime_ns, node.mtime_given = mtime_ns, True
+        node.changed()
+        self._attributes_changed(node)
+
+    def owner_changed(self, node: Node) -> None:
+        """chown: accepted and not kept (every file belongs to the mounting user); ctime
+        moves, as for any change of metadata."""
+        node.changed()
+        self._attributes_changed(node)
+
+    def _attributes_changed(self, node: Node) -> None:
+        if node.kind in (Kind.DIR, Kind.BLOCK, Kind.GITFILE):  # what fileattrs keeps
+            self.on_attributes()
+
+    def wrote(self, node: Node) -> None:
+        """A program changed the bytes of `node` through an open file (write, ftruncate,
+        O_TRUNC), to be sent at close: an mtime given by utimens before no longer holds."""
+        node.mtime_given = False
 
     # -- the kernel's references ---------------------------------------------------------------
 
@@ -670,3 +715,4 @@ class MountState:
         """FUSE forget: an unlinked node with no lookups left is gone, with its scratch bytes."""
         if self.tree.forget(inode, count):
             self.scratch.drop(inode)
+

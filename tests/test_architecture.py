@@ -8,7 +8,7 @@ import pytest
 PACKAGE = Path(__file__).parent.parent / "memfuse"
 TREE_WRITERS = {"add", "makedirs", "bind", "unbind", "move", "unlink", "looked_up", "forget"}
 NODE_FIELDS = {"kind", "block", "content", "children", "parent", "name", "lookups", "mode",
-               "mtime_ns", "ctime_ns", "checked_at"}
+               "mtime_ns", "ctime_ns", "atime_ns", "mtime_given", "checked_at"}
 OWNER = {"state.py", "tree.py"}  # tree.py defines the data; state.py is its only writer
 
 
