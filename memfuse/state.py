@@ -23,7 +23,7 @@ from typing import Any, Callable, Protocol
 import pyfuse3
 import trio
 
-from . import blockfile
+from . import blockfile, fileattrs
 from .errors import FsError
 from .grace import Graveyard
 from .journal import CREATE, RELOCATE, UNLINK, WRITE, Entry, Journal
@@ -705,6 +705,55 @@ class MountState:
         O_TRUNC), to be sent at close: an mtime given by utimens before no longer holds."""
         node.mtime_given = False
 
+    # -- times and modes across mounts (fileattrs.py) -----------------------------------------
+
+    def attrs(self) -> dict[str, fileattrs.Attrs]:
+        """Path -> mode and times of every block file, directory and the `.git` file the mount
+        shows (root: ""); scratch files and links are gone at unmount and left out."""
+        found: dict[str, fileattrs.Attrs] = {}
+        stack = [(self.tree.root, "")]
+        while stack:
+            node, path = stack.pop()
+            found[path] = fileattrs.Attrs(node.mode, node.atime_ns, node.mtime_ns,
+                                          node.ctime_ns)
+            if node.kind is Kind.DIR:
+                for name, inode in node.children.items():
+                    child = self.tree.node(inode)
+                    if child.kind in (Kind.DIR, Kind.BLOCK, Kind.GITFILE):
+                        stack.append((child, f"{path}/{name}" if path else name))
+        return found
+
+    def restore_attrs(self, kept: dict[str, fileattrs.Attrs], committed: dict[str, bytes]
+                      ) -> int:
+        """At mount, after `load`: what an earlier mount kept (`kept`, path -> Attrs) comes
+        back. Every file and directory still there gets its mode (a read-only block stays
+        0444); its times come back when nothing changed while it was not mounted: a block
+        file whose content is `committed`'s (the history's head, which the times describe),
+        a directory whose entries are those the head's paths make. Anything else the mount
+        saw change now, and keeps the times of now. Returns how many nodes got their times
+        back."""
+        shown = self.tree.files()
+        before, after = _entries(committed), _entries(shown)
+        restored = 0
+        stack = [(self.tree.root, "")]
+        while stack:
+            node, path = stack.pop()
+            if node.kind is Kind.DIR:
+                stack.extend((self.tree.node(i), f"{path}/{n}" if path else n)
+                             for n, i in node.children.items())
+            attrs = kept.get(path)
+            if attrs is None or node.kind not in (Kind.DIR, Kind.BLOCK, Kind.GITFILE):
+                continue
+            if not node.read_only:
+                node.mode = attrs.mode & 0o7777
+            same = (before.get(path, set()) == after.get(path, set()) if node.kind is Kind.DIR
+                    else node.kind is Kind.GITFILE or committed.get(path) == shown.get(path))
+            if same:
+                node.atime_ns, node.mtime_ns, node.ctime_ns = (attrs.atime_ns, attrs.mtime_ns,
+                                                               attrs.ctime_ns)
+                restored += 1
+        return restored
+
     # -- the kernel's references ---------------------------------------------------------------
 
     def looked_up(self, node: Node) -> None:
@@ -716,3 +765,12 @@ class MountState:
         if self.tree.forget(inode, count):
             self.scratch.drop(inode)
 
+
+def _entries(paths) -> dict[str, set[str]]:
+    """Directory path -> the names in it that `paths` (block file paths) make ("" the root)."""
+    found: dict[str, set[str]] = {}
+    for path in paths:
+        parts = path.split("/")
+        for depth in range(len(parts)):
+            found.setdefault("/".join(parts[:depth]), set()).add(parts[depth])
+    return found

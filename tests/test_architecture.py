@@ -46,7 +46,7 @@ def test_only_the_owner_writes_the_tree_or_records_history(path):
 LAYERS = [  # a module may import only modules of lower layers (or its own layer's, listed)
     {"model"},
     {"errors", "blockfile", "letta", "scratch", "grace", "tree", "history", "config", "journal",
-     "blockmap", "pagecache", "gitremote"},
+     "blockmap", "pagecache", "gitremote", "fileattrs"},
     {"remote", "state", "status"},
     {"files", "poller", "keeper"},
     {"namespace"},

@@ -14,10 +14,11 @@ from types import SimpleNamespace
 import pyfuse3
 import pytest
 
+from memfuse import fileattrs
 from memfuse.model import Origin
 from memfuse.tree import ROOT_INODE
 
-from .fsworld import HUMAN, inode_of, read_all, setattr_fields, write_file
+from .fsworld import HUMAN, inode_of, make_world, read_all, setattr_fields, write_file
 
 async def test_layout_attached_in_system_detached_at_root(world, monkeypatch):
     listed = []
@@ -378,3 +379,28 @@ async def test_a_lookup_of_a_name_over_255_bytes_is_enametoolong(world):
         await world.fs.lookup(ROOT_INODE, b"x" * 252 + b".md", None)
     assert caught.value.errno == errno.ENOENT
 
+
+async def test_times_and_modes_come_back_at_the_next_mount_unless_the_file_changed(
+        world, nursery, tmp_path):
+    """What the daemon does across an unmount (MountState.attrs saved by fileattrs, then
+    MountState.restore_attrs at the next mount): modes always come back, times when the file
+    is what history's head has; a file the server changed meanwhile has the time of now."""
+    fs = world.fs
+    for path, mode in (("system/human.md", 0o600), ("notes.md", 0o640), ("system", 0o700)):
+        inode = await inode_of(fs, path)
+        await chmod(fs, inode, mode)
+        await utimens(fs, inode, PAST_A, PAST_M)
+    fileattrs.save(tmp_path / "memory.attrs", world.state.attrs())
+    head = world.state.tree.files()  # the last snapshot
+    world.fake.blocks[world.ids["notes"]]["value"] = "Changed while unmounted.\n"
+    remounted_at = time.time_ns()
+    again = await make_world(nursery, after=world)
+    assert again.state.restore_attrs(fileattrs.load(tmp_path / "memory.attrs"), head) > 0
+    for path, mode in (("system/human.md", 0o600), ("notes.md", 0o640), ("system", 0o700)):
+        attr = await again.fs.getattr(await inode_of(again.fs, path), None)
+        assert stat.S_IMODE(attr.st_mode) == mode, path
+        if path == "notes.md":
+            assert attr.st_mtime_ns >= remounted_at
+        else:
+            assert (attr.st_atime_ns, attr.st_mtime_ns) == (PAST_A, PAST_M), path
+    await again.client.aclose()
