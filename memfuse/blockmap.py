@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
 from . import blockfile
+from .config import write_private
 from .model import Block, is_provisional
 
 log = logging.getLogger("memfuse.blockmap")
@@ -66,22 +66,7 @@ def save(path: Path, found: list[Record]) -> None:
     its directory. Raises OSError."""
     data = json.dumps({"version": VERSION, "blocks": [asdict(r) for r in found]},
                       indent=1).encode() + b"\n"
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:  # a short write (a nearly full disk) must not pass for a whole file
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_private(path, data)
 
 
 def load(path: Path) -> list[Record] | None:

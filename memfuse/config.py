@@ -54,6 +54,28 @@ def private_file(path: Path) -> None:
         pass
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """Replace the file `path` with `data` atomically: `<path>.tmp` (mode 0600) written whole,
+    fsync'd and renamed over `path`, then its directory fsync'd, so a crash leaves the old
+    file or the new one. Raises OSError."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(data)
+        while view:  # a short write (a nearly full disk) must not pass for a whole file
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def letta_home(home: Path | None = None) -> Path:
     """`~/.letta` (`home`/.letta when given): where Letta tools keep per-agent state."""
     return (home or Path(os.path.expanduser("~"))) / ".letta"
@@ -119,6 +141,12 @@ class Config:
         """Which block each history file is (blockmap.py), for a mount started while the
         server is away: beside the history, `<history>.blocks`."""
         return self.history_dir.with_suffix(".blocks")
+
+    @property
+    def attrs_file(self) -> Path:
+        """The times and modes of the mount's files across mounts (fileattrs.py): beside the
+        history, `<history>.attrs`."""
+        return self.history_dir.with_suffix(".attrs")
 
     @property
     def log_file(self) -> Path:

@@ -30,7 +30,7 @@ import httpx
 import pyfuse3
 import trio
 
-from . import blockmap, mounttable
+from . import blockmap, fileattrs, mounttable
 from .config import Config, RunningMount, private_dir, private_file
 from .errors import Faults
 from .files import BlockFiles
@@ -56,6 +56,7 @@ UMOUNT_REPLAY = 10.0   # seconds an unmount tries to send journaled changes befo
 START_BUDGET = 2.0     # seconds of retries at mount before starting from the local history
 PROGRESS_FROM = 1000   # owned blocks from which a mount reports how its load goes
 UMOUNT_PUSH = 5.0      # seconds an unmount tries to push the last snapshot to the git remote
+ATTRS_DELAY = 1.0      # seconds from a chmod, chown or utimens to saving the times and modes
 
 
 class MountError(Exception):
@@ -121,8 +122,8 @@ def _make_private(config: Config) -> None:
     private_dir(config.state_dir)
     if config.history_dir.exists():
         private_dir(config.history_dir)
-    for path in (config.journal_file, config.block_map_file, config.log_file, config.pid_file,
-                 config.status_file):
+    for path in (config.journal_file, config.block_map_file, config.attrs_file, config.log_file,
+                 config.pid_file, config.status_file):
         private_file(path)
 
 
@@ -188,6 +189,7 @@ class Mount:
     started_at: float = field(default_factory=time.time)  # time.time() the mount was built
     agent_name: str = ""  # from the server at start-up ("" when it started from history)
     pusher: Pusher | None = None  # with --git-remote
+    attrs: _AttrsSaver | None = None  # keeps the files' times and modes across mounts
 
     @property
     def local_first(self) -> bool:
@@ -310,6 +312,12 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
         remote.mark_unreachable(away.detail)
     state.load(attached, owned, listed_at, committed, recovered)
     state.show_journal()
+    try:
+        kept = await trio.to_thread.run_sync(fileattrs.load, config.attrs_file)
+    except fileattrs.AttrsError as exc:
+        log.warning("%s; the files' times and modes start afresh", exc)
+        kept = {}
+    state.restore_attrs(kept, committed)
     if journal.pending():
         log.info("%d journaled change(s) from an earlier mount; replaying them",
                  len(journal.pending()))
@@ -317,10 +325,15 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
         progress(f"loading agent {config.agent_id}: {len(state.tree.blocks()):,} files shown; "
                  f"the snapshot at mount is being committed")
     saver = _BlockMapSaver(config.block_map_file, state)
-    snapshots.on_commit = saver.capture
+    attrs = _AttrsSaver(config.attrs_file, state)
+    state.on_attributes = attrs.changed
+    snapshots.on_commit = _together(saver.capture, attrs.capture)
     await snapshots.flush({Origin.SERVER: "Snapshot at mount",
                            Origin.LOCAL: "Local edit (recovered at mount)"})
     await saver.capture()()  # also when nothing was committed (a map from an older memfuse)
+    await attrs.capture()()
+    # after the unmount (registered later, so run earlier): the times and modes as they end
+    _teardown(stack, "saving the times and modes", lambda: attrs.capture()())
     files = BlockFiles(state, remote, revalidate=config.revalidate)
     namespace = Namespace(state, remote, files)
     faults = Faults()
@@ -330,7 +343,7 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
     mount = Mount(config, repo, snapshots, state, files,
                   MemoryFs(state, files, namespace, faults), poller,
                   TreeBlockKeeper(state, remote), problems, faults, agent_name=agent_name,
-                  pusher=pusher)
+                  pusher=pusher, attrs=attrs)
     if away is not None:
         mount.local_first_at = time.time()
         mount.notice = (f"the server at {config.base_url} cannot be reached ({away.detail}); "
@@ -419,6 +432,71 @@ class _BlockMapSaver:
             self._saved, self._written = found, taken
 
         return save
+
+
+class _AttrsSaver:
+    """Keeps the record of the mount's times and modes (`path`, fileattrs.py) describing what
+    `state` shows: `capture` at each snapshot (Snapshotter.on_commit, with the block map), at
+    mount and at unmount; `changed` (MountState.on_attributes) after a change of times or
+    modes alone, saved ATTRS_DELAY seconds later by `run`. Written only when it changed; saves
+    run one at a time, and an older capture never overwrites a newer one."""
+
+    def __init__(self, path: Path, state: MountState):
+        self.path, self.state = path, state
+        self._saved: dict[str, fileattrs.Attrs] | None = None
+        self._taken = 0    # captures so far
+        self._written = 0  # the capture last written
+        self._changed = trio.Event()
+        self._lock = trio.Lock()
+
+    def changed(self) -> None:
+        """Times or modes changed with no snapshot to come: `run` saves them soon."""
+        self._changed.set()
+
+    def capture(self) -> Callable[[], Awaitable[None]]:
+        """The times and modes as they are now; returns the coroutine function that saves
+        them (a failure to write is a WARNING: the next mount would start from older ones)."""
+        found = self.state.attrs()
+        self._taken += 1
+        taken = self._taken
+
+        async def save() -> None:
+            async with self._lock:
+                if taken < self._written or found == self._saved:
+                    return
+                try:
+                    await trio.to_thread.run_sync(fileattrs.save, self.path, found)
+                except OSError as exc:
+                    log.warning("could not save the times and modes in %s (%s): the next mount "
+                                "would show older ones", self.path, exc)
+                    return
+                self._saved, self._written = found, taken
+
+        return save
+
+    async def run(self) -> None:
+        """Save ATTRS_DELAY seconds after each burst of `changed`, forever (cancel to stop)."""
+        while True:
+            await self._changed.wait()
+            self._changed = trio.Event()
+            await trio.sleep(ATTRS_DELAY)
+            await self.capture()()
+
+
+def _together(*captures: Callable[[], Callable[[], Awaitable[None]]]
+              ) -> Callable[[], Callable[[], Awaitable[None]]]:
+    """One Snapshotter.on_commit made of several: each captures at once, and their saves run
+    in order."""
+    def capture() -> Callable[[], Awaitable[None]]:
+        saves = [c() for c in captures]
+
+        async def save() -> None:
+            for one in saves:
+                await one()
+
+        return save
+
+    return capture
 
 
 async def serve(config: Config, on_ready: Callable[[str | None], None], *,
@@ -551,6 +629,8 @@ async def _serve(mount: Mount, on_ready: Callable[[str | None], None],
                            ("the memory_filesystem keeper", mount.keeper.run),
                            ("the journal replayer", partial(_replay_when_listed, mount)),
                            ("the status publisher", partial(_publish_status, mount)),
+                           *([("the times and modes saver", mount.attrs.run)]
+                             if mount.attrs is not None else []),
                            *([("the git remote's pusher", mount.pusher.run)]
                              if mount.pusher is not None else [])):
             nursery.start_soon(_supervised, name, task, mount.faults)

@@ -178,27 +178,27 @@ class MemoryFs(pyfuse3.Operations):
         return self.state.size(node)
 
     def _attr(self, node: Node, ctx=None) -> pyfuse3.EntryAttributes:
-        """The attributes of `node` as the process of `ctx` (a FUSE request's context; None:
-        no process in particular) sees them: see `_size`."""
+        """What stat shows of `node` to the process of `ctx` (a FUSE request's context; None:
+        no process in particular): the mode a chmod gave (0444 for a read-only file, 0777 for
+        a link), the times the node keeps (ns), no link once it is unlinked, and the size as
+        that process sees it (`_size`)."""
         pid = ctx.pid if ctx is not None else None
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = node.inode
-        attr.st_nlink = 1
+        attr.st_nlink = 1 if node.parent else 0  # unlinked, still open: no name links to it
         attr.attr_timeout = FILE_ATTR_TIMEOUT
         if node.kind is Kind.DIR:
-            attr.st_mode = stat.S_IFDIR | 0o755
-            subdirs = sum(1 for i in node.children.values() if self.tree.node(i).kind is Kind.DIR)
-            attr.st_nlink = 2 + subdirs
+            attr.st_mode = stat.S_IFDIR | (node.mode & 0o7777)
+            if node.parent:
+                attr.st_nlink = 2 + sum(1 for i in node.children.values()
+                                        if self.tree.node(i).kind is Kind.DIR)
             attr.st_size = BLOCK_SIZE
             attr.attr_timeout = DIR_ATTR_TIMEOUT
         elif node.kind is Kind.SYMLINK:
             attr.st_mode = stat.S_IFLNK | 0o777
             attr.st_size = len(node.content)
-        elif node.kind is Kind.SCRATCH:
-            attr.st_mode = stat.S_IFREG | (node.mode & 0o7777)
-            attr.st_size = self._size(node, pid)
         else:
-            attr.st_mode = stat.S_IFREG | (0o444 if node.read_only else 0o644)
+            attr.st_mode = stat.S_IFREG | (0o444 if node.read_only else node.mode & 0o7777)
             attr.st_size = self._size(node, pid)
             if node.kind is Kind.BLOCK and not self._writers(node):
                 # while a handle writes it, sizes differ by process: the kernel must ask
@@ -206,7 +206,7 @@ class MemoryFs(pyfuse3.Operations):
         attr.st_blocks = (attr.st_size + 511) // 512
         attr.st_blksize = BLOCK_SIZE
         attr.st_uid, attr.st_gid = self._uid, self._gid
-        attr.st_atime_ns = attr.st_mtime_ns = node.mtime_ns
+        attr.st_atime_ns, attr.st_mtime_ns = node.atime_ns, node.mtime_ns
         attr.st_ctime_ns = node.ctime_ns
         attr.entry_timeout = ENTRY_TIMEOUT
         return attr
@@ -226,8 +226,10 @@ class MemoryFs(pyfuse3.Operations):
     # -- namespace -----------------------------------------------------------------------------
 
     async def lookup(self, parent_inode, name, ctx=None):
-        """FUSE lookup: the entry `name` in a directory (`.` and `..` too); ENOENT if none."""
+        """FUSE lookup: the entry `name` in a directory (`.` and `..` too); ENOENT if none,
+        ENAMETOOLONG for a name over MAX_NAME bytes (no file can have one)."""
         parent = self._dir(parent_inode)
+        self._check_length(parent, name)
         name = os.fsdecode(name)
         if name == ".":
             return self._entry(parent, ctx)
@@ -250,16 +252,25 @@ class MemoryFs(pyfuse3.Operations):
         return self._attr(self._node(inode), ctx)
 
     async def setattr(self, inode, attr, fields, fh, ctx):
-        """FUSE setattr: size = truncate (buffered with fh, else one PATCH now); mtime kept in
-        the daemon; a scratch file keeps its mode; chown, atime, a block's mode: accepted."""
+        """FUSE setattr: size = truncate (buffered with fh, else one PATCH now); the mode, the
+        atime and the mtime (ns; utimensat by path or fd, before or after close) are kept in
+        the daemon and nothing is sent (MountState.set_mode, set_times); chown is accepted and
+        not kept (the mounting user owns every file); ctime moves. EPERM for a chmod of a
+        read-only file (it stays 0444)."""
         node = self._node(inode)
         if fields.update_size:
+            self.state.wrote(node)  # a truncate is a write: an mtime given before is gone
             await self._truncate(node, attr.st_size, self._files.get(fh) if fh else None)
         if fields.update_mode:
-            self.state.set_mode(node, attr.st_mode)
-        if fields.update_mtime:
-            self.state.set_mtime(node, attr.st_mtime_ns)
-        # chown, atime, a block's mode: accepted, nothing sent.
+            try:
+                self.state.set_mode(node, attr.st_mode)
+            except FsError as exc:
+                raise self._refuse(self.tree.path(node), exc) from None
+        if fields.update_atime or fields.update_mtime:
+            self.state.set_times(node, attr.st_atime_ns if fields.update_atime else None,
+                                 attr.st_mtime_ns if fields.update_mtime else None)
+        if fields.update_uid or fields.update_gid:
+            self.state.owner_changed(node)
         return self._attr(node, ctx)
 
     async def _truncate(self, node: Node, size: int, handle: OpenFile | ScratchFile | None
@@ -302,6 +313,7 @@ class MemoryFs(pyfuse3.Operations):
         data.extend(b"\0" * (size - len(data)))
         handle.data, handle.dirty, handle.written_at = data, True, trio.current_time()
         handle.added = None  # no longer only added bytes: the whole file is sent
+        self.state.wrote(handle.node)
 
     async def opendir(self, inode, ctx):
         """FUSE opendir: snapshot the entries, so readdir offsets stay stable."""
@@ -332,14 +344,22 @@ class MemoryFs(pyfuse3.Operations):
         """FUSE releasedir: drop the snapshot."""
         self._dirs.pop(fh, None)
 
+    def _shown(self, parent: Node, name: bytes) -> str:
+        """The path of `name` in `parent` for a log line (bytes that are not UTF-8 escaped)."""
+        return self._child_path(parent, os.fsdecode(name).encode("utf-8", "backslashreplace")
+                                .decode("utf-8"))
+
+    def _check_length(self, parent: Node, name: bytes) -> None:
+        """Refuse a name over MAX_NAME bytes. Raises FUSEError(ENAMETOOLONG) (logged)."""
+        if len(name) > MAX_NAME:
+            raise self._refuse(self._shown(parent, name)[:300], FsError(
+                errno.ENAMETOOLONG, f"a name is at most {MAX_NAME} bytes"))
+
     def _new_name(self, parent: Node, name: bytes) -> str:
         """A name for a new entry: UTF-8 (labels, git paths and the prompt are text) and at
         most MAX_NAME bytes. Raises FUSEError: EINVAL, ENAMETOOLONG (logged)."""
-        shown = self._child_path(parent, os.fsdecode(name).encode("utf-8", "backslashreplace")
-                                 .decode("utf-8"))
-        if len(name) > MAX_NAME:
-            raise self._refuse(shown[:300], FsError(errno.ENAMETOOLONG,
-                                                    f"a name is at most {MAX_NAME} bytes"))
+        self._check_length(parent, name)
+        shown = self._shown(parent, name)
         try:
             return name.decode("utf-8")
         except UnicodeDecodeError:
@@ -357,8 +377,11 @@ class MemoryFs(pyfuse3.Operations):
             raise self._refuse(self._child_path(parent, name), exc) from None
 
     async def mkdir(self, parent_inode, name, mode, ctx):
-        """FUSE mkdir: a label prefix kept by the daemon (Namespace.mkdir)."""
-        return self._entry(self._in_dir(parent_inode, name, self.namespace.mkdir, new=True))
+        """FUSE mkdir: a label prefix kept by the daemon (Namespace.mkdir), with `mode`'s
+        permission bits."""
+        node = self._in_dir(parent_inode, name, self.namespace.mkdir, new=True)
+        self.state.set_mode(node, mode)
+        return self._entry(node)
 
     async def rmdir(self, parent_inode, name, ctx):
         """FUSE rmdir: remove an empty directory (Namespace.rmdir)."""
@@ -514,6 +537,7 @@ class MemoryFs(pyfuse3.Operations):
         handle.dirty, handle.written, handle.written_at = True, True, trio.current_time()
         if handle.added is not None:
             handle.added += buf
+        self.state.wrote(handle.node)
         return len(buf)
 
     @staticmethod

@@ -202,7 +202,8 @@ class Snapshotter:
 
     `record` is cheap and synchronous (called from file operations). `run` commits once no change
     has come for `quiet_period` seconds, or `max_delay` seconds after the first pending change,
-    whichever is first. Consecutive changes of one origin become one commit; local edits are
+    whichever is first: each change restarts the quiet period, so under writes that never
+    stop the history still gets a commit every `max_delay` seconds (3 s). Consecutive changes of one origin become one commit; local edits are
     authored by the mounting user, server changes by SERVER_AUTHOR, in the order they happened.
 
     Local and rejected changes not committed yet are also appended to UNCOMMITTED in the
@@ -221,7 +222,7 @@ class Snapshotter:
 
     repo: HistoryRepo
     quiet_period: float = 1.0
-    max_delay: float = 10.0
+    max_delay: float = 3.0  # seconds: writes that never stop still commit this often
     _pending: list[_Change] = field(default_factory=list)
     _lock: trio.Lock = field(default_factory=trio.Lock)
     _wakeup: trio.Event = field(default_factory=trio.Event)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Protocol
 import pyfuse3
 import trio
 
-from . import blockfile
+from . import blockfile, fileattrs
 from .errors import FsError
 from .grace import Graveyard
 from .journal import CREATE, RELOCATE, UNLINK, WRITE, Entry, Journal
@@ -128,6 +128,8 @@ class MountState:
         self.graveyard = graveyard or Graveyard()
         self.journal = journal
         self._warned: set[str] = set()
+        # called after a change of times or modes alone (no history): fileattrs keeps them
+        self.on_attributes: Callable[[], None] = lambda: None
 
     def pinned(self) -> set[str]:
         """Blocks shown as the journal makes them until it is replayed (Journal.pinned)."""
@@ -365,9 +367,17 @@ class MountState:
         if not self.shows(node, block.id):
             log.info("%s: removed while its write was in flight", node.name)
             return False
-        self.tree.bind(node, block, trio.current_time())
+        self._bind_written(node, block)
         self._record(self.tree.path(node), bytes(node.content), origin)
         return True
+
+    def _bind_written(self, node: Node, block: Block) -> None:
+        """Show the block a local write made: mtime and ctime move to now, unless the program
+        gave the mtime with utimens after its last write (`tar -x`, `cp -a`: write, futimens,
+        close): then that mtime stays."""
+        given = node.mtime_ns if node.mtime_given else None
+        if self.tree.bind(node, block, trio.current_time()) and given is not None:
+            node.mtime_ns, node.mtime_given = given, True
 
     def journaled(self, node: Node, view: Block, content: bytes, base: Block) -> None:
         """A write the server could not take: journal it (durable when this returns) and show
@@ -375,7 +385,7 @@ class MountState:
         the server's block the write was made on. Raises FsError (ENOSPC, EDQUOT, EIO:
         journal_error) when the journal cannot be written (then nothing changed)."""
         self.journal_write(view, self.tree.path(node), content, base)
-        self.tree.bind(node, view, trio.current_time())
+        self._bind_written(node, view)
         self._record(self.tree.path(node), bytes(node.content), Origin.LOCAL)
 
     def journal_write(self, block: Block, path: str, content: bytes, base: Block) -> None:
@@ -640,7 +650,11 @@ class MountState:
             src.kind = Kind.BLOCK
         self.tree.move(src, new_parent, new_name)
         if shows is not None:
+            times = src.atime_ns, src.mtime_ns
             self.tree.bind(src, shows, trio.current_time())
+            # the file is the source's inode: it keeps the source's times (rsync sets them on
+            # its temporary file, then renames it onto the block)
+            src.atime_ns, src.mtime_ns = times
             self._record(self.tree.path(src), bytes(src.content), Origin.LOCAL)
 
     def dir_renamed(self, src: Node, new_parent: Node, new_name: str,
@@ -676,13 +690,93 @@ class MountState:
         node.touch()
 
     def set_mode(self, node: Node, mode: int) -> None:
-        """chmod of a scratch file (permission bits); blocks have no mode to keep."""
-        if node.kind is Kind.SCRATCH:
-            node.mode = mode & 0o7777
+        """chmod: `mode`'s permission bits (mode & 0o7777) are the node's, kept in the daemon
+        (and across mounts: fileattrs.py); nothing is sent, the server has no modes. ctime
+        moves. Raises FsError(EPERM) for a read-only block and the `.git` file: they stay
+        0444 whatever chmod asks; a symbolic link has no mode of its own (0777) and keeps it."""
+        if node.read_only:
+            raise FsError(errno.EPERM, "a read-only file stays 0444")
+        if node.kind is Kind.SYMLINK:
+            return
+        node.mode = mode & 0o7777
+        node.changed()
+        self._attributes_changed(node)
 
-    def set_mtime(self, node: Node, mtime_ns: int) -> None:
-        """utimes: kept in the daemon only (nothing about times goes to the server)."""
-        node.mtime_ns = mtime_ns
+    def set_times(self, node: Node, atime_ns: int | None, mtime_ns: int | None) -> None:
+        """utimens: the node's atime and/or mtime (nanoseconds since the epoch; None: left as
+        it is), kept in the daemon (and across mounts: fileattrs.py); nothing is sent. ctime
+        moves. A given mtime holds through the close of writes made before it (`_bind_written`)
+        until the next write (`wrote`) or server change."""
+        if atime_ns is not None:
+            node.atime_ns = atime_ns
+        if mtime_ns is not None:
+            node.mtime_ns, node.mtime_given = mtime_ns, True
+        node.changed()
+        self._attributes_changed(node)
+
+    def owner_changed(self, node: Node) -> None:
+        """chown: accepted and not kept (every file belongs to the mounting user); ctime
+        moves, as for any change of metadata."""
+        node.changed()
+        self._attributes_changed(node)
+
+    def _attributes_changed(self, node: Node) -> None:
+        if node.kind in (Kind.DIR, Kind.BLOCK, Kind.GITFILE):  # what fileattrs keeps
+            self.on_attributes()
+
+    def wrote(self, node: Node) -> None:
+        """A program changed the bytes of `node` through an open file (write, ftruncate,
+        O_TRUNC), to be sent at close: an mtime given by utimens before no longer holds."""
+        node.mtime_given = False
+
+    # -- times and modes across mounts (fileattrs.py) -----------------------------------------
+
+    def attrs(self) -> dict[str, fileattrs.Attrs]:
+        """Path -> mode and times of every block file, directory and the `.git` file the mount
+        shows (root: ""); scratch files and links are gone at unmount and left out."""
+        found: dict[str, fileattrs.Attrs] = {}
+        stack = [(self.tree.root, "")]
+        while stack:
+            node, path = stack.pop()
+            found[path] = fileattrs.Attrs(node.mode, node.atime_ns, node.mtime_ns,
+                                          node.ctime_ns)
+            if node.kind is Kind.DIR:
+                for name, inode in node.children.items():
+                    child = self.tree.node(inode)
+                    if child.kind in (Kind.DIR, Kind.BLOCK, Kind.GITFILE):
+                        stack.append((child, f"{path}/{name}" if path else name))
+        return found
+
+    def restore_attrs(self, kept: dict[str, fileattrs.Attrs], committed: dict[str, bytes]
+                      ) -> int:
+        """At mount, after `load`: what an earlier mount kept (`kept`, path -> Attrs) comes
+        back. Every file and directory still there gets its mode (a read-only block stays
+        0444); its times come back when nothing changed while it was not mounted: a block
+        file whose content is `committed`'s (the history's head, which the times describe),
+        a directory whose entries are those the head's paths make. Anything else the mount
+        saw change now, and keeps the times of now. Returns how many nodes got their times
+        back."""
+        shown = self.tree.files()
+        before, after = _entries(committed), _entries(shown)
+        restored = 0
+        stack = [(self.tree.root, "")]
+        while stack:
+            node, path = stack.pop()
+            if node.kind is Kind.DIR:
+                stack.extend((self.tree.node(i), f"{path}/{n}" if path else n)
+                             for n, i in node.children.items())
+            attrs = kept.get(path)
+            if attrs is None or node.kind not in (Kind.DIR, Kind.BLOCK, Kind.GITFILE):
+                continue
+            if not node.read_only:
+                node.mode = attrs.mode & 0o7777
+            same = (before.get(path, set()) == after.get(path, set()) if node.kind is Kind.DIR
+                    else node.kind is Kind.GITFILE or committed.get(path) == shown.get(path))
+            if same:
+                node.atime_ns, node.mtime_ns, node.ctime_ns = (attrs.atime_ns, attrs.mtime_ns,
+                                                               attrs.ctime_ns)
+                restored += 1
+        return restored
 
     # -- the kernel's references ---------------------------------------------------------------
 
@@ -694,3 +788,13 @@ class MountState:
         """FUSE forget: an unlinked node with no lookups left is gone, with its scratch bytes."""
         if self.tree.forget(inode, count):
             self.scratch.drop(inode)
+
+
+def _entries(paths) -> dict[str, set[str]]:
+    """Directory path -> the names in it that `paths` (block file paths) make ("" the root)."""
+    found: dict[str, set[str]] = {}
+    for path in paths:
+        parts = path.split("/")
+        for depth in range(len(parts)):
+            found.setdefault("/".join(parts[:depth]), set()).add(parts[depth])
+    return found

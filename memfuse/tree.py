@@ -33,11 +33,16 @@ class Kind(enum.Enum):
 @dataclass(eq=False)
 class Node:
     """One inode. `content`: the rendered file (BLOCK, GITFILE), the link target (SYMLINK);
-    empty for SCRATCH (its bytes are in the scratch store) and DIR. `children` maps names to inodes (DIR). `parent` is 0 once unlinked. Times
-    are nanoseconds since the epoch; `checked_at` is the trio clock (seconds) of the server view
-    the block shows (see `Tree.bind`); `lookups` is the kernel's lookup count; `version` counts
-    the changes of what a block file shows (content or mode), so a cached copy can be told
-    apart from the current one."""
+    empty for SCRATCH (its bytes are in the scratch store) and DIR. `children` maps names to
+    inodes (DIR). `parent` is 0 once unlinked. Times (`atime_ns`, `mtime_ns`, `ctime_ns`) are
+    nanoseconds since the epoch, as POSIX keeps them: the content (or a directory's entries)
+    moves mtime and ctime, every change of metadata moves ctime, atime moves only by utimens
+    (the mount is noatime); `mtime_given`: the mtime was given by utimens and no write came
+    since, so the close that sends earlier writes keeps it (`tar -x`, `cp -a`). `mode`: the
+    permission bits (0o7777) a chmod gave, kept in the daemon. `checked_at` is the trio clock
+    (seconds) of the server view the block shows (see `Tree.bind`); `lookups` is the kernel's
+    lookup count; `version` counts the changes of what a block file shows (content or mode),
+    so a cached copy can be told apart from the current one."""
 
     inode: int
     kind: Kind
@@ -52,6 +57,12 @@ class Node:
     lookups: int = 0
     mode: int = 0o644
     version: int = 0
+    atime_ns: int = 0  # 0 when made: the mtime
+    mtime_given: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.atime_ns:
+            self.atime_ns = self.mtime_ns
 
     @property
     def read_only(self) -> bool:
@@ -60,8 +71,14 @@ class Node:
             self.block.read_only or self.block.label == MEMORY_FILESYSTEM_LABEL))
 
     def touch(self) -> None:
-        """The content or the entries changed: mtime and ctime move to now."""
+        """The content or the entries changed: mtime and ctime move to now, and an mtime given
+        by utimens no longer holds."""
         self.mtime_ns = self.ctime_ns = time.time_ns()
+        self.mtime_given = False
+
+    def changed(self) -> None:
+        """Metadata changed (mode, owner, times, name, links): ctime moves to now."""
+        self.ctime_ns = time.time_ns()
 
 
 class Tree:
@@ -184,6 +201,7 @@ class Tree:
         if content == node.content:
             if node.read_only != was_read_only:  # the mode changed: attributes must follow
                 node.version += 1
+                node.changed()
                 self.on_change(node)
             return False
         node.content = content
@@ -213,7 +231,7 @@ class Tree:
         node.parent, node.name = parent.inode, name
         parent.children[name] = node.inode
         parent.touch()
-        node.ctime_ns = time.time_ns()
+        node.changed()
 
     def unlink(self, node: Node) -> bool:
         """Take `node` out of its directory; it is dropped once the kernel forgets it. Returns
@@ -224,6 +242,7 @@ class Tree:
         del parent.children[node.name]
         parent.touch()
         node.parent = 0
+        node.changed()  # its link count went to 0
         if node.lookups <= 0:
             self._nodes.pop(node.inode, None)
             return True

@@ -61,6 +61,15 @@ async def make_world(nursery, grace: float = 0.2, journal: bool = True, after=No
                            loaded=loaded, agent=agent, client=client, journal=journal_file)
 
 
+def setattr_fields(**given: bool) -> SimpleNamespace:
+    """The `fields` of a FUSE setattr (pyfuse3.SetattrFields, whose attributes cannot be set
+    from Python): every update_* False but those `given`."""
+    names = ("size", "mode", "uid", "gid", "atime", "mtime", "ctime")
+    fields = {f"update_{n}": False for n in names}
+    assert set(given) <= fields.keys(), given
+    return SimpleNamespace(**{**fields, **given})
+
+
 def replay(files: dict[str, bytes], records) -> dict[str, bytes]:
     """`files` with the recorded changes applied in order: what history would hold."""
     result = dict(files)

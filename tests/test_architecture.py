@@ -8,7 +8,7 @@ import pytest
 PACKAGE = Path(__file__).parent.parent / "memfuse"
 TREE_WRITERS = {"add", "makedirs", "bind", "unbind", "move", "unlink", "looked_up", "forget"}
 NODE_FIELDS = {"kind", "block", "content", "children", "parent", "name", "lookups", "mode",
-               "mtime_ns", "ctime_ns", "checked_at"}
+               "mtime_ns", "ctime_ns", "atime_ns", "mtime_given", "checked_at"}
 OWNER = {"state.py", "tree.py"}  # tree.py defines the data; state.py is its only writer
 
 
@@ -46,7 +46,7 @@ def test_only_the_owner_writes_the_tree_or_records_history(path):
 LAYERS = [  # a module may import only modules of lower layers (or its own layer's, listed)
     {"model"},
     {"errors", "blockfile", "letta", "scratch", "grace", "tree", "history", "config", "journal",
-     "blockmap", "pagecache", "gitremote", "ordering", "mounttable", "procs"},
+     "blockmap", "pagecache", "gitremote", "ordering", "mounttable", "procs", "fileattrs"},
     {"remote", "state", "status"},
     {"files", "poller", "keeper"},
     {"namespace"},

@@ -13,7 +13,7 @@ import pytest
 import trio
 from dulwich.repo import Repo
 
-from memfuse import daemon, letta
+from memfuse import daemon, fileattrs, letta
 from memfuse.config import Config
 from memfuse.daemon import MountError, serve
 from memfuse.fs import MemoryFs
@@ -309,3 +309,55 @@ async def test_a_mount_that_fails_after_its_pusher_is_made_pushes_nothing(
     with Repo(str(remote)) as repo:
         assert repo.refs.as_dict().get(BRANCH) is None  # ... and not pushed
     assert "last push" not in caplog.text
+
+
+async def test_times_and_modes_are_kept_across_a_remount(setup):
+    """chmod and utimens through a real FUSE mount: saved soon after (no unmount needed) and at
+    unmount, and back at the next mount; a file the server changed meanwhile keeps its mode and
+    takes the time the mount saw it."""
+    fake, config = setup
+    human, system = config.mountpoint / "system/human.md", config.mountpoint / "system"
+    past = (1_500_000_000_123_456_789, 1_400_000_000_987_654_321)  # atime, mtime (ns)
+
+    def change():
+        os.chmod(human, 0o600)
+        os.utime(human, ns=past)
+        os.chmod(system, 0o700)
+        os.utime(system, ns=past)
+
+    def shown(path):
+        st = os.stat(path)
+        return stat.S_IMODE(st.st_mode), st.st_atime_ns, st.st_mtime_ns
+
+    async with trio.open_nursery() as nursery:
+        assert await run_until_ready(nursery, config, fake) == [None]
+        await in_thread(change)
+        with trio.fail_after(30):  # saved in a second or so, before any unmount
+            while fileattrs.load(config.attrs_file).get("system/human.md", (0,))[0] != 0o600:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert stat.S_IMODE(config.attrs_file.stat().st_mode) == 0o600
+    async with trio.open_nursery() as nursery:
+        assert await run_until_ready(nursery, config, fake) == [None]
+        assert await in_thread(shown, human) == (0o600, *past)
+        assert await in_thread(shown, system) == (0o700, *past)
+        nursery.cancel_scope.cancel()
+    [block] = fake.by_label("human")
+    block["value"] = "Changed while unmounted.\n"
+    async with trio.open_nursery() as nursery:
+        assert await run_until_ready(nursery, config, fake) == [None]
+        mode, atime, mtime = await in_thread(shown, human)
+        assert mode == 0o600 and mtime > past[1]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_record_of_times_and_modes_that_cannot_be_read_does_not_stop_the_mount(
+        setup, caplog):
+    fake, config = setup
+    config.attrs_file.parent.mkdir(parents=True, exist_ok=True)
+    config.attrs_file.write_bytes(b"not json")
+    async with trio.open_nursery() as nursery:
+        assert await run_until_ready(nursery, config, fake) == [None]
+        nursery.cancel_scope.cancel()
+    assert "the files' times and modes start afresh" in caplog.text
+    assert "system/human.md" in fileattrs.load(config.attrs_file)  # written anew

@@ -7,17 +7,20 @@ import errno
 import logging
 import os
 import stat
+import time
+from functools import partial
 from types import SimpleNamespace
 
 import pyfuse3
 import pytest
 import trio
 
+from memfuse import fileattrs
 from memfuse.fs import WRITER_WINDOW
 from memfuse.model import Origin
 from memfuse.tree import ROOT_INODE
 
-from .fsworld import HUMAN, inode_of, read_all, write_file
+from .fsworld import HUMAN, inode_of, make_world, read_all, setattr_fields, write_file
 
 async def test_layout_attached_in_system_detached_at_root(world, monkeypatch):
     listed = []
@@ -146,7 +149,7 @@ async def test_read_only_block_is_0444_and_refuses_writers(world):
 
 async def test_truncate_by_path_is_one_write(world):
     inode = await inode_of(world.fs, "system/human.md")
-    fields = SimpleNamespace(update_size=True, update_mode=False, update_mtime=False)
+    fields = setattr_fields(update_size=True)
     attr = SimpleNamespace(st_size=0)
     # The value is emptied; the file keeps its frontmatter, as every block file does.
     empty = b"---\ndescription: desc\nlimit: 20000\n---\n"
@@ -159,7 +162,7 @@ async def test_ftruncate_on_open_file_waits_for_close(world):
     fs = world.fs
     inode = await inode_of(fs, "system/human.md")
     info = await fs.open(inode, os.O_RDWR, None)
-    fields = SimpleNamespace(update_size=True, update_mode=False, update_mtime=False)
+    fields = setattr_fields(update_size=True)
     await fs.setattr(inode, SimpleNamespace(st_size=0), fields, info.fh, None)
     await fs.write(info.fh, 0, b"new")
     assert world.fake.patches() == []
@@ -215,3 +218,217 @@ async def test_mtime_moves_only_when_content_changes(world):
     assert (await world.fs.getattr(inode, None)).st_mtime_ns == before
     await write_file(world.fs, "system/human.md", b"other")
     assert (await world.fs.getattr(inode, None)).st_mtime_ns > before
+
+
+# -- times and modes (issue 22, findings 4-6) -------------------------------------------------
+
+PAST_A, PAST_M = 1_500_000_000_123_456_789, 1_400_000_000_987_654_321  # ns: atime, mtime
+
+
+async def utimens(fs, inode: int, atime_ns: int | None = None, mtime_ns: int | None = None):
+    """utimensat, by path or by fd alike: the kernel sends a setattr with no handle."""
+    attr = pyfuse3.EntryAttributes()
+    if atime_ns is not None:
+        attr.st_atime_ns = atime_ns
+    if mtime_ns is not None:
+        attr.st_mtime_ns = mtime_ns
+    return await fs.setattr(inode, attr, setattr_fields(update_atime=atime_ns is not None,
+                                                        update_mtime=mtime_ns is not None),
+                            None, None)
+
+
+async def chmod(fs, inode: int, mode: int):
+    attr = pyfuse3.EntryAttributes()
+    attr.st_mode = mode
+    return await fs.setattr(inode, attr, setattr_fields(update_mode=True), None, None)
+
+
+async def times_of(fs, path: str) -> tuple[int, int]:
+    attr = await fs.getattr(await inode_of(fs, path), None)
+    return attr.st_atime_ns, attr.st_mtime_ns
+
+
+async def test_utimens_sets_atime_and_mtime_apart_on_files_and_directories(world):
+    for path in ("system/human.md", "notes.md", "system", "system/projects", ".git"):
+        inode = await inode_of(world.fs, path)
+        shown = await utimens(world.fs, inode, PAST_A, PAST_M)
+        assert (shown.st_atime_ns, shown.st_mtime_ns) == (PAST_A, PAST_M)
+        assert await times_of(world.fs, path) == (PAST_A, PAST_M), path
+        await utimens(world.fs, inode, mtime_ns=PAST_M + 1)  # UTIME_OMIT for the atime
+        assert await times_of(world.fs, path) == (PAST_A, PAST_M + 1), path
+    assert world.fake.patches() == [] and world.records == []  # times are never sent
+
+
+async def test_a_close_after_futimens_keeps_the_mtime_the_program_set(world):
+    """`cp -a` and `tar -x` write, set the times with futimens, then close: the close sends
+    the writes and keeps the times. A write after the futimens (or a truncate) moves the
+    mtime again."""
+    fs = world.fs
+    inode = await inode_of(fs, "system/human.md")
+    info = await fs.open(inode, os.O_WRONLY | os.O_TRUNC, None)  # cp -a onto a block file
+    await fs.write(info.fh, 0, b"Copied with cp -a.\n")
+    await utimens(fs, inode, PAST_A, PAST_M)
+    await fs.flush(info.fh)
+    await fs.release(info.fh)
+    assert world.fake.patches() == [{"value": "Copied with cp -a.\n"}]
+    assert await times_of(fs, "system/human.md") == (PAST_A, PAST_M)
+
+    system = await inode_of(fs, "system")  # tar -x of a new file
+    info, entry = await fs.create(system, b"new.md", stat.S_IFREG | 0o600,
+                                  os.O_WRONLY | os.O_CREAT | os.O_EXCL, None)
+    await fs.write(info.fh, 0, b"Extracted by tar.\n")
+    await utimens(fs, entry.st_ino, PAST_A, PAST_M)
+    await fs.flush(info.fh)
+    await fs.release(info.fh)
+    [block] = world.fake.by_label("new")
+    assert block["value"] == "Extracted by tar.\n"
+    assert await times_of(fs, "system/new.md") == (PAST_A, PAST_M)
+
+    before = time.time_ns()
+    info = await fs.open(inode, os.O_RDWR, None)  # a write after the futimens
+    await fs.write(info.fh, 0, b"First.\n")
+    await utimens(fs, inode, mtime_ns=PAST_M)
+    await fs.write(info.fh, 0, b"Second.\n")
+    await fs.flush(info.fh)
+    await fs.release(info.fh)
+    assert (await times_of(fs, "system/human.md"))[1] >= before
+    await utimens(fs, inode, mtime_ns=PAST_M)  # truncate(2) by path is a write too
+    before = time.time_ns()
+    await fs.setattr(inode, SimpleNamespace(st_size=0), setattr_fields(update_size=True),
+                     None, None)
+    assert (await times_of(fs, "system/human.md"))[1] >= before
+
+
+async def test_a_rename_onto_a_block_carries_the_sources_times_and_mode(world):
+    """rsync -a: its temporary file gets the data, then the times and mode by path, then is
+    renamed onto the block file."""
+    fs = world.fs
+    system = await inode_of(fs, "system")
+    edited = HUMAN.replace(b"The human.", b"The human, edited elsewhere.")
+    info, entry = await fs.create(system, b".human.md.Xy12Ab", stat.S_IFREG | 0o600,
+                                  os.O_WRONLY | os.O_CREAT | os.O_EXCL, None)
+    await fs.write(info.fh, 0, edited)
+    await fs.flush(info.fh)
+    await fs.release(info.fh)
+    await utimens(fs, entry.st_ino, PAST_A, PAST_M)
+    await chmod(fs, entry.st_ino, 0o640)
+    await fs.rename(system, b".human.md.Xy12Ab", system, b"human.md", 0, None)
+    attr = await fs.getattr(await inode_of(fs, "system/human.md"), None)
+    assert (attr.st_atime_ns, attr.st_mtime_ns) == (PAST_A, PAST_M)
+    assert stat.S_IMODE(attr.st_mode) == 0o640 and attr.st_size == len(edited)
+    assert world.fake.patches() == [{"value": "The human, edited elsewhere.\n"}]
+
+
+async def test_a_server_edit_moves_the_mtime_to_when_the_mount_saw_it(world):
+    await utimens(world.fs, await inode_of(world.fs, "system/human.md"), PAST_A, PAST_M)
+    world.fake.blocks[world.ids["human"]]["value"] = "Changed on the server.\n"
+    world.files.revalidate_after = 0
+    seen_from = time.time_ns()
+    assert (await read_all(world.fs, "system/human.md")).endswith(b"Changed on the server.\n")
+    attr = await world.fs.getattr(await inode_of(world.fs, "system/human.md"), None)
+    assert attr.st_mtime_ns >= seen_from and attr.st_ctime_ns == attr.st_mtime_ns
+    assert attr.st_atime_ns == PAST_A  # reads do not move the atime (noatime)
+
+
+async def test_ctime_moves_on_every_change_of_data_or_metadata(world):
+    fs = world.fs
+    inode = await inode_of(fs, "system/human.md")
+    system = await inode_of(fs, "system")
+
+    async def write():
+        await write_file(fs, "system/human.md", b"A new value.\n")
+
+    async def chown():
+        attr = pyfuse3.EntryAttributes()
+        attr.st_uid, attr.st_gid = os.getuid(), os.getgid()
+        await fs.setattr(inode, attr, setattr_fields(update_uid=True, update_gid=True), None,
+                         None)
+
+    async def rename():
+        await fs.rename(system, b"human.md", system, b"ada.md", 0, None)
+
+    async def unlink():
+        await fs.unlink(system, b"ada.md", None)
+
+    for change in (partial(chmod, fs, inode, 0o600), chown,
+                   partial(utimens, fs, inode, PAST_A, PAST_M), write, rename, unlink):
+        before = (await fs.getattr(inode, None)).st_ctime_ns
+        await change()
+        assert (await fs.getattr(inode, None)).st_ctime_ns > before, change
+
+
+async def test_chmod_of_a_block_file_or_a_directory_is_kept_and_sends_nothing(world):
+    fs = world.fs
+    for path, mode in (("system/human.md", 0o600), ("notes.md", 0o640), ("system", 0o700),
+                       ("system/projects", 0o750)):
+        inode = await inode_of(fs, path)
+        assert stat.S_IMODE((await chmod(fs, inode, mode)).st_mode) == mode
+        assert stat.S_IMODE((await fs.getattr(inode, None)).st_mode) == mode, path
+    assert stat.S_IMODE((await chmod(fs, ROOT_INODE, 0o711)).st_mode) == 0o711
+    assert world.fake.patches() == [] and world.records == []  # the server has no modes
+    made = await fs.mkdir(await inode_of(fs, "system"), b"private", stat.S_IFDIR | 0o700, None)
+    assert stat.S_IMODE(made.st_mode) == 0o700
+    info, entry = await fs.create(ROOT_INODE, b"secret.md", stat.S_IFREG | 0o600,
+                                  os.O_WRONLY | os.O_CREAT, None)  # install -m 600, umask 077
+    await fs.write(info.fh, 0, b"Only mine.\n")
+    await fs.flush(info.fh)
+    await fs.release(info.fh)
+    assert stat.S_IMODE((await fs.getattr(entry.st_ino, None)).st_mode) == 0o600
+
+
+async def test_a_read_only_block_stays_0444_and_chmod_of_it_is_eperm(world, caplog):
+    for path in ("system/projects/policy.md", ".git"):
+        inode = await inode_of(world.fs, path)
+        for mode in (0o644, 0o444):
+            with pytest.raises(pyfuse3.FUSEError) as caught:
+                await chmod(world.fs, inode, mode)
+            assert caught.value.errno == errno.EPERM
+        assert stat.S_IMODE((await world.fs.getattr(inode, None)).st_mode) == 0o444
+    assert "system/projects/policy.md: a read-only file stays 0444 (EPERM)" in caplog.text
+
+
+async def test_an_unlinked_file_still_open_has_no_link(world):
+    fs = world.fs
+    inode = await inode_of(fs, "notes.md")
+    info = await fs.open(inode, os.O_RDONLY, None)
+    assert (await fs.getattr(inode, None)).st_nlink == 1
+    await fs.unlink(ROOT_INODE, b"notes.md", None)
+    assert (await fs.getattr(inode, None)).st_nlink == 0
+    assert await fs.read(info.fh, 0, 100) == b"---\ndescription: desc\nlimit: 20000\n---\nn"
+    await fs.release(info.fh)
+
+
+async def test_a_lookup_of_a_name_over_255_bytes_is_enametoolong(world):
+    for name in (b"x" * 253 + b".md", "é".encode() * 128):  # 256 bytes
+        with pytest.raises(pyfuse3.FUSEError) as caught:
+            await world.fs.lookup(await inode_of(world.fs, "system"), name, None)
+        assert caught.value.errno == errno.ENAMETOOLONG
+    with pytest.raises(pyfuse3.FUSEError) as caught:  # 255 bytes: a name, just not there
+        await world.fs.lookup(ROOT_INODE, b"x" * 252 + b".md", None)
+    assert caught.value.errno == errno.ENOENT
+
+
+async def test_times_and_modes_come_back_at_the_next_mount_unless_the_file_changed(
+        world, nursery, tmp_path):
+    """What the daemon does across an unmount (MountState.attrs saved by fileattrs, then
+    MountState.restore_attrs at the next mount): modes always come back, times when the file
+    is what history's head has; a file the server changed meanwhile has the time of now."""
+    fs = world.fs
+    for path, mode in (("system/human.md", 0o600), ("notes.md", 0o640), ("system", 0o700)):
+        inode = await inode_of(fs, path)
+        await chmod(fs, inode, mode)
+        await utimens(fs, inode, PAST_A, PAST_M)
+    fileattrs.save(tmp_path / "memory.attrs", world.state.attrs())
+    head = world.state.tree.files()  # the last snapshot
+    world.fake.blocks[world.ids["notes"]]["value"] = "Changed while unmounted.\n"
+    remounted_at = time.time_ns()
+    again = await make_world(nursery, after=world)
+    assert again.state.restore_attrs(fileattrs.load(tmp_path / "memory.attrs"), head) > 0
+    for path, mode in (("system/human.md", 0o600), ("notes.md", 0o640), ("system", 0o700)):
+        attr = await again.fs.getattr(await inode_of(again.fs, path), None)
+        assert stat.S_IMODE(attr.st_mode) == mode, path
+        if path == "notes.md":
+            assert attr.st_mtime_ns >= remounted_at
+        else:
+            assert (attr.st_atime_ns, attr.st_mtime_ns) == (PAST_A, PAST_M), path
+    await again.client.aclose()

@@ -24,7 +24,7 @@ from memfuse import blockfile
 from memfuse.poller import Poller
 from memfuse.tree import ROOT_INODE, Kind
 
-from .fsworld import check_invariants, make_world
+from .fsworld import check_invariants, make_world, setattr_fields
 
 settings.register_profile("ci", max_examples=250, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -64,6 +64,7 @@ WRITE = st.tuples(st.just("write"), PICK, st.integers(0, 300), CONTENT, st.boole
 OPS = st.one_of(
     CREATE, CREATE, CREATE, WRITE, WRITE, WRITE,
     st.tuples(st.just("truncate"), PICK, st.sampled_from([0, 1, 10, 100, 5000, 1 << 34])),
+    st.tuples(st.just("setattr"), PICK, st.integers(0, 0o7777), st.integers(0, 1 << 62)),
     st.tuples(st.just("unlink"), PICK),
     st.tuples(st.just("rename"), PICK, PICK, NAMES),
     st.tuples(st.just("mkdir"), PICK, NAMES),
@@ -112,10 +113,14 @@ async def run_op(world, op) -> None:
         finally:
             await fs.release(info.fh)
     elif kind == "truncate" and files:
-        fields = type("F", (), {"update_size": True, "update_mode": False,
-                                "update_mtime": False})()
         attr = type("A", (), {"st_size": op[2]})()
-        await fs.setattr(pick(files, op[1]).inode, attr, fields, None, None)
+        await fs.setattr(pick(files, op[1]).inode, attr, setattr_fields(update_size=True), None,
+                         None)
+    elif kind == "setattr":  # chmod and utimens of anything, read-only files too
+        attr = pyfuse3.EntryAttributes()
+        attr.st_mode, attr.st_atime_ns, attr.st_mtime_ns = op[2], op[3], op[3]
+        fields = setattr_fields(update_mode=True, update_atime=True, update_mtime=True)
+        await fs.setattr(pick(files + dirs, op[1]).inode, attr, fields, None, None)
     elif kind == "unlink" and files:
         node = pick(files, op[1])
         await fs.unlink(node.parent, node.name.encode(), None)

@@ -13,10 +13,10 @@ from memfuse.keeper import TreeBlockKeeper, render_memory_filesystem
 from memfuse.model import Origin
 from memfuse.poller import Poller
 
-from .fsworld import inode_of, make_world, read_all
+from .fsworld import inode_of, make_world, read_all, setattr_fields
 from .test_namespace import create, unlink
 
-TRUNCATE = SimpleNamespace(update_size=True, update_mode=False, update_mtime=False)
+TRUNCATE = setattr_fields(update_size=True)
 
 
 async def test_retire_all_retires_pending_unlinks_before_their_grace_ends(world):

@@ -108,6 +108,32 @@ async def test_a_version_the_next_does_not_extend_gets_a_commit_of_its_own(tmp_p
     assert repo.files() == {"c.md": b"two\n"}
 
 
+async def test_writes_that_never_stop_still_commit_every_3_seconds(tmp_path, monkeypatch):
+    """Each change restarts the quiet period, so under continuous writes the snapshotter's
+    bound (max_delay, 3 s by default) is what commits: `git diff HEAD~1` in the mount then
+    finds a parent within seconds. On trio's MockClock, with the commits run inline (not in a
+    worker thread, whose real time would let the mock clock race ahead), so the times are
+    exact."""
+    async def inline(fn, *args, **_kwargs):
+        return fn(*args)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", inline)
+    repo = make_repo(tmp_path)
+    committed_at: list[float] = []
+    snapshots = Snapshotter(repo, on_committed=lambda _sha: committed_at.append(
+        trio.current_time()))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(snapshots.run)
+        start = trio.current_time()
+        for n in range(48):  # a write every 0.25 s for 12 s, never a quiet second
+            snapshots.record("system/human.md", f"write {n}".encode(), Origin.LOCAL)
+            await trio.sleep(0.25)
+        nursery.cancel_scope.cancel()
+    gaps = [b - a for a, b in zip([start] + committed_at, committed_at)]
+    assert len(committed_at) >= 3 and max(gaps) <= 3.25, gaps
+    assert len(list(repo.repo.get_walker())) == len(committed_at)
+
+
 def work_tree(tmp_path, repo) -> Path:
     """A directory standing for the mount: a `.git` gitfile pointing at `repo`, and `system/`."""
     work = tmp_path / "work"

@@ -10,10 +10,10 @@ import pytest
 from memfuse.poller import Poller
 from memfuse.tree import ROOT_INODE
 
-from .fsworld import inode_of, read_all
+from .fsworld import inode_of, read_all, setattr_fields
 from .test_namespace import create, listdir
 
-TRUNCATE = SimpleNamespace(update_size=True, update_mode=False, update_mtime=False)
+TRUNCATE = setattr_fields(update_size=True)
 
 
 async def test_a_write_past_the_limit_fails_at_write_and_sends_nothing(world, caplog):

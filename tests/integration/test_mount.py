@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import signal
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -212,7 +213,113 @@ def test_chmod_chown_touch_are_accepted_and_send_nothing(mount, api):
     mount.sh("chmod 600 system/human.md && chown $(id -u):$(id -g) system/human.md"
              " && touch -d '2020-01-02 03:04:05' system/human.md")
     assert block_by_label(api, mount.agent_id, "human") == before
-    assert time.gmtime((mount.path / "system/human.md").stat().st_mtime)[:3] == (2020, 1, 2)
+    shown = (mount.path / "system/human.md").stat()
+    assert time.gmtime(shown.st_mtime)[:3] == (2020, 1, 2)
+    assert stat.S_IMODE(shown.st_mode) == 0o600  # the mode chmod gave, not 0644
+
+
+PAST_A, PAST_M = 1_500_000_000_123_456_789, 1_400_000_000_987_654_321  # ns: atime, mtime
+
+
+def run(*argv: str) -> subprocess.CompletedProcess:
+    """Run a real program; fail loudly with its stderr when it does not exit 0."""
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"{' '.join(argv)} exited {result.returncode}: {result.stderr}"
+    return result
+
+
+def test_rsync_back_and_forth_then_a_second_rsync_transfers_nothing(mount, api, tmp_path):
+    """The issue's acceptance test: a backup with rsync -a, an edit there dated yesterday,
+    rsync -a back (a temporary file, its times set, renamed onto the block), and a second
+    rsync -ai finds nothing to do: every size, time and mode in the mount is what it set."""
+    backup = tmp_path / "backup"
+    run("rsync", "-a", f"{mount.path}/", f"{backup}/")
+    with open(backup / "system/human.md", "a") as f:
+        f.write("Edited in the backup.\n")
+    run("touch", "-d", "yesterday", str(backup / "system/human.md"))
+    run("rsync", "-a", f"{backup}/", f"{mount.path}/")
+    assert block_by_label(api, mount.agent_id, "human")["value"] == \
+        "The human.\nEdited in the backup.\n"
+    copied, mine = (backup / "system/human.md").stat(), (mount.path / "system/human.md").stat()
+    assert (mine.st_mtime_ns, mine.st_size) == (copied.st_mtime_ns, copied.st_size)
+    assert run("rsync", "-ai", f"{backup}/", f"{mount.path}/").stdout == ""
+
+
+def test_tar_x_and_cp_a_keep_the_sources_times_and_modes(mount, api, tmp_path):
+    source = tmp_path / "source"
+    (source / "system/notes").mkdir(parents=True)
+    files = {"system/notes/tarred.md": 0o640, "copied.md": 0o600}
+    for name, mode in files.items():
+        (source / name).write_text(f"From {name}.\n")
+        os.chmod(source / name, mode)
+        os.utime(source / name, ns=(PAST_A, PAST_M))
+    os.chmod(source / "system/notes", 0o750)
+    os.utime(source / "system/notes", ns=(PAST_A, PAST_M))
+    run("tar", "-cf", str(tmp_path / "notes.tar"), "-C", str(source), "system/notes")
+    run("tar", "-xf", str(tmp_path / "notes.tar"), "-C", str(mount.path))
+    run("cp", "-a", str(source / "copied.md"), str(mount.path / "copied.md"))
+    for name in (*files, "system/notes"):
+        want, got = (source / name).stat(), (mount.path / name).stat()
+        # tar keeps whole seconds (its default format); cp -a every nanosecond
+        exact = name == "copied.md"
+        assert got.st_mtime_ns == (want.st_mtime_ns if exact else want.st_mtime_ns
+                                   // 10**9 * 10**9), name
+        assert stat.S_IMODE(got.st_mode) == stat.S_IMODE(want.st_mode), name
+    assert block_by_label(api, mount.agent_id, "notes/tarred")["value"] == \
+        "From system/notes/tarred.md.\n"
+
+
+def test_install_m_600_and_chmod_leave_the_mode_they_asked_for(mount, api, tmp_path):
+    (tmp_path / "key.md").write_text("Installed.\n")
+    before = block_by_label(api, mount.agent_id, "human")
+    run("install", "-m", "600", str(tmp_path / "key.md"), str(mount.path / "system/key.md"))
+    run("chmod", "640", str(mount.path / "system/human.md"))
+    run("chmod", "700", str(mount.path / "system"))
+    for name, mode in (("system/key.md", 0o600), ("system/human.md", 0o640), ("system", 0o700)):
+        assert stat.S_IMODE((mount.path / name).stat().st_mode) == mode, name
+    assert block_by_label(api, mount.agent_id, "key")["value"] == "Installed.\n"
+    assert block_by_label(api, mount.agent_id, "human") == before  # a mode is never sent
+
+
+def test_utime_by_path_or_by_fd_before_close_is_what_stat_shows(mount, api):
+    path = mount.path / "system/human.md"
+    run("touch", "-d", "2020-01-02 03:04:05 UTC", str(path))
+    assert time.gmtime(path.stat().st_mtime)[:6] == (2020, 1, 2, 3, 4, 5)
+    with open(path, "w") as f:  # write, then futimens, then close: what tar -x and cp -a do
+        f.write("Written, then dated.\n")
+        f.flush()
+        os.utime(f.fileno(), ns=(PAST_A, PAST_M))
+    shown = path.stat()
+    assert (shown.st_atime_ns, shown.st_mtime_ns) == (PAST_A, PAST_M)  # atime kept apart
+    assert block_by_label(api, mount.agent_id, "human")["value"] == "Written, then dated.\n"
+    os.chmod(path, 0o600)
+    assert path.stat().st_ctime_ns > shown.st_ctime_ns  # metadata moves the ctime
+    assert path.stat().st_mtime_ns == PAST_M
+
+
+def test_times_and_modes_survive_a_remount(mount):
+    path, system = mount.path / "system/human.md", mount.path / "system"
+    os.chmod(path, 0o600)
+    os.utime(path, ns=(PAST_A, PAST_M))
+    os.chmod(system, 0o700)
+    mount.memfuse("umount", mount.agent_id)
+    mount.memfuse("mount", mount.agent_id, "--revalidate", "0.5")
+    shown = path.stat()
+    assert (stat.S_IMODE(shown.st_mode), shown.st_atime_ns, shown.st_mtime_ns) == \
+        (0o600, PAST_A, PAST_M)
+    assert stat.S_IMODE(system.stat().st_mode) == 0o700
+    assert (mount.state / "memory.attrs").exists()
+
+
+def test_an_unlinked_open_file_has_no_link_and_a_long_name_is_enametoolong(mount):
+    path = mount.path / "system/persona.md"
+    with open(path) as f:
+        os.unlink(path)
+        assert os.fstat(f.fileno()).st_nlink == 0
+        assert f.read().endswith("I am a test agent.\n")
+    with pytest.raises(OSError) as caught:
+        os.stat(mount.path / "system" / ("x" * 253 + ".md"))
+    assert caught.value.errno == errno.ENAMETOOLONG
 
 
 def test_statfs_answers(mount):

@@ -168,6 +168,10 @@ def test_read_only_block_is_0444_and_refuses_writers(api, home):
             open(path, "w")
         assert "system/policy.md: the block is read-only (EACCES)" in m.log()
         assert block_by_label(api, agent_id, "policy")["value"] == "Be kind.\n"
+        chmod = m.sh("chmod 644 system/policy.md", check=False)  # even for root
+        assert chmod.returncode != 0 and "Operation not permitted" in chmod.stderr
+        assert oct(path.stat().st_mode & 0o777) == "0o444"
+        assert "system/policy.md: a read-only file stays 0444 (EPERM)" in m.log()
     finally:
         stop_mount(m)
         api.delete(f"/v1/agents/{agent_id}")
