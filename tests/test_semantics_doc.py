@@ -27,7 +27,9 @@ PREFIXES = {"fs": "tests/test_fs.py", "ns": "tests/test_namespace.py",
             "gitremote": "tests/test_gitremote.py",
             "gitremote-mount": "tests/integration/test_gitremote.py",
             "mounttable": "tests/test_mounttable.py",
-            "owner-mount": "tests/integration/test_owner.py"}
+            "owner-mount": "tests/integration/test_owner.py",
+            "create": "tests/test_create.py", "order": "tests/test_ordering.py",
+            "order-mount": "tests/integration/test_ordering.py"}
 
 
 def rows():
