@@ -136,6 +136,8 @@ class BlockFiles:
                 self._burst_until = self._last_open + BURST_SPAN
                 if self._fresh(node):
                     return
+        if node.block is None:  # unlinked while the listing was awaited: nothing to refresh
+            return
         async with self.remote.lock(node.block.id):
             if self._fresh(node):  # another open refreshed it while this one waited
                 return

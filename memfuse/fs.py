@@ -567,6 +567,11 @@ class MemoryFs(pyfuse3.Operations):
                         self.state.rejected(node, bytes(handle.data))
                     raise
                 handle.base = node.block
+            elif self.state.gone(node) is not None:  # its block was deleted on the server
+                self.state.lost_block(node, bytes(handle.data))
+                raise FsError(errno.ESTALE, "its block was deleted on the server while the "
+                                            "file was open; the bytes written are kept in "
+                                            "history as a rejected edit")
             else:  # the file stopped being a block while open: its bytes stay local
                 if node.parent == 0:
                     log.warning("%s: removed while open; the write stays local", node.name)

@@ -128,6 +128,8 @@ class MountState:
         self.graveyard = graveyard or Graveyard()
         self.journal = journal
         self._warned: set[str] = set()
+        self._gone: dict[int, str] = {}  # inode -> the path of a block file whose block left
+        # the server (deleted, or detached and no longer owned) while the kernel still held it
         # called after a change of times or modes alone (no history): fileattrs keeps them
         self.on_attributes: Callable[[], None] = lambda: None
 
@@ -301,6 +303,7 @@ class MountState:
         for node in self._shown_attached() if attached_only else self.tree.blocks():
             if node.block.id not in desired and node.block.id not in kept:
                 path = self.tree.path(node)
+                self._gone[node.inode] = path
                 self._remove(node, notify=True)
                 self._record(path, None, Origin.SERVER)
                 log.info("%s: gone on the server (deleted or detached)", path)
@@ -622,8 +625,22 @@ class MountState:
             self.scratch.adopt(node.inode, content)
         if self.tree.unlink(node):
             self.scratch.drop(node.inode)
+            self._gone.pop(node.inode, None)
         if notify:
             self.invalidator.entry(parent, name)
+
+    def gone(self, node: Node) -> str | None:
+        """The path `node` had when the server deleted its block (or detached it from an agent
+        that no longer owns it) while a handle held the file open; None otherwise."""
+        return self._gone.get(node.inode)
+
+    def lost_block(self, node: Node, data: bytes) -> None:
+        """A close of a file whose block left the server while it was open (`gone`): the bytes
+        `data` the program wrote go to history at the path the file had, as a rejected edit,
+        and the path is gone again (history equals the tree)."""
+        path = self._gone[node.inode]
+        self._record(path, data, Origin.REJECTED)
+        self._record(path, None, Origin.SERVER)
 
     def renamed(self, src: Node, new_parent: Node, new_name: str, *, shows: Block | None,
                 bury_source: bool) -> None:
@@ -788,6 +805,7 @@ class MountState:
         """FUSE forget: an unlinked node with no lookups left is gone, with its scratch bytes."""
         if self.tree.forget(inode, count):
             self.scratch.drop(inode)
+            self._gone.pop(inode, None)
 
 
 def _entries(paths) -> dict[str, set[str]]:

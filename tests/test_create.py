@@ -3,6 +3,7 @@
 failed leaves no live block. FUSE operations over the fake API, which can act on a request and
 then lose its answer (the link going down with it).
 """
+import errno
 import os
 
 import pyfuse3
@@ -108,3 +109,21 @@ async def test_an_attached_block_with_the_label_does_not_take_a_detached_file(wo
     await _new_file(world, "system/same.md", b"attached\n")
     await _new_file(world, "same.md", b"detached\n")
     assert sorted(b["value"] for b in _live(world, "same")) == ["attached\n", "detached\n"]
+
+
+@pytest.mark.parametrize("polled", [False, True], ids=["before-the-poll", "after-the-poll"])
+async def test_a_close_after_the_server_deleted_the_block_is_estale_with_the_bytes_in_history(
+        world, polled):
+    fs = world.fs
+    info = await fs.open(await inode_of(fs, "system/human.md"), os.O_WRONLY | os.O_TRUNC, None)
+    await fs.write(info.fh, 0, b"UNIQUE\n")
+    del world.fake.blocks[world.ids["human"]]  # DELETE /v1/blocks/{id}, through the API
+    world.fake.agents[world.agent].remove(world.ids["human"])
+    if polled:  # the poller saw it first: the file left the mount while open
+        assert await Poller(world.state, world.remote).poll_once()
+        assert "system/human.md" not in world.state.tree.files()
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await fs.flush(info.fh)
+    assert caught.value.errno == errno.ESTALE
+    await fs.release(info.fh)
+    assert [o for p, c, o in world.records if c and c.endswith(b"UNIQUE\n")] == [Origin.REJECTED]

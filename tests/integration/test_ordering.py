@@ -5,6 +5,7 @@ exits 0 loses its text. The long form (20 runs each) is in scripts/chaos --order
 """
 from __future__ import annotations
 
+import errno
 import re
 import subprocess
 
@@ -199,3 +200,19 @@ def test_a_reader_during_saves_in_place_never_reads_a_torn_file(mount):
     reads, torn = map(int, reader.stdout.split())
     assert int(saver.stdout.read()) > 10 and reads > 10
     assert torn == 0, reader.stderr[:2000]
+
+
+def test_a_close_after_the_server_deleted_the_block_fails_and_keeps_the_bytes(mount, api):
+    """Issue 17's repro: a file open for writing, its block deleted through the API, the
+    poller shows it gone, then the close: ESTALE, and the bytes are in history."""
+    block = blocks_labelled(api, mount.agent_id, "human")[0]
+    f = open(mount.path / "system/human.md", "w")
+    f.write("UNIQUE\n")
+    f.flush()
+    api.delete(f"/v1/blocks/{block['id']}").raise_for_status()
+    wait_for(lambda: not (mount.path / "system/human.md").exists(), timeout=15)
+    with pytest.raises(OSError) as caught:
+        f.close()
+    assert caught.value.errno == errno.ESTALE
+    wait_for(lambda: "+UNIQUE" in mount.sh("git log -p --all --format=").stdout.splitlines(),
+             timeout=15)
