@@ -392,7 +392,7 @@ def _from_history(config: Config, away: ServerUnreachable, repo: HistoryRepo,
                          f"map ({config.block_map_file.name}; a memfuse before local-first "
                          f"mounts made it): mount once with the server reachable")
     files = dict(committed)
-    for path, content, origin in recovered:
+    for path, content, origin, *_why in recovered:
         if origin is Origin.LOCAL and content is not None and path in files:
             files[path] = content
     attached, owned = blockmap.blocks(found, files)

@@ -518,9 +518,9 @@ class BlockFiles:
         contents = [e for e in entries if e.kind in (WRITE, CREATE)]
         if contents and node is not None and self.state.shows(node, last.block_id):
             if entries[0].kind == CREATE:
-                self.state.rejected(node, contents[-1].content, made=False)
+                self.state.rejected(node, contents[-1].content, made=False, reason=exc.reason)
             else:
-                self.state.refused(self.tree.path(node), _made(contents))
+                self.state.refused(self.tree.path(node), _made(contents), reason=exc.reason)
         log.error("%s: the server refused journaled changes (%s); they are kept in history "
                   "as a rejected edit", last.path, exc.reason)
         return f"refused: {exc.reason}; kept in history as a rejected edit"
@@ -600,7 +600,8 @@ class BlockFiles:
             changes = blockfile.plan_update(current, parsed)
         except FsError as exc:  # e.g. the server's limit is now lower than the value
             if path is not None:
-                self.state.conflict(path, current, rejected=parsed, node=node)
+                self.state.conflict(path, current, rejected=parsed, node=node,
+                                    reason=exc.reason)
             log.error("%s: a journaled write cannot apply any more (%s); it is kept in "
                       "history as a rejected edit", entry_path, exc.reason)
             return (f"refused: {exc.reason}; kept in history as a rejected edit", current,

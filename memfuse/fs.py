@@ -548,7 +548,8 @@ class MemoryFs(pyfuse3.Operations):
         node = handle.node
         if handle.refused is not None:
             if handle.attempted is not None and node.kind is Kind.BLOCK:
-                self.state.rejected(node, handle.attempted)  # once: later closes find None
+                self.state.rejected(node, handle.attempted,  # once: later closes find None
+                                    reason=self._refusal(handle))
                 handle.attempted = None
             raise self._refuse(self.tree.path(node), FsError(
                 handle.refused, f"{self._refusal(handle)}; nothing was sent"))
@@ -562,9 +563,9 @@ class MemoryFs(pyfuse3.Operations):
                         await self.files.send(node, bytes(handle.data), handle.base)
                 except Stale:
                     raise  # both versions are in history already
-                except FsError:
+                except FsError as exc:
                     if node.kind is Kind.BLOCK:
-                        self.state.rejected(node, bytes(handle.data))
+                        self.state.rejected(node, bytes(handle.data), reason=exc.reason)
                     raise
                 handle.base = node.block
             elif self.state.gone(node) is not None:  # its block was deleted on the server

@@ -37,7 +37,7 @@ UNCOMMITTED = "memfuse-uncommitted.jsonl"  # local changes not committed yet (cr
 
 
 SUBJECTS = {Origin.LOCAL: "Local edit", Origin.SERVER: "Server change",
-            Origin.REJECTED: "Rejected local edit (the server changed first)"}
+            Origin.REJECTED: "Rejected local edit"}  # followed by its reason, when known
 
 
 def local_author() -> bytes:
@@ -194,6 +194,7 @@ class _Change:
     origin: Origin
     path: str
     content: bytes | None
+    reason: str | None = None  # why a rejected edit was refused (its commit says so)
 
 
 @dataclass
@@ -241,9 +242,11 @@ class Snapshotter:
     def _uncommitted(self) -> Path:
         return self.repo.path / UNCOMMITTED
 
-    def record(self, path: str, content: bytes | None, origin: Origin) -> None:
-        """Note that `path` now has `content` (None: gone) because of `origin`."""
-        change = _Change(origin, path, content)
+    def record(self, path: str, content: bytes | None, origin: Origin,
+               reason: str | None = None) -> None:
+        """Note that `path` now has `content` (None: gone) because of `origin`; reason: why
+        a rejected edit (Origin.REJECTED) was refused, in words, for its commit's subject."""
+        change = _Change(origin, path, content, reason)
         self._pending.append(change)
         if origin is not Origin.SERVER:
             self._remember([change], "a")
@@ -255,6 +258,7 @@ class Snapshotter:
         lines = "".join(json.dumps({
             "path": c.path, "origin": c.origin.value,
             "content": None if c.content is None else base64.b64encode(c.content).decode(),
+            **({"reason": c.reason} if c.reason else {}),
         }) + "\n" for c in changes)
         try:
             if mode == "a":
@@ -268,9 +272,10 @@ class Snapshotter:
             log.warning("could not keep %s (%s): after a crash, uncommitted local edits would "
                         "be committed as the server's", self._uncommitted, exc)
 
-    def recover(self) -> list[tuple[str, bytes | None, Origin]]:
+    def recover(self) -> list[tuple[str, bytes | None, Origin, str | None]]:
         """The local and rejected changes a previous daemon recorded and never committed (it
-        crashed), in order: (path, content, origin). Unreadable lines are skipped."""
+        crashed), in order: (path, content, origin, reason of a rejection or None).
+        Unreadable lines are skipped."""
         try:
             text = self._uncommitted.read_text()
         except OSError:
@@ -280,7 +285,8 @@ class Snapshotter:
             try:
                 item = json.loads(line)
                 content = None if item["content"] is None else base64.b64decode(item["content"])
-                found.append((item["path"], content, Origin(item["origin"])))
+                found.append((item["path"], content, Origin(item["origin"]),
+                              item.get("reason")))
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut short by the crash
         return found
@@ -300,27 +306,31 @@ class Snapshotter:
     async def flush(self, subjects: dict[Origin, str] | None = None) -> None:
         """Commit everything pending now, in order, one commit per run of one origin; a run
         ends early where a file's next version does not start with its last (so every version
-        that is not a prefix of the next is committed). subjects: the commits' subject by origin (default SUBJECTS). Afterwards the
+        that is not a prefix of the next is committed), and a rejected edit's subject gives its
+        reason. subjects: the commits' subject by origin (default SUBJECTS). Afterwards the
         uncommitted-changes file holds only what was recorded meanwhile."""
         pending, self._pending = self._pending, []
         after = self.on_commit() if pending and self.on_commit is not None else None
-        runs: list[tuple[Origin, dict[str, bytes | None]]] = []
+        runs: list[tuple[Origin, str | None, dict[str, bytes | None]]] = []
         for change in pending:
-            earlier = runs[-1][1].get(change.path) if runs else None
-            if (not runs or runs[-1][0] is not change.origin
+            earlier = runs[-1][2].get(change.path) if runs else None
+            if (not runs or runs[-1][0] is not change.origin or runs[-1][1] != change.reason
                     or (earlier is not None and not (change.content or b"").startswith(earlier))):
                 # a version that the next one does not extend (another writer's text, a file
                 # removed) gets a commit of its own: history keeps every acknowledged byte
-                runs.append((change.origin, {}))
-            runs[-1][1][change.path] = change.content
+                runs.append((change.origin, change.reason, {}))
+            runs[-1][2][change.path] = change.content
         failed: list[_Change] = []
-        for origin, changes in runs:
+        for origin, reason, changes in runs:
+            subject = {**SUBJECTS, **(subjects or {})}[origin]
+            if reason:
+                subject = f"{subject} ({reason})"
             try:
-                await self.commit_now(changes, origin, {**SUBJECTS, **(subjects or {})}[origin])
+                await self.commit_now(changes, origin, subject)
             except Exception as exc:  # history must never take the mount down
                 self.last_error = f"snapshot failed: {exc!r}"
                 log.exception("snapshot of %s failed", ", ".join(changes))
-                failed.extend(_Change(origin, p, c) for p, c in changes.items())
+                failed.extend(_Change(origin, p, c, reason) for p, c in changes.items())
         if pending:
             self._remember([c for c in failed + self._pending if c.origin is not Origin.SERVER],
                            "w")

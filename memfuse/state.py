@@ -34,7 +34,7 @@ from .tree import Kind, Node, Tree
 
 log = logging.getLogger("memfuse.state")
 
-Recorder = Callable[[str, "bytes | None", Origin], None]
+Recorder = Callable[..., None]  # (path, content or None, Origin[, reason of a rejection])
 
 
 def journal_error(exc: OSError, path: "os.PathLike[str] | str | None" = None) -> FsError:
@@ -206,7 +206,7 @@ class MountState:
 
     def load(self, attached: list[Block], owned: list[Block], listed_at: float,
              committed: dict[str, bytes],
-             recovered: list[tuple[str, bytes | None, Origin]] = ()) -> None:
+             recovered: list[tuple] = ()) -> None:
         """Build the tree from the first listing; record the difference from `committed` (the
         history's files at its head) so the next snapshot makes history equal the tree.
         Nothing is mounted yet, so the kernel is not told.
@@ -224,9 +224,9 @@ class MountState:
         changes = {path: content for path, content, _origin in shown}
         changes.update({path: None for path in committed.keys() - self.tree.files().keys()})
         mine: dict[str, bytes | None] = {}
-        for path, content, origin in recovered:
+        for path, content, origin, *why in recovered:
             if origin is Origin.REJECTED:
-                self._record(path, content, Origin.REJECTED)
+                self._record(path, content, Origin.REJECTED, why[0] if why else None)
             else:
                 mine[path] = content
         local = {p for p, c in changes.items() if p in mine and mine[p] == c}
@@ -498,13 +498,14 @@ class MountState:
             self._record(self.tree.path(node), bytes(node.content),
                          Origin.LOCAL if sent else Origin.SERVER)
 
-    def refused(self, path: str, made: Block) -> None:
+    def refused(self, path: str, made: Block, reason: str | None = None) -> None:
         """Journaled changes the server refused for good (their block is gone, say): the file
         they made (`made`) goes to history at `path` (where the block is shown now) as a
         rejected edit, so a person can get it back with git."""
-        self._record(path, blockfile.render(made), Origin.REJECTED)
+        self._record(path, blockfile.render(made), Origin.REJECTED, reason)
 
-    def rejected(self, node: Node, data: bytes, made: bool = True) -> None:
+    def rejected(self, node: Node, data: bytes, made: bool = True,
+                 reason: str | None = None) -> None:
         """A close of the block file `node` failed (EFBIG, EINVAL, a refusal of the server):
         the bytes `data` the program wrote go to history as a rejected edit, then the file as
         the mount still shows it, so a person can get them back with git and history still
@@ -512,7 +513,7 @@ class MountState:
         journaled create the server refused) leaves the mount (it would be a file neither the
         server nor the journal knows); an open handle keeps it as scratch."""
         path = self.tree.path(node)
-        self._record(path, data, Origin.REJECTED)
+        self._record(path, data, Origin.REJECTED, reason)
         if node.block is not None and made:
             self._record(path, bytes(node.content), Origin.SERVER)
             return
@@ -522,7 +523,7 @@ class MountState:
                     "history as a rejected edit)", path)
 
     def conflict(self, path: str, theirs: Block, rejected: blockfile.ParsedFile | None = None,
-                 node: Node | None = None) -> None:
+                 node: Node | None = None, reason: str = "the server changed first") -> None:
         """A write met a newer server version `theirs`: that version goes to history first.
         rejected: the refused file (`--on-conflict reject`), recorded as REJECTED (rendered as
         the block it would have made) and followed by `theirs` again, which `node` (the file,
@@ -531,7 +532,8 @@ class MountState:
         self._record(path, server, Origin.SERVER)
         if rejected is None:
             return
-        self._record(path, blockfile.render(blockfile.applied(theirs, rejected)), Origin.REJECTED)
+        self._record(path, blockfile.render(blockfile.applied(theirs, rejected)), Origin.REJECTED,
+                     reason)
         if node is not None and self.shows(node, theirs.id):
             self.tree.bind(node, theirs, trio.current_time())
         self._record(path, server, Origin.SERVER)
@@ -639,7 +641,7 @@ class MountState:
         `data` the program wrote go to history at the path the file had, as a rejected edit,
         and the path is gone again (history equals the tree)."""
         path = self._gone[node.inode]
-        self._record(path, data, Origin.REJECTED)
+        self._record(path, data, Origin.REJECTED, "its block was deleted on the server")
         self._record(path, None, Origin.SERVER)
 
     def renamed(self, src: Node, new_parent: Node, new_name: str, *, shows: Block | None,

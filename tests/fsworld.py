@@ -40,13 +40,16 @@ async def make_world(nursery, grace: float = 0.2, journal: bool = True, after=No
         }
     else:
         fake, agent, ids = after.fake, after.agent, after.ids
-    records = []
+    records, reasons = [], []  # reasons: of each rejected edit recorded, in order
     client = LettaClient("http://letta.test", transport=fake.transport(), retry_budget=0.2)
     journal_path = (after.journal.path if after is not None else
                     Path(tempfile.mkdtemp(prefix="memfuse-journal-")) / "memory.journal")
     journal_file = Journal(journal_path) if journal else None
     state = MountState(Tree(gitfile=b"gitdir: /somewhere/memory.git\n"),
-                       lambda *change: records.append(change), graveyard=Graveyard(grace),
+                       lambda path, content, origin, reason=None: (
+                           records.append((path, content, origin)),
+                           reasons.append(reason) if origin.value == "rejected" else None),
+                       graveyard=Graveyard(grace),
                        journal=journal_file)
     remote = Remote(client, agent)
     state.load(*await remote.listing(), 0.0, {})
@@ -58,6 +61,7 @@ async def make_world(nursery, grace: float = 0.2, journal: bool = True, after=No
     nursery.start_soon(namespace.run)
     return SimpleNamespace(fake=fake, ids=ids, fs=MemoryFs(state, files, namespace), state=state,
                            remote=remote, files=files, namespace=namespace, records=records,
+                           reasons=reasons,
                            loaded=loaded, agent=agent, client=client, journal=journal_file)
 
 

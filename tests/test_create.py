@@ -103,6 +103,7 @@ async def test_a_create_refused_after_its_post_leaves_no_live_block(world):
     assert world.fake.by_label("no") == []  # the POSTed block was deleted
     assert "system/no.md" not in world.state.tree.files()
     assert ("system/no.md", b"x\n", Origin.REJECTED) in world.records
+    assert any("refused (fake)" in reason for reason in world.reasons)  # the commit says why
 
 
 async def test_an_attached_block_with_the_label_does_not_take_a_detached_file(world):

@@ -197,7 +197,7 @@ async def test_after_a_crash_uncommitted_local_edits_are_committed_as_the_person
     assert git(repo, "log", "--format=%an|%s", "main").splitlines() == [
         "Letta server|Snapshot at mount: system/persona.md",
         f"{user}|Local edit (recovered at mount): system/human.md",
-        f"{user}|Rejected local edit (the server changed first): system/human.md",
+        f"{user}|Rejected local edit: system/human.md",
         "Letta server|Snapshot at mount: system/human.md, system/persona.md"]
     assert Snapshotter(repo).recover() == []  # committed: nothing left to recover
 
@@ -229,3 +229,17 @@ async def test_on_commit_is_taken_with_the_pending_changes_and_run_once_they_are
     snapshots.record("a.md", b"2", Origin.LOCAL)
     await snapshots.flush()
     assert seen[2:] == [("taken", repo.head())]  # the commit failed: the map is not saved
+
+
+async def test_a_rejected_edits_commit_says_why_it_was_refused(tmp_path):
+    repo = make_repo(tmp_path)
+    snapshots = Snapshotter(repo)
+    snapshots.record("system/persona.md", b"too long", Origin.REJECTED,
+                     "value is 41 characters, over the limit of 40")
+    snapshots.record("system/human.md", b"theirs", Origin.REJECTED, "the server changed first")
+    await snapshots.flush()
+    user = local_author().decode().split(" <")[0]
+    assert git(repo, "log", "--format=%an|%s", "main").splitlines() == [
+        f"{user}|Rejected local edit (the server changed first): system/human.md",
+        f"{user}|Rejected local edit (value is 41 characters, over the limit of 40): "
+        "system/persona.md"]
