@@ -215,6 +215,7 @@ class Mount:
             last_replay=self.files.last_replay,
             local_first_at=self.local_first_at if self.local_first else None,
             **(self._push_status() if self.pusher is not None else {}),
+            latency=poller.remote.latency(),
             requests=poller.remote.client.requests,
             received_bytes=poller.remote.client.received_bytes,
             started_at=self.started_at, updated_at=time.time())

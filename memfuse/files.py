@@ -14,6 +14,7 @@ import collections
 import dataclasses
 import errno
 import logging
+import math
 import uuid
 from typing import Awaitable, Callable
 
@@ -33,6 +34,10 @@ from .tree import Kind, Node
 log = logging.getLogger("memfuse.files")
 
 WRITE_BUDGET = 2.0  # seconds of retries before a write the server does not take is journaled
+# Seconds a close (or fsync) waits for the server, with a journal to fall back on: then the
+# change is journaled and the close returns (a slow server: answers that take seconds each)
+CLOSE_DEADLINE = 5.0
+READ_DEADLINE = FETCH_TIMEOUT  # seconds an open waits to revalidate before serving the cache
 REPLAY_FAILURES = 5  # 5xx answers to one journaled write before it is given up as refused
 BURST_OPENS = 3  # opens that must revalidate, within BURST_WINDOW seconds: a burst
 BURST_WINDOW = 1.0
@@ -138,6 +143,14 @@ class BlockFiles:
                     return
         if node.block is None:  # unlinked while the listing was awaited: nothing to refresh
             return
+        with trio.move_on_after(READ_DEADLINE) as deadline:
+            await self._refresh(node)
+        if deadline.cancelled_caught:  # a slow server, or a write holding the block's lock
+            log.info("%s: no answer within %g s; serving the cached copy",
+                     self.tree.path(node), READ_DEADLINE)
+
+    async def _refresh(self, node: Node) -> None:
+        """One `GET /v1/blocks/{id}` of `node`'s block under its lock (see `revalidate`)."""
         async with self.remote.lock(node.block.id):
             if self._fresh(node):  # another open refreshed it while this one waited
                 return
@@ -204,27 +217,42 @@ class BlockFiles:
         if base is None:  # the writer opened the file before its block existed: it read an
             base = dataclasses.replace(node.block, value="")  # empty file; any other text
         block_id = node.block.id  # the server has by now is a conflict (both go to history)
-        async with self._order(block_id):
-            if node.block is not None and node.block.id == self._real(block_id):
-                block_id = node.block.id  # its create was replayed while this write waited
-            if not self.state.shows(node, block_id):
-                log.info("%s: removed while its write waited; the write stays local", node.name)
-                return
-            if base is not None and is_provisional(base.id):
-                base = node.block  # read before its create was replayed: nothing to conflict
-            if self.offline():
-                self._journal(node, parsed, data, base)
-                return
-            try:
-                block = await self.write(node.block, parsed, self.tree.path(node), base, node,
-                                         budget=self._budget())
-            except ServerAway as exc:
+        with self._deadline() as deadline:
+            async with self._order(block_id):
+                if node.block is not None and node.block.id == self._real(block_id):
+                    block_id = node.block.id  # its create was replayed while this write waited
                 if not self.state.shows(node, block_id):
-                    raise
-                self._fall_back(exc, self.tree.path(node))
-                self._journal(node, parsed, data, base)
-                return
-            self.state.written(node, block)
+                    log.info("%s: removed while its write waited; the write stays local",
+                             node.name)
+                    return
+                if base is not None and is_provisional(base.id):
+                    base = node.block  # read before its create was replayed: no conflict
+                if self.offline():
+                    self._journal(node, parsed, data, base)
+                    return
+                try:
+                    block = await self.write(node.block, parsed, self.tree.path(node), base,
+                                             node, budget=self._budget())
+                except ServerAway as exc:
+                    if not self.state.shows(node, block_id):
+                        raise
+                    self._fall_back(exc, self.tree.path(node))
+                    self._journal(node, parsed, data, base)
+                    return
+                self.state.written(node, block)
+        if deadline.cancelled_caught and self.state.shows(node, block_id) and node.block:
+            if base is not None and is_provisional(base.id):
+                base = node.block
+            log.warning("%s: no answer within %g s (the server is slow); the write is "
+                        "journaled", self.tree.path(node), CLOSE_DEADLINE)
+            self._journal(node, parsed, data, base)
+
+    def _deadline(self) -> trio.CancelScope:
+        """The scope of a change's wait for the server: CLOSE_DEADLINE seconds when a journal
+        can take the change instead (the caller journals it when the scope was cancelled:
+        whatever the server did meanwhile is found at replay), else no limit."""
+        return trio.move_on_after(CLOSE_DEADLINE if self.state.journal is not None
+                                  else math.inf)
 
     async def _create_file(self, node: Node, parsed: blockfile.ParsedFile, data: bytes) -> None:
         """The first flush of the new block file `node` (held in `order.creating`): create its
@@ -260,17 +288,18 @@ class BlockFiles:
                 log.info("%s: removed while its append waited; it stays local", node.name)
                 return
             if not self.offline() and not is_provisional(node.block.id):
-                try:
-                    current = await self.remote.fetch_now(node.block.id, self._budget())
-                    parsed = blockfile.ParsedFile(value=current.value + text, fields={},
-                                                  has_frontmatter=False)
-                    block = await self.write(current, parsed, self.tree.path(node), None, node,
-                                             budget=self._budget())
-                except ServerAway as exc:
-                    self._fall_back(exc, self.tree.path(node))
-                else:
-                    self.state.written(node, block)
-                    return
+                with self._deadline():
+                    try:
+                        current = await self.remote.fetch_now(node.block.id, self._budget())
+                        parsed = blockfile.ParsedFile(value=current.value + text, fields={},
+                                                      has_frontmatter=False)
+                        block = await self.write(current, parsed, self.tree.path(node), None,
+                                                 node, budget=self._budget())
+                    except ServerAway as exc:
+                        self._fall_back(exc, self.tree.path(node))
+                    else:
+                        self.state.written(node, block)
+                        return
             data = bytes(node.content) + added
             self._journal(node, blockfile.parse(data), data, node.block)
 
@@ -290,15 +319,19 @@ class BlockFiles:
         first: EINVAL, EFBIG. Raises FsError."""
         provisional = Remote.new_block(PROVISIONAL_PREFIX + uuid.uuid4().hex, location, parsed)
         if not self.offline():
-            try:
-                block = await self.remote.create(location, parsed, self._budget(),
-                                                 marker=create_marker(provisional.id))
-                log.info("%s: created block %s", path, block.id)
-                return block
-            except LabelTaken as exc:
-                return await self._write_taken(exc, parsed, path, node)
-            except FsError as exc:
-                self._fall_back(exc, path)
+            with self._deadline() as deadline:
+                try:
+                    block = await self.remote.create(location, parsed, self._budget(),
+                                                     marker=create_marker(provisional.id))
+                    log.info("%s: created block %s", path, block.id)
+                    return block
+                except LabelTaken as exc:
+                    return await self._write_taken(exc, parsed, path, node)
+                except FsError as exc:
+                    self._fall_back(exc, path)
+            if deadline.cancelled_caught:  # what the server made meanwhile carries the marker
+                log.warning("%s: no answer within %g s (the server is slow); the create is "
+                            "journaled", path, CLOSE_DEADLINE)
             if node is not None and (node.parent == 0 or node.kind is not Kind.BLOCK
                                      or node.block is not None):
                 log.info("%s: removed while its create waited; the write stays local", path)

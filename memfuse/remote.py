@@ -6,8 +6,10 @@ tree or history: callers hand the blocks returned to state.MountState.
 """
 from __future__ import annotations
 
+import collections
 import errno
 import logging
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -24,6 +26,7 @@ log = logging.getLogger("memfuse.remote")
 
 CONFLICT_POLICIES = ("overwrite", "reject")
 FETCH_TIMEOUT = 2.0  # seconds an open waits for a block's refresh before serving the cache
+LATENCY_SAMPLE = 20  # answered calls whose median time `memfuse status` shows
 CREATE_MARKER = "memfuse-create:"  # + a provisional id: the tag of a create not complete yet
 
 
@@ -90,6 +93,14 @@ class Remote:
         self.reachable = True
         self.reachable_since = time.time()
         self._locks: dict[str, trio.Lock] = {}
+        self._answer_times: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLE)
+
+    def latency(self) -> float | None:
+        """The median time (seconds) the server took to answer the last LATENCY_SAMPLE calls
+        that got an answer (a refusal counts), or None before the first."""
+        if not self._answer_times:
+            return None
+        return statistics.median(self._answer_times)
 
     def mark_unreachable(self, why: str) -> None:
         """Note that the server gave no answer elsewhere (the checks at mount): `reachable` is
@@ -106,15 +117,19 @@ class Remote:
                             why)
 
     async def _observed(self, coro):
-        """Await a server call, noting whether the server answered. Raises LettaError."""
+        """Await a server call, noting whether the server answered, and how long it took.
+        Raises LettaError."""
+        started = trio.current_time()
         try:
             result = await coro
         except (BadRequest, Unauthorized, NotFound, Conflict, Invalid):
+            self._answer_times.append(trio.current_time() - started)
             self._seen(True)  # the API answered, with a refusal
             raise
         except LettaError as exc:  # no answer, a 5xx, or something that is not the API
             self._seen(False, str(exc))
             raise
+        self._answer_times.append(trio.current_time() - started)
         self._seen(True)
         return result
 

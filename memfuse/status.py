@@ -13,6 +13,7 @@ from typing import Callable
 from .config import JsonRecord
 
 STALE_AFTER = 10.0  # seconds without an update before the daemon is called unresponsive
+SLOW_ANSWER = 1.0  # seconds: a server whose answers take this long (median) is called slow
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Status(JsonRecord):
     push_failing: bool = False  # the last attempt failed; retried with backoff
     next_push_retry_at: float | None = None  # when the next retry is due, while backing off
     pushing_since: float | None = None  # when the push under way began (None: none is)
+    latency: float | None = None  # seconds: median time of the server's last answers
 
     def render(self, now: float | None = None) -> str:
         """The human-readable report."""
@@ -69,6 +71,11 @@ class Status(JsonRecord):
             return f"{seconds / 3600:.1f} h ago"
 
         server = "reachable" if self.reachable else "UNREACHABLE (serving the last known state)"
+        if self.reachable and self.latency is not None:
+            server += (f", SLOW: its answers take {self.latency:.1f} s (median of the last "
+                       f"ones); a close that waits past its deadline is journaled"
+                       if self.latency >= SLOW_ANSWER else
+                       f" (answers in {self.latency * 1000:.0f} ms)")
         if not self.reachable and self.unreachable_since is not None:
             server = (f"UNREACHABLE since {ago(self.unreachable_since).removesuffix(' ago')} "
                       f"(serving the last known state)")

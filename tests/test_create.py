@@ -8,7 +8,9 @@ import os
 
 import pyfuse3
 import pytest
+import trio
 
+from memfuse import files as files_module
 from memfuse.model import Origin
 from memfuse.poller import Poller
 from memfuse.tree import ROOT_INODE
@@ -128,3 +130,50 @@ async def test_a_close_after_the_server_deleted_the_block_is_estale_with_the_byt
     assert caught.value.errno == errno.ESTALE
     await fs.release(info.fh)
     assert [o for p, c, o in world.records if c and c.endswith(b"UNIQUE\n")] == [Origin.REJECTED]
+
+
+async def test_a_close_returns_within_its_deadline_when_the_server_is_slow(world):
+    """A server whose every answer takes 60 s: the close is journaled after CLOSE_DEADLINE
+    (5 s) and returns; the change reaches the server at replay, once."""
+    world.fake.latency = 60.0
+    started = trio.current_time()
+    info = await world.fs.open(await inode_of(world.fs, "system/human.md"),
+                               os.O_WRONLY | os.O_TRUNC, None)
+    await world.fs.write(info.fh, 0, b"slow\n")
+    await world.fs.flush(info.fh)
+    await world.fs.release(info.fh)
+    await _new_file(world, "system/new.md", b"made slowly\n")
+    assert trio.current_time() - started < 2 * files_module.CLOSE_DEADLINE + 1
+    assert [e.kind for e in world.journal.pending()] == ["write", "create"]
+    assert (await read_all(world.fs, "system/new.md")).endswith(b"made slowly\n")
+    world.fake.latency = None
+    await _server_back(world)
+    assert world.fake.blocks[world.ids["human"]]["value"] == "slow\n"
+    assert [b["value"] for b in _live(world, "new")] == ["made slowly\n"]
+
+
+async def test_an_open_serves_the_cache_when_the_server_is_slow(world):
+    world.files.revalidate_after = 0
+    world.fake.blocks[world.ids["human"]]["value"] = "changed on the server\n"
+    world.fake.latency = 60.0
+    started = trio.current_time()
+    assert (await read_all(world.fs, "system/human.md")).endswith(b"The human.\n")
+    assert trio.current_time() - started <= files_module.READ_DEADLINE + 0.5
+
+
+async def test_status_says_a_slow_server_is_slow(world):
+    from memfuse.status import Status
+    world.fake.latency = 3.0
+    for _ in range(5):
+        await world.remote.listing()
+    common = dict(agent_id=world.agent, mountpoint="/m", base_url="http://x", pid=1,
+                  reachable=True, last_poll=None, pending_writes=0, pending_unlinks=0,
+                  uncommitted=0, last_commit=None, last_commit_message=None,
+                  last_commit_at=None, last_conflict=None, last_error=None,
+                  last_error_at=None, updated_at=0.0)
+    report = Status(**common, latency=world.remote.latency()).render(now=0.0)
+    assert "SLOW: its answers take 3.0 s" in report
+    world.fake.latency = None
+    for _ in range(20):
+        await world.remote.listing()
+    assert "SLOW" not in Status(**common, latency=world.remote.latency()).render(now=0.0)

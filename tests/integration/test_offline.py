@@ -253,3 +253,21 @@ def test_a_full_disk_is_enospc_for_the_program_and_tears_no_journal_line(api, sm
     finally:
         stop_mount(m)
         api.delete(f"/v1/agents/{agent}")
+
+
+def test_a_slow_server_holds_no_close_or_read_past_its_deadline(proxied, proxy, api, agent):
+    """Every answer held back 60 s (far past the 5 s close and 2 s read deadlines): a close
+    returns in seconds with its write journaled, a cat serves the cache, and the write reaches
+    the server once answers come at their own speed again. The margin checks the behaviour
+    (a deadline, not a request timeout of 10 s), not the speed."""
+    proxy.delay = 60.0
+    started = time.monotonic()
+    proxied.sh("echo 'slow but kept' > system/human.md")
+    closed_in = time.monotonic() - started
+    started = time.monotonic()
+    assert proxied.sh("cat system/human.md").stdout.endswith("slow but kept\n")
+    read_in = time.monotonic() - started
+    # the old code waited out a 10 s request timeout; the deadline is 5 s, the read's 2 s
+    assert closed_in < 8 and read_in < 4, (closed_in, read_in)
+    proxy.delay = 0.0
+    wait_for(lambda: block_by_label(api, agent, "human")["value"] == "slow but kept\n", 60)
