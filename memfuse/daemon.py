@@ -212,7 +212,7 @@ class Mount:
             last_error_at=self.problems.at, unexpected_errors=self.faults.count,
             unreachable_since=(None if poller.reachable else poller.remote.reachable_since),
             journal_pending=len(pending), journal_oldest_at=pending[0].at if pending else None,
-            last_replay=self.files.last_replay,
+            last_replay=self.files.last_replay, journal_stuck=self.files.stuck(),
             local_first_at=self.local_first_at if self.local_first else None,
             **(self._push_status() if self.pusher is not None else {}),
             latency=poller.remote.latency(),

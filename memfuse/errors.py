@@ -6,7 +6,8 @@ import errno
 import logging
 import time
 
-from .letta import Conflict, LettaError, NotFound, ServerError, Unauthorized, Unreachable
+from .letta import (Conflict, LettaError, NotFound, ServerError, Throttled, Unauthorized,
+                    Unreachable)
 
 
 class FsError(Exception):
@@ -30,10 +31,10 @@ class ServerAway(FsError):
 
 class ServerRefused(FsError):
     """The server answered with a refusal (4xx, or an answer that is not the API's). `status`:
-    the HTTP status. Final for the change only when the server judged it (400, 404, 422); a
-    401/403/409/429 may pass."""
+    the HTTP status. Final for the change only when the server judged it (400, 404, 409, 422);
+    a 401/403 may pass (a key)."""
 
-    FINAL = (400, 404, 422)
+    FINAL = (400, 404, 409, 422)  # 409: a label taken (a create resolves its own first)
 
     def __init__(self, errno_: int, reason: str, status: int | None):
         super().__init__(errno_, reason)
@@ -45,7 +46,7 @@ def from_letta(exc: LettaError) -> FsError:
 
     404 -> ESTALE (the block is gone), 409 -> EEXIST (a conflict that outlived the retries is in
     practice a label an attached block already has), 401/403 -> EACCES, 400/422 -> EINVAL, no
-    answer or 5xx -> EIO.
+    answer, 5xx, 408 or 429 -> EIO (ServerAway: with a journal, the change is journaled).
     """
     if isinstance(exc, NotFound):
         code = errno.ESTALE
@@ -57,8 +58,9 @@ def from_letta(exc: LettaError) -> FsError:
         code = errno.EINVAL
     else:
         code = errno.EIO
-    if isinstance(exc, (Unreachable, ServerError)):
-        what = "server unreachable" if isinstance(exc, Unreachable) else "server failing"
+    if isinstance(exc, (Unreachable, ServerError, Throttled)):
+        what = {Unreachable: "server unreachable", ServerError: "server failing",
+                Throttled: "server busy (asked to wait)"}[type(exc)]
         return ServerAway(code, f"{what}: {exc}", exc.status)
     return ServerRefused(code, f"server refused: {exc}", exc.status)
 

@@ -37,6 +37,8 @@ WRITE_BUDGET = 2.0  # seconds of retries before a write the server does not take
 # Seconds a close (or fsync) waits for the server, with a journal to fall back on: then the
 # change is journaled and the close returns (a slow server: answers that take seconds each)
 CLOSE_DEADLINE = 5.0
+STUCK_AFTER = 60.0  # seconds a journaled change may wait on an answering server before ERROR
+KEY_RETRY = 30.0  # seconds between replays while the server refuses the API key
 READ_DEADLINE = FETCH_TIMEOUT  # seconds an open waits to revalidate before serving the cache
 REPLAY_FAILURES = 5  # 5xx answers to one journaled write before it is given up as refused
 BURST_OPENS = 3  # opens that must revalidate, within BURST_WINDOW seconds: a burst
@@ -92,6 +94,9 @@ class BlockFiles:
         self.last_conflict: str | None = None
         self.last_replay: str | None = None
         self._order_locks: dict[str, trio.Lock] = {}
+        self._stuck: dict[str, float] = {}  # block id -> trio time its replay first failed
+        self._stuck_reported: set[str] = set()
+        self.key_refused: str | None = None  # why the server refused the key at replay
         self.order = NameOrder()  # creates in flight: every other operation on the name waits
         self._failures: dict[int, int] = {}  # journal seq -> 5xx answers at replay
 
@@ -484,19 +489,25 @@ class BlockFiles:
         retirement. A create first looks for the block an earlier attempt made (its marker
         tag), so a replay repeated after a crash makes no second block; a create whose file
         was unlinked within its grace period waits for it (it may be claimed back). Stops,
-        returning False, when the server stops answering or answers with something that may
-        pass (401/403/429, a 5xx fewer than REPLAY_FAILURES times), or at such a create; True
-        when nothing is queued. A change the server refuses for good (400/404/422, a limit it
-        now has, a block made read-only, a 5xx REPLAY_FAILURES times) is committed to history
-        as refused and logged, never dropped silently."""
+        returning False, when the server stops answering, refuses the key (401/403: paused,
+        an ERROR), says "not now" (408/429: never given up; `run_replay` waits out its
+        Retry-After), or at such a create; a unit of writes whose block the server fails on
+        (5xx, fewer than REPLAY_FAILURES times) waits with its block's later units while the
+        other blocks' units go on (then False). True when nothing is queued. A change the
+        server refuses for good (400/404/409/422, a limit it now has, a block made read-only,
+        a 5xx REPLAY_FAILURES times) is committed to history as refused and logged, never
+        dropped silently. A block waiting past STUCK_AFTER seconds is an ERROR (`stuck`)."""
         journal = self.state.journal
         if journal is None:
             return True
+        held: set[str] = set()  # blocks whose unit failed: their later units wait too
         for unit in self._units(journal.queued()):
             entries = [e for e in unit if journal.is_pending(e)]
             if not entries:
                 continue
             block_id = entries[0].block_id
+            if block_id in held:
+                continue
             if is_provisional(block_id) and any(e.block_id == block_id and not e.queued
                                                 for e in journal.pending()):
                 self.last_replay = f"{entries[0].path}: waits for its unlink's grace period"
@@ -511,23 +522,78 @@ class BlockFiles:
                 except FsError as exc:
                     if not self._gives_up(last, exc):
                         self.last_replay = f"{last.path}: not sent yet ({exc.reason})"
+                        self._waiting(last, exc)
+                        if self._passes_over(entries, exc):
+                            held.add(block_id)
+                            continue
                         return False
                     outcome, block, sent = self._refuse(entries, exc), None, False
                     recorded = True
                 self._failures.pop(last.seq, None)
+                self._stuck.pop(last.block_id, None)
                 self.state.replayed(entries, block, outcome, sent=sent, recorded=recorded)
             self.last_replay = f"{last.path}: {outcome}" + (
                 f" ({len(entries)} journaled changes)" if len(entries) > 1 else "")
             log.info("journal: %s", self.last_replay)
-        return True
+        self.key_refused = None  # every unit got an answer other than a refused key
+        return not held
+
+    @staticmethod
+    def _passes_over(entries: list[Entry], exc: FsError) -> bool:
+        """Whether the replay goes on past a unit that failed with `exc`: only writes (they
+        commute with other blocks' changes), and only when the server answered for this block
+        alone (a 5xx): no answer, a refused key (401/403) or a 'not now' (408/429) concern
+        every unit, and creates, renames and unlinks keep their order."""
+        status = getattr(exc, "status", None)
+        return (status is not None and status >= 500
+                and all(e.kind == WRITE for e in entries))
+
+    def _waiting(self, entry: Entry, exc: FsError) -> None:
+        """A unit is not sent yet: note since when its block waits; past STUCK_AFTER seconds
+        that is an ERROR (once) and `stuck` for status. A refused key pauses the replay with an
+        ERROR (once per pause): a key that expires during an outage must not turn the journal
+        into rejected edits."""
+        now = trio.current_time()
+        since = self._stuck.setdefault(entry.block_id, now)
+        status = getattr(exc, "status", None)
+        if status in (401, 403):
+            if self.key_refused is None:
+                log.error("journal: the server refused the API key (%s); replay is paused and "
+                          "the %d journaled change(s) are kept until it is accepted",
+                          exc.reason, len(self.state.journal.pending()))
+            self.key_refused = exc.reason
+        if now - since >= STUCK_AFTER and entry.block_id not in self._stuck_reported:
+            self._stuck_reported.add(entry.block_id)
+            log.error("journal: %s has waited %.0f s for the server (%s); later changes to "
+                      "other blocks are sent meanwhile where they can be", entry.path,
+                      now - since, exc.reason)
+
+    def stuck(self) -> str | None:
+        """In words, the journaled change that has waited longest past STUCK_AFTER seconds
+        (for `memfuse status`), or a refused key; None when nothing is stuck."""
+        if self.key_refused is not None:
+            return f"paused: the server refused the API key ({self.key_refused})"
+        now = trio.current_time()
+        old = [(since, block_id) for block_id, since in self._stuck.items()
+               if now - since >= STUCK_AFTER]
+        if not old:
+            return None
+        since, block_id = min(old)
+        node = self.tree.block_node(block_id)
+        where = self.tree.path(node) if node is not None else block_id
+        return f"stuck for {now - since:.0f} s on {where}: {self.last_replay or ''}"
 
     async def run_replay(self, interval: float = 0.5) -> None:
         """Replay the journal whenever it holds queued changes and the server answers, forever
-        (cancel to stop); checks every `interval` seconds."""
+        (cancel to stop); checks every `interval` seconds, not before a 429's Retry-After
+        (Remote.throttled_until), and every KEY_RETRY seconds while the key is refused."""
         while True:
             journal = self.state.journal
-            if journal is not None and journal.waiting() and self.remote.reachable:
+            if (journal is not None and journal.waiting() and self.remote.reachable
+                    and trio.current_time() >= self.remote.throttled_until):
                 await self.replay()
+                if self.key_refused is not None:
+                    await trio.sleep(KEY_RETRY)  # a refused key: ask again now and then
             await trio.sleep(interval)
 
     def _gives_up(self, entry: Entry, exc: FsError) -> bool:
@@ -538,8 +604,8 @@ class BlockFiles:
             return exc.status in ServerRefused.FINAL
         if not isinstance(exc, ServerAway):
             return True
-        if exc.status is None:
-            return False  # no answer at all: the server is away, wait for it
+        if exc.status is None or exc.status in (408, 429):
+            return False  # no answer at all, or "not now": wait for it, never give up
         self._failures[entry.seq] = self._failures.get(entry.seq, 0) + 1
         return self._failures[entry.seq] >= REPLAY_FAILURES
 

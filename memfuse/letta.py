@@ -64,6 +64,24 @@ class Unreachable(LettaError):
     """No HTTP answer (connect error, timeout) within the retry budget."""
 
 
+class Throttled(LettaError):
+    """408 or 429 that outlasted the retry budget: the server did not act, and asks to be
+    asked again later (`retry_after`: seconds from its `Retry-After` header, or None)."""
+
+    def __init__(self, method: str, path: str, status: int | None, detail: str,
+                 retry_after: float | None = None):
+        super().__init__(method, path, status, detail)
+        self.retry_after = retry_after
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds from a `Retry-After` header in seconds (an HTTP date is not used: None)."""
+    try:
+        return max(0.0, float(response.headers.get("retry-after", "")))
+    except ValueError:
+        return None
+
+
 _BY_STATUS = {400: BadRequest, 401: Unauthorized, 403: Unauthorized, 404: NotFound,
               409: Conflict, 422: Invalid}
 
@@ -82,8 +100,9 @@ class LettaClient:
     base_url: server root such as `http://localhost:8283`. api_key: sent as a Bearer token, never
     logged. timeout: seconds per HTTP request; connect_timeout: seconds to open a connection (a
     dead server is found out in this long). retry_budget: seconds within which transient
-    failures (connect errors and timeouts, 5xx, 409) are retried with exponential backoff (0.1 s
-    doubling to 2 s); after it the typed error is raised. A read may ask for `budget=0` instead:
+    failures (connect errors and timeouts, 5xx, 409; 408 and 429 for every method, no sooner
+    than their `Retry-After`) are retried with exponential backoff (0.1 s doubling to 2 s);
+    after it the typed error is raised (Throttled for 408/429). A read may ask for `budget=0` instead:
     one attempt, no waiting (a request on a pooled connection the server closed is repeated
     once at once). Non-idempotent calls (create) are retried only when the request provably
     never reached the server (connect errors).
@@ -158,9 +177,17 @@ class LettaClient:
                         raise LettaError(method, path, response.status_code,
                                          "the answer is not JSON") from None
                 status = response.status_code
-                retryable = (status >= 500 and idempotent) or status == 409
-                kind = ServerError if status >= 500 else _BY_STATUS.get(status, LettaError)
-                error = kind(method, path, status, _detail(response))
+                wait = None
+                if status in (408, 429):  # not acted on: safe to repeat, whatever the method
+                    wait = _retry_after(response)
+                    error = Throttled(method, path, status, _detail(response), wait)
+                    retryable = True
+                else:
+                    retryable = (status >= 500 and idempotent) or status == 409
+                    kind = ServerError if status >= 500 else _BY_STATUS.get(status, LettaError)
+                    error = kind(method, path, status, _detail(response))
+                if wait is not None and wait > delay:
+                    delay = wait  # the server said when: not sooner
             if not retryable or trio.current_time() + delay > deadline:
                 raise error
             log.debug("retrying after %s (in %.1f s)", error, delay)

@@ -19,13 +19,14 @@ import trio
 from . import blockfile
 from .errors import FsError, ServerRefused, from_letta
 from .letta import (BadRequest, Conflict, Invalid, LettaClient, LettaError, NotFound,
-                    Unauthorized)
+                    Throttled, Unauthorized)
 from .model import Block, Location
 
 log = logging.getLogger("memfuse.remote")
 
 CONFLICT_POLICIES = ("overwrite", "reject")
 FETCH_TIMEOUT = 2.0  # seconds an open waits for a block's refresh before serving the cache
+THROTTLE_WAIT = 5.0  # seconds a replay waits after a 408/429 that named no Retry-After
 LATENCY_SAMPLE = 20  # answered calls whose median time `memfuse status` shows
 CREATE_MARKER = "memfuse-create:"  # + a provisional id: the tag of a create not complete yet
 
@@ -94,6 +95,7 @@ class Remote:
         self.reachable_since = time.time()
         self._locks: dict[str, trio.Lock] = {}
         self._answer_times: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLE)
+        self.throttled_until = float("-inf")  # trio time before which a replay waits (429)
 
     def latency(self) -> float | None:
         """The median time (seconds) the server took to answer the last LATENCY_SAMPLE calls
@@ -125,6 +127,11 @@ class Remote:
         except (BadRequest, Unauthorized, NotFound, Conflict, Invalid):
             self._answer_times.append(trio.current_time() - started)
             self._seen(True)  # the API answered, with a refusal
+            raise
+        except Throttled as exc:  # an answer: "not now"; nothing is asked before it says
+            self._answer_times.append(trio.current_time() - started)
+            self._seen(True)
+            self.throttled_until = trio.current_time() + (exc.retry_after or THROTTLE_WAIT)
             raise
         except LettaError as exc:  # no answer, a 5xx, or something that is not the API
             self._seen(False, str(exc))

@@ -55,6 +55,7 @@ class Status(JsonRecord):
     next_push_retry_at: float | None = None  # when the next retry is due, while backing off
     pushing_since: float | None = None  # when the push under way began (None: none is)
     latency: float | None = None  # seconds: median time of the server's last answers
+    journal_stuck: str | None = None  # a journaled change waiting too long, or a refused key
 
     def render(self, now: float | None = None) -> str:
         """The human-readable report."""
@@ -94,7 +95,9 @@ class Status(JsonRecord):
             "  journal        " + (f"{self.journal_pending} change(s) waiting for the server, "
                                     f"the oldest from {ago(self.journal_oldest_at)}"
                                     if self.journal_pending else "empty")
-            + (f"; last replayed: {self.last_replay}" if self.last_replay else ""),
+            + (f"; last replayed: {self.last_replay}" if self.last_replay else "")
+            + (f"; {self.journal_stuck.upper()[:5]}{self.journal_stuck[5:]}"
+               if self.journal_stuck else ""),
             f"  last error     {error}",
             f"  server load    {self._load(now)}",
             f"  unexpected     {self.unexpected_errors} (bugs caught: the call got EIO or the "

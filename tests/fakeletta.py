@@ -25,6 +25,7 @@ class FakeLetta:
         self.requests: list[tuple[str, str, dict | None]] = []
         self.fail_next: list[int] = []  # statuses to answer with before serving normally
         self.fail_paths: dict[str, int] = {}  # path -> status for every request to it
+        self.retry_after: str | None = None  # the Retry-After header of those answers
         self.down = False  # True: every request fails to connect, as with a stopped server
         # (method, path, body) -> bool: the server acts on the first matching request, then its
         # answer is lost (a read timeout) and the fake goes down, as when a link dies mid-call
@@ -99,7 +100,9 @@ class FakeLetta:
         if self.fail_next:
             return httpx.Response(self.fail_next.pop(0), json={"detail": "injected failure"})
         if path in self.fail_paths:
-            return httpx.Response(self.fail_paths[path], json={"detail": "injected failure"})
+            headers = {"Retry-After": self.retry_after} if self.retry_after else {}
+            return httpx.Response(self.fail_paths[path], json={"detail": "injected failure"},
+                                  headers=headers)
         if path == "/v1/health/":
             return httpx.Response(200, json={"version": "fake", "status": "ok"})
         if m := re.fullmatch(r"/v1/agents/([^/]+)", path):

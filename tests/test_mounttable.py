@@ -143,7 +143,9 @@ def test_a_record_beside_the_mountpoint_under_another_home_is_found(home, table,
         assert f"agent agent-1 at {other / 'memory'} (pid {daemon_.pid}): starting" in (
             capsys.readouterr().out)
         assert cli.main(["umount", str(other / "memory"), "--timeout", "60"]) == 0
-        assert daemon_.returncode == -15  # SIGTERM, and umount waited until it was gone
+        assert not os.path.exists(f"/proc/{daemon_.pid}")  # umount waited until it was gone
+        reaper.join(30)  # the reaper sets returncode just after its waitpid made it gone
+        assert daemon_.returncode == -15  # SIGTERM
     finally:
         daemon_.kill()
         reaper.join()

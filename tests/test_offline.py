@@ -8,6 +8,7 @@ import pytest
 import trio
 
 from memfuse.files import REPLAY_FAILURES
+from memfuse import files as files_module
 from memfuse.journal import Journal
 from memfuse.model import Block, Origin
 from memfuse.poller import Poller
@@ -224,16 +225,54 @@ async def test_history_matches_the_mount_when_a_replay_stops_halfway(world):
     # and check_invariants (after the test) holds
 
 
-@pytest.mark.parametrize("status", [401, 403, 429])  # a 409 the client retries itself
-async def test_an_answer_that_may_pass_keeps_the_entry(world, status):
+@pytest.mark.expect_error("the server refused the API key")
+@pytest.mark.parametrize("status", [401, 403])
+async def test_a_refused_key_pauses_the_replay_and_keeps_the_entry(world, status):
     world.fake.down = True
     await write(world, "system/human.md", b"offline\n")
     world.fake.down = False
     world.fake.fail_next = [status]
     assert await world.files.replay() is False
     assert len(world.journal.pending()) == 1 and "not sent yet" in world.files.last_replay
+    assert "refused the API key" in world.files.stuck()  # status says so
     assert await world.files.replay()
     assert world.fake.blocks[world.ids["human"]]["value"] == "offline\n"
+    assert world.files.stuck() is None
+
+
+async def test_a_429_is_waited_out_never_refused_and_its_retry_after_is_honoured(world):
+    world.fake.down = True
+    await write(world, "system/human.md", b"offline\n")
+    world.fake.down = False
+    world.fake.fail_paths[f"/v1/blocks/{world.ids['human']}"] = 429
+    world.fake.retry_after = "30"
+    for _ in range(2 * files_module.REPLAY_FAILURES):  # never given up
+        assert await world.files.replay() is False
+    assert len(world.journal.pending()) == 1
+    assert world.remote.throttled_until > trio.current_time() + 20  # Retry-After: 30
+    del world.fake.fail_paths[f"/v1/blocks/{world.ids['human']}"]
+    assert await world.files.replay()
+    assert world.fake.blocks[world.ids["human"]]["value"] == "offline\n"
+
+
+async def test_a_close_answered_429_is_journaled_not_eio(world):
+    world.fake.fail_paths[f"/v1/blocks/{world.ids['human']}"] = 429
+    await write(world, "system/human.md", b"busy\n")  # returns 0
+    assert [e.kind for e in world.journal.pending()] == ["write"]
+    del world.fake.fail_paths[f"/v1/blocks/{world.ids['human']}"]
+    assert await world.files.replay()
+    assert world.fake.blocks[world.ids["human"]]["value"] == "busy\n"
+
+
+async def test_a_write_to_another_block_is_not_held_back_by_one_that_keeps_failing(world):
+    world.fake.down = True
+    await write(world, "system/human.md", b"fails\n")
+    await write(world, "notes.md", b"goes\n")
+    world.fake.down = False
+    world.fake.fail_paths[f"/v1/blocks/{world.ids['human']}"] = 500
+    assert await world.files.replay() is False  # human waits; notes is sent meanwhile
+    assert world.fake.blocks[world.ids["notes"]]["value"] == "goes\n"
+    assert [e.path for e in world.journal.pending()] == ["system/human.md"]
 
 
 @pytest.mark.expect_error("the server refused journaled changes")
