@@ -21,22 +21,20 @@ FRONT = "---\ndescription: About the human\nlimit: 2000\n---\n"
 GRACE = 2.5  # memfuse retires an unlinked block after 2 s
 
 
-def all_block_ids(api) -> set[str]:
-    ids, after = set(), None
-    while True:
-        page = api.get("/v1/blocks/", params={"limit": 100, **({"after": after} if after else {})}
-                       ).json()
-        ids.update(b["id"] for b in page)
-        if len(page) < 100:
-            return ids
-        after = page[-1]["id"]
+def agent_block_ids(api, agent_id: str) -> set[str]:
+    """The blocks the agent has: attached, or tagged owner:<agent> (every block memfuse makes
+    is). Other agents' blocks are left out: other test runs on the same server make and delete
+    theirs meanwhile."""
+    attached = api.get(f"/v1/agents/{agent_id}/core-memory/blocks").json()
+    owned = api.get("/v1/blocks/", params={"tags": f"owner:{agent_id}", "limit": 1000}).json()
+    return {b["id"] for b in attached + owned}
 
 
 @pytest.fixture
 def editing(mount, api):
     """Run an edit of system/human.md and check the four promises afterwards."""
     human = block_by_label(api, mount.agent_id, "human")
-    before_ids = all_block_ids(api)
+    before_ids = agent_block_ids(api, mount.agent_id)
 
     def check(expected_value: str, path: str = "system/human.md", label: str = "human"):
         time.sleep(GRACE)
@@ -44,7 +42,7 @@ def editing(mount, api):
         assert block["value"] == expected_value
         if label == "human":
             assert block["id"] == human["id"]
-        assert all_block_ids(api) == before_ids, "a stray block was created"
+        assert agent_block_ids(api, mount.agent_id) == before_ids, "a stray block was created"
         content = (mount.path / path).read_text()
         assert content.endswith(expected_value)
         wait_for(lambda: mount.sh(f"git show HEAD:{path}").stdout == content)

@@ -137,7 +137,9 @@ def test_create_rename_and_unlink_during_an_outage_are_journaled_then_replayed(p
     assert m.sh("ls system").stdout.split() == ["human.md", "notes.md", "todo.md"]
     assert m.sh("cat system/todo.md").stdout.endswith("---\nMade while the server was away.\n")
     time.sleep(3)  # the grace period ends with the server away: the unlink is queued
-    status = wait_for(lambda: "3 change(s) waiting for the server" in (
+    # the redirect's first close (of a dup, before the write) creates the block: a create and
+    # a write, replayed as one POST; then the rename and the unlink
+    status = wait_for(lambda: "4 change(s) waiting for the server" in (
         s := m.memfuse("status", m.agent_id).stdout) and s, 10)
     assert "UNREACHABLE" in status
     assert m.sh("ls system").stdout.split() == ["human.md", "notes.md", "todo.md"]
