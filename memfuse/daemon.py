@@ -213,12 +213,23 @@ class Mount:
             unreachable_since=(None if poller.reachable else poller.remote.reachable_since),
             journal_pending=len(pending), journal_oldest_at=pending[0].at if pending else None,
             last_replay=self.files.last_replay, journal_stuck=self.files.stuck(),
+            duplicates=self._duplicates(),
             local_first_at=self.local_first_at if self.local_first else None,
             **(self._push_status() if self.pusher is not None else {}),
             latency=poller.remote.latency(),
             requests=poller.remote.client.requests,
             received_bytes=poller.remote.client.received_bytes,
             started_at=self.started_at, updated_at=time.time())
+
+    def _duplicates(self) -> list[str]:
+        """One line per path several of the agent's blocks would show: which one it shows."""
+        lines = []
+        for path, ids in sorted(self.state.duplicates.items()):
+            shown = self.state.shown_at(path)
+            others = [i for i in ids if i != shown]
+            lines.append(f"{path}: shows {shown or 'none of them'}; also "
+                         f"{', '.join(others)}")
+        return lines
 
     def _push_status(self) -> dict:
         pusher = self.pusher

@@ -128,6 +128,7 @@ class MountState:
         self.graveyard = graveyard or Graveyard()
         self.journal = journal
         self._warned: set[str] = set()
+        self.duplicates: dict[str, list[str]] = {}  # path -> ids of the blocks it could show
         self._gone: dict[int, str] = {}  # inode -> the path of a block file whose block left
         # the server (deleted, or detached and no longer owned) while the kernel still held it
         # called after a change of times or modes alone (no history): fileattrs keeps them
@@ -299,6 +300,8 @@ class MountState:
         pinned = self.pinned()  # the journal's version is shown until it is replayed
         desired = self._desired(attached, owned, hidden)
         kept = hidden | pinned
+        if not attached_only:  # the full listing sees every block one path could show
+            self._note_duplicates(desired)
         # an attached listing says nothing of the root's files: the full listing judges those
         for node in self._shown_attached() if attached_only else self.tree.blocks():
             if node.block.id not in desired and node.block.id not in kept:
@@ -335,6 +338,27 @@ class MountState:
             if self.tree.bind(node, block, listed_at):
                 changed.append(node.inode)
                 self._record(self.tree.path(node), bytes(node.content), Origin.SERVER)
+
+    def _note_duplicates(self, desired: dict[str, tuple[tuple[str, ...], Block]]) -> None:
+        """Keep `duplicates` (path -> the ids of the blocks that would show there, oldest
+        first) for paths more than one of the agent's blocks would take: left by an earlier
+        memfuse, or made through the API. The mount shows one; `memfuse status` lists all."""
+        by_path: dict[str, list[str]] = {}
+        for block_id, (parts, _block) in desired.items():
+            by_path.setdefault("/".join(parts), []).append(block_id)
+        found = {path: sorted(ids) for path, ids in by_path.items() if len(ids) > 1}
+        for path, ids in found.items():
+            if self.duplicates.get(path) != ids:
+                log.warning("%s: %d blocks of the agent have this path (%s); one is shown, "
+                            "`memfuse status` says which", path, len(ids), ", ".join(ids))
+        self.duplicates = found
+
+    def shown_at(self, path: str) -> str | None:
+        """The id of the block the file at `path` shows, or None."""
+        node: Node | None = self.tree.root
+        for name in path.split("/"):
+            node = self.tree.child(node, name) if node is not None else None
+        return node.block.id if node is not None and node.block is not None else None
 
     def _free_parent(self, parts: tuple[str, ...], block_id: str) -> Node | None:
         parent = self.tree.makedirs(parts[:-1])

@@ -56,6 +56,7 @@ class Status(JsonRecord):
     pushing_since: float | None = None  # when the push under way began (None: none is)
     latency: float | None = None  # seconds: median time of the server's last answers
     journal_stuck: str | None = None  # a journaled change waiting too long, or a refused key
+    duplicates: list[str] | None = None  # "<path>: shows <id>; also <id>, ..." per such path
 
     def render(self, now: float | None = None) -> str:
         """The human-readable report."""
@@ -104,6 +105,11 @@ class Status(JsonRecord):
             f"task was restarted; see the log)" if self.unexpected_errors else
             "  unexpected     none",
         ]
+        for number, line in enumerate(self.duplicates or ()):
+            lines.insert(-2, ("  duplicates     " if number == 0 else " " * 17) + line)
+        if self.duplicates:
+            lines.insert(-2, " " * 17 + "(several blocks with one label: README, "
+                                        "\"Duplicate labels\", says how to resolve them)")
         if self.git_remote is not None:
             lines[-2:-2] = self._push_lines(ago, now)
         if self.local_first_at is not None:

@@ -280,3 +280,23 @@ async def test_a_directory_listing_opened_before_a_server_change_never_brings_ba
     await world.fs.releasedir(fh)
     assert b"notes.md" not in listed
     assert (ROOT_INODE, "notes.md") in world.state.invalidator.entries
+
+
+async def test_duplicate_labels_are_shown_not_hidden(world, poller, caplog):
+    """Several blocks of the agent with one label (left by an earlier memfuse, or made through
+    the API): the mount shows one; state.duplicates (memfuse status) lists them all."""
+    extra = world.fake.add_block("notes", "an older copy", agent=world.agent, attached=False,
+                                 tags=[f"owner:{world.agent}"])
+    assert await poller.poll_once()
+    assert world.state.duplicates == {"notes.md": sorted([world.ids["notes"], extra])}
+    assert world.state.shown_at("notes.md") == world.ids["notes"]  # the one shown before
+    assert "notes.md: 2 blocks of the agent have this path" in caplog.text
+    assert world.fake.blocks[extra]["value"] == "an older copy"  # nothing deleted
+    report = Status(agent_id=world.agent, mountpoint="/m", base_url="http://x", pid=1,
+                    reachable=True, last_poll=None, pending_writes=0, pending_unlinks=0,
+                    uncommitted=0, last_commit=None, last_commit_message=None,
+                    last_commit_at=None, last_conflict=None, last_error=None,
+                    last_error_at=None, updated_at=0.0,
+                    duplicates=[f"notes.md: shows {world.ids['notes']}; also {extra}"]
+                    ).render(now=0.0)
+    assert f"duplicates     notes.md: shows {world.ids['notes']}; also {extra}" in report
