@@ -216,7 +216,7 @@ class Mount:
             duplicates=self._duplicates(),
             local_first_at=self.local_first_at if self.local_first else None,
             **(self._push_status() if self.pusher is not None else {}),
-            latency=poller.remote.latency(),
+            latency=poller.remote.latency(), agent_gone_since=poller.remote.agent_gone_since,
             requests=poller.remote.client.requests,
             received_bytes=poller.remote.client.received_bytes,
             started_at=self.started_at, updated_at=time.time())

@@ -323,6 +323,9 @@ class BlockFiles:
         tried (nothing is journaled; its bytes stay with the open file). Checked as online
         first: EINVAL, EFBIG. Raises FsError."""
         provisional = Remote.new_block(PROVISIONAL_PREFIX + uuid.uuid4().hex, location, parsed)
+        if self.remote.agent_gone_since is not None:  # its block would belong to nobody
+            raise FsError(errno.ESTALE, "the agent is gone from the server (deleted?); the "
+                                        "new file is kept in history as a rejected edit")
         if not self.offline():
             with self._deadline() as deadline:
                 try:

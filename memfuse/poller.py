@@ -157,8 +157,11 @@ class Poller:
 
     def _answered(self) -> None:
         self.last_poll, self.last_error = time.time(), None
+        self.remote.agent_seen(True)
 
     def _failed(self, exc: LettaError) -> None:
+        if isinstance(exc, NotFound) and f"/agents/{self.remote.agent_id}/" in exc.path:
+            self.remote.agent_seen(False)
         if self.last_error is None:
             log.warning("poll failed: %s; serving the last known state", exc)
         self.last_error = f"poll failed: {exc}"

@@ -96,6 +96,7 @@ class Remote:
         self._locks: dict[str, trio.Lock] = {}
         self._answer_times: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLE)
         self.throttled_until = float("-inf")  # trio time before which a replay waits (429)
+        self.agent_gone_since: float | None = None  # time.time() a listing found no agent
 
     def latency(self) -> float | None:
         """The median time (seconds) the server took to answer the last LATENCY_SAMPLE calls
@@ -103,6 +104,18 @@ class Remote:
         if not self._answer_times:
             return None
         return statistics.median(self._answer_times)
+
+    def agent_seen(self, present: bool) -> None:
+        """A listing found the agent (present) or answered 404 for it (deleted): kept in
+        `agent_gone_since` (time.time(), None while it exists), an ERROR when it goes."""
+        if present and self.agent_gone_since is not None:
+            log.info("the agent %s is on the server again", self.agent_id)
+            self.agent_gone_since = None
+        elif not present and self.agent_gone_since is None:
+            self.agent_gone_since = time.time()
+            log.error("the agent %s is gone from the server (deleted?): the mount serves the "
+                      "last known state, new files are refused (ESTALE) and what is written "
+                      "is kept in history", self.agent_id)
 
     def mark_unreachable(self, why: str) -> None:
         """Note that the server gave no answer elsewhere (the checks at mount): `reachable` is

@@ -56,6 +56,7 @@ class Status(JsonRecord):
     pushing_since: float | None = None  # when the push under way began (None: none is)
     latency: float | None = None  # seconds: median time of the server's last answers
     journal_stuck: str | None = None  # a journaled change waiting too long, or a refused key
+    agent_gone_since: float | None = None  # when a listing found the agent deleted
     duplicates: list[str] | None = None  # "<path>: shows <id>; also <id>, ..." per such path
 
     def render(self, now: float | None = None) -> str:
@@ -73,7 +74,11 @@ class Status(JsonRecord):
             return f"{seconds / 3600:.1f} h ago"
 
         server = "reachable" if self.reachable else "UNREACHABLE (serving the last known state)"
-        if self.reachable and self.latency is not None:
+        if self.agent_gone_since is not None:
+            server = (f"reachable, but the AGENT IS GONE from it since "
+                      f"{ago(self.agent_gone_since).removesuffix(' ago')} (deleted?): serving "
+                      f"the last known state; new files are refused")
+        elif self.reachable and self.latency is not None:
             server += (f", SLOW: its answers take {self.latency:.1f} s (median of the last "
                        f"ones); a close that waits past its deadline is journaled"
                        if self.latency >= SLOW_ANSWER else

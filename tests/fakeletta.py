@@ -110,6 +110,8 @@ class FakeLetta:
                 return httpx.Response(404, json={"detail": f"Agent {m[1]} not found"})
             return httpx.Response(200, json={"id": m[1]})
         if m := re.fullmatch(r"/v1/agents/([^/]+)/core-memory/blocks", path):
+            if m[1] not in self.agents:  # as 0.16.8 answers for a deleted agent
+                return httpx.Response(404, json={"detail": f"Agent {m[1]} not found"})
             return self._page([self.blocks[i] for i in self.agents[m[1]]], params)
         if path == "/v1/blocks/count" and request.method == "GET":
             return httpx.Response(200, json=sum(1 for b in self.blocks.values()

@@ -177,3 +177,16 @@ async def test_status_says_a_slow_server_is_slow(world):
     for _ in range(20):
         await world.remote.listing()
     assert "SLOW" not in Status(**common, latency=world.remote.latency()).render(now=0.0)
+
+
+@pytest.mark.expect_error("is gone from the server")
+async def test_a_deleted_agent_shows_as_gone_and_a_new_file_makes_no_orphan(world):
+    del world.fake.agents[world.agent]  # DELETE /v1/agents/{id}
+    assert not await Poller(world.state, world.remote).poll_once()
+    assert world.remote.agent_gone_since is not None
+    blocks_before = set(world.fake.blocks)
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await _new_file(world, "orphan.md", b"kept\n")
+    assert caught.value.errno == errno.ESTALE
+    assert set(world.fake.blocks) == blocks_before  # no orphan block
+    assert ("orphan.md", b"kept\n", Origin.REJECTED) in world.records
