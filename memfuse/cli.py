@@ -302,6 +302,7 @@ def umount(target: str | None, timeout: float) -> int:
             print("memfuse: no mounts are running")
             return 0
     signalled = []
+    why: dict[Path, str | None] = {}  # mountpoint -> why its journal waited, if it did
     code = 0
     for mount in found:
         mountpoint, record = mount.mountpoint, mount.record
@@ -311,6 +312,7 @@ def umount(target: str | None, timeout: float) -> int:
             code = 1
             continue
         if record is not None and record.alive():
+            why[mount.mountpoint] = _why_pending(mount)  # its last report, before it goes
             try:
                 os.kill(record.pid, signal.SIGTERM)
             except PermissionError:
@@ -337,7 +339,7 @@ def umount(target: str | None, timeout: float) -> int:
         signalled.append(mount)
     deadline = time.monotonic() + timeout
     for mount in signalled:
-        code = max(code, _finish_umount(mount, deadline, timeout))
+        code = max(code, _finish_umount(mount, deadline, timeout, why.get(mount.mountpoint)))
     return code
 
 
@@ -369,9 +371,11 @@ def _who_can(owner: str, uid: int | None) -> str:
     return "root" if uid == 0 else f"{owner} (or root)"
 
 
-def _finish_umount(mount: locate.Found, deadline: float, timeout: float) -> int:
+def _finish_umount(mount: locate.Found, deadline: float, timeout: float,
+                   why: str | None = None) -> int:
     """Wait (until `deadline`, time.monotonic()) for a daemon told to stop, then clear what it
-    left and report; 1 when it did not finish in time."""
+    left and report (why: the reason its journal waited, from its last report); 1 when it did
+    not finish in time."""
     record, mountpoint = mount.record, mount.mountpoint
     # until its pid is gone: a daemon that has exited is a zombie until its parent reaps it,
     # and who then looks for the pid must not find it
@@ -390,8 +394,28 @@ def _finish_umount(mount: locate.Found, deadline: float, timeout: float) -> int:
     pending = Journal(Path(record.journal_file)).pending() if record and record.journal_file else []
     if pending:
         print(f"memfuse: {len(pending)} change(s) the server did not take yet are kept in "
-              f"{record.journal_file}; they are sent at the next mount")
+              f"{record.journal_file}; they are sent at the next mount, once the server takes "
+              f"them" + (f" ({why})" if why else ""))
     return 0
+
+
+def _why_pending(mount: locate.Found) -> str | None:
+    """Why the daemon's journal waits, from its last status report (the server away, a
+    refused key, a stuck change, a deleted agent, the last replay's outcome), or None."""
+    if mount.pid_file is None:
+        return None
+    try:
+        report = Status.load(mount.pid_file.parent / "memfuse.status.json")
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if report is None or not report.journal_pending:
+        return None
+    if report.agent_gone_since is not None:
+        return "the agent is gone from the server"
+    if not report.reachable:
+        return "the server cannot be reached"
+    return report.journal_stuck or (f"last attempt: {report.last_replay}"
+                                    if report.last_replay else None)
 
 
 def list_mounts() -> int:

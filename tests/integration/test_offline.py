@@ -107,10 +107,12 @@ def test_umount_during_an_outage_keeps_the_journal_and_says_so(agent, home, prox
     m = start_mount(agent, home, "--base-url", proxy.url)
     proxy.cut()
     m.sh("echo 'Kept for later.' > system/human.md")
+    wait_for(lambda: "1 change(s) waiting" in m.memfuse("status", agent).stdout, 10)
     started = time.monotonic()
     result = m.memfuse("umount", agent)
     assert time.monotonic() - started < 40
     assert "1 change(s) the server did not take yet are kept in" in result.stdout
+    assert "(the server cannot be reached)" in result.stdout  # and why
     assert not os.path.ismount(m.path)
     proxy.restore()
     m = start_mount(agent, home, "--base-url", proxy.url)
