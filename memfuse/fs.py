@@ -71,6 +71,7 @@ class OpenFile:
     written: bool = False
     written_at: float = 0.0
     refused: int | None = None  # errno of a refused write: the handle then never sends
+    refused_why: str | None = None  # that refusal's reason, in words (history says it)
     append: bool = False  # opened with O_APPEND: every write goes to the end
     pid: int | None = None  # the process that opened it: it alone sees this handle's size
     added: bytearray | None = None  # O_APPEND without O_TRUNC, never truncated: the bytes
@@ -294,18 +295,23 @@ class MemoryFs(pyfuse3.Operations):
 
     def _check_buffer(self, node: Node, data: bytes | bytearray, gap: int = 0) -> None:
         """Refuse, before any allocation, to let a block file's buffer become `data` followed
-        by `gap` NUL bytes when that is already refused (blockfile.check_partial: EINVAL for
-        a complete bad frontmatter, EFBIG past the limit or MAX_BLOCK_FILE bytes)."""
-        if node.kind is not Kind.BLOCK:
-            return
-        if len(data) + gap > MAX_BLOCK_FILE:
-            refusal = FsError(errno.EFBIG, f"block files are limited to "
-                                           f"{MAX_BLOCK_FILE >> 20} MiB")
-        else:
-            limit = node.block.limit if node.block is not None else blockfile.DEFAULT_LIMIT
-            refusal = blockfile.check_partial(data, limit, gap)
+        by `gap` NUL bytes when that is already refused (`_buffer_refusal`). Raises
+        FUSEError (logged)."""
+        refusal = self._buffer_refusal(node, data, gap)
         if refusal is not None:
             raise self._refuse(self.tree.path(node), refusal)
+
+    @staticmethod
+    def _buffer_refusal(node: Node, data: bytes | bytearray, gap: int = 0) -> FsError | None:
+        """Why a block file's buffer may not become `data` followed by `gap` NUL bytes
+        (blockfile.check_partial: EINVAL for a complete bad frontmatter, EFBIG past the limit
+        or MAX_BLOCK_FILE bytes), or None."""
+        if node.kind is not Kind.BLOCK:
+            return None
+        if len(data) + gap > MAX_BLOCK_FILE:
+            return FsError(errno.EFBIG, f"block files are limited to {MAX_BLOCK_FILE >> 20} MiB")
+        limit = node.block.limit if node.block is not None else blockfile.DEFAULT_LIMIT
+        return blockfile.check_partial(data, limit, gap)
 
     def _resize(self, handle: OpenFile, size: int) -> None:
         data = bytearray(handle.data)
@@ -521,18 +527,22 @@ class MemoryFs(pyfuse3.Operations):
         if handle.append:  # the kernel's offset is its cached size, which another writer
             off = len(handle.data)  # may have moved: an append goes to this handle's end
         gap = max(0, off - len(handle.data))
-        try:  # refused now, so every program sees it (shells ignore errors at close)
-            if gap:  # NUL bytes before the write: counted before any is allocated
-                self._check_buffer(handle.node, handle.data, gap + len(buf))
+        # refused now, so every program sees it (shells ignore errors at close)
+        data = handle.data
+        if gap:  # NUL bytes before the write: counted before any is allocated
+            refusal = self._buffer_refusal(handle.node, handle.data, gap + len(buf))
+        else:
+            data = bytearray(handle.data)
+            data[off:off + len(buf)] = buf
+            refusal = self._buffer_refusal(handle.node, data)
+        if refusal is None and gap:
             data = bytearray(handle.data)
             data.extend(b"\0" * gap)
             data[off:off + len(buf)] = buf
-            if not gap:
-                self._check_buffer(handle.node, data)
-        except pyfuse3.FUSEError as exc:
-            handle.refused = exc.errno
+        if refusal is not None:
+            handle.refused, handle.refused_why = refusal.errno, refusal.reason
             handle.attempted = bytes(data) if not gap else bytes(handle.data)
-            raise
+            raise self._refuse(self.tree.path(handle.node), refusal)
         handle.data = data
         handle.dirty, handle.written, handle.written_at = True, True, trio.current_time()
         if handle.added is not None:
@@ -542,14 +552,15 @@ class MemoryFs(pyfuse3.Operations):
 
     @staticmethod
     def _refusal(handle: OpenFile) -> str:
-        return f"a write to it was refused ({errno.errorcode[handle.refused]})"
+        return (f"a write to it was refused ({errno.errorcode[handle.refused]}"
+                + (f": {handle.refused_why}" if handle.refused_why else "") + ")")
 
     async def _send(self, handle: OpenFile) -> None:
         node = handle.node
         if handle.refused is not None:
             if handle.attempted is not None and node.kind is Kind.BLOCK:
                 self.state.rejected(node, handle.attempted,  # once: later closes find None
-                                    reason=self._refusal(handle))
+                                    reason=handle.refused_why or self._refusal(handle))
                 handle.attempted = None
             raise self._refuse(self.tree.path(node), FsError(
                 handle.refused, f"{self._refusal(handle)}; nothing was sent"))

@@ -190,9 +190,11 @@ def test_a_failed_close_keeps_its_bytes_in_history_and_leaves_no_phantom_file(mo
         assert caught.value.errno == errno.EFBIG
     assert "new.md" not in m.sh("ls").stdout.split()  # no file the server does not know
     assert block_by_label(api, m.agent_id, "human")["value"] == "The human.\n"
-    wait_for(lambda: "Rejected local edit" in m.sh("git log --format=%s").stdout, 10)
-    shown = m.sh("git log -p --format=%s").stdout
-    assert big in shown and bigger in shown  # a person gets the bytes back with git
+    # a person gets the bytes back with git: each refusal is a commit of its own, saying why
+    wait_for(lambda: big in (shown := m.sh("git log -p --format=%s").stdout) and bigger in shown,
+             10)
+    subjects = m.sh("git log --format=%s").stdout
+    assert "Rejected local edit (value is 2001 characters, over the limit of 2000" in subjects
     wait_for(lambda: m.sh("git status --porcelain").stdout == "", 10)
 
 
