@@ -21,7 +21,7 @@ import socket
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -72,6 +72,89 @@ class PushOutcome:
     diverged: bytes | None = None
 
 
+@dataclass(frozen=True)
+class RemoteUrl:
+    """A `--git-remote` value taken apart (parse_remote_url). kind: "path" (a bare repository
+    on this machine, `path` absolute), "git" or "http" (`path` the URL's path); url: as given,
+    credentials included; shown: for people (userinfo as `***`); bare_url: scheme, host, port
+    and path only (None for a plain path); username, password: percent-decoded userinfo;
+    userinfo: the same two as written in the URL (what `GitRemote.scrub` must also hide)."""
+
+    kind: str
+    path: str
+    url: str
+    shown: str
+    bare_url: str | None = None
+    username: str | None = None
+    password: str | None = None
+    userinfo: tuple[str | None, str | None] = field(default=(None, None), repr=False)
+
+
+def parse_remote_url(url: str) -> RemoteUrl:
+    """Take a `--git-remote` value apart: a path (absolute, relative to the current directory,
+    or `~`), `file://PATH`, `git://HOST[:PORT]/PATH` or `http(s)://[USER[:TOKEN]@]HOST[:PORT]/PATH`.
+    Pure: no I/O beyond resolving a relative path. Raises RemoteError (its message holds no
+    credentials) for anything else: ssh and scp-like `host:path` (a push must never wait for a
+    password prompt), a query or fragment, a line break or NUL, a missing host."""
+    if not url or len(url) > MAX_URL or any(c in url for c in "\n\r\0"):
+        raise RemoteError(f"the git remote must be one line of at most {MAX_URL} characters")
+    if "://" not in url:
+        return _parse_path(url)
+    scheme = url.partition("://")[0].lower()
+    if scheme not in SCHEMES:
+        raise RemoteError(f"{_userinfo_hidden(url)!r}: memfuse pushes to a path, file://, "
+                          f"git:// or http(s):// URL (not {scheme}://)")
+    try:  # urllib's errors quote the text they choke on: a password, maybe
+        parts = urlsplit(url)
+        hostname, port = parts.hostname, parts.port
+    except ValueError:
+        raise RemoteError(f"{_userinfo_hidden(url)!r}: not a valid URL (a user name or "
+                          f"password with '/', '@' or ':' in it must be percent-encoded)"
+                          ) from None
+    netloc = hostname or ""
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
+    if port is not None:
+        netloc += f":{port}"
+    bare_url = urlunsplit((scheme, netloc, parts.path, "", ""))
+    shown = urlunsplit((scheme, ("***@" if "@" in parts.netloc else "") + netloc,
+                        parts.path, "", ""))
+    _refuse_unsafe_parts(url, shown, parts)
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise RemoteError(f"{shown!r}: a file:// URL names a path on this machine")
+        return RemoteUrl("path", unquote(parts.path), url, shown, bare_url)
+    if not parts.hostname:
+        raise RemoteError(f"{shown!r}: no host")
+    return RemoteUrl("git" if scheme == "git" else "http", parts.path, url, shown, bare_url,
+                     unquote(parts.username) if parts.username is not None else None,
+                     unquote(parts.password) if parts.password is not None else None,
+                     (parts.username, parts.password))
+
+
+def _parse_path(url: str) -> RemoteUrl:
+    """A remote given as a path: absolute, so that a later chdir cannot move it."""
+    if re.match(r"^[^/]*:", url):  # scp-like user@host:path, or an unknown scheme
+        raise RemoteError(f"{_userinfo_hidden(url)!r}: memfuse pushes to a path, "
+                          f"file://, git:// or http(s):// URL (not ssh)")
+    path = str(Path(url).expanduser().absolute())
+    return RemoteUrl("path", path, path, path)
+
+
+def _refuse_unsafe_parts(url: str, shown: str, parts) -> None:
+    """RemoteError for a URL part that would leak or mislead: a line break or NUL anywhere
+    once decoded, a query or a fragment."""
+    if any(c in unquote(url) for c in "\n\r\0"):  # the user name goes into the lines of
+        # `git credential fill`'s request: `evil%0Ahost=github.com@attacker` would ask
+        # for github.com's credentials and send them to attacker
+        raise RemoteError(f"{shown!r}: a line break or NUL (%0A, %0D, %00) in the "
+                          f"URL: refused")
+    if parts.query or parts.fragment:  # `?private_token=...` would be shown and sent
+        raise RemoteError(f"{shown!r} (its ?query or #fragment not shown): a git "
+                          f"remote URL has no query or fragment (credentials go in "
+                          f"user:token@ or a credential helper)")
+
+
 class GitRemote:
     """One git remote to push the history's branch (refs/heads/main) to.
 
@@ -82,68 +165,17 @@ class GitRemote:
     """
 
     def __init__(self, url: str, timeout: float = PUSH_TIMEOUT):
-        if not url or len(url) > MAX_URL or any(c in url for c in "\n\r\0"):
-            raise RemoteError("the git remote must be one line of at most "
-                              f"{MAX_URL} characters")
+        parsed = parse_remote_url(url)
         self.timeout = timeout
         self._lock = threading.Lock()  # one push at a time (the last one at umount included)
         self._filled: tuple[str, str] | None = None  # from a credential helper, this run only
         self._secrets: set[str] = set()
-        self.username: str | None = None
-        self.password: str | None = None
-        self.secret_in_url = False
-        if "://" not in url:
-            if re.match(r"^[^/]*:", url):  # scp-like user@host:path, or an unknown scheme
-                raise RemoteError(f"{_userinfo_hidden(url)!r}: memfuse pushes to a path, "
-                                  f"file://, git:// or http(s):// URL (not ssh)")
-            self.kind, self.path = "path", str(Path(url).expanduser().absolute())
-            self.url = self.shown = self.path
-            return
-        scheme = url.partition("://")[0].lower()
-        if scheme not in SCHEMES:
-            raise RemoteError(f"{_userinfo_hidden(url)!r}: memfuse pushes to a path, file://, "
-                              f"git:// or http(s):// URL (not {scheme}://)")
-        try:  # urllib's errors quote the text they choke on: a password, maybe
-            parts = urlsplit(url)
-            hostname, port = parts.hostname, parts.port
-        except ValueError:
-            raise RemoteError(f"{_userinfo_hidden(url)!r}: not a valid URL (a user name or "
-                              f"password with '/', '@' or ':' in it must be percent-encoded)"
-                              ) from None
-        self.url = url
-        self.username = unquote(parts.username) if parts.username is not None else None
-        self.password = unquote(parts.password) if parts.password is not None else None
-        self._keep_credentials(parts.username, parts.password)
+        self.kind, self.path, self.url, self.shown = (parsed.kind, parsed.path, parsed.url,
+                                                      parsed.shown)
+        self.bare_url = parsed.bare_url
+        self.username, self.password = parsed.username, parsed.password
+        self._keep_credentials(*parsed.userinfo)
         self.secret_in_url = bool(self._secrets)  # a password, or a token as the user name
-        netloc = hostname or ""
-        if ":" in netloc:
-            netloc = f"[{netloc}]"
-        if port is not None:
-            netloc += f":{port}"
-        self.bare_url = urlunsplit((scheme, netloc, parts.path, "", ""))
-        self.shown = urlunsplit((scheme, ("***@" if "@" in parts.netloc else "") + netloc,
-                                 parts.path, "", ""))
-        if any(c in unquote(url) for c in "\n\r\0"):  # the user name goes into the lines of
-            # `git credential fill`'s request: `evil%0Ahost=github.com@attacker` would ask
-            # for github.com's credentials and send them to attacker
-            raise RemoteError(f"{self.shown!r}: a line break or NUL (%0A, %0D, %00) in the "
-                              f"URL: refused")
-        if parts.query or parts.fragment:  # `?private_token=...` would be shown and sent
-            raise RemoteError(f"{self.shown!r} (its ?query or #fragment not shown): a git "
-                              f"remote URL has no query or fragment (credentials go in "
-                              f"user:token@ or a credential helper)")
-        if scheme == "file":
-            if parts.netloc not in ("", "localhost"):
-                raise RemoteError(f"{self.shown!r}: a file:// URL names a path on this machine")
-            self.kind, self.path = "path", unquote(parts.path)
-        elif scheme == "git":
-            if not parts.hostname:
-                raise RemoteError(f"{self.shown!r}: no host")
-            self.kind, self.path = "git", parts.path
-        else:
-            if not parts.hostname:
-                raise RemoteError(f"{self.shown!r}: no host")
-            self.kind, self.path = "http", parts.path
 
     def __repr__(self) -> str:
         return f"GitRemote({self.shown!r})"

@@ -12,7 +12,8 @@ from dulwich.objects import Blob, Commit, Tree
 from dulwich.repo import Repo
 
 from memfuse import gitremote
-from memfuse.gitremote import GitRemote, PushError, PushOutcome, Pusher, RemoteError
+from memfuse.gitremote import (GitRemote, PushError, PushOutcome, Pusher, RemoteError, RemoteUrl,
+                               parse_remote_url)
 from memfuse.history import BRANCH, HistoryRepo
 from memfuse.status import Status
 
@@ -107,6 +108,17 @@ def test_a_repository_with_a_work_tree_is_refused_and_left_alone(history, tmp_pa
                                         r"--bare\)"):
         GitRemote(url).push(history.path)
     assert remote_head(notes) == before
+
+
+def test_a_remote_url_is_taken_apart_without_any_io(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert parse_remote_url("https://bot:t%2Fk@example.org:8443/mem.git") == RemoteUrl(
+        "http", "/mem.git", "https://bot:t%2Fk@example.org:8443/mem.git",
+        "https://***@example.org:8443/mem.git", "https://example.org:8443/mem.git", "bot", "t/k",
+        ("bot", "t%2Fk"))
+    assert parse_remote_url("git://[::1]:9418/m.git").bare_url == "git://[::1]:9418/m.git"
+    assert parse_remote_url("file://localhost/srv/m.git").path == "/srv/m.git"
+    assert parse_remote_url("rel/m.git").path == str(tmp_path / "rel/m.git")
 
 
 def test_urls_memfuse_cannot_push_to_are_refused_without_showing_credentials():
