@@ -264,6 +264,44 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
                  on_progress: Callable[[str], None] | None = None) -> Mount:
     """Acquire everything up to a loaded tree, each teardown registered on `stack`; tell
     on_progress how a large load goes (`serve`). Raises MountError."""
+    _claim_mountpoint(config)
+    client = await stack.enter_async_context(LettaClient(
+        config.base_url, config.api_key, retry_budget=config.retry_budget, transport=transport))
+    has_history = (config.history_dir / "HEAD").exists()  # checked before open() makes one
+    agent_name, away = await _reach(client, config, has_history)
+    repo = await _open_history(stack, config)
+    pusher = _pusher(stack, config)
+    snapshots = Snapshotter(repo, quiet_period=config.quiet_period,
+                            on_committed=pusher and (lambda _sha: pusher.poke()))
+    _teardown(stack, "the last snapshot", snapshots.flush)
+    journal = Journal(config.journal_file)
+    state = MountState(Tree(gitfile=gitfile_content(config.history_dir)), snapshots.record,
+                       journal=journal)
+    remote = Remote(client, config.agent_id, on_conflict=config.on_conflict)
+    away = await _load(config, repo, snapshots, state, remote, away, on_progress)
+    attrs = await _commit_at_mount(stack, config, snapshots, state)
+    files = BlockFiles(state, remote, revalidate=config.revalidate)
+    namespace = Namespace(state, remote, files)
+    faults = Faults()
+    poller = Poller(state, remote, interval=config.poll_interval,
+                    full_interval=config.full_poll_interval)
+    files.listed_since = poller.listed_since
+    mount = Mount(config, repo, snapshots, state, files,
+                  MemoryFs(state, files, namespace, faults), poller,
+                  TreeBlockKeeper(state, remote), problems, faults, agent_name=agent_name,
+                  pusher=pusher, attrs=attrs)
+    if away is not None:
+        mount.local_first_at = time.time()
+        mount.notice = (f"the server at {config.base_url} cannot be reached ({away.detail}); "
+                        f"mounted agent {config.agent_id} from its local history "
+                        f"({len(state.tree.blocks())} blocks, {len(journal.pending())} "
+                        f"journaled changes); changes are sent when it answers")
+    return mount
+
+
+def _claim_mountpoint(config: Config) -> None:
+    """Refuse a second daemon for the agent, clear the dead mount of an earlier one, check the
+    mountpoint and make the state directory private. Raises MountError."""
     running = RunningMount.load(config.pid_file)
     if running is not None and running.alive():
         raise MountError(f"agent {config.agent_id} is already mounted at "
@@ -275,36 +313,49 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
     check_mountpoint(config.mountpoint)
     _make_private(config)
     clear_stale_locks(config.history_dir)
-    client = await stack.enter_async_context(LettaClient(
-        config.base_url, config.api_key, retry_budget=config.retry_budget, transport=transport))
-    away: ServerUnreachable | None = None
-    has_history = (config.history_dir / "HEAD").exists()  # checked before open() makes one
-    agent_name = ""
-    try:  # with a history to fall back on, a short wait: the mount works from it meanwhile
-        agent_name = await _connect(client, config, START_BUDGET if has_history else None)
+
+
+async def _reach(client: LettaClient, config: Config,
+                 has_history: bool) -> tuple[str, ServerUnreachable | None]:
+    """(the agent's name, None), or ("", why the server is away) when a history can stand in
+    for it; with a history to fall back on the wait is short, since the mount works from it
+    meanwhile. Raises MountError when the server is away and there is no history."""
+    try:
+        return await _connect(client, config, START_BUDGET if has_history else None), None
     except ServerUnreachable as exc:
         if not has_history:
             raise _no_history(exc, config) from None
-        away = exc
+        return "", exc
+
+
+async def _open_history(stack: contextlib.AsyncExitStack, config: Config) -> HistoryRepo:
+    """The agent's history repository, opened (made if new) and private, closed at unmount."""
     repo = HistoryRepo(config.history_dir)
     await trio.to_thread.run_sync(repo.open)
     private_dir(config.history_dir)
     _teardown(stack, "closing the history", repo.close)
-    pusher = None
-    if config.git_remote:
-        remote = GitRemote(config.git_remote)
-        pusher = Pusher(remote, partial(trio.to_thread.run_sync, remote.push, config.history_dir,
-                                        abandon_on_cancel=True))
-        # registered before the last snapshot, so it runs after it (the stack unwinds); it
-        # does nothing unless the pusher ran, which it does only once the mount is up
-        _teardown(stack, "the last push", partial(pusher.last_push_now, UMOUNT_PUSH))
-    snapshots = Snapshotter(repo, quiet_period=config.quiet_period,
-                            on_committed=pusher and (lambda _sha: pusher.poke()))
-    _teardown(stack, "the last snapshot", snapshots.flush)
-    journal = Journal(config.journal_file)
-    state = MountState(Tree(gitfile=gitfile_content(config.history_dir)), snapshots.record,
-                       journal=journal)
-    remote = Remote(client, config.agent_id, on_conflict=config.on_conflict)
+    return repo
+
+
+def _pusher(stack: contextlib.AsyncExitStack, config: Config) -> Pusher | None:
+    """The git remote's pusher (None without --git-remote), its last push registered for
+    unmount. Registered before the last snapshot, so it runs after it (the stack unwinds); it
+    does nothing unless the pusher ran, which it does only once the mount is up."""
+    if not config.git_remote:
+        return None
+    remote = GitRemote(config.git_remote)
+    pusher = Pusher(remote, partial(trio.to_thread.run_sync, remote.push, config.history_dir,
+                                    abandon_on_cancel=True))
+    _teardown(stack, "the last push", partial(pusher.last_push_now, UMOUNT_PUSH))
+    return pusher
+
+
+async def _load(config: Config, repo: HistoryRepo, snapshots: Snapshotter, state: MountState,
+                remote: Remote, away: ServerUnreachable | None,
+                on_progress: Callable[[str], None] | None) -> ServerUnreachable | None:
+    """Load the tree: from the server's listing, or from the history when the server is away
+    (then also when it goes away during the listing); the journal and the kept times and modes
+    on top. Returns why the server is away, or None. Raises MountError."""
     committed = await trio.to_thread.run_sync(repo.files)
     listed_at = trio.current_time()
     total = await remote.owned_count() if away is None and on_progress is not None else None
@@ -330,12 +381,19 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
         log.warning("%s; the files' times and modes start afresh", exc)
         kept = {}
     state.restore_attrs(kept, committed)
-    if journal.pending():
-        log.info("%d journaled change(s) from an earlier mount; replaying them",
-                 len(journal.pending()))
+    pending = len(state.journal.pending()) if state.journal is not None else 0
+    if pending:
+        log.info("%d journaled change(s) from an earlier mount; replaying them", pending)
     if progress is not None:
         progress(f"loading agent {config.agent_id}: {len(state.tree.blocks()):,} files shown; "
                  f"the snapshot at mount is being committed")
+    return away
+
+
+async def _commit_at_mount(stack: contextlib.AsyncExitStack, config: Config,
+                           snapshots: Snapshotter, state: MountState) -> _AttrsSaver:
+    """Commit the snapshot at mount, save the block map and the times and modes with each
+    commit from now on, and save the times and modes again after the unmount."""
     saver = _BlockMapSaver(config.block_map_file, state)
     attrs = _AttrsSaver(config.attrs_file, state)
     state.on_attributes = attrs.changed
@@ -346,23 +404,7 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
     await attrs.capture()()
     # after the unmount (registered later, so run earlier): the times and modes as they end
     _teardown(stack, "saving the times and modes", lambda: attrs.capture()())
-    files = BlockFiles(state, remote, revalidate=config.revalidate)
-    namespace = Namespace(state, remote, files)
-    faults = Faults()
-    poller = Poller(state, remote, interval=config.poll_interval,
-                    full_interval=config.full_poll_interval)
-    files.listed_since = poller.listed_since
-    mount = Mount(config, repo, snapshots, state, files,
-                  MemoryFs(state, files, namespace, faults), poller,
-                  TreeBlockKeeper(state, remote), problems, faults, agent_name=agent_name,
-                  pusher=pusher, attrs=attrs)
-    if away is not None:
-        mount.local_first_at = time.time()
-        mount.notice = (f"the server at {config.base_url} cannot be reached ({away.detail}); "
-                        f"mounted agent {config.agent_id} from its local history "
-                        f"({len(state.tree.blocks())} blocks, {len(journal.pending())} "
-                        f"journaled changes); changes are sent when it answers")
-    return mount
+    return attrs
 
 
 def disk_full(exc: OSError, config: Config) -> MountError:
