@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Callable
 from functools import partial
 from pathlib import Path
 
@@ -305,42 +306,52 @@ def umount(target: str | None, timeout: float) -> int:
     why: dict[Path, str | None] = {}  # mountpoint -> why its journal waited, if it did
     code = 0
     for mount in found:
-        mountpoint, record = mount.mountpoint, mount.record
-        refusal = _refusal(mount)
-        if refusal is not None:
-            print(f"memfuse: {refusal}", file=sys.stderr)
-            code = 1
-            continue
-        if record is not None and record.alive():
-            why[mount.mountpoint] = _why_pending(mount)  # its last report, before it goes
-            try:
-                os.kill(record.pid, signal.SIGTERM)
-            except PermissionError:
-                uid = procs.uid_of(record.pid)
-                owner = "another user" if uid is None else mounttable.user_name(uid)
-                print(f"memfuse: {mountpoint} is served by pid {record.pid}, which belongs to "
-                      f"{owner}" + (f" (uid {uid})" if uid is not None else "")
-                      + f"; only {_who_can(owner, uid)} can unmount it", file=sys.stderr)
-                code = 1
-                continue
-        elif mount.kernel is None:
-            if target is not None:
-                print(f"memfuse: nothing is mounted at {mountpoint}", file=sys.stderr)
-                return 1
-            mount.pid_file.unlink(missing_ok=True)  # --all: a daemon that died, no mount left
-            print(f"memfuse: {mountpoint}: its daemon (pid {record.pid}) is gone and nothing "
-                  f"is mounted; its pid file is removed")
-            continue
-        elif not mount.daemon_gone():
-            print(f"memfuse: {_unrecorded(mount)}; left alone (memfuse umount clears only a "
-                  f"mount whose daemon is gone)", file=sys.stderr)
-            code = 1
-            continue
-        signalled.append(mount)
+        outcome = _stop(mount, target is not None, why)
+        if outcome is None:
+            signalled.append(mount)
+        else:
+            code = max(code, outcome)
     deadline = time.monotonic() + timeout
     for mount in signalled:
         code = max(code, _finish_umount(mount, deadline, timeout, why.get(mount.mountpoint)))
     return code
+
+
+def _stop(mount: locate.Found, named: bool, why: dict[Path, str | None]) -> int | None:
+    """Signal `mount`'s daemon (SIGTERM), noting in `why` its last report of why its journal
+    waits. None: signalled, or its daemon is gone and its mount is to be cleared: wait for it;
+    else the exit status for it (0: nothing to do, 1: refused or not found), already reported.
+    `named`: the mount was asked for by name (not --all)."""
+    mountpoint, record = mount.mountpoint, mount.record
+    refusal = _refusal(mount)
+    if refusal is not None:
+        print(f"memfuse: {refusal}", file=sys.stderr)
+        return 1
+    if record is not None and record.alive():
+        why[mountpoint] = _why_pending(mount)  # its last report, before it goes
+        try:
+            os.kill(record.pid, signal.SIGTERM)
+        except PermissionError:
+            uid = procs.uid_of(record.pid)
+            owner = "another user" if uid is None else mounttable.user_name(uid)
+            print(f"memfuse: {mountpoint} is served by pid {record.pid}, which belongs to "
+                  f"{owner}" + (f" (uid {uid})" if uid is not None else "")
+                  + f"; only {_who_can(owner, uid)} can unmount it", file=sys.stderr)
+            return 1
+        return None
+    if mount.kernel is None:
+        if named:
+            print(f"memfuse: nothing is mounted at {mountpoint}", file=sys.stderr)
+            return 1
+        mount.pid_file.unlink(missing_ok=True)  # --all: a daemon that died, no mount left
+        print(f"memfuse: {mountpoint}: its daemon (pid {record.pid}) is gone and nothing "
+              f"is mounted; its pid file is removed")
+        return 0
+    if not mount.daemon_gone():
+        print(f"memfuse: {_unrecorded(mount)}; left alone (memfuse umount clears only a "
+              f"mount whose daemon is gone)", file=sys.stderr)
+        return 1
+    return None
 
 
 def _refusal(mount: locate.Found) -> str | None:
@@ -473,6 +484,16 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `memfuse` console script; returns the exit status (2: bad usage)."""
     parser = _parser()
     args = parser.parse_args(argv)
+    _check_usage(parser, args)
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, RemoteError) as exc:
+        print(f"memfuse: {exc}", file=sys.stderr)
+        return 2
+
+
+def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors argparse cannot see (exit 2 through parser.error)."""
     if args.command == "umount" and args.all == (args.target is not None):
         parser.error("umount: give an AGENT_ID, a MOUNTPOINT or --all")
     if args.command == "mount":
@@ -482,38 +503,38 @@ def main(argv: list[str] | None = None) -> int:
                          "its default history, in the background")
     if args.command == "service":
         _check_selection(parser, args, "service install")
-    try:
-        if args.command == "umount":
-            return umount(None if args.all else args.target, args.timeout)
-        if args.command == "status":
-            return status(args.target)
-        if args.command == "list":
-            return list_mounts()
-        if args.command == "service":
-            return _service_install(args)
-        git_remote = args.git_remote or os.environ.get(GIT_REMOTE_ENV) or None
-        # kept in memory only: no child (git credential fill, its helpers) inherits it; each
-        # daemon gets its own in its environment (_launch). /proc/PID/environ still shows the
-        # environment this process started with: readable by its owner only, as for
-        # LETTA_API_KEY.
-        os.environ.pop(GIT_REMOTE_ENV, None)
-        if git_remote:  # refused before mounting when it cannot be pushed to
-            if args.all and AGENT_PLACEHOLDER not in git_remote:
-                raise ConfigError(f"mount --all --git-remote: each agent's history needs a "
-                                  f"repository of its own; put {AGENT_PLACEHOLDER} in the URL "
-                                  f"where the agent id goes")
-            remote = GitRemote(git_remote.replace(AGENT_PLACEHOLDER, "agent-id"))
-            if args.git_remote and remote.secret_in_url:
-                print(CMDLINE_SECRET, file=sys.stderr)
-        if args.all:
-            return _mount_all(args, git_remote)
-        config = _config(args, args.agent_id, args.mountpoint, git_remote)
-    except (ConfigError, RemoteError) as exc:
-        print(f"memfuse: {exc}", file=sys.stderr)
-        return 2
+
+
+def _mount(args: argparse.Namespace) -> int:
+    """`memfuse mount AGENT_ID|--all`. Raises ConfigError or RemoteError (a git remote that
+    cannot be pushed to is refused before anything is mounted)."""
+    git_remote = _git_remote(args)
+    if args.all:
+        return _mount_all(args, git_remote)
+    config = _config(args, args.agent_id, args.mountpoint, git_remote)
     if args.foreground:
         return _mount_foreground(config, args.ready_fd)
     return _mount_background(args, config)
+
+
+def _git_remote(args: argparse.Namespace) -> str | None:
+    """The git remote URL (--git-remote, else $MEMFUSE_GIT_REMOTE), checked; warns when a
+    password sits on the command line. Raises ConfigError or RemoteError."""
+    git_remote = args.git_remote or os.environ.get(GIT_REMOTE_ENV) or None
+    # kept in memory only: no child (git credential fill, its helpers) inherits it; each
+    # daemon gets its own in its environment (_launch). /proc/PID/environ still shows the
+    # environment this process started with: readable by its owner only, as for
+    # LETTA_API_KEY.
+    os.environ.pop(GIT_REMOTE_ENV, None)
+    if git_remote:
+        if args.all and AGENT_PLACEHOLDER not in git_remote:
+            raise ConfigError(f"mount --all --git-remote: each agent's history needs a "
+                              f"repository of its own; put {AGENT_PLACEHOLDER} in the URL "
+                              f"where the agent id goes")
+        remote = GitRemote(git_remote.replace(AGENT_PLACEHOLDER, "agent-id"))
+        if args.git_remote and remote.secret_in_url:
+            print(CMDLINE_SECRET, file=sys.stderr)
+    return git_remote
 
 
 def _service_install(args: argparse.Namespace) -> int:
@@ -543,6 +564,15 @@ def _service_install(args: argparse.Namespace) -> int:
     for line in lines:
         print(line if line.startswith(("  ", "systemctl")) else f"memfuse: {line}")
     return code
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "mount": _mount,
+    "umount": lambda args: umount(None if args.all else args.target, args.timeout),
+    "status": lambda args: status(args.target),
+    "list": lambda args: list_mounts(),
+    "service": _service_install,
+}
 
 
 if __name__ == "__main__":
