@@ -8,12 +8,25 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 from .config import JsonRecord
 
 STALE_AFTER = 10.0  # seconds without an update before the daemon is called unresponsive
 SLOW_ANSWER = 1.0  # seconds: a server whose answers take this long (median) is called slow
+
+
+def _ago(t: float | None, now: float) -> str:
+    """`t` (epoch seconds) as "12.5 s ago", "3 min ago", "1.2 h ago", or "never"."""
+    if t is None:
+        return "never"
+    seconds = max(0.0, now - t)
+    if seconds < 60:
+        return f"{seconds:.1f} s ago"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
 
 
 @dataclass
@@ -62,30 +75,8 @@ class Status(JsonRecord):
     def render(self, now: float | None = None) -> str:
         """The human-readable report."""
         now = time.time() if now is None else now
-
-        def ago(t: float | None) -> str:
-            if t is None:
-                return "never"
-            seconds = max(0.0, now - t)
-            if seconds < 60:
-                return f"{seconds:.1f} s ago"
-            if seconds < 3600:
-                return f"{seconds / 60:.0f} min ago"
-            return f"{seconds / 3600:.1f} h ago"
-
-        server = "reachable" if self.reachable else "UNREACHABLE (serving the last known state)"
-        if self.agent_gone_since is not None:
-            server = (f"reachable, but the AGENT IS GONE from it since "
-                      f"{ago(self.agent_gone_since).removesuffix(' ago')} (deleted?): serving "
-                      f"the last known state; new files are refused")
-        elif self.reachable and self.latency is not None:
-            server += (f", SLOW: its answers take {self.latency:.1f} s (median of the last "
-                       f"ones); a close that waits past its deadline is journaled"
-                       if self.latency >= SLOW_ANSWER else
-                       f" (answers in {self.latency * 1000:.0f} ms)")
-        if not self.reachable and self.unreachable_since is not None:
-            server = (f"UNREACHABLE since {ago(self.unreachable_since).removesuffix(' ago')} "
-                      f"(serving the last known state)")
+        ago = partial(_ago, now=now)
+        server = self._server(ago)
         pending = (f"{self.pending_writes} unsent write(s), {self.pending_unlinks} unlink(s) in "
                    f"their grace period, {self.uncommitted} change(s) not yet committed")
         commit = (f"{self.last_commit[:7]} {ago(self.last_commit_at)}: {self.last_commit_message}"
@@ -110,11 +101,7 @@ class Status(JsonRecord):
             f"task was restarted; see the log)" if self.unexpected_errors else
             "  unexpected     none",
         ]
-        for number, line in enumerate(self.duplicates or ()):
-            lines.insert(-2, ("  duplicates     " if number == 0 else " " * 17) + line)
-        if self.duplicates:
-            lines.insert(-2, " " * 17 + "(several blocks with one label: README, "
-                                        "\"Duplicate labels\", says how to resolve them)")
+        lines[-2:-2] = self._duplicate_lines()
         if self.git_remote is not None:
             lines[-2:-2] = self._push_lines(ago, now)
         if self.local_first_at is not None:
@@ -125,6 +112,31 @@ class Status(JsonRecord):
             lines.insert(1, f"  WARNING        the daemon has not reported for "
                             f"{now - self.updated_at:.0f} s")
         return "\n".join(lines)
+
+    def _server(self, ago: Callable[[float | None], str]) -> str:
+        """How the server is: reachable (and how fast), slow, unreachable, or the agent gone."""
+        server = "reachable" if self.reachable else "UNREACHABLE (serving the last known state)"
+        if self.agent_gone_since is not None:
+            server = (f"reachable, but the AGENT IS GONE from it since "
+                      f"{ago(self.agent_gone_since).removesuffix(' ago')} (deleted?): serving "
+                      f"the last known state; new files are refused")
+        elif self.reachable and self.latency is not None:
+            server += (f", SLOW: its answers take {self.latency:.1f} s (median of the last "
+                       f"ones); a close that waits past its deadline is journaled"
+                       if self.latency >= SLOW_ANSWER else
+                       f" (answers in {self.latency * 1000:.0f} ms)")
+        if not self.reachable and self.unreachable_since is not None:
+            server = (f"UNREACHABLE since {ago(self.unreachable_since).removesuffix(' ago')} "
+                      f"(serving the last known state)")
+        return server
+
+    def _duplicate_lines(self) -> list[str]:
+        if not self.duplicates:
+            return []
+        return ([("  duplicates     " if number == 0 else " " * 17) + line
+                 for number, line in enumerate(self.duplicates)]
+                + [" " * 17 + "(several blocks with one label: README, "
+                              "\"Duplicate labels\", says how to resolve them)"])
 
     def _push_lines(self, ago: Callable[[float | None], str], now: float) -> list[str]:
         pushed = (f"{self.last_push[:7]} {ago(self.last_push_at)}" if self.last_push
