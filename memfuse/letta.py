@@ -167,27 +167,10 @@ class LettaClient:
             else:
                 self.received_bytes += len(response.content)
                 if response.status_code < 400:
-                    if not response.content:
-                        return None
-                    if raw:
-                        return response.content
-                    try:
-                        return response.json()
-                    except ValueError:  # not the API: a proxy's page, another server
-                        raise LettaError(method, path, response.status_code,
-                                         "the answer is not JSON") from None
-                status = response.status_code
-                wait = None
-                if status in (408, 429):  # not acted on: safe to repeat, whatever the method
-                    wait = _retry_after(response)
-                    error = Throttled(method, path, status, _detail(response), wait)
-                    retryable = True
-                else:
-                    retryable = (status >= 500 and idempotent) or status == 409
-                    kind = ServerError if status >= 500 else _BY_STATUS.get(status, LettaError)
-                    error = kind(method, path, status, _detail(response))
-                if wait is not None and wait > delay:
-                    delay = wait  # the server said when: not sooner
+                    return _decoded(response, method, path, raw)
+                error, retryable = _refusal(response, method, path, idempotent)
+                if isinstance(error, Throttled) and error.retry_after is not None:
+                    delay = max(delay, error.retry_after)  # the server said when: not sooner
             if not retryable or trio.current_time() + delay > deadline:
                 raise error
             log.debug("retrying after %s (in %.1f s)", error, delay)
@@ -349,3 +332,29 @@ class LettaClient:
         when it is not attached)."""
         await self._request("PATCH", f"/v1/agents/{agent_id}/core-memory/blocks/detach/{block_id}",
                             budget=budget)
+
+
+def _decoded(response: httpx.Response, method: str, path: str, raw: bool) -> Any:
+    """A success's body: None when empty, the bytes when `raw`, else the decoded JSON. Raises
+    LettaError when the body is not JSON (a proxy's page, another server)."""
+    if not response.content:
+        return None
+    if raw:
+        return response.content
+    try:
+        return response.json()
+    except ValueError:
+        raise LettaError(method, path, response.status_code, "the answer is not JSON") from None
+
+
+def _refusal(response: httpx.Response, method: str, path: str,
+             idempotent: bool) -> tuple[LettaError, bool]:
+    """(the error for an answer of 400 or more, whether the call may be repeated). 408 and 429
+    were not acted on, so they may be repeated whatever the method (Throttled, with the
+    Retry-After seconds); a 5xx only when the call is idempotent; a 409 always."""
+    status = response.status_code
+    if status in (408, 429):
+        return Throttled(method, path, status, _detail(response), _retry_after(response)), True
+    kind = ServerError if status >= 500 else _BY_STATUS.get(status, LettaError)
+    retryable = (status >= 500 and idempotent) or status == 409
+    return kind(method, path, status, _detail(response)), retryable
