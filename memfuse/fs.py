@@ -75,7 +75,8 @@ class OpenFile:
     append: bool = False  # opened with O_APPEND: every write goes to the end
     pid: int | None = None  # the process that opened it: it alone sees this handle's size
     added: bytearray | None = None  # O_APPEND without O_TRUNC, never truncated: the bytes
-    # written since the last send, which go to the end of the block as the server has it then    attempted: bytes | None = None  # what the refused write would have made (kept in history)
+    # written since the last send, which go to the end of the block as the server has it then
+    attempted: bytes | None = None  # what the refused write would have made (kept in history)
 
 
 @dataclass(eq=False)
