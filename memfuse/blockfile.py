@@ -1,4 +1,4 @@
-"""The block file format (DESIGN.md §1): render, parse, validate, plan the PATCH.
+"""The block file format (SEMANTICS.md, "Writing a block file"): render, parse, validate, plan the PATCH.
 
 A block file is YAML frontmatter followed by the block value, byte for byte:
 

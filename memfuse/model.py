@@ -1,7 +1,7 @@
 """What the other modules talk about: a block, who made a change, and where a block is shown.
 
 Imported by the file format, the tree, the client and the owner of the mount's state; it imports
-nothing of memfuse. The layout (DESIGN.md §1): attached blocks live under `system/`, detached
+nothing of memfuse. The layout (SEMANTICS.md, "Names"): attached blocks live under `system/`, detached
 blocks the agent owns at the root, and a `/` in a label makes directories.
 """
 from __future__ import annotations
