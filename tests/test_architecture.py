@@ -1,4 +1,4 @@
-"""The structure the code promises (README "How it works"), checked on the source: one owner
+"""The structure the code promises (ARCHITECTURE.md), checked on the source: one owner
 writes the mount's state and records its history, and imports go one way."""
 import ast
 from pathlib import Path
@@ -43,18 +43,23 @@ def test_only_the_owner_writes_the_tree_or_records_history(path):
     assert not found, f"{path.name} changes the mount's state outside state.py: {found}"
 
 
-LAYERS = [  # a module may import only modules of lower layers (or its own layer's, listed)
-    {"model"},
-    {"errors", "blockfile", "letta", "scratch", "grace", "tree", "history", "config", "journal",
-     "blockmap", "pagecache", "gitremote", "ordering", "mounttable", "procs", "fileattrs"},
-    {"remote", "state", "status"},
-    {"files", "poller", "keeper"},
-    {"namespace"},
-    {"fs"},
-    {"daemon"},
-    {"many", "service", "locate"},
-    {"cli"},
-]
+ARCHITECTURE = Path(__file__).parent.parent / "ARCHITECTURE.md"
+
+
+def floors() -> list[set[str]]:
+    """The floors table of ARCHITECTURE.md, `| floor | modules | ... |`: the modules of each
+    floor, lowest first. A module may import only modules of lower floors (floor 1's leaves
+    may also import each other)."""
+    found: dict[int, set[str]] = {}
+    for line in ARCHITECTURE.read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0].isdigit():
+            found[int(cells[0])] = {name.strip() for name in cells[1].split(",")}
+    assert sorted(found) == list(range(len(found))), "floors must be numbered 0, 1, 2, ..."
+    return [found[floor] for floor in sorted(found)]
+
+
+LAYERS = floors()
 
 
 def layer_of(name: str) -> int:
@@ -76,4 +81,6 @@ def test_imports_go_one_way(path):
 
 
 def test_every_module_has_a_layer():
+    """ARCHITECTURE.md's floors name every module, and only modules that exist."""
     assert {p.stem for p in modules()} == set().union(*LAYERS)
+    assert sum(len(layer) for layer in LAYERS) == len(set().union(*LAYERS)), "a module twice"
