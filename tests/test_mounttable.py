@@ -3,6 +3,7 @@ mounts, owners), which pids are memfuse daemons, and what `umount`/`status` do w
 table shows but this HOME has no record of (the real two-user mounts: integration test_owner)."""
 import os
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -128,6 +129,16 @@ def test_a_mount_that_is_not_memfuse_is_left_alone(home, table, capsys):
     assert table.ran == []
 
 
+def _running(pid: int) -> bool:
+    """Whether `pid` still runs: it exists and is not a zombie (an ended process stays in /proc
+    until its parent, here the reaper thread, reaps it, which may come just after umount)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
 def test_a_record_beside_the_mountpoint_under_another_home_is_found(home, table, capsys,
                                                                     tmp_path):
     other = tmp_path / "other-home" / ".letta/agents/agent-1"
@@ -143,8 +154,8 @@ def test_a_record_beside_the_mountpoint_under_another_home_is_found(home, table,
         assert f"agent agent-1 at {other / 'memory'} (pid {daemon_.pid}): starting" in (
             capsys.readouterr().out)
         assert cli.main(["umount", str(other / "memory"), "--timeout", "60"]) == 0
-        assert not os.path.exists(f"/proc/{daemon_.pid}")  # umount waited until it was gone
-        reaper.join(30)  # the reaper sets returncode just after its waitpid made it gone
+        assert not _running(daemon_.pid)  # umount waited until it ended (a zombie, or reaped)
+        reaper.join(30)  # the reaper sets returncode once its waitpid reaped it
         assert daemon_.returncode == -15  # SIGTERM
     finally:
         daemon_.kill()
