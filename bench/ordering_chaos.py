@@ -645,7 +645,8 @@ def _run(out: Outcome, *argv: str) -> str:
 def scenario_rsync(s: Session, knobs: Knobs, out: Outcome) -> None:
     work = Path(tempfile.mkdtemp(prefix="memfuse-rsync-", dir=s.rig.state.parent))
     try:
-        files = [f"system/f{k}.md" for k in range(5)] + [f"r{k}.md" for k in range(5)]
+        tok = uuid.uuid4().hex[:4]  # labels no other agent has: detached blocks outlive theirs
+        files = [f"system/f{k}.md" for k in range(5)] + [f"r{tok}{k}.md" for k in range(5)]
         for k, name in enumerate(files):
             (s.path / name).write_text(f"File {k}.\n")
         backup = work / "backup"
@@ -665,7 +666,7 @@ def scenario_rsync(s: Session, knobs: Knobs, out: Outcome) -> None:
                 quiet += 1
             want = (backup / name).read_text()
             label = name.removeprefix("system/")[:-3]
-            found = s.labelled(label) if name.startswith("r") else [
+            found = s.labelled(label) if not name.startswith("system/") else [
                 b for b in s.attached().values() if b["label"] == label]
             if [b["value"] for b in found] != [value_of(want)]:
                 out.fail(f"round {i}: {name} is {[b['value'] for b in found]!r} on the server")
