@@ -52,6 +52,7 @@ class Graveyard:
         self.grace = grace
         self._tombstones: dict[tuple[str, ...], Tombstone] = {}
         self._wakeup = trio.Event()
+        self._retiring: dict[tuple[str, ...], trio.Event] = {}  # set when that retirement ends
 
     def bury(self, parts: tuple[str, ...], block: Block, attached: bool, entry: Any = None
              ) -> None:
@@ -73,7 +74,15 @@ class Graveyard:
         """Blocks whose files were unlinked and that are not retired yet."""
         return {t.block.id for t in self._tombstones.values()}
 
+    async def quiet(self, parts: tuple[str, ...]) -> None:
+        """Return once no retirement of a block unlinked at `parts` is under way: a new file
+        there must not take that label while the server still shows the old block as the
+        agent's (it would be written to it, and the retirement would then take it away)."""
+        while (done := self._retiring.get(parts)) is not None:
+            await done.wait()
+
     async def _attempt(self, tomb: Tombstone, retire: Retire) -> None:
+        done = self._retiring[tomb.parts] = trio.Event()
         try:
             await retire(tomb)
         except FsError as exc:
@@ -87,6 +96,10 @@ class Graveyard:
             tomb.deadline = trio.current_time() + self.grace * tomb.tries
             if self._tombstones.setdefault(tomb.parts, tomb) is tomb:
                 self._wakeup.set()
+        finally:
+            if self._retiring.get(tomb.parts) is done:
+                del self._retiring[tomb.parts]
+            done.set()
 
     async def run(self, retire: Retire) -> None:
         """Call `retire` for each tombstone whose deadline passed, forever (cancel to stop).
