@@ -198,7 +198,8 @@ class BlockFiles:
             raise exc
         log.info("%s: %s; journaling it", what, exc.reason)
 
-    async def send(self, node: Node, data: bytes, base: Block | None = None) -> None:
+    async def send(self, node: Node, data: bytes, base: Block | None = None,
+                   create_only: bool = False, added: bytes | None = None) -> None:
         """Make the block file `node` say what the bytes `data` say (a flushed file): update
         its block, or create one when the node has none yet; the node then shows the result
         (history records it). base: the block as the writer read it (conflict detection).
@@ -224,6 +225,11 @@ class BlockFiles:
                         await self._create_file(node, parsed, data)
                     return
             # another handle's create made the block meanwhile: this is a write to it
+            if create_only and node.block is not None:  # a new file's handle never
+                return  # written: the block another handle made is its file
+            if added is not None and node.block is not None:  # an O_APPEND handle: its bytes go after that block's text
+                await self.append(node, added)
+                return
         if base is None:  # the writer opened the file before its block existed: it read an
             base = dataclasses.replace(node.block, value="")  # empty file; any other text
         block_id = node.block.id  # the server has by now is a conflict (both go to history)
@@ -801,7 +807,9 @@ class BlockFiles:
                                   f"write was rejected (both versions are in history)")
             log.warning("%s", self.last_conflict)
             raise
-        if written.theirs is not None:
+        # a file unlinked while the write was in flight has left history: the server's version
+        # is not recorded at its path again (history would show a file the mount has not)
+        if written.theirs is not None and (node is None or self.state.shows(node, block.id)):
             self.state.conflict(path, written.theirs)
             self.last_conflict = (f"{path}: changed on the server after it was opened; the "
                                   f"file's version was written over it (both versions are in "

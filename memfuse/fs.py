@@ -575,7 +575,12 @@ class MemoryFs(pyfuse3.Operations):
                         await self.files.append(node, bytes(handle.added))
                         handle.added = bytearray()
                     else:
-                        await self.files.send(node, bytes(handle.data), handle.base)
+                        await self.files.send(
+                            node, bytes(handle.data), handle.base,
+                            create_only=handle.fresh and not handle.written,
+                            added=bytes(handle.added) if handle.added is not None else None)
+                        if handle.added is not None:
+                            handle.added = bytearray()
                 except Stale:
                     raise  # both versions are in history already
                 except FsError as exc:

@@ -147,9 +147,18 @@ class Namespace:
         new_parts = (self.tree.parts(new_parent) or ()) + (new_name,)
         location = self.state.location_at(new_parts)
         target = dst.block if dst is not None and dst.block is not None else None
-        if target is None:
+        if target is None:  # a retirement under way there ends first; a tombstone left is
+            await self.state.graveyard.quiet(new_parts)  # kept until `renamed` claims it
             tomb = self.state.graveyard.peek(new_parts)
             target = tomb.block if tomb is not None else None
+        with self.state.graveyard.holding(new_parts):
+            await self._replace(src, new_parent, new_name, dst, new_parts, location, target)
+
+    async def _replace(self, src: Node, new_parent: Node, new_name: str, dst: Node | None,
+                       new_parts: tuple[str, ...], location: Location,
+                       target: Block | None) -> None:
+        """The rest of `_rename_to_block`: `target` is the block at the new path (its file's,
+        or a tombstone's, held), or None."""
         result: Block | None
         unsent = src.kind is Kind.BLOCK and src.block is None
         if target is not None and unsent:

@@ -46,7 +46,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import pyfuse3
 import trio
-from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 from trio.testing import MockClock
 
@@ -58,7 +58,9 @@ from .fsworld import check_invariants, make_world, setattr_fields
 EXAMPLES = int(os.environ.get("MEMFUSE_MODEL_EXAMPLES", 500))
 SEED = os.environ.get("MEMFUSE_MODEL_SEED")
 
-PATHS = ["system/a.md", "system/b.md", "system/human.md", "a.md", "b.md", "notes.md"]
+# labels apart in the two directories: a create of `system/x.md` while `x.md` is created at
+# the root races (see test_ordering's strict xfail), so no label is in both
+PATHS = ["system/a.md", "system/b.md", "system/human.md", "c.md", "d.md", "notes.md"]
 FLAGS = {"write": os.O_WRONLY | os.O_TRUNC, "create": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
          "touch": os.O_WRONLY | os.O_CREAT, "extend": os.O_RDWR,
          "append": os.O_WRONLY | os.O_APPEND, "append_create": os.O_WRONLY | os.O_APPEND
@@ -406,6 +408,7 @@ async def scenario(programs, latency: float, rng_seed: int) -> list[str]:
 
 
 _settings = settings(max_examples=EXAMPLES, deadline=None, print_blob=True,
+                     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
                      suppress_health_check=list(HealthCheck))
 
 
