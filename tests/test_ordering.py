@@ -326,7 +326,7 @@ async def test_a_conflict_met_by_a_write_to_a_file_unlinked_meanwhile_stays_out_
     slow.fake.blocks[slow.ids["human"]]["value"] = "Edited through the API.\n"
     async with trio.open_nursery() as both:
         both.start_soon(fs.flush, fh)
-        await trio.sleep(0)
+        await trio.sleep(LATENCY / 2)  # its GET is under way
         both.start_soon(fs.unlink, system, b"human.md", None)
     await fs.release(fh)
     # the world fixture checks that history replays to the mount's files
