@@ -332,7 +332,8 @@ async def test_a_conflict_met_by_a_write_to_a_file_unlinked_meanwhile_stays_out_
     # the world fixture checks that history replays to the mount's files
 
 
-@pytest.mark.xfail(strict=True, reason="a create of system/x.md and one of x.md at the root "
+@pytest.mark.xfail(strict=False, reason="in some runs (it depends on Python's hash seed) a "
+                   "create of system/x.md and one of x.md at the root "
                    "at once leave the tree unsound (one block shown at two paths: the root's "
                    "create can find the block the attached create POSTed, owned and not yet "
                    "attached, as its label's); not fixed yet, and the model keeps its labels "
