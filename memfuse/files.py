@@ -227,7 +227,8 @@ class BlockFiles:
             # another handle's create made the block meanwhile: this is a write to it
             if create_only and node.block is not None:  # a new file's handle never
                 return  # written: the block another handle made is its file
-            if added is not None and node.block is not None:  # an O_APPEND handle: its bytes go after that block's text
+            if added is not None and node.block is not None:  # an O_APPEND handle: its
+                # bytes go after that block's text
                 await self.append(node, added)
                 return
         if base is None:  # the writer opened the file before its block existed: it read an
@@ -342,26 +343,34 @@ class BlockFiles:
             text = added.decode("utf-8")
         except UnicodeDecodeError:
             raise FsError(errno.EINVAL, "the appended bytes are not valid UTF-8") from None
-        block_id = node.block.id
-        async with self._order(block_id):
-            if not self.state.shows(node, block_id) or node.block is None:
+        while True:
+            if node.block is None:
                 log.info("%s: removed while its append waited; it stays local", node.name)
                 return
-            if not self.offline() and not is_provisional(node.block.id):
-                with self._deadline():
-                    try:
-                        current = await self.remote.fetch_now(node.block.id, self._budget())
-                        parsed = blockfile.ParsedFile(value=current.value + text, fields={},
-                                                      has_frontmatter=False)
-                        block = await self.write(current, parsed, self.tree.path(node), None,
-                                                 node, budget=self._budget())
-                    except ServerAway as exc:
-                        self._fall_back(exc, self.tree.path(node))
-                    else:
-                        self.state.written(node, block)
-                        return
-            data = bytes(node.content) + added
-            self._journal(node, blockfile.parse(data), data, node.block)
+            block_id = node.block.id
+            async with self._order(block_id):
+                if (node.block is not None and node.block.id != block_id and node.parent != 0
+                        and node.kind is Kind.BLOCK):
+                    continue  # renamed over another file meanwhile: append to its block now
+                if not self.state.shows(node, block_id) or node.block is None:
+                    log.info("%s: removed while its append waited; it stays local", node.name)
+                    return
+                if not self.offline() and not is_provisional(node.block.id):
+                    with self._deadline():
+                        try:
+                            current = await self.remote.fetch_now(node.block.id, self._budget())
+                            parsed = blockfile.ParsedFile(value=current.value + text, fields={},
+                                                          has_frontmatter=False)
+                            block = await self.write(current, parsed, self.tree.path(node), None,
+                                                     node, budget=self._budget())
+                        except ServerAway as exc:
+                            self._fall_back(exc, self.tree.path(node))
+                        else:
+                            self.state.written(node, block)
+                            return
+                data = bytes(node.content) + added
+                self._journal(node, blockfile.parse(data), data, node.block)
+                return
 
     def _real(self, block_id: str) -> str:
         journal = self.state.journal

@@ -351,3 +351,19 @@ async def test_one_label_created_in_system_and_at_the_root_at_once_makes_two_blo
         await fs.release(fh)
     assert world.state.tree.problems() == []
     assert sorted(_attached(world, b) for b in _blocks(world, "x")) == [False, True]
+
+
+async def test_an_append_closed_during_a_rename_over_another_file_keeps_its_line(slow, nursery):
+    fs, system = slow.fs, await inode_of(slow.fs, "system")
+    fh = await _create(fs, "system/x.md")
+    await fs.write(fh, 0, b"old\n")
+    await _close(fs, fh, nursery)
+    fh = await _open(fs, "system/human.md", os.O_WRONLY | os.O_APPEND)
+    await fs.write(fh, 0, b"line\n")
+    async with trio.open_nursery() as both:
+        both.start_soon(fs.rename, system, b"human.md", system, b"x.md", 0, None)
+        await trio.sleep(0)
+        both.start_soon(fs.flush, fh)  # waits for the rename's write, then appends to x
+    nursery.start_soon(fs.release, fh)
+    [block] = _blocks(slow, "x")
+    assert block["value"] == "The human.\nline\n"
