@@ -33,8 +33,12 @@ open of an existing file closed with no write (`: > x.md` empties the block at r
 close() returned, so it can land after a later writer's close); such an open of a name that
 exists when the process reaches it is made an open without `O_TRUNC` (nothing sent). Readers
 read through FUSE `read` from their own snapshot, so the page-cache limit (a reader opened before
-a save in place) does not arise here. No server-side edits, outages or polls: test_fuzz covers
-those.
+a save in place) does not arise here. No label is generated in both directories: one label
+created in `system/` and at the root at once is a known gap (test_ordering's xfail
+`test_one_label_created_in_system_and_at_the_root_at_once_makes_two_blocks`). No server-side
+edits, outages or polls: test_fuzz covers those. The kernel's locks are modelled too: create,
+unlink and rename in a directory, and rename, unlink and truncate of a file, never overlap
+(`Run.locked`).
 
 `MEMFUSE_MODEL_EXAMPLES` (default 500) sets the sequences, `MEMFUSE_MODEL_SEED` fixes
 Hypothesis's seed; `scripts/chaos --model N` runs N of them.
