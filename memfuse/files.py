@@ -198,7 +198,8 @@ class BlockFiles:
             raise exc
         log.info("%s: %s; journaling it", what, exc.reason)
 
-    async def send(self, node: Node, data: bytes, base: Block | None = None) -> None:
+    async def send(self, node: Node, data: bytes, base: Block | None = None,
+                   create_only: bool = False, added: bytes | None = None) -> None:
         """Make the block file `node` say what the bytes `data` say (a flushed file): update
         its block, or create one when the node has none yet; the node then shows the result
         (history records it). base: the block as the writer read it (conflict detection).
@@ -216,35 +217,53 @@ class BlockFiles:
                 return
             async with self.order.creating(node.inode):
                 if node.block is None and self.state.shows(node, ""):
-                    await self._create_file(node, parsed, data)
+                    await self.state.graveyard.quiet(self.tree.parts(node))
+                    tomb = self.state.claim(node)
+                    if tomb is not None:
+                        await self._reuse(node, tomb, parsed, data)
+                    else:
+                        await self._create_file(node, parsed, data)
                     return
             # another handle's create made the block meanwhile: this is a write to it
+            if create_only and node.block is not None:  # a new file's handle never
+                return  # written: the block another handle made is its file
+            if added is not None and node.block is not None:  # an O_APPEND handle: its
+                # bytes go after that block's text
+                await self.append(node, added)
+                return
         if base is None:  # the writer opened the file before its block existed: it read an
             base = dataclasses.replace(node.block, value="")  # empty file; any other text
         block_id = node.block.id  # the server has by now is a conflict (both go to history)
         with self._deadline() as deadline:
-            async with self._order(block_id):
-                if node.block is not None and node.block.id == self._real(block_id):
-                    block_id = node.block.id  # its create was replayed while this write waited
-                if not self.state.shows(node, block_id):
-                    log.info("%s: removed while its write waited; the write stays local",
-                             node.name)
-                    return
-                if base is not None and is_provisional(base.id):
-                    base = node.block  # read before its create was replayed: no conflict
-                if self.offline():
-                    self._journal(node, parsed, data, base)
-                    return
-                try:
-                    block = await self.write(node.block, parsed, self.tree.path(node), base,
-                                             node, budget=self._budget())
-                except ServerAway as exc:
+            while True:
+                async with self._order(block_id):
+                    if node.block is not None and node.block.id == self._real(block_id):
+                        block_id = node.block.id  # its create was replayed meanwhile
+                    elif node.block is not None and node.parent != 0 and node.kind is Kind.BLOCK:
+                        # renamed over another file while this waited: the file is that file's
+                        # block now (holding the bytes it showed), written under its own order
+                        block_id, base = node.block.id, node.block
+                        continue
                     if not self.state.shows(node, block_id):
-                        raise
-                    self._fall_back(exc, self.tree.path(node))
-                    self._journal(node, parsed, data, base)
-                    return
-                self.state.written(node, block)
+                        log.info("%s: removed while its write waited; the write stays local",
+                                 node.name)
+                        return
+                    if base is not None and is_provisional(base.id):
+                        base = node.block  # read before its create was replayed: no conflict
+                    if self.offline():
+                        self._journal(node, parsed, data, base)
+                        return
+                    try:
+                        block = await self.write(node.block, parsed, self.tree.path(node), base,
+                                                 node, budget=self._budget())
+                    except ServerAway as exc:
+                        if not self.state.shows(node, block_id):
+                            raise
+                        self._fall_back(exc, self.tree.path(node))
+                        self._journal(node, parsed, data, base)
+                        return
+                    self.state.written(node, block)
+                    break
         if deadline.cancelled_caught and self.state.shows(node, block_id) and node.block:
             if base is not None and is_provisional(base.id):
                 base = node.block
@@ -276,6 +295,43 @@ class BlockFiles:
                 log.error("%s: block %s was made for a file removed meanwhile and could not "
                           "be retired (%s)", path, block.id, exc.reason)
 
+    async def _reuse(self, node: Node, tomb: Tombstone, parsed: blockfile.ParsedFile,
+                     data: bytes) -> None:
+        """The first flush of the new block file `node` (held in `order.creating`), whose path
+        had a block unlinked within the grace period (`tomb`, claimed): that block takes the
+        file, as a write made on the block as it was unlinked (a server change since is a
+        conflict); journaled when the server cannot take it. A refusal buries the block again,
+        so it is still retired. Raises FsError as `write`."""
+        path = self.tree.path(node)
+        try:
+            async with self._order(tomb.block.id):
+                block = self._current(tomb.block)
+                with self._deadline() as deadline:
+                    if not self.offline():
+                        try:
+                            written = await self.write(block, parsed, path, block, node,
+                                                       budget=self._budget())
+                        except ServerAway as exc:
+                            self._fall_back(exc, path)
+                        else:
+                            self.state.written(node, written)
+                            return
+                if deadline.cancelled_caught:
+                    log.warning("%s: no answer within %g s (the server is slow); the write is "
+                                "journaled", path, CLOSE_DEADLINE)
+                if block.read_only:
+                    raise FsError(errno.EACCES, "block is read-only")
+                changes = blockfile.plan_update(block, parsed)
+                if not changes:
+                    self.state.written(node, block)
+                    return
+                self.state.journaled(node, dataclasses.replace(block, **changes), data,
+                                     self._server_base(block, block))
+        except FsError as exc:
+            if node.block is None:  # a Stale write shows the server's block: it stays claimed
+                self.state.unclaim(tomb)
+            raise
+
     async def append(self, node: Node, added: bytes) -> None:
         """Add the bytes `added` (what an O_APPEND handle wrote) to the end of the block file
         `node`'s value as the server has it now (`GET /v1/blocks/{id}`, then one PATCH), not as
@@ -287,26 +343,34 @@ class BlockFiles:
             text = added.decode("utf-8")
         except UnicodeDecodeError:
             raise FsError(errno.EINVAL, "the appended bytes are not valid UTF-8") from None
-        block_id = node.block.id
-        async with self._order(block_id):
-            if not self.state.shows(node, block_id) or node.block is None:
+        while True:
+            if node.block is None:
                 log.info("%s: removed while its append waited; it stays local", node.name)
                 return
-            if not self.offline() and not is_provisional(node.block.id):
-                with self._deadline():
-                    try:
-                        current = await self.remote.fetch_now(node.block.id, self._budget())
-                        parsed = blockfile.ParsedFile(value=current.value + text, fields={},
-                                                      has_frontmatter=False)
-                        block = await self.write(current, parsed, self.tree.path(node), None,
-                                                 node, budget=self._budget())
-                    except ServerAway as exc:
-                        self._fall_back(exc, self.tree.path(node))
-                    else:
-                        self.state.written(node, block)
-                        return
-            data = bytes(node.content) + added
-            self._journal(node, blockfile.parse(data), data, node.block)
+            block_id = node.block.id
+            async with self._order(block_id):
+                if (node.block is not None and node.block.id != block_id and node.parent != 0
+                        and node.kind is Kind.BLOCK):
+                    continue  # renamed over another file meanwhile: append to its block now
+                if not self.state.shows(node, block_id) or node.block is None:
+                    log.info("%s: removed while its append waited; it stays local", node.name)
+                    return
+                if not self.offline() and not is_provisional(node.block.id):
+                    with self._deadline():
+                        try:
+                            current = await self.remote.fetch_now(node.block.id, self._budget())
+                            parsed = blockfile.ParsedFile(value=current.value + text, fields={},
+                                                          has_frontmatter=False)
+                            block = await self.write(current, parsed, self.tree.path(node), None,
+                                                     node, budget=self._budget())
+                        except ServerAway as exc:
+                            self._fall_back(exc, self.tree.path(node))
+                        else:
+                            self.state.written(node, block)
+                            return
+                data = bytes(node.content) + added
+                self._journal(node, blockfile.parse(data), data, node.block)
+                return
 
     def _real(self, block_id: str) -> str:
         journal = self.state.journal
@@ -428,6 +492,12 @@ class BlockFiles:
 
     def _order(self, block_id: str) -> trio.Lock:
         return self._order_locks.setdefault(block_id, trio.Lock())
+
+    def writing(self, block_id: str) -> trio.Lock:
+        """The lock under which writes to block `block_id` are decided and sent one at a time:
+        a rename over another file holds its source's, so a close of the source under way
+        ends before the rename reads its bytes."""
+        return self._order(block_id)
 
     def _current(self, block: Block) -> Block:
         """`block`, or the block the mount shows for it now when its create was replayed
@@ -746,7 +816,9 @@ class BlockFiles:
                                   f"write was rejected (both versions are in history)")
             log.warning("%s", self.last_conflict)
             raise
-        if written.theirs is not None:
+        # a file unlinked while the write was in flight has left history: the server's version
+        # is not recorded at its path again (history would show a file the mount has not)
+        if written.theirs is not None and (node is None or self.state.shows(node, block.id)):
             self.state.conflict(path, written.theirs)
             self.last_conflict = (f"{path}: changed on the server after it was opened; the "
                                   f"file's version was written over it (both versions are in "

@@ -76,6 +76,8 @@ class OpenFile:
     pid: int | None = None  # the process that opened it: it alone sees this handle's size
     added: bytearray | None = None  # O_APPEND without O_TRUNC, never truncated: the bytes
     # written since the last send, which go to the end of the block as the server has it then
+    fresh: bool = False  # opened by the create of a new block file: dirty only so that its
+    # first flush makes the block; once another handle made it, not written means nothing
     attempted: bytes | None = None  # what the refused write would have made (kept in history)
 
 
@@ -498,8 +500,9 @@ class MemoryFs(pyfuse3.Operations):
         node = self._in_dir(parent_inode, name, self.namespace.create, new=True)
         self.state.set_mode(node, mode)
         info = self._open_handle(node, flags, ctx)
-        if node.kind is Kind.BLOCK:  # a new (or re-created) block file: empty until written
-            self._resize(self._files[info.fh], 0)
+        if node.kind is Kind.BLOCK:  # a new block file: empty, its block made at first flush
+            handle = self._files[info.fh]
+            handle.dirty = handle.fresh = True
         return info, self._entry(node, ctx)
 
     async def read(self, fh, off, size):
@@ -572,7 +575,12 @@ class MemoryFs(pyfuse3.Operations):
                         await self.files.append(node, bytes(handle.added))
                         handle.added = bytearray()
                     else:
-                        await self.files.send(node, bytes(handle.data), handle.base)
+                        await self.files.send(
+                            node, bytes(handle.data), handle.base,
+                            create_only=handle.fresh and not handle.written,
+                            added=bytes(handle.added) if handle.added is not None else None)
+                        if handle.added is not None:
+                            handle.added = bytearray()
                 except Stale:
                     raise  # both versions are in history already
                 except FsError as exc:
@@ -602,6 +610,9 @@ class MemoryFs(pyfuse3.Operations):
         # A new file's block is created at its first flush, so that close() returns once the
         # block exists (or its create is journaled) and the next command finds it.
         handle = self._files[fh]
+        if (isinstance(handle, OpenFile) and handle.fresh and not handle.written
+                and handle.node.block is not None):
+            handle.dirty = False  # its new file was made by another handle: nothing to send
         if isinstance(handle, OpenFile) and handle.dirty and (
                 handle.written or handle.refused is not None
                 or (handle.node.kind is Kind.BLOCK and handle.node.block is None)):

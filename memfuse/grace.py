@@ -9,8 +9,9 @@ tombstone and is bound to that same block.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator
 
 import trio
 
@@ -52,6 +53,8 @@ class Graveyard:
         self.grace = grace
         self._tombstones: dict[tuple[str, ...], Tombstone] = {}
         self._wakeup = trio.Event()
+        self._retiring: dict[tuple[str, ...], trio.Event] = {}  # set when that retirement ends
+        self._held: dict[tuple[str, ...], int] = {}  # paths whose tombstones wait past deadline
 
     def bury(self, parts: tuple[str, ...], block: Block, attached: bool, entry: Any = None
              ) -> None:
@@ -73,7 +76,27 @@ class Graveyard:
         """Blocks whose files were unlinked and that are not retired yet."""
         return {t.block.id for t in self._tombstones.values()}
 
+    async def quiet(self, parts: tuple[str, ...]) -> None:
+        """Return once no retirement of a block unlinked at `parts` is under way: a new file
+        there must not take that label while the server still shows the old block as the
+        agent's (it would be written to it, and the retirement would then take it away)."""
+        while (done := self._retiring.get(parts)) is not None:
+            await done.wait()
+
+    @contextmanager
+    def holding(self, parts: tuple[str, ...]) -> Iterator[None]:
+        """Keep the tombstone at `parts` from being retired meanwhile (a rename over that path
+        is writing to its block and claims it when the server accepted)."""
+        self._held[parts] = self._held.get(parts, 0) + 1
+        try:
+            yield
+        finally:
+            self._held[parts] -= 1
+            if not self._held[parts]:
+                del self._held[parts]
+
     async def _attempt(self, tomb: Tombstone, retire: Retire) -> None:
+        done = self._retiring[tomb.parts] = trio.Event()
         try:
             await retire(tomb)
         except FsError as exc:
@@ -87,6 +110,10 @@ class Graveyard:
             tomb.deadline = trio.current_time() + self.grace * tomb.tries
             if self._tombstones.setdefault(tomb.parts, tomb) is tomb:
                 self._wakeup.set()
+        finally:
+            if self._retiring.get(tomb.parts) is done:
+                del self._retiring[tomb.parts]
+            done.set()
 
     async def run(self, retire: Retire) -> None:
         """Call `retire` for each tombstone whose deadline passed, forever (cancel to stop).
@@ -102,6 +129,9 @@ class Graveyard:
                 with trio.move_on_after(delay):
                     await self._wakeup.wait()
                     self._wakeup = trio.Event()
+                continue
+            if parts in self._held:  # a rename over it is under way: later, or claimed
+                tomb.deadline = trio.current_time() + self.grace
                 continue
             if self._tombstones.get(parts) is tomb:
                 del self._tombstones[parts]

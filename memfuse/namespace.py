@@ -108,8 +108,20 @@ class Namespace:
             if src is None:
                 raise FsError(errno.ENOENT, "no such file")
             dst = await self._settled_child(new_parent, new_name)
-            if self.tree.child(parent, name) is src and not self.files.order.busy(src.inode):
-                break
+            if self.tree.child(parent, name) is not src or self.files.order.busy(src.inode):
+                continue
+            # held while the server changes: no create of either name starts meanwhile
+            files = [n.inode for n in (src, dst) if n is not None and n.kind is not Kind.DIR]
+            async with self.files.order.holding(files):
+                if (self.tree.child(parent, name) is src
+                        and self.tree.child(new_parent, new_name) is dst):
+                    await self._rename(src, new_parent, new_name, dst, flags)
+                    return
+
+    async def _rename(self, src: Node, new_parent: Node, new_name: str, dst: Node | None,
+                      flags: int) -> None:
+        """The rename of `src` to `new_name` in `new_parent` (over `dst`, if any), no create
+        of either under way (see `rename`)."""
         log.debug("rename %s -> %s/%s", self.tree.path(src), self.tree.path(new_parent), new_name)
         if dst is src:
             return
@@ -135,17 +147,37 @@ class Namespace:
         new_parts = (self.tree.parts(new_parent) or ()) + (new_name,)
         location = self.state.location_at(new_parts)
         target = dst.block if dst is not None and dst.block is not None else None
-        if target is None:
+        if target is None:  # a retirement under way there ends first; a tombstone left is
+            await self.state.graveyard.quiet(new_parts)  # kept until `renamed` claims it
             tomb = self.state.graveyard.peek(new_parts)
             target = tomb.block if tomb is not None else None
+        with self.state.graveyard.holding(new_parts):
+            await self._replace(src, new_parent, new_name, dst, new_parts, location, target)
+
+    async def _replace(self, src: Node, new_parent: Node, new_name: str, dst: Node | None,
+                       new_parts: tuple[str, ...], location: Location,
+                       target: Block | None) -> None:
+        """The rest of `_rename_to_block`: `target` is the block at the new path (its file's,
+        or a tombstone's, held), or None."""
         result: Block | None
-        if target is not None and src.kind is Kind.BLOCK and src.block is None:
-            result = target  # a new file not sent yet takes the target over; its flush sends
+        unsent = src.kind is Kind.BLOCK and src.block is None
+        if target is not None and unsent:
+            # a new file not sent yet: the target's block waits in the graveyard and its first
+            # flush takes it (state.claim); meanwhile the file shows its own bytes, not the
+            # target's text
+            result = None
         elif target is not None:
             # Replacing a block file (sed -i, atomic savers, rename over): the target block takes
             # the source's content; the source's own block, if any, is retired.
-            parsed = blockfile.parse(self._content(src))
-            result = await self.files.write_now(target, parsed, "/".join(new_parts), base=target)
+            if src.block is not None:  # a close of the source under way ends first: the
+                async with self.files.writing(src.block.id):  # target takes its bytes
+                    result = await self.files.write_now(
+                        target, blockfile.parse(self._content(src)), "/".join(new_parts),
+                        base=target)
+            else:
+                result = await self.files.write_now(
+                    target, blockfile.parse(self._content(src)), "/".join(new_parts),
+                    base=target)
         elif src.block is not None:
             result = await self.files.relocate(src, location)
         elif src.kind is Kind.SCRATCH:
@@ -155,7 +187,8 @@ class Namespace:
         else:
             result = None  # a new block file not sent yet: it is created at its first flush
         self.state.renamed(src, new_parent, new_name, shows=result,
-                           bury_source=target is not None and src.block is not None)
+                           bury_source=target is not None and src.block is not None,
+                           bury_target=unsent)
 
     def _content(self, node: Node) -> bytes:
         if node.kind is Kind.SCRATCH:

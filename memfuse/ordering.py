@@ -8,12 +8,13 @@ This module keeps that order for one mount; it makes no server call itself.
 
 - `creating(inode)`: held by the one create of a node's block (files.BlockFiles.send).
 - `settled(inode)`: what every other operation on the node awaits first.
+- `holding(inodes)`: held by a rename of a file, for its source and target.
 - `moving()`: held by a directory rename; a create that has not started waits for it, and it
   waits for the creates already under way, so no create sends a label the rename is changing.
 """
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import AsyncIterator
 
 import trio
@@ -55,6 +56,16 @@ class NameOrder:
         finally:
             del self._creating[inode]
             done.set()
+
+    @asynccontextmanager
+    async def holding(self, inodes: list[int]) -> AsyncIterator[None]:
+        """Hold the nodes `inodes` as a create does (`creating`, in inode order): a rename holds
+        its source and its target while it changes the server, so no create of either starts
+        meanwhile (it would make a block with a label the rename is changing or freeing)."""
+        async with AsyncExitStack() as stack:
+            for inode in sorted(set(inodes)):
+                await stack.enter_async_context(self.creating(inode))
+            yield
 
     @asynccontextmanager
     async def moving(self, inodes: list[int]) -> AsyncIterator[None]:

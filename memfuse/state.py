@@ -25,7 +25,7 @@ import trio
 
 from . import blockfile, fileattrs
 from .errors import FsError
-from .grace import Graveyard
+from .grace import Graveyard, Tombstone
 from .journal import CREATE, RELOCATE, UNLINK, WRITE, Entry, Journal
 from .model import (MAX_PATH, MEMORY_FILESYSTEM_LABEL, SYSTEM_DIR, Block, Location, Origin,
                     is_block_name)
@@ -563,25 +563,43 @@ class MountState:
         self._record(path, server, Origin.SERVER)
 
     def create(self, parent: Node, name: str) -> Node:
-        """A new file `name` in `parent`: a block file with no block yet (created at its first
-        flush), or bound to the block unlinked at this path within its grace period (no
-        history: the file shows what history has); any other name is an empty scratch file.
-        Raises FsError: EEXIST, EINVAL (a `*.md` name whose path cannot be a label)."""
+        """A new file `name` in `parent`: a block file with no block yet, empty (its first
+        flush makes its block, or takes back the one unlinked at its path within the grace
+        period: `claim`); any other name is an empty scratch file. Raises FsError: EEXIST,
+        EINVAL (a `*.md` name whose path cannot be a label)."""
         if name in parent.children:
             raise FsError(errno.EEXIST, "file exists")
         parts = (self.tree.parts(parent) or ()) + (name,)
         if not is_block_name(name):
             return self.tree.add(Kind.SCRATCH, parent, name)
         self.location_at(parts)
+        return self.tree.add(Kind.BLOCK, parent, name)
+
+    def claim(self, node: Node) -> Tombstone | None:
+        """The first flush of the new block file `node`: take back the block unlinked at its
+        path within the grace period (vim, `git checkout`: one PATCH of the same block), or
+        None. Not at create: until that flush the new file is empty, as POSIX has it (a `touch`
+        after `rm` must not show the old text), and it has no block, so every other operation
+        on it waits for its first flush (ordering.NameOrder). Raises FsError
+        (journal_error)."""
+        parts = self.tree.parts(node)
+        if parts is None or self.graveyard.peek(parts) is None:
+            return None
         self._claim_entry(parts)
-        node = self.tree.add(Kind.BLOCK, parent, name)
         tomb = self.graveyard.claim(parts)
-        if tomb is not None:
-            self.tree.bind(node, tomb.block, trio.current_time())
-            self._record(tomb.path, bytes(node.content), Origin.LOCAL)
-            log.info("%s: re-created within the grace period: same block %s", tomb.path,
-                     tomb.block.id)
-        return node
+        log.info("%s: re-created within the grace period: same block %s", tomb.path,
+                 tomb.block.id)
+        return tomb
+
+    def unclaim(self, tomb: Tombstone) -> None:
+        """A first flush that claimed `tomb` (`claim`) failed: its block waits out a grace
+        period again, with its unlink journaled again, so it is still retired. Raises FsError
+        (journal_error)."""
+        entry = None
+        if self.journal is not None:
+            entry = self._journal(lambda: self.journal.add_unlink(
+                tomb.block.id, tomb.path, Location(tomb.attached, tomb.block.label)))
+        self.graveyard.bury(tomb.parts, tomb.block, tomb.attached, entry)
 
     def mkdir(self, parent: Node, name: str) -> Node:
         """A directory (a label prefix, kept by the daemon). Raises FsError(EEXIST)."""
@@ -669,7 +687,7 @@ class MountState:
         self._record(path, None, Origin.SERVER)
 
     def renamed(self, src: Node, new_parent: Node, new_name: str, *, shows: Block | None,
-                bury_source: bool) -> None:
+                bury_source: bool, bury_target: bool = False) -> None:
         """Move the file `src` to `new_name` in `new_parent` once the server accepted what that
         means (namespace.Namespace.rename decides). A file at the target is replaced (its block,
         if any, is not retired: the target path keeps it or `shows` replaces it); a tombstone
@@ -677,15 +695,20 @@ class MountState:
         (if any) is retired (a scratch name, or a rename over another block); else its old
         path leaves history. shows: the block
         the moved file shows (recorded at its new path), None for a scratch target or a block
-        file not sent yet."""
+        file not sent yet. bury_target: `src` is a new block file not sent yet; the target's
+        block (a block file's, or a tombstone's) waits in the graveyard for its first flush
+        to claim it."""
         new_parts = (self.tree.parts(new_parent) or ()) + (new_name,)
         if src.kind is Kind.BLOCK and bury_source:
             self.bury(src)  # first: it may fail (EIO) before anything changed
-        self._claim_entry(new_parts)
-        self.graveyard.claim(new_parts)
+        dst = self.tree.child(new_parent, new_name)
+        if bury_target and dst is not None and dst.kind is Kind.BLOCK and dst.block is not None:
+            self.bury(dst)
+        elif not bury_target:
+            self._claim_entry(new_parts)
+            self.graveyard.claim(new_parts)
         if src.kind is Kind.BLOCK and not bury_source and src.block is not None:
             self._record(self.tree.path(src), None, Origin.LOCAL)
-        dst = self.tree.child(new_parent, new_name)
         if dst is not None:
             self._remove(dst, notify=False)
         if src.kind is Kind.SCRATCH and shows is not None:

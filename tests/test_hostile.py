@@ -129,7 +129,7 @@ async def test_hostile_frontmatter_is_einval_and_the_mount_keeps_serving(world):
 
 @pytest.mark.expect_error("FUSE flush failed unexpectedly; answered EIO")
 async def test_a_bug_inside_an_operation_is_eio_for_that_call_only(world, monkeypatch, caplog):
-    async def broken_send(node, data, base=None):
+    async def broken_send(node, data, base=None, **_kwargs):
         raise RuntimeError("a bug on the write path")
 
     monkeypatch.setattr(world.files, "send", broken_send)

@@ -11,10 +11,11 @@ import pyfuse3
 import pytest
 import trio
 
+from memfuse import blockfile
 from memfuse.model import Origin
 from memfuse.tree import ROOT_INODE
 
-from .fsworld import inode_of, read_all
+from .fsworld import inode_of, make_world, read_all
 
 LATENCY = 0.3  # seconds each answer of the fake server takes
 
@@ -224,3 +225,145 @@ async def test_an_api_edit_while_an_append_is_open_is_kept_before_the_appended_l
     assert slow.fake.blocks[slow.ids["human"]]["value"] == "Edited through the API.\nappended\n"
     assert (await read_all(fs, "system/human.md")).endswith(
         b"Edited through the API.\nappended\n")
+
+
+# -- found by the ordering model (tests/test_ordering_model.py) ---------------------------------
+
+def _value(content: bytes) -> str:
+    return blockfile.parse(content).value
+
+
+async def test_touch_after_rm_is_empty_at_once_and_sent_before_close_returns(slow, nursery):
+    fs, system = slow.fs, await inode_of(slow.fs, "system")
+    await fs.unlink(system, b"human.md", None)
+    fh = await _create(fs, "system/human.md", os.O_WRONLY | os.O_CREAT)  # touch, in the grace
+    assert _value(await read_all(fs, "system/human.md")) == ""  # not the old text
+    await fs.flush(fh)  # close() returns with the block emptied, not at release
+    assert slow.fake.blocks[slow.ids["human"]]["value"] == ""
+    nursery.start_soon(fs.release, fh)
+    await trio.sleep(5)
+    assert [b["id"] for b in _blocks(slow, "human") if _attached(slow, b)] == [slow.ids["human"]]
+
+
+async def test_a_close_during_a_rename_over_another_file_keeps_its_bytes(slow, nursery):
+    fs, system = slow.fs, await inode_of(slow.fs, "system")
+    fh = await _create(fs, "system/x.md")
+    await fs.write(fh, 0, b"old\n")
+    await _close(fs, fh, nursery)
+    fh = await _open(fs, "system/human.md", os.O_WRONLY | os.O_TRUNC)
+    await fs.write(fh, 0, b"mine\n")
+    async with trio.open_nursery() as both:
+        both.start_soon(fs.flush, fh)
+        await trio.sleep(0)
+        both.start_soon(fs.rename, system, b"human.md", system, b"x.md", 0, None)
+    nursery.start_soon(fs.release, fh)
+    assert _value(await read_all(fs, "system/x.md")) == "mine\n"
+    [block] = _blocks(slow, "x")
+    assert block["value"] == "mine\n"
+
+
+async def test_a_new_file_renamed_over_another_shows_and_sends_its_own_text(slow, nursery):
+    fs, system = slow.fs, await inode_of(slow.fs, "system")
+    fh = await _create(fs, "system/n.md")
+    await fs.rename(system, b"n.md", system, b"human.md", 0, None)
+    assert _value(await read_all(fs, "system/human.md")) == ""  # the new file, not the old
+    await fs.write(fh, 0, b"new text\n")
+    await _close(fs, fh, nursery)
+    await trio.sleep(5)
+    assert [b["value"] for b in _blocks(slow, "human") if _attached(slow, b)] == ["new text\n"]
+    assert _blocks(slow, "n") == []
+
+
+async def test_a_rename_onto_a_name_whose_create_starts_makes_one_block(slow, nursery):
+    fs, system = slow.fs, await inode_of(slow.fs, "system")
+    fh = await _create(fs, "system/a.md", os.O_WRONLY | os.O_CREAT)  # touch: not sent yet
+    async with trio.open_nursery() as both:
+        both.start_soon(fs.rename, system, b"human.md", system, b"a.md", 0, None)
+        await trio.sleep(0)
+        both.start_soon(fs.flush, fh)  # its create waits for the rename
+    nursery.start_soon(fs.release, fh)
+    await trio.sleep(5)
+    live = [b for b in _blocks(slow, "a") if _attached(slow, b)]
+    assert [b["value"] for b in live] == ["The human.\n"]
+
+
+@pytest.mark.parametrize("flags", [os.O_WRONLY | os.O_CREAT, os.O_WRONLY | os.O_CREAT | os.O_APPEND])
+async def test_a_touch_closed_after_another_writer_made_the_file_leaves_its_text(
+        slow, nursery, flags):
+    fs = slow.fs
+    touch = await _create(fs, "system/t.md", flags)
+    fh = await _open(fs, "system/t.md", os.O_WRONLY | os.O_APPEND)  # `echo hi >> t.md`
+    await fs.write(fh, 0, b"hi\n")
+    async with trio.open_nursery() as both:
+        both.start_soon(fs.flush, fh)
+        await trio.sleep(0)
+        both.start_soon(fs.flush, touch)
+    await fs.release(touch)  # a touch never written sends nothing, at flush or at release
+    await fs.release(fh)
+    assert [b["value"] for b in _blocks(slow, "t")] == ["hi\n"]
+
+
+async def test_two_appenders_to_a_new_file_keep_both_texts(slow):
+    fs = slow.fs
+    first = await _create(fs, "system/ap.md", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    second = await _open(fs, "system/ap.md", os.O_WRONLY | os.O_APPEND)
+    await fs.write(first, 0, b"one\n")
+    await fs.write(second, 0, b"two\n")
+    async with trio.open_nursery() as both:
+        both.start_soon(fs.flush, first)
+        await trio.sleep(0)
+        both.start_soon(fs.flush, second)
+    for fh in (first, second):
+        await fs.release(fh)
+    assert [b["value"] for b in _blocks(slow, "ap")] == ["one\ntwo\n"]
+
+
+async def test_a_conflict_met_by_a_write_to_a_file_unlinked_meanwhile_stays_out_of_history(
+        slow):
+    fs, system = slow.fs, await inode_of(slow.fs, "system")
+    fh = await _open(fs, "system/human.md", os.O_WRONLY | os.O_TRUNC)
+    await fs.write(fh, 0, b"mine\n")
+    slow.fake.blocks[slow.ids["human"]]["value"] = "Edited through the API.\n"
+    async with trio.open_nursery() as both:
+        both.start_soon(fs.flush, fh)
+        await trio.sleep(LATENCY / 2)  # its GET is under way
+        both.start_soon(fs.unlink, system, b"human.md", None)
+    await fs.release(fh)
+    # the world fixture checks that history replays to the mount's files
+
+
+@pytest.mark.xfail(strict=False, reason="in some runs (it depends on Python's hash seed) a "
+                   "create of system/x.md and one of x.md at the root "
+                   "at once leave the tree unsound (one block shown at two paths: the root's "
+                   "create can find the block the attached create POSTed, owned and not yet "
+                   "attached, as its label's); not fixed yet, and the model keeps its labels "
+                   "apart in the two directories")
+async def test_one_label_created_in_system_and_at_the_root_at_once_makes_two_blocks(nursery):
+    world = await make_world(nursery)  # its own: the tree is unsound after it
+    world.fake.latency = LATENCY
+    fs = world.fs
+    root_file = await _create(fs, "x.md")
+    system_file = await _create(fs, "system/x.md")
+    async with trio.open_nursery() as both:
+        both.start_soon(fs.flush, system_file)
+        both.start_soon(fs.flush, root_file)
+    for fh in (root_file, system_file):
+        await fs.release(fh)
+    assert world.state.tree.problems() == []
+    assert sorted(_attached(world, b) for b in _blocks(world, "x")) == [False, True]
+
+
+async def test_an_append_closed_during_a_rename_over_another_file_keeps_its_line(slow, nursery):
+    fs, system = slow.fs, await inode_of(slow.fs, "system")
+    fh = await _create(fs, "system/x.md")
+    await fs.write(fh, 0, b"old\n")
+    await _close(fs, fh, nursery)
+    fh = await _open(fs, "system/human.md", os.O_WRONLY | os.O_APPEND)
+    await fs.write(fh, 0, b"line\n")
+    async with trio.open_nursery() as both:
+        both.start_soon(fs.rename, system, b"human.md", system, b"x.md", 0, None)
+        await trio.sleep(0)
+        both.start_soon(fs.flush, fh)  # waits for the rename's write, then appends to x
+    nursery.start_soon(fs.release, fh)
+    [block] = _blocks(slow, "x")
+    assert block["value"] == "The human.\nline\n"

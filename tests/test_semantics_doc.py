@@ -29,6 +29,7 @@ PREFIXES = {"fs": "tests/test_fs.py", "ns": "tests/test_namespace.py",
             "mounttable": "tests/test_mounttable.py",
             "owner-mount": "tests/integration/test_owner.py",
             "create": "tests/test_create.py", "order": "tests/test_ordering.py",
+            "model": "tests/test_ordering_model.py",
             "order-mount": "tests/integration/test_ordering.py",
             "order-chaos": "tests/integration/test_ordering_chaos.py"}
 
