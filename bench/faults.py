@@ -46,6 +46,7 @@ MODES = ("flapping", "slow", "errors", "lost", "tmpfs")
 DEFAULT_SECONDS = {"flapping": 60.0, "slow": 20.0, "errors": 20.0, "lost": 20.0, "tmpfs": 5.0}
 PAUSE = 0.05  # s between the writer's changes: a busy program, not a flood
 DRAIN_BOUND = 60.0  # s: the journal must be empty this soon after the fault ends
+LOGS = "/tmp/memfuse-faults-logs"  # where a failed run keeps its daemon log (MEMFUSE_FAULTS_LOGS)
 
 
 def _request(method: bytes, path: bytes, *body: bytes):
@@ -84,6 +85,10 @@ class Run:
     def ok(self) -> bool:
         return (self.lost, self.duplicates, self.fsck_errors) == (0, 0, 0) and \
             self.drain_s < DRAIN_BOUND
+
+
+class _Failed(Exception):
+    """A run that found a loss, a duplicate or an fsck complaint (its log is kept)."""
 
 
 def duplicates(api: httpx.Client, agent: str) -> tuple[int, list[str]]:
@@ -158,12 +163,15 @@ def run_mode(api: httpx.Client, base_url: str, mode: str, seconds: float, number
             run.details += [f"{label}: {line}" for line in lines]
             chaos._memfuse(env, "umount", agent)
             chaos.fsck(state, label, run)
-        except Exception:
-            keep = Path(os.environ.get("MEMFUSE_FAULTS_LOGS", "/tmp/memfuse-faults-logs"))
+            if not run.ok:
+                raise _Failed
+        except Exception as exc:
+            keep = Path(os.environ.get("MEMFUSE_FAULTS_LOGS", LOGS))
             keep.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(OSError):
                 shutil.copy(state / "memfuse.log", keep / f"{mode}-{number}-{agent}.log")
-            raise
+            if not isinstance(exc, _Failed):
+                raise
         finally:
             writer.stop(0)
             if mode == "tmpfs":
