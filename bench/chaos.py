@@ -102,11 +102,12 @@ class Rig:
 
 
 @contextlib.contextmanager
-def rig(api: httpx.Client, base_url: str, prefix: str):
-    """A Rig for the server at `base_url`; afterwards the proxy is closed, a mount left behind
-    cleared, the agent deleted and the HOME removed."""
+def rig(api: httpx.Client, base_url: str, prefix: str, proxy=None):
+    """A Rig for the server at `base_url` (through `proxy`, anything with `url` and `close()`;
+    default: a new TCP Proxy); afterwards the proxy is closed, a mount left behind cleared,
+    the agent deleted and the HOME removed."""
     url = urlparse(base_url)
-    proxy = Proxy((url.hostname, url.port))
+    proxy = proxy or Proxy((url.hostname, url.port))
     home = tempfile.mkdtemp(prefix=prefix, dir=os.path.expanduser("~/.cache"))
     env = dict(os.environ, HOME=home, LETTA_BASE_URL=proxy.url)
     env.pop("LETTA_API_KEY", None)
@@ -130,96 +131,151 @@ def trial(api: httpx.Client, base_url: str, number: int, offline: bool, rng: ran
         _trial(api, setup, number, offline, rng, result)
 
 
+class Writer:
+    """A thread that writes numbered values (`{tag} write {seq}`) to the two block files of
+    the mount at `mountpoint`, and every 10th change creates a new file or removes the oldest
+    one it created. A change counts as acknowledged when close() or unlink() returned 0:
+    `acked` file -> last acknowledged write's number, `created` new file -> its content,
+    `removed` the new files whose unlink returned 0, `count` the acknowledged changes and
+    `errors` errno -> how many calls failed with it. `pause` s between changes; new files go
+    to `create_dirs` in turn ("": the mount's root, a detached block; "system/": attached)."""
+
+    def __init__(self, mountpoint: Path, tag: str, pause: float = 0.0,
+                 create_dirs: tuple[str, ...] = ("",)):
+        self.mountpoint, self.tag, self.pause = mountpoint, tag, pause
+        self.create_dirs = create_dirs
+        self.acked: dict[str, int] = {}
+        self.created: dict[str, str] = {}
+        self.removed: set[str] = set()
+        self.count = 0
+        self.errors: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "Writer":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 60) -> None:
+        """Stop after the change in progress (waits up to `timeout` s for it)."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        mountpoint, seq = self.mountpoint, 0
+        while not self._stop.is_set():
+            seq += 1
+            try:
+                if seq % 10 == 0:  # a new file
+                    folder = self.create_dirs[seq // 10 % len(self.create_dirs)]
+                    name, value = f"{folder}new-{seq}.md", f"{self.tag} create {seq}\n"
+                    with open(mountpoint / name, "w") as f:
+                        f.write(value)
+                    self.created[name] = value
+                elif seq % 10 == 5 and self.created:  # remove the oldest new file
+                    name = next(iter(self.created))  # the oldest
+                    os.unlink(mountpoint / name)
+                    del self.created[name]
+                    self.removed.add(name)
+                else:
+                    name = FILES[seq % len(FILES)]
+                    with open(mountpoint / name, "w") as f:
+                        f.write(f"{self.tag} write {seq}\n")
+                    self.acked[name] = seq
+            except OSError as exc:  # not acknowledged
+                self.errors[exc.errno] = self.errors.get(exc.errno, 0) + 1
+                time.sleep(0.01)
+                continue
+            self.count += 1
+            if self.pause:
+                time.sleep(self.pause)
+
+
+def check_server(api: httpx.Client, agent: str, writer: Writer, label: str, result: Result,
+                 refused=lambda name, value: False) -> None:
+    """Add `writer`'s acknowledged changes to `result` and count as lost each one the server
+    does not hold: a block file without its last acknowledged value (or a later one), a new
+    file that is not exactly one owned block with its value, a removed file the agent still
+    owns. refused(name, value) -> True excuses a change reported refused (not lost)."""
+    blocks = {b["label"]: b["value"] for b in
+              api.get(f"/v1/agents/{agent}/core-memory/blocks").json()}
+    result.acknowledged += writer.count
+    for name, seq in writer.acked.items():
+        found = VALUE.search(blocks[name.removeprefix("system/").removesuffix(".md")])
+        if (found is None or int(found[2]) < seq) and \
+                not refused(name, f"{writer.tag} write {seq}\n"):
+            result.lost += 1
+            result.details.append(f"{label}: {name} holds {found and found[0]!r}, "
+                                  f"acknowledged write {seq}")
+    owned: dict[str, list[str]] = {}
+    for block in api.get("/v1/blocks/", params={"tags": f"owner:{agent}",
+                                                 "limit": 1000}).json():
+        owned.setdefault(block["label"], []).append(block["value"])
+    for name, value in writer.created.items():
+        if owned.get(Path(name).stem) != [value] and not refused(name, value):
+            result.lost += 1
+            result.details.append(f"{label}: new file {name} is "
+                                  f"{owned.get(Path(name).stem)!r} on the server, not "
+                                  f"[{value!r}]")
+    for name in writer.removed:
+        if Path(name).stem in owned and not refused(name, ""):
+            result.lost += 1
+            result.details.append(f"{label}: {name} was removed, yet the agent "
+                                  f"still owns {owned[Path(name).stem]!r}")
+
+
+def fsck(state: Path, label: str, result: Result) -> None:
+    """`git fsck --strict` of the agent's history at `state`: a complaint adds to
+    result.fsck_errors. Dangling objects are not complaints (a commit whose ref update failed,
+    ENOSPC, and was made again is one)."""
+    out = subprocess.run(["git", "--git-dir", str(state / "memory.git"), "fsck", "--strict",
+                          "--no-dangling"],
+                         capture_output=True, text=True)
+    if out.returncode != 0 or out.stdout.strip():
+        result.fsck_errors += 1
+        result.details.append(f"{label}: git fsck: {out.stdout}{out.stderr}")
+
+
+def wait_drained(env: dict, agent: str, state: Path, timeout: float = 60) -> float:
+    """Seconds until `memfuse status` says the journal is empty; RuntimeError (after printing
+    the status and the log's tail) when not within `timeout` s."""
+    started = time.monotonic()
+    try:
+        _wait(lambda: "journal        empty" in _memfuse(env, "status", agent).stdout, timeout,
+              "the journal drains")
+    except RuntimeError:
+        print(_memfuse(env, "status", agent, check=False).stdout, file=sys.stderr)
+        print((state / "memfuse.log").read_text()[-3000:], file=sys.stderr)
+        raise
+    return time.monotonic() - started
+
+
 def _trial(api: httpx.Client, setup: Rig, number: int, offline: bool, rng: random.Random,
            result: Result) -> None:
     proxy, env, agent, state = setup.proxy, setup.env, setup.agent, setup.state
     mountpoint = setup.mountpoint
-    acked: dict[str, int] = {}  # file -> the last acknowledged write's number
-    created: dict[str, str] = {}  # new file -> its acknowledged content
-    removed: set[str] = set()  # new files whose unlink was acknowledged
-    count = [0]
-    stop = threading.Event()
-
-    def writer() -> None:
-        seq = 0
-        while not stop.is_set():
-            seq += 1
-            try:
-                if seq % 10 == 0:  # a new file
-                    name, value = f"new-{seq}.md", f"trial {number} create {seq}\n"
-                    with open(mountpoint / name, "w") as f:
-                        f.write(value)
-                    created[name] = value
-                elif seq % 10 == 5 and created:  # remove the oldest new file
-                    name = min(created, key=lambda n: int(n[4:-3]))
-                    os.unlink(mountpoint / name)
-                    del created[name]
-                    removed.add(name)
-                else:
-                    name = FILES[seq % len(FILES)]
-                    with open(mountpoint / name, "w") as f:
-                        f.write(f"trial {number} write {seq}\n")
-                    acked[name] = seq
-            except OSError:
-                time.sleep(0.01)
-                continue  # not acknowledged: the daemon died under it
-            count[0] += 1
-
+    writer = Writer(mountpoint, f"trial {number}")
     try:
         _memfuse(env, "mount", agent)
-        thread = threading.Thread(target=writer, daemon=True)
-        thread.start()
+        writer.start()
         time.sleep(rng.uniform(0.3, 1.5))
         if offline:
             proxy.cut()
             time.sleep(rng.uniform(0.5, 3.0))  # writes are journaled meanwhile
         pid = json.loads((state / "memfuse.pid").read_text())["pid"]
         os.kill(pid, signal.SIGKILL)
-        stop.set()
-        thread.join(30)
+        writer.stop(30)
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
         _memfuse(env, "umount", agent, check=False)
         if offline:
             proxy.restore()
         _memfuse(env, "mount", agent)
-        try:
-            _wait(lambda: "journal        empty" in _memfuse(env, "status", agent).stdout, 60,
-                  "the journal drains")
-        except RuntimeError:
-            print(_memfuse(env, "status", agent, check=False).stdout, file=sys.stderr)
-            print((state / "memfuse.log").read_text()[-3000:], file=sys.stderr)
-            raise
-        blocks = {b["label"]: b["value"] for b in
-                  api.get(f"/v1/agents/{agent}/core-memory/blocks").json()}
-        result.acknowledged += count[0]
-        for name, seq in acked.items():
-            found = VALUE.search(blocks[name.removeprefix("system/").removesuffix(".md")])
-            if found is None or int(found[2]) < seq:
-                result.lost += 1
-                result.details.append(f"trial {number}: {name} holds {found and found[0]!r}, "
-                                      f"acknowledged write {seq}")
-        owned: dict[str, list[str]] = {}
-        for block in api.get("/v1/blocks/", params={"tags": f"owner:{agent}",
-                                                     "limit": 1000}).json():
-            owned.setdefault(block["label"], []).append(block["value"])
-        for name, value in created.items():
-            if owned.get(name[:-3]) != [value]:
-                result.lost += 1
-                result.details.append(f"trial {number}: new file {name} is "
-                                      f"{owned.get(name[:-3])!r} on the server, not [{value!r}]")
-        for name in removed:
-            if name[:-3] in owned:
-                result.lost += 1
-                result.details.append(f"trial {number}: {name} was removed, yet the agent "
-                                      f"still owns {owned[name[:-3]]!r}")
+        wait_drained(env, agent, state)
+        check_server(api, agent, writer, f"trial {number}", result)
         _memfuse(env, "umount", agent)
-        fsck = subprocess.run(["git", "--git-dir", str(state / "memory.git"), "fsck", "--strict"],
-                              capture_output=True, text=True)
-        if fsck.returncode != 0 or fsck.stdout.strip():
-            result.fsck_errors += 1
-            result.details.append(f"trial {number}: git fsck: {fsck.stdout}{fsck.stderr}")
+        fsck(state, f"trial {number}", result)
     finally:
-        stop.set()
+        writer.stop(0)
 
 
 def outage(base_url: str, seconds: float = 60.0) -> dict:

@@ -715,8 +715,12 @@ class BlockFiles:
             location = moves[-1].to if moves else first.to
             marker = create_marker(first.block_id)
             block = await self.remote.find_marked(marker, WRITE_BUDGET)
-            if block is None and unlink is not None:
-                return "created and removed while the server was away", None, False, False
+            if block is None and unlink is not None:  # made, marker dropped, answer lost?
+                block = await self.remote.find_made(location, {
+                    _target(contents[:n]).value for n in range(1, len(contents) + 1)},
+                    WRITE_BUDGET)
+                if block is None:
+                    return "created and removed while the server was away", None, False, False
             if block is not None:  # an earlier attempt made it (no answer after its POST,
                 # or a crash): its label, if the unit moved it since; `complete` attaches it
                 block = await self.remote.relocate(block, location.attached, location,

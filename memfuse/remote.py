@@ -321,6 +321,20 @@ class Remote:
                                  changes=False)
         return found[-1] if found else None
 
+    async def find_made(self, location: Location, values: set[str],
+                        budget: float | None = None) -> Block | None:
+        """The block an earlier create at `location` made and completed though its marker is
+        gone (the answer to the marker's drop was lost): the agent's block labelled
+        `location.label` (attached or not, as `location`), tagged with the owner tag and
+        holding one of `values`; or None. Raises FsError (ServerAway)."""
+        if location.attached:
+            found = [b for b in await self._call(self.client.list_attached_blocks(
+                self.agent_id, budget=budget), changes=False) if b.label == location.label]
+        else:
+            found = await self._call(self.client.list_labelled_blocks(
+                self.owner_tag, location.label, budget=budget), changes=False)
+        return next((b for b in found if self.owner_tag in b.tags and b.value in values), None)
+
     async def relocate(self, block: Block, was_attached: bool, location: Location,
                        budget: float | None = None) -> Block:
         """Give `block` a new label and attachment (a rename): PATCH `label`, attach or detach.

@@ -59,6 +59,22 @@ async def test_a_lost_answer_to_the_marker_drop_makes_no_second_block(world, pat
     assert (await read_all(world.fs, path)).endswith(b"x\n")
 
 
+@pytest.mark.parametrize("path", ["system/new.md", "new.md"])
+async def test_a_file_removed_after_its_marker_drop_was_answered_lost_leaves_no_block(world,
+                                                                                      path):
+    # the create is complete on the server (marker gone), the mount journaled it, then the
+    # file was removed: replay finds the block by label, owner tag and value, and retires it
+    world.fake.lose_answer = _is_marker_drop
+    await _new_file(world, path, b"x\n")
+    parent, _, name = path.rpartition("/")
+    await world.fs.unlink(await inode_of(world.fs, parent) if parent else ROOT_INODE,
+                          name.encode(), None)
+    assert [e.kind for e in world.journal.pending()] == ["create", "unlink"]
+    await trio.sleep(5)  # the unlink's grace period ends (mock clock)
+    await _server_back(world)
+    assert _live(world, "new") == []
+
+
 async def test_a_write_journaled_behind_a_stuck_create_is_sent(world):
     world.fake.lose_answer = _is_marker_drop
     await _new_file(world, "system/new.md", b"x\n")

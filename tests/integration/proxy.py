@@ -2,7 +2,7 @@
 
 `cut()` drops every open connection and stops listening, so new connections are refused, as
 when the server's host goes away; `restore()` listens again on the same port. `delay` holds
-each answer back that many seconds (a slow server; the server itself acts at once).
+each answer back that many seconds (or a callable's answer) (a slow server; the server itself acts at once).
 """
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ class Proxy:
         self._sockets: set[socket.socket] = set()
         self._listener: socket.socket | None = None
         self.connections = 0  # accepted so far
-        self.delay = 0.0  # seconds added before each answer starts coming back (a slow server)
+        # seconds added before each answer starts coming back (a slow server), or a callable
+        # that returns them for each answer
+        self.delay = 0.0
         # lose_answer(request bytes) -> bool: for the first request it matches, the server acts
         # but its answer is dropped, every connection reset and new ones refused for
         # `outage` seconds (a link that dies just after the server acted)
@@ -105,7 +107,7 @@ class Proxy:
                             threading.Timer(self.outage, self.restore).start()
                             return
                         if self.delay:
-                            time.sleep(self.delay)
+                            time.sleep(self.delay() if callable(self.delay) else self.delay)
                     if sock is a:
                         request = data if not asked else request + data
                     asked = sock is a
