@@ -25,9 +25,9 @@ from .errors import FsError, ServerAway, ServerRefused
 from .grace import Tombstone
 from .journal import CREATE, RELOCATE, UNLINK, WRITE, Entry, base_of
 from .letta import LettaError, NotFound, ServerError, Unreachable
-from .model import PROVISIONAL_PREFIX, Block, Location, is_provisional
+from .model import PROVISIONAL_PREFIX, Block, Location, create_marker, is_provisional
 from .ordering import NameOrder
-from .remote import FETCH_TIMEOUT, LabelTaken, Remote, Stale, create_marker
+from .remote import FETCH_TIMEOUT, LabelTaken, Remote, Stale
 from .state import MountState
 from .tree import Kind, Node
 
@@ -707,6 +707,8 @@ class BlockFiles:
         contents = [e for e in entries if e.kind in (WRITE, CREATE)]
         moves = [e for e in entries if e.kind == RELOCATE]
         unlink = last if last.kind == UNLINK else None
+        if is_provisional(first.block_id) and first.kind != CREATE:
+            return self._unmade(entries, contents)
         node = self.tree.block_node(first.block_id)
         path = self.tree.path(node) if node is not None else None
         words: list[str] = []
@@ -714,36 +716,36 @@ class BlockFiles:
         if first.kind == CREATE:
             location = moves[-1].to if moves else first.to
             marker = create_marker(first.block_id)
-            block = await self.remote.find_marked(marker, WRITE_BUDGET)
+            block = await self.remote.find_marked(marker, location, WRITE_BUDGET)
             if block is None and unlink is not None:  # made, marker dropped, answer lost?
                 block = await self.remote.find_made(location, {
                     _target(contents[:n]).value for n in range(1, len(contents) + 1)},
                     WRITE_BUDGET)
                 if block is None:
                     return "created and removed while the server was away", None, False, False
-            if block is not None:  # an earlier attempt made it (no answer after its POST,
-                # or a crash): its label, if the unit moved it since; `complete` attaches it
-                block = await self.remote.relocate(block, location.attached, location,
-                                                   WRITE_BUDGET)
-                outcome, block, recorded = await self._write(block, base_of(block), contents,
-                                                             path, node, entry_path=first.path)
-                block = await self.remote.complete(block, location, WRITE_BUDGET)
-                words.append("created (by an earlier attempt)" + (
-                    "" if outcome == "already on the server" else f", {outcome}"))
-            else:
-                try:
+            try:
+                if block is not None:  # an earlier attempt made it (no answer after its POST,
+                    # or a crash): its label, if the unit moved it since; `complete` attaches it
+                    block = await self.remote.relocate(block, location.attached, location,
+                                                       WRITE_BUDGET)
+                    outcome, block, recorded = await self._write(
+                        block, base_of(block), contents, path, node, entry_path=first.path)
+                    block = await self.remote.complete(block, location, WRITE_BUDGET)
+                    words.append("created (by an earlier attempt)" + (
+                        "" if outcome == "already on the server" else f", {outcome}"))
+                else:
                     block = await self.remote.create(location, _target(contents), WRITE_BUDGET,
                                                      marker=marker)
                     words.append("created")
-                except LabelTaken as taken:  # an earlier attempt whose marker is gone (the
-                    # answer to its drop was lost), or a block made elsewhere: written to it
-                    log.warning("%s: %s; the journaled file is written to that block",
-                                first.path, taken.reason)
-                    outcome, block, recorded = await self._write(
-                        taken.theirs, base_of(_blank(taken.theirs)), contents, path, node,
-                        entry_path=first.path)
-                    words.append(f"written to the block the label had ({taken.theirs.id}): "
-                                 f"{outcome}")
+            except LabelTaken as taken:  # an earlier attempt whose marker is gone (the answer
+                # to its drop was lost), or a block made elsewhere: the file is written to it
+                log.warning("%s: %s; the journaled file is written to that block",
+                            first.path, taken.reason)
+                outcome, block, recorded = await self._write(
+                    taken.theirs, base_of(_blank(taken.theirs)), contents, path, node,
+                    entry_path=first.path)
+                words.append(f"written to the block the label had ({taken.theirs.id}): "
+                             f"{outcome}")
             sent, moves = True, []
         else:
             block = await self.remote.fetch_now(first.block_id, WRITE_BUDGET)
@@ -763,6 +765,23 @@ class BlockFiles:
             words.append("retired" if retired else "already gone from the server")
             return ", ".join(words), None, True, recorded
         return ", ".join(words), block, sent, recorded
+
+    def _unmade(self, entries: list[Entry], contents: list[Entry]
+                ) -> tuple[str, Block | None, bool, bool]:
+        """A unit of a provisional block whose create is settled but made no block (the server
+        refused it for good; history has the file as a rejected edit): nothing is sent (a
+        provisional id means nothing to the server). What its writes made goes to history at
+        the unit's last path as a rejected edit, so no byte is dropped. Returns what `_replay`
+        returns."""
+        last = entries[-1]
+        if contents:
+            self.state.refused_unshown(last.path, _made(contents),
+                                       reason="its file's create was refused by the server")
+            log.error("%s: journaled writes to a file whose create the server refused; they "
+                      "are kept in history as a rejected edit", last.path)
+            return ("refused: its create was refused; kept in history as a rejected edit",
+                    None, False, True)
+        return "nothing to send: its create was refused", None, False, False
 
     async def _write(self, current: Block, base: dict, contents: list[Entry], path: str | None,
                      node: Node | None, entry_path: str) -> tuple[str, Block, bool]:

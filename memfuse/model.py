@@ -26,6 +26,16 @@ def is_provisional(block_id: str) -> bool:
     return block_id.startswith(PROVISIONAL_PREFIX)
 
 
+CREATE_MARKER = "memfuse-create:"  # + a provisional id: the tag of a create not complete yet
+
+
+def create_marker(provisional_id: str) -> str:
+    """The tag a create for the provisional block `provisional_id` marks its block with until
+    it is complete (attached where it belongs), so that an attempt after a lost answer finds
+    it (`Remote.find_marked`) and a listing does not show it as a file of its own."""
+    return CREATE_MARKER + provisional_id
+
+
 @dataclass(frozen=True)
 class Block:
     """One memory block as the server returned it.

@@ -20,7 +20,7 @@ from . import blockfile
 from .errors import FsError, ServerRefused, from_letta
 from .letta import (BadRequest, Conflict, Invalid, LettaClient, LettaError, NotFound,
                     Throttled, Unauthorized)
-from .model import Block, Location
+from .model import CREATE_MARKER, Block, Location
 
 log = logging.getLogger("memfuse.remote")
 
@@ -28,14 +28,6 @@ CONFLICT_POLICIES = ("overwrite", "reject")
 FETCH_TIMEOUT = 2.0  # seconds an open waits for a block's refresh before serving the cache
 THROTTLE_WAIT = 5.0  # seconds a replay waits after a 408/429 that named no Retry-After
 LATENCY_SAMPLE = 20  # answered calls whose median time `memfuse status` shows
-CREATE_MARKER = "memfuse-create:"  # + a provisional id: the tag of a create not complete yet
-
-
-def create_marker(provisional_id: str) -> str:
-    """The tag a create for the provisional block `provisional_id` marks its block with."""
-    return CREATE_MARKER + provisional_id
-
-
 class Stale(FsError):
     """A write was refused because the server changed the block after the file was opened
     (`--on-conflict reject`); `theirs` is the server's block."""
@@ -281,15 +273,8 @@ class Remote:
             tags=[self.owner_tag, *([marker] if marker else [])], budget=budget))
         try:
             return await self.complete(block, location, budget)
-        except ServerRefused as exc:
-            theirs = None
-            if exc.status == 409 and location.attached:
-                theirs = next((b for b in await self._call(self.client.list_attached_blocks(
-                    self.agent_id, budget=budget), changes=False)
-                    if b.label == location.label and b.id != block.id), None)
+        except ServerRefused:
             await self._discard(block, budget)
-            if theirs is not None:
-                raise LabelTaken(theirs) from None
             raise
 
     async def _discard(self, block: Block, budget: float | None) -> None:
@@ -305,21 +290,52 @@ class Remote:
     async def complete(self, block: Block, location: Location, budget: float | None = None
                        ) -> Block:
         """Finish a created `block`: attach it when `location.attached` (again is harmless),
-        then drop its marker tags. Returns the block as stored. Raises FsError."""
+        then drop its marker tags. Returns the block as stored. An attach answered 409 means
+        another attached block has the label (made elsewhere, or by an earlier attempt whose
+        marker is gone): `block` is deleted, never having been a file, and LabelTaken names
+        that block. Raises FsError (LabelTaken, ServerAway, ServerRefused)."""
         if location.attached:
-            await self._call(self.client.attach_block(self.agent_id, block.id, budget=budget))
+            try:
+                await self._call(self.client.attach_block(self.agent_id, block.id,
+                                                          budget=budget))
+            except ServerRefused as exc:
+                theirs = None
+                if exc.status == 409:
+                    theirs = next((b for b in await self._call(self.client.list_attached_blocks(
+                        self.agent_id, budget=budget), changes=False)
+                        if b.label == location.label and b.id != block.id), None)
+                if theirs is None:
+                    raise
+                await self._discard(block, budget)
+                raise LabelTaken(theirs) from None
         markers = [t for t in block.tags if t.startswith(CREATE_MARKER)]
         if markers:
             block = await self._call(self.client.update_block(
                 block.id, budget=budget, tags=[t for t in block.tags if t not in markers]))
         return block
 
-    async def find_marked(self, marker: str, budget: float | None = None) -> Block | None:
-        """The block an earlier create tagged `marker` made (`GET /v1/blocks/?tags=<marker>`),
-        or None. Raises FsError (ServerAway)."""
+    async def find_marked(self, marker: str, location: Location,
+                          budget: float | None = None) -> Block | None:
+        """The block an earlier create at `location` tagged `marker` made
+        (`GET /v1/blocks/?tags=<marker>`), or None. Several carry it when an attempt's POST
+        took effect after the next attempt looked (a cut link the server went on with): the
+        one attached is kept (a label has one attached block), else the last listed, and the
+        others are deleted: incomplete, none was ever a file. Raises FsError (ServerAway)."""
         found = await self._call(self.client.list_tagged_blocks(marker, budget=budget),
                                  changes=False)
-        return found[-1] if found else None
+        if len(found) < 2:
+            return found[0] if found else None
+        kept = found[-1]
+        if location.attached:
+            attached = {b.id for b in await self._call(self.client.list_attached_blocks(
+                self.agent_id, budget=budget), changes=False)}
+            kept = next((b for b in found if b.id in attached), kept)
+        for block in found:
+            if block is not kept:
+                log.warning("block %s: a second block made by one create (%s); deleted, "
+                            "block %s is kept", block.id, marker, kept.id)
+                await self._discard(block, budget)
+        return kept
 
     async def find_made(self, location: Location, values: set[str],
                         budget: float | None = None) -> Block | None:

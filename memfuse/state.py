@@ -28,7 +28,7 @@ from .errors import FsError
 from .grace import Graveyard, Tombstone
 from .journal import CREATE, RELOCATE, UNLINK, WRITE, Entry, Journal
 from .model import (MAX_PATH, MEMORY_FILESYSTEM_LABEL, SYSTEM_DIR, Block, Location, Origin,
-                    is_block_name)
+                    create_marker, is_block_name, is_provisional)
 from .scratch import ScratchStore
 from .tree import Kind, Node, Tree
 
@@ -278,13 +278,18 @@ class MountState:
         return [n for n in self.tree.walk(system) if n.kind is Kind.BLOCK
                 and n.block is not None and self.tree.block_node(n.block.id) is n]
 
-    def _desired(self, attached: list[Block], owned: list[Block], hidden: set[str]
-                 ) -> dict[str, tuple[tuple[str, ...], Block]]:
+    def _desired(self, attached: list[Block], owned: list[Block], hidden: set[str],
+                 journaled: set[str]) -> dict[str, tuple[tuple[str, ...], Block]]:
+        """Where each listed block would show: block id -> (path parts, block). Left out: the
+        `hidden` blocks, and a block that carries the create marker of a provisional block
+        in `journaled` (its create is replayed: the block is that file's, half made by an
+        attempt whose answer was lost, not a file of its own)."""
         attached_ids = {b.id for b in attached}
+        markers = {create_marker(i) for i in journaled if is_provisional(i)}
         desired = {}
         for block, is_attached in [(b, True) for b in attached] + [
                 (b, False) for b in owned if b.id not in attached_ids]:
-            if block.id in hidden or block.id in desired:
+            if block.id in hidden or block.id in desired or markers.intersection(block.tags):
                 continue
             parts = Location(is_attached, block.label).parts()
             if parts is None:
@@ -298,7 +303,7 @@ class MountState:
                changed: list[int], attached_only: bool = False) -> None:
         hidden = self.hidden()  # unlinked here, not retired yet
         pinned = self.pinned()  # the journal's version is shown until it is replayed
-        desired = self._desired(attached, owned, hidden)
+        desired = self._desired(attached, owned, hidden, hidden | pinned)
         kept = hidden | pinned
         if not attached_only:  # the full listing sees every block one path could show
             self._note_duplicates(desired)
@@ -527,6 +532,18 @@ class MountState:
         they made (`made`) goes to history at `path` (where the block is shown now) as a
         rejected edit, so a person can get it back with git."""
         self._record(path, blockfile.render(made), Origin.REJECTED, reason)
+
+    def refused_unshown(self, path: str, made: Block, reason: str | None = None) -> None:
+        """Journaled changes to a file the mount no longer shows, whose block was never made
+        (its create was refused): the file they made (`made`) goes to history at `path` as a
+        rejected edit, then `path` as the mount shows it now (another file there, or none), so
+        a person can get the bytes back with git and history still equals the mount."""
+        self._record(path, blockfile.render(made), Origin.REJECTED, reason)
+        node: Node | None = self.tree.root
+        for name in path.split("/"):
+            node = self.tree.child(node, name) if node is not None else None
+        shown = node is not None and node.kind is Kind.BLOCK and node.block is not None
+        self._record(path, bytes(node.content) if shown else None, Origin.SERVER)
 
     def rejected(self, node: Node, data: bytes, made: bool = True,
                  reason: str | None = None) -> None:

@@ -75,6 +75,75 @@ async def test_a_file_removed_after_its_marker_drop_was_answered_lost_leaves_no_
     assert _live(world, "new") == []
 
 
+def _blocks_made_twice(world, path: str, marked_attached: bool) -> tuple[str, str]:
+    """The server after a flapping link (scripts/chaos --faults flapping): one journaled
+    create of `path` made two blocks, as when an attempt's POST took effect after the next
+    attempt looked for its marker. The first is detached and marked; the second attached and
+    still marked (marked_attached) or complete. Returns their ids (first, second)."""
+    [entry] = world.journal.pending()
+    marker, owner = f"memfuse-create:{entry.block_id}", f"owner:{world.agent}"
+    first = world.fake.add_block("new", "x\n", agent=world.agent, attached=False,
+                                 tags=[owner, marker])
+    second = world.fake.add_block("new", "x\n", agent=world.agent,
+                                  tags=[owner, marker] if marked_attached else [owner])
+    return first, second
+
+
+@pytest.mark.parametrize("marked_attached", [True, False], ids=["both-marked", "one-marked"])
+async def test_a_create_that_made_two_blocks_keeps_the_attached_one(world, marked_attached):
+    world.fake.down = True
+    await _new_file(world, "system/new.md", b"x\n")
+    first, second = _blocks_made_twice(world, "system/new.md", marked_attached)
+    world.fake.down = False
+    assert await Poller(world.state, world.remote).poll_once()
+    assert "new.md" not in world.state.tree.files()  # half made: no file of its own
+    await _server_back(world)
+    [block] = _live(world, "new")
+    assert block["id"] == second and second in world.fake.agents[world.agent]
+    assert first not in world.fake.blocks  # never a file: deleted
+    assert not any(t.startswith("memfuse-create:") for t in block["tags"])
+    assert set(world.state.tree.files()) >= {"system/new.md"}
+    assert "new.md" not in world.state.tree.files()
+
+
+async def test_a_removal_journaled_behind_a_create_that_made_two_blocks_leaves_none(world):
+    # the flapping run's duplicate: create, another file's create, then the removal (units of
+    # their own); replay must retire the block the file has, not leave the second one live
+    world.fake.down = True
+    await _new_file(world, "system/new.md", b"x\n")
+    first, second = _blocks_made_twice(world, "system/new.md", marked_attached=True)
+    await _new_file(world, "system/other.md", b"o\n")
+    await world.fs.unlink(await inode_of(world.fs, "system"), b"new.md", None)
+    await trio.sleep(5)  # the unlink's grace period ends (mock clock)
+    assert [e.kind for e in world.journal.pending()] == ["create", "create", "unlink"]
+    await _server_back(world)
+    assert _live(world, "new") == []
+    assert second in world.fake.blocks and first not in world.fake.blocks
+    assert "system/new.md" not in world.state.tree.files()
+
+
+@pytest.mark.expect_error("the server refused journaled changes")
+@pytest.mark.expect_error("journaled writes to a file whose create the server refused")
+async def test_the_units_of_a_file_whose_create_was_refused_send_nothing(world):
+    # refused for good (a 400), then renamed and written and another file made and removed:
+    # no request names a provisional id, and the written bytes are in history
+    world.fake.down = True
+    await _new_file(world, "system/a.md", b"x\n")
+    await _new_file(world, "system/b.md", b"b\n")
+    system = await inode_of(world.fs, "system")
+    await world.fs.rename(system, b"a.md", system, b"c.md", 0, None)
+    await _new_file(world, "system/c.md", b"written after\n")
+    await world.fs.unlink(system, b"b.md", None)
+    await trio.sleep(5)
+    world.fake.down = False
+    world.fake.fail_paths = {"/v1/blocks/": 400}  # every create is refused
+    assert await world.files.replay(), world.files.last_replay
+    assert world.journal.pending() == []
+    assert not any("local-" in path for _, path, _ in world.fake.requests)
+    assert ("system/c.md", b"written after\n", Origin.REJECTED) in [
+        (p, c[-len(b"written after\n"):] if c else c, o) for p, c, o in world.records]
+
+
 async def test_a_write_journaled_behind_a_stuck_create_is_sent(world):
     world.fake.lose_answer = _is_marker_drop
     await _new_file(world, "system/new.md", b"x\n")
