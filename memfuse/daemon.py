@@ -10,7 +10,8 @@ The lifecycle is one `contextlib.AsyncExitStack` (as in s3ql's mount.py): each r
 its teardown where it is acquired, so shutdown (SIGINT, SIGTERM, an external `fusermount3 -u`,
 or a crash of any task) runs them all in reverse: send unsent writes and retire unlinked blocks,
 remove the pid and status files, unmount, take the last snapshot, push it to the git remote
-(a few seconds at most), close the history and the client. A teardown step that fails is logged and the others still run.
+(a few seconds at most), close the history and the client. A teardown step that fails is
+logged and the others still run.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from .model import Block, Location, Origin
 from .namespace import Namespace
 from .poller import Poller
 from .remote import Remote
+from .replay import Replayer
 from .state import KernelInvalidator, MountState
 from .status import LastProblem, Status
 from .tree import Tree
@@ -178,6 +180,7 @@ class Mount:
     snapshots: Snapshotter
     state: MountState
     files: BlockFiles
+    replayer: Replayer
     ops: MemoryFs
     poller: Poller
     keeper: TreeBlockKeeper
@@ -212,7 +215,7 @@ class Mount:
             last_error_at=self.problems.at, unexpected_errors=self.faults.count,
             unreachable_since=(None if poller.reachable else poller.remote.reachable_since),
             journal_pending=len(pending), journal_oldest_at=pending[0].at if pending else None,
-            last_replay=self.files.last_replay, journal_stuck=self.files.stuck(),
+            last_replay=self.replayer.last_replay, journal_stuck=self.replayer.stuck(),
             duplicates=self._duplicates(),
             local_first_at=self.local_first_at if self.local_first else None,
             **(self._push_status() if self.pusher is not None else {}),
@@ -286,7 +289,8 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
     poller = Poller(state, remote, interval=config.poll_interval,
                     full_interval=config.full_poll_interval)
     files.listed_since = poller.listed_since
-    mount = Mount(config, repo, snapshots, state, files,
+    replayer = Replayer(state, remote, files.block_order, files.note_conflict)
+    mount = Mount(config, repo, snapshots, state, files, replayer,
                   MemoryFs(state, files, namespace, faults), poller,
                   TreeBlockKeeper(state, remote), problems, faults, agent_name=agent_name,
                   pusher=pusher, attrs=attrs)
@@ -618,7 +622,7 @@ async def _mount(stack: contextlib.AsyncExitStack, mount: Mount) -> None:
         journal = mount.state.journal
         if journal is not None and journal.pending():
             with trio.move_on_after(UMOUNT_REPLAY):  # the server may be away: bounded
-                await mount.files.replay()
+                await mount.replayer.replay()
             if journal.pending():
                 log.warning("%d journaled change(s) not sent yet; kept in %s and sent at the "
                             "next mount", len(journal.pending()), journal.path)
@@ -657,7 +661,7 @@ async def _replay_when_listed(mount: Mount) -> None:
         await mount.poller.applied.wait()
         log.info("the server answered and its blocks are shown (the mount started from "
                  "history); the journal is sent now")
-    await mount.files.run_replay()
+    await mount.replayer.run_replay()
 
 
 async def _serve(mount: Mount, on_ready: Callable[[str | None], None],

@@ -21,12 +21,12 @@ from typing import Awaitable, Callable
 import trio
 
 from . import blockfile
-from .errors import FsError, ServerAway, ServerRefused
+from .errors import FsError, ServerAway
 from .grace import Tombstone
-from .journal import CREATE, RELOCATE, UNLINK, WRITE, Entry, base_of
+from .journal import CREATE, WRITE
 from .letta import LettaError, NotFound, ServerError, Unreachable
 from .model import PROVISIONAL_PREFIX, Block, Location, create_marker, is_provisional
-from .ordering import NameOrder
+from .ordering import BlockOrder, NameOrder
 from .remote import FETCH_TIMEOUT, LabelTaken, Remote, Stale
 from .state import MountState
 from .tree import Kind, Node
@@ -37,39 +37,18 @@ WRITE_BUDGET = 2.0  # seconds of retries before a write the server does not take
 # Seconds a close (or fsync) waits for the server, with a journal to fall back on: then the
 # change is journaled and the close returns (a slow server: answers that take seconds each)
 CLOSE_DEADLINE = 5.0
-STUCK_AFTER = 60.0  # seconds a journaled change may wait on an answering server before ERROR
-KEY_RETRY = 30.0  # seconds between replays while the server refuses the API key
 READ_DEADLINE = FETCH_TIMEOUT  # seconds an open waits to revalidate before serving the cache
-REPLAY_FAILURES = 5  # 5xx answers to one journaled write before it is given up as refused
 BURST_OPENS = 3  # opens that must revalidate, within BURST_WINDOW seconds: a burst
 BURST_WINDOW = 1.0
 BURST_SPAN = 5.0  # seconds a burst's listing serves its opens after it arrived, at most
 
 
-def _made(entries: list[Entry]) -> Block:
-    """The block a block's journaled writes (and create), in order, make of the first one's
-    base: each file's value, and each frontmatter key it names (a key left out keeps the
-    earlier write's)."""
-    block = entries[0].base_block()
-    for entry in entries:
-        block = blockfile.applied(block, blockfile.parse(entry.content))
-    return block
 
-
-def _blank(block: Block) -> Block:
+def blank(block: Block) -> Block:
     """`block` as a new, empty file would have read it: the base of a write made by a file
     that did not know the block existed (any text the block has is then a conflict)."""
     return dataclasses.replace(block, value="", description=None,
                                limit=blockfile.DEFAULT_LIMIT)
-
-
-def _target(entries: list[Entry]) -> blockfile.ParsedFile:
-    """What a block's journaled writes, in order, make of it, as one file (`_made`)."""
-    block = _made(entries)
-    fields = {"description": block.description, "limit": block.limit}
-    return blockfile.ParsedFile(value=block.value,
-                                fields={k: v for k, v in fields.items() if v is not None},
-                                has_frontmatter=True)
 
 
 class BlockFiles:
@@ -78,8 +57,8 @@ class BlockFiles:
     revalidate: seconds a cached block is trusted before `open` asks the server again.
     listed_since: Poller.listed_since (set by the daemon): how a burst of opens asks for one
     full listing instead of a GET each.
-    `last_conflict`: the last conflict, `last_replay` the last journal entry replayed and
-    its outcome, in words (for `memfuse status`).
+    `last_conflict`: the last conflict, in words (for `memfuse status`); `block_order`
+    the per-block order its writes share with journal replay (replay.Replayer).
     """
 
     def __init__(self, state: MountState, remote: Remote, *, revalidate: float):
@@ -92,13 +71,8 @@ class BlockFiles:
         self._last_open = float("-inf")  # trio time of the last open that asked to revalidate
         self._stale_opens: collections.deque[float] = collections.deque(maxlen=BURST_OPENS)
         self.last_conflict: str | None = None
-        self.last_replay: str | None = None
-        self._order_locks: dict[str, trio.Lock] = {}
-        self._stuck: dict[str, float] = {}  # block id -> trio time its replay first failed
-        self._stuck_reported: set[str] = set()
-        self.key_refused: str | None = None  # why the server refused the key at replay
+        self.block_order = BlockOrder()  # writes and replayed units of one block: one at a time
         self.order = NameOrder()  # creates in flight: every other operation on the name waits
-        self._failures: dict[int, int] = {}  # journal seq -> 5xx answers at replay
 
     def _fresh(self, node: Node) -> bool:
         # the clock first: within the window (every warm open) the journal is not asked
@@ -420,7 +394,7 @@ class BlockFiles:
         theirs = taken.theirs
         log.warning("%s: %s; the new file is written to that block (both versions are in "
                     "history)", path, taken.reason)
-        return await self.write(theirs, parsed, path, base=_blank(theirs), node=node,
+        return await self.write(theirs, parsed, path, base=blank(theirs), node=node,
                                 budget=self._budget())
 
     async def write_now(self, block: Block, parsed: blockfile.ParsedFile, path: str,
@@ -491,7 +465,12 @@ class BlockFiles:
         self.state.retired(entry, "retired" if retired else "already gone from the server")
 
     def _order(self, block_id: str) -> trio.Lock:
-        return self._order_locks.setdefault(block_id, trio.Lock())
+        return self.block_order.of(block_id)
+
+    def note_conflict(self, words: str) -> None:
+        """Keep `words` as the last conflict (for `memfuse status`) and log it (WARNING)."""
+        self.last_conflict = words
+        log.warning("%s", words)
 
     def writing(self, block_id: str) -> trio.Lock:
         """The lock under which writes to block `block_id` are decided and sent one at a time:
@@ -531,299 +510,6 @@ class BlockFiles:
         log.info("%s: the server is away; journaled (%d pending)", self.tree.path(node),
                  len(self.state.journal.pending()))
 
-    # -- replay ------------------------------------------------------------------------------
-
-    @staticmethod
-    def _units(queued: list[Entry]) -> list[list[Entry]]:
-        """The queued entries (in seq order) as units of one block each, replayed in order: an
-        entry joins the unit before it when that is its block's; a write also joins its
-        block's latest unit further back (writes to different blocks commute). Creates,
-        renames and unlinks of different blocks keep their order (a label one frees, another
-        takes)."""
-        units: list[list[Entry]] = []
-        latest: dict[str, list[Entry]] = {}
-        for entry in queued:
-            unit = latest.get(entry.block_id)
-            if unit is not None and (entry.kind == WRITE or units[-1] is unit):
-                unit.append(entry)
-                continue
-            unit = [entry]
-            units.append(unit)
-            latest[entry.block_id] = unit
-        return units
-
-    async def replay(self) -> bool:
-        """Send the journal's queued changes, unit by unit in order (`_units`). A unit's
-        changes are sent together: what its writes (and create) make of the block as one
-        PATCH (or one POST), checked against the server's block as it was before the first of
-        them, under the conflict rule of an online write (a newer server version is committed
-        to history first; then the journal's version overwrites it, or under `reject` is
-        committed as refused); then its renames as one relocation; then its unlink as one
-        retirement. A create first looks for the block an earlier attempt made (its marker
-        tag), so a replay repeated after a crash makes no second block; a create whose file
-        was unlinked within its grace period waits for it (it may be claimed back). Stops,
-        returning False, when the server stops answering, refuses the key (401/403: paused,
-        an ERROR), says "not now" (408/429: never given up; `run_replay` waits out its
-        Retry-After), or at such a create; a unit of writes whose block the server fails on
-        (5xx, fewer than REPLAY_FAILURES times) waits with its block's later units while the
-        other blocks' units go on (then False). True when nothing is queued. A change the
-        server refuses for good (400/404/409/422, a limit it now has, a block made read-only,
-        a 5xx REPLAY_FAILURES times) is committed to history as refused and logged, never
-        dropped silently. A block waiting past STUCK_AFTER seconds is an ERROR (`stuck`)."""
-        journal = self.state.journal
-        if journal is None:
-            return True
-        held: set[str] = set()  # blocks whose unit failed: their later units wait too
-        for unit in self._units(journal.queued()):
-            entries = [e for e in unit if journal.is_pending(e)]
-            if not entries:
-                continue
-            block_id = entries[0].block_id
-            if block_id in held:
-                continue
-            if is_provisional(block_id) and any(e.block_id == block_id and not e.queued
-                                                for e in journal.pending()):
-                self.last_replay = f"{entries[0].path}: waits for its unlink's grace period"
-                return False
-            async with self._order(block_id):
-                entries = [e for e in entries if journal.is_pending(e)]
-                if not entries:
-                    continue
-                last = entries[-1]
-                try:
-                    outcome, block, sent, recorded = await self._replay(entries)
-                except FsError as exc:
-                    if not self._gives_up(last, exc):
-                        self.last_replay = f"{last.path}: not sent yet ({exc.reason})"
-                        self._waiting(last, exc)
-                        if self._passes_over(entries, exc):
-                            held.add(block_id)
-                            continue
-                        return False
-                    outcome, block, sent = self._refuse(entries, exc), None, False
-                    recorded = True
-                self._failures.pop(last.seq, None)
-                self._stuck.pop(last.block_id, None)
-                self.state.replayed(entries, block, outcome, sent=sent, recorded=recorded)
-            self.last_replay = f"{last.path}: {outcome}" + (
-                f" ({len(entries)} journaled changes)" if len(entries) > 1 else "")
-            log.info("journal: %s", self.last_replay)
-        self.key_refused = None  # every unit got an answer other than a refused key
-        return not held
-
-    @staticmethod
-    def _passes_over(entries: list[Entry], exc: FsError) -> bool:
-        """Whether the replay goes on past a unit that failed with `exc`: only writes (they
-        commute with other blocks' changes), and only when the server answered for this block
-        alone (a 5xx): no answer, a refused key (401/403) or a 'not now' (408/429) concern
-        every unit, and creates, renames and unlinks keep their order."""
-        status = getattr(exc, "status", None)
-        return (status is not None and status >= 500
-                and all(e.kind == WRITE for e in entries))
-
-    def _waiting(self, entry: Entry, exc: FsError) -> None:
-        """A unit is not sent yet: note since when its block waits; past STUCK_AFTER seconds
-        that is an ERROR (once) and `stuck` for status. A refused key pauses the replay with an
-        ERROR (once per pause): a key that expires during an outage must not turn the journal
-        into rejected edits."""
-        now = trio.current_time()
-        since = self._stuck.setdefault(entry.block_id, now)
-        status = getattr(exc, "status", None)
-        if status in (401, 403):
-            if self.key_refused is None:
-                log.error("journal: the server refused the API key (%s); replay is paused and "
-                          "the %d journaled change(s) are kept until it is accepted",
-                          exc.reason, len(self.state.journal.pending()))
-            self.key_refused = exc.reason
-        if now - since >= STUCK_AFTER and entry.block_id not in self._stuck_reported:
-            self._stuck_reported.add(entry.block_id)
-            log.error("journal: %s has waited %.0f s for the server (%s); later changes to "
-                      "other blocks are sent meanwhile where they can be", entry.path,
-                      now - since, exc.reason)
-
-    def stuck(self) -> str | None:
-        """In words, the journaled change that has waited longest past STUCK_AFTER seconds
-        (for `memfuse status`), or a refused key; None when nothing is stuck."""
-        if self.key_refused is not None:
-            return f"paused: the server refused the API key ({self.key_refused})"
-        now = trio.current_time()
-        old = [(since, block_id) for block_id, since in self._stuck.items()
-               if now - since >= STUCK_AFTER]
-        if not old:
-            return None
-        since, block_id = min(old)
-        node = self.tree.block_node(block_id)
-        where = self.tree.path(node) if node is not None else block_id
-        return f"stuck for {now - since:.0f} s on {where}: {self.last_replay or ''}"
-
-    async def run_replay(self, interval: float = 0.5) -> None:
-        """Replay the journal whenever it holds queued changes and the server answers, forever
-        (cancel to stop); checks every `interval` seconds, not before a 429's Retry-After
-        (Remote.throttled_until), and every KEY_RETRY seconds while the key is refused."""
-        while True:
-            journal = self.state.journal
-            if (journal is not None and journal.waiting() and self.remote.reachable
-                    and trio.current_time() >= self.remote.throttled_until):
-                await self.replay()
-                if self.key_refused is not None:
-                    await trio.sleep(KEY_RETRY)  # a refused key: ask again now and then
-            await trio.sleep(interval)
-
-    def _gives_up(self, entry: Entry, exc: FsError) -> bool:
-        """Whether a failure at replay is final for `entry`: a refusal the server judged (or
-        one found before sending: a block made read-only meanwhile), or a 5xx for the
-        REPLAY_FAILURES-th time (a value the server keeps failing on)."""
-        if isinstance(exc, ServerRefused):
-            return exc.status in ServerRefused.FINAL
-        if not isinstance(exc, ServerAway):
-            return True
-        if exc.status is None or exc.status in (408, 429):
-            return False  # no answer at all, or "not now": wait for it, never give up
-        self._failures[entry.seq] = self._failures.get(entry.seq, 0) + 1
-        return self._failures[entry.seq] >= REPLAY_FAILURES
-
-    def _refuse(self, entries: list[Entry], exc: FsError) -> str:
-        """Keep what refused changes made: a create's file (as the person wrote it) leaves the
-        mount, a write's result stays in history as a rejected edit."""
-        last = entries[-1]
-        node = self.tree.block_node(last.block_id)
-        contents = [e for e in entries if e.kind in (WRITE, CREATE)]
-        if contents and node is not None and self.state.shows(node, last.block_id):
-            if entries[0].kind == CREATE:
-                self.state.rejected(node, contents[-1].content, made=False, reason=exc.reason)
-            else:
-                self.state.refused(self.tree.path(node), _made(contents), reason=exc.reason)
-        log.error("%s: the server refused journaled changes (%s); they are kept in history "
-                  "as a rejected edit", last.path, exc.reason)
-        return f"refused: {exc.reason}; kept in history as a rejected edit"
-
-    async def _replay(self, entries: list[Entry]) -> tuple[str, Block | None, bool, bool]:
-        """Send one unit's changes `entries` (see `replay`): (outcome in words, the server's
-        block now or None when it was retired or never made, whether the server took a
-        change, whether history heard of a server or refused version). Raises FsError
-        (ServerAway, ServerRefused, a refusal found before sending: the caller decides
-        whether that is final)."""
-        first, last = entries[0], entries[-1]
-        contents = [e for e in entries if e.kind in (WRITE, CREATE)]
-        moves = [e for e in entries if e.kind == RELOCATE]
-        unlink = last if last.kind == UNLINK else None
-        if is_provisional(first.block_id) and first.kind != CREATE:
-            return self._unmade(entries, contents)
-        node = self.tree.block_node(first.block_id)
-        path = self.tree.path(node) if node is not None else None
-        words: list[str] = []
-        sent = recorded = False
-        if first.kind == CREATE:
-            location = moves[-1].to if moves else first.to
-            marker = create_marker(first.block_id)
-            block = await self.remote.find_marked(marker, location, WRITE_BUDGET)
-            if block is None and unlink is not None:  # made, marker dropped, answer lost?
-                block = await self.remote.find_made(location, {
-                    _target(contents[:n]).value for n in range(1, len(contents) + 1)},
-                    WRITE_BUDGET)
-                if block is None:
-                    return "created and removed while the server was away", None, False, False
-            try:
-                if block is not None:  # an earlier attempt made it (no answer after its POST,
-                    # or a crash): its label, if the unit moved it since; `complete` attaches it
-                    block = await self.remote.relocate(block, location.attached, location,
-                                                       WRITE_BUDGET)
-                    outcome, block, recorded = await self._write(
-                        block, base_of(block), contents, path, node, entry_path=first.path)
-                    block = await self.remote.complete(block, location, WRITE_BUDGET)
-                    words.append("created (by an earlier attempt)" + (
-                        "" if outcome == "already on the server" else f", {outcome}"))
-                else:
-                    block = await self.remote.create(location, _target(contents), WRITE_BUDGET,
-                                                     marker=marker)
-                    words.append("created")
-            except LabelTaken as taken:  # an earlier attempt whose marker is gone (the answer
-                # to its drop was lost), or a block made elsewhere: the file is written to it
-                log.warning("%s: %s; the journaled file is written to that block",
-                            first.path, taken.reason)
-                outcome, block, recorded = await self._write(
-                    taken.theirs, base_of(_blank(taken.theirs)), contents, path, node,
-                    entry_path=first.path)
-                words.append(f"written to the block the label had ({taken.theirs.id}): "
-                             f"{outcome}")
-            sent, moves = True, []
-        else:
-            block = await self.remote.fetch_now(first.block_id, WRITE_BUDGET)
-            if contents:
-                outcome, block, recorded = await self._write(block, contents[0].base, contents,
-                                                             path, node, entry_path=first.path)
-                words.append(outcome)
-                sent = outcome == "sent"
-        if moves:
-            block = await self.remote.relocate(block, moves[0].frm.attached, moves[-1].to,
-                                               WRITE_BUDGET)
-            words.append(f"moved to {'/'.join(moves[-1].to.parts() or ())}")
-            sent = True
-        if unlink is not None:
-            attached = unlink.frm.attached if first.kind != CREATE else location.attached
-            retired = await self.remote.retire(block, attached, WRITE_BUDGET)
-            words.append("retired" if retired else "already gone from the server")
-            return ", ".join(words), None, True, recorded
-        return ", ".join(words), block, sent, recorded
-
-    def _unmade(self, entries: list[Entry], contents: list[Entry]
-                ) -> tuple[str, Block | None, bool, bool]:
-        """A unit of a provisional block whose create is settled but made no block (the server
-        refused it for good; history has the file as a rejected edit): nothing is sent (a
-        provisional id means nothing to the server). What its writes made goes to history at
-        the unit's last path as a rejected edit, so no byte is dropped. Returns what `_replay`
-        returns."""
-        last = entries[-1]
-        if contents:
-            self.state.refused_unshown(last.path, _made(contents),
-                                       reason="its file's create was refused by the server")
-            log.error("%s: journaled writes to a file whose create the server refused; they "
-                      "are kept in history as a rejected edit", last.path)
-            return ("refused: its create was refused; kept in history as a rejected edit",
-                    None, False, True)
-        return "nothing to send: its create was refused", None, False, False
-
-    async def _write(self, current: Block, base: dict, contents: list[Entry], path: str | None,
-                     node: Node | None, entry_path: str) -> tuple[str, Block, bool]:
-        """Send what the journaled writes `contents` make of the block, made on the server's
-        `base` (value, description, limit), to the server's block `current`: (outcome in words,
-        the server's block now, whether history heard of a server or refused version). History
-        only hears of it where the block is still shown at `path` (a file unlinked since has
-        its journaled version in history already). Raises ServerAway, ServerRefused."""
-        parsed = _target(contents)
-        try:
-            changes = blockfile.plan_update(current, parsed)
-        except FsError as exc:  # e.g. the server's limit is now lower than the value
-            if path is not None:
-                self.state.conflict(path, current, rejected=parsed, node=node,
-                                    reason=exc.reason)
-            log.error("%s: a journaled write cannot apply any more (%s); it is kept in "
-                      "history as a rejected edit", entry_path, exc.reason)
-            return (f"refused: {exc.reason}; kept in history as a rejected edit", current,
-                    path is not None)
-        if not changes:
-            return "already on the server", current, False
-        recorded = False
-        if base_of(current) != base:
-            where = path or entry_path
-            if self.remote.on_conflict == "reject":
-                if path is not None:
-                    self.state.conflict(path, current, rejected=parsed, node=node)
-                self.last_conflict = (f"{where}: changed on the server while the write was "
-                                      f"journaled; the write was rejected (both versions are "
-                                      f"in history)")
-                log.warning("%s", self.last_conflict)
-                return "rejected: the server changed first", current, path is not None
-            if path is not None:
-                self.state.conflict(path, current)
-                recorded = True
-            self.last_conflict = (f"{where}: changed on the server while the write was "
-                                  f"journaled; the journaled version was written over it "
-                                  f"(both versions are in history)")
-            log.warning("%s", self.last_conflict)
-        written = await self.remote.update(current, parsed, budget=WRITE_BUDGET)
-        return "sent", written.block, recorded
-
     async def write(self, block: Block, parsed: blockfile.ParsedFile, path: str,
                     base: Block | None = None, node: Node | None = None,
                     budget: float | None = None) -> Block:
@@ -835,18 +521,16 @@ class BlockFiles:
             written = await self.remote.update(block, parsed, base, budget)
         except Stale as exc:
             self.state.conflict(path, exc.theirs, rejected=parsed, node=node)
-            self.last_conflict = (f"{path}: changed on the server after it was opened; the "
+            self.note_conflict(f"{path}: changed on the server after it was opened; the "
                                   f"write was rejected (both versions are in history)")
-            log.warning("%s", self.last_conflict)
             raise
         # a file unlinked while the write was in flight has left history: the server's version
         # is not recorded at its path again (history would show a file the mount has not)
         if written.theirs is not None and (node is None or self.state.shows(node, block.id)):
             self.state.conflict(path, written.theirs)
-            self.last_conflict = (f"{path}: changed on the server after it was opened; the "
+            self.note_conflict(f"{path}: changed on the server after it was opened; the "
                                   f"file's version was written over it (both versions are in "
                                   f"history)")
-            log.warning("%s", self.last_conflict)
         if written.fields:
             log.info("%s: wrote %s", path, ", ".join(written.fields))
         return written.block

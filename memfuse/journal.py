@@ -4,7 +4,7 @@ A change made while the server is away (or while earlier changes still wait for 
 here, fsync'd, before the program's call returns: a write to a block file (close, fsync,
 truncate), a new block file (create), a rename (relocate: a new label, attach or detach) and an
 unlink (the block's retirement). The mount shows the change at once and history has it. When the
-server answers again the entries are replayed block by block (files.BlockFiles.replay). The file
+server answers again the entries are replayed block by block (replay.Replayer.replay). The file
 is one record a line beside the history repository (`<history>.journal`, mode 0600), never
 inside the mount, and never holds the API key; the records' JSON (each line also starts with
 its checksum, below):

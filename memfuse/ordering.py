@@ -11,6 +11,9 @@ This module keeps that order for one mount; it makes no server call itself.
 - `holding(inodes)`: held by a rename of a file, for its source and target.
 - `moving()`: held by a directory rename; a create that has not started waits for it, and it
   waits for the creates already under way, so no create sends a label the rename is changing.
+
+Once a block exists, `BlockOrder` keeps its changes in one order: a write, a rename over it and
+the replay of its journaled changes are decided and sent one at a time.
 """
 from __future__ import annotations
 
@@ -18,6 +21,18 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import AsyncIterator
 
 import trio
+
+
+class BlockOrder:
+    """One lock per block id, shared by files.BlockFiles (online writes) and replay.Replayer
+    (journaled units): a write that waited never overtakes one journaled before it."""
+
+    def __init__(self):
+        self._locks: dict[str, trio.Lock] = {}
+
+    def of(self, block_id: str) -> trio.Lock:
+        """The lock of block `block_id` (made on first use; ids are few per mount)."""
+        return self._locks.setdefault(block_id, trio.Lock())
 
 
 class NameOrder:

@@ -5,6 +5,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from memfuse.files import BlockFiles
+from memfuse.replay import Replayer
 from memfuse.fs import MemoryFs
 from memfuse.grace import Graveyard
 from memfuse.journal import Journal
@@ -57,10 +58,12 @@ async def make_world(nursery, grace: float = 0.2, journal: bool = True, after=No
     loaded = state.tree.files()
     records.clear()  # the load is the mount's snapshot, committed as one
     files = BlockFiles(state, remote, revalidate=3600)
+    replayer = Replayer(state, remote, files.block_order, files.note_conflict)
     namespace = Namespace(state, remote, files)
     nursery.start_soon(namespace.run)
     return SimpleNamespace(fake=fake, ids=ids, fs=MemoryFs(state, files, namespace), state=state,
-                           remote=remote, files=files, namespace=namespace, records=records,
+                           remote=remote, files=files, replayer=replayer, namespace=namespace,
+                           records=records,
                            reasons=reasons,
                            loaded=loaded, agent=agent, client=client, journal=journal_file)
 

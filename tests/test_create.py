@@ -36,7 +36,7 @@ async def _new_file(world, path: str, data: bytes) -> None:
 async def _server_back(world) -> None:
     world.fake.down = False
     assert await Poller(world.state, world.remote).poll_once()
-    assert await world.files.replay(), world.files.last_replay
+    assert await world.replayer.replay(), world.replayer.last_replay
     assert world.journal.pending() == []
 
 
@@ -137,7 +137,7 @@ async def test_the_units_of_a_file_whose_create_was_refused_send_nothing(world):
     await trio.sleep(5)
     world.fake.down = False
     world.fake.fail_paths = {"/v1/blocks/": 400}  # every create is refused
-    assert await world.files.replay(), world.files.last_replay
+    assert await world.replayer.replay(), world.replayer.last_replay
     assert world.journal.pending() == []
     assert not any("local-" in path for _, path, _ in world.fake.requests)
     assert ("system/c.md", b"written after\n", Origin.REJECTED) in [

@@ -149,7 +149,7 @@ async def run_op(world, op) -> None:
     elif kind == "server_up":
         world.fake.down = False
     elif kind == "replay":
-        await world.files.replay()
+        await world.replayer.replay()
 
 
 def assert_server_holds_only_valid_blocks(world) -> None:
@@ -172,7 +172,7 @@ async def scenario(ops) -> None:
             world.fake.down = False
             await trio.sleep(10)  # every grace period ends: its unlink is retired or queued
             await Poller(world.state, world.remote).poll_once()
-            assert await world.files.replay(), "the journal did not drain with the server up"
+            assert await world.replayer.replay(), "the journal did not drain with the server up"
             assert world.journal.pending() == []
             assert world.fs.faults.count == 0, "the safe boundary caught a bug"
             check_invariants(world)

@@ -243,7 +243,7 @@ async def test_a_journal_in_the_format_before_checksums_replays_after_the_upgrad
     assert await read_all(upgraded.fs, human) == (
         b"---\ndescription: desc\nlimit: 20000\n---\nAcknowledged after the disk was freed.\n")
     assert any("found behind the fragment" in r.getMessage() for r in caplog.records)
-    assert await upgraded.files.replay()
+    assert await upgraded.replayer.replay()
     assert old.fake.blocks[old.ids["human"]]["value"] == (
         "Acknowledged after the disk was freed.\n")
     assert old.fake.blocks[old.ids["notes"]]["label"] == "kept/notes"

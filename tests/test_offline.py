@@ -7,7 +7,7 @@ import pyfuse3
 import pytest
 import trio
 
-from memfuse.files import REPLAY_FAILURES
+from memfuse.replay import REPLAY_FAILURES
 from memfuse import files as files_module
 from memfuse.journal import Journal
 from memfuse.model import Block, Origin
@@ -71,10 +71,10 @@ async def test_a_write_with_the_server_down_is_journaled_shown_and_replayed(worl
     world.fake.down = False
     assert await Poller(world.state, world.remote).poll_once()  # back: the view stays pinned
     assert (await read_all(world.fs, "system/human.md")).endswith(b"---\nWritten offline.\n")
-    assert await world.files.replay()
+    assert await world.replayer.replay()
     assert world.fake.blocks[world.ids["human"]]["value"] == "Written offline.\n"
     assert world.journal.pending() == [] and world.journal.path.read_bytes() == b""
-    assert world.files.last_replay == "system/human.md: sent"
+    assert world.replayer.last_replay == "system/human.md: sent"
 
 
 async def test_once_the_server_is_known_away_writes_go_straight_to_the_journal(world):
@@ -86,7 +86,7 @@ async def test_once_the_server_is_known_away_writes_go_straight_to_the_journal(w
     assert world.fake.requests == []  # no attempt: known to be away
     assert [e.content for e in world.journal.pending()] == [b"one\n", b"two\n", b"three"]
     world.fake.down = False
-    assert await world.files.replay()
+    assert await world.replayer.replay()
     assert world.fake.blocks[world.ids["human"]]["value"] == "two\n"  # in order, no conflict
     assert world.fake.blocks[world.ids["persona"]]["value"] == "three"
     assert world.files.last_conflict is None
@@ -108,7 +108,7 @@ async def test_a_server_change_during_the_outage_is_a_conflict_at_replay(world, 
     world.fake.blocks[world.ids["human"]]["value"] = "The agent's, meanwhile.\n"
     world.fake.down = False
     start = len(world.records)
-    assert await world.files.replay()
+    assert await world.replayer.replay()
     value = world.fake.blocks[world.ids["human"]]["value"]
     origins = [(c.split(b"---\n")[-1], o) for _p, c, o in world.records[start:]]
     assert origins[0] == (b"The agent's, meanwhile.\n", Origin.SERVER)  # theirs first
@@ -129,19 +129,19 @@ async def test_a_write_the_server_refuses_at_replay_stays_in_history(world):
     world.fake.agents[world.agent].remove(world.ids["human"])
     world.fake.down = False
     start = len(world.records)
-    assert await world.files.replay()
+    assert await world.replayer.replay()
     assert world.journal.pending() == []
     assert world.records[start:start + 1] == [
         ("system/human.md", b"---\ndescription: desc\nlimit: 20000\n---\nFor a block about to "
                             b"vanish.\n", Origin.REJECTED)]
-    assert "refused" in world.files.last_replay
+    assert "refused" in world.replayer.last_replay
 
 
 async def test_replay_stops_when_the_server_goes_away_again(world):
     world.fake.down = True
     await write(world, "system/human.md", b"a\n")
     await write(world, "system/persona.md", b"b")
-    assert await world.files.replay() is False  # still down: nothing lost
+    assert await world.replayer.replay() is False  # still down: nothing lost
     assert len(world.journal.pending()) == 2
 
 
@@ -172,7 +172,7 @@ async def test_a_rename_over_a_block_waits_for_its_journaled_writes(world):
     await world.fs.flush(info.fh)
     await world.fs.release(info.fh)
     await world.fs.rename(system, b"sedAb12Cd", system, b"human.md", 0, None)
-    assert await world.files.replay()
+    assert await world.replayer.replay()
     assert world.fake.blocks[world.ids["human"]]["value"] == "later, via rename\n"
 
 
@@ -193,7 +193,7 @@ async def test_a_write_that_waited_never_overtakes_one_that_was_journaled(world,
         closes.start_soon(fs.flush, first.fh)
         await trio.sleep(0.01)
         closes.start_soon(fs.flush, second.fh)
-    assert await world.files.replay()
+    assert await world.replayer.replay()
     await fs.release(first.fh)
     await fs.release(second.fh)
     assert world.fake.blocks[world.ids["human"]]["value"] == "second close\n"
@@ -214,13 +214,13 @@ async def test_history_matches_the_mount_when_a_replay_stops_halfway(world):
         return block
 
     world.remote.client.update_block = update_then_away
-    assert await world.files.replay() is False
+    assert await world.replayer.replay() is False
     world.remote.client.update_block = real_update
     assert world.fake.blocks[world.ids["human"]]["value"] == "two\n"  # the last write only
     assert [e.content for e in world.journal.pending()] == [b"p"]
-    assert "not sent yet" in world.files.last_replay
+    assert "not sent yet" in world.replayer.last_replay
     world.fake.down = False
-    assert await world.files.replay()
+    assert await world.replayer.replay()
     assert world.fake.blocks[world.ids["persona"]]["value"] == "p"
     # and check_invariants (after the test) holds
 
@@ -232,12 +232,12 @@ async def test_a_refused_key_pauses_the_replay_and_keeps_the_entry(world, status
     await write(world, "system/human.md", b"offline\n")
     world.fake.down = False
     world.fake.fail_next = [status]
-    assert await world.files.replay() is False
-    assert len(world.journal.pending()) == 1 and "not sent yet" in world.files.last_replay
-    assert "refused the API key" in world.files.stuck()  # status says so
-    assert await world.files.replay()
+    assert await world.replayer.replay() is False
+    assert len(world.journal.pending()) == 1 and "not sent yet" in world.replayer.last_replay
+    assert "refused the API key" in world.replayer.stuck()  # status says so
+    assert await world.replayer.replay()
     assert world.fake.blocks[world.ids["human"]]["value"] == "offline\n"
-    assert world.files.stuck() is None
+    assert world.replayer.stuck() is None
 
 
 async def test_a_429_is_waited_out_never_refused_and_its_retry_after_is_honoured(world):
@@ -246,12 +246,12 @@ async def test_a_429_is_waited_out_never_refused_and_its_retry_after_is_honoured
     world.fake.down = False
     world.fake.fail_paths[f"/v1/blocks/{world.ids['human']}"] = 429
     world.fake.retry_after = "30"
-    for _ in range(2 * files_module.REPLAY_FAILURES):  # never given up
-        assert await world.files.replay() is False
+    for _ in range(2 * REPLAY_FAILURES):  # never given up
+        assert await world.replayer.replay() is False
     assert len(world.journal.pending()) == 1
     assert world.remote.throttled_until > trio.current_time() + 20  # Retry-After: 30
     del world.fake.fail_paths[f"/v1/blocks/{world.ids['human']}"]
-    assert await world.files.replay()
+    assert await world.replayer.replay()
     assert world.fake.blocks[world.ids["human"]]["value"] == "offline\n"
 
 
@@ -260,7 +260,7 @@ async def test_a_close_answered_429_is_journaled_not_eio(world):
     await write(world, "system/human.md", b"busy\n")  # returns 0
     assert [e.kind for e in world.journal.pending()] == ["write"]
     del world.fake.fail_paths[f"/v1/blocks/{world.ids['human']}"]
-    assert await world.files.replay()
+    assert await world.replayer.replay()
     assert world.fake.blocks[world.ids["human"]]["value"] == "busy\n"
 
 
@@ -270,7 +270,7 @@ async def test_a_write_to_another_block_is_not_held_back_by_one_that_keeps_faili
     await write(world, "notes.md", b"goes\n")
     world.fake.down = False
     world.fake.fail_paths[f"/v1/blocks/{world.ids['human']}"] = 500
-    assert await world.files.replay() is False  # human waits; notes is sent meanwhile
+    assert await world.replayer.replay() is False  # human waits; notes is sent meanwhile
     assert world.fake.blocks[world.ids["notes"]]["value"] == "goes\n"
     assert [e.path for e in world.journal.pending()] == ["system/human.md"]
 
@@ -282,8 +282,8 @@ async def test_a_write_the_server_keeps_failing_on_is_given_up_after_its_tries(w
     world.fake.down = False
     world.fake.fail_paths[f"/v1/blocks/{world.ids['human']}"] = 500
     for _ in range(REPLAY_FAILURES - 1):
-        assert await world.files.replay() is False
-    assert await world.files.replay()  # given up: committed as refused, the journal moves on
+        assert await world.replayer.replay() is False
+    assert await world.replayer.replay()  # given up: committed as refused, the journal moves on
     assert world.journal.pending() == []
     assert world.records[-1][2] is Origin.REJECTED
 
@@ -294,7 +294,7 @@ async def test_several_journaled_writes_to_one_block_chain_without_false_conflic
     await write(world, "system/human.md", b"---\ndescription: new\n---\none\n")
     await write(world, "system/human.md", b"---\nlimit: 500\n---\ntwo\n")
     world.fake.down = False
-    assert await world.files.replay()
+    assert await world.replayer.replay()
     block = world.fake.blocks[world.ids["human"]]
     assert (block["description"], block["limit"], block["value"]) == ("new", 500, "two\n")
     assert world.files.last_conflict is None
@@ -312,7 +312,7 @@ async def server_back(world) -> None:
     """The server answers again: the poller sees it, then the journal replays."""
     world.fake.down = False
     assert await Poller(world.state, world.remote).poll_once()
-    assert await world.files.replay(), world.files.last_replay
+    assert await world.replayer.replay(), world.replayer.last_replay
     assert world.journal.queued() == []
 
 
@@ -337,17 +337,17 @@ async def test_a_retirement_the_server_cannot_take_is_journaled_and_never_given_
     world.fake.down = False
     assert await Poller(world.state, world.remote).poll_once()
     assert "human.md" not in await listdir(world.fs, "system")  # hidden until it is replayed
-    assert await world.files.replay()
+    assert await world.replayer.replay()
     assert world.ids["human"] not in world.fake.agents[world.agent]
     assert world.journal.pending() == []
-    assert world.files.last_replay == "system/human.md: retired"
+    assert world.replayer.last_replay == "system/human.md: retired"
 
 
 async def test_an_unlink_in_its_grace_period_survives_a_crash(world, nursery):
     await unlink(world.fs, "notes.md")  # the daemon dies before the grace period ends
     again = await make_world(nursery, after=world)
     assert "notes.md" not in await listdir(again.fs, "")
-    assert await again.files.replay()
+    assert await again.replayer.replay()
     assert world.fake.blocks[world.ids["notes"]]["tags"] == []  # retired, never deleted
     assert again.journal.pending() == []
     check_invariants(again)
@@ -381,7 +381,7 @@ async def test_a_replayed_create_after_a_crash_makes_no_second_block(world, nurs
     again = await make_world(nursery, after=world)
     # the marked block is system/idea.md's, half made: not shown as a root file of its own
     assert "idea.md" not in await listdir(again.fs, "")
-    assert await again.files.replay()
+    assert await again.replayer.replay()
     assert await Poller(again.state, again.remote).poll_once()
     [made] = world.fake.by_label("idea")
     assert world.fake.calls("create") == [] and made["id"] in world.fake.agents[world.agent]
@@ -400,7 +400,7 @@ async def test_a_create_then_unlink_while_away_sends_nothing(world):
     world.fake.requests.clear()
     await server_back(world)
     assert world.fake.by_label("draft") == [] and world.fake.calls("create") == []
-    assert "created and removed while the server was away" in world.files.last_replay
+    assert "created and removed while the server was away" in world.replayer.last_replay
 
 
 async def test_renames_while_away_are_journaled_shown_and_replayed(world):
@@ -413,7 +413,7 @@ async def test_renames_while_away_are_journaled_shown_and_replayed(world):
     assert await Poller(world.state, world.remote).poll_once()  # the listing does not undo them
     assert await listdir(world.fs, "system") == ["notes.md", "person.md", "projects"]
     assert "persona.md" in await listdir(world.fs, "")
-    assert await world.files.replay()
+    assert await world.replayer.replay()
     fake, agent = world.fake, world.agent
     assert fake.blocks[world.ids["human"]]["label"] == "person"
     assert world.ids["notes"] in fake.agents[agent]
@@ -525,9 +525,9 @@ async def test_a_create_whose_file_is_unlinked_in_its_grace_period_is_never_sent
     await unlink(world.fs, "idea.md")
     world.fake.down = False
     assert await poll(world)
-    assert not await world.files.replay()  # the create waits: the file may be claimed back
+    assert not await world.replayer.replay()  # the create waits: the file may be claimed back
     await trio.sleep(5)  # the grace period ends online: the unlink joins the create
-    assert await world.files.replay()
+    assert await world.replayer.replay()
     assert await poll(world)
     assert world.fake.by_label("idea") == [] and "idea.md" not in await listdir(world.fs, "")
     assert world.journal.pending() == []
@@ -539,9 +539,9 @@ async def test_a_vim_save_of_a_journaled_create_is_one_block(world):
     world.fake.down = False
     assert await poll(world)
     await rename(world.fs, "idea.md", "idea.md~")  # vim's backup: the unlink in its grace period
-    assert not await world.files.replay()  # the create waits for the grace period
+    assert not await world.replayer.replay()  # the create waits for the grace period
     await create(world.fs, "idea.md", b"edited in vim\n")  # claims the journaled block back
-    assert await world.files.replay()
+    assert await world.replayer.replay()
     assert await poll(world)
     [made] = world.fake.by_label("idea")
     assert made["value"] == "edited in vim\n" and made["tags"] == [f"owner:{world.agent}"]
@@ -560,11 +560,11 @@ async def test_a_create_whose_attach_got_no_answer_is_completed_not_made_twice(w
         return await attach(*args, **kwargs)
 
     monkeypatch.setattr(world.client, "attach_block", attach_then_away)
-    assert not await world.files.replay()
+    assert not await world.replayer.replay()
     monkeypatch.setattr(world.client, "attach_block", attach)
     world.fake.down = False
     assert await poll(world)  # lists the half-made block, detached
-    assert await world.files.replay()
+    assert await world.replayer.replay()
     assert await poll(world)
     [made] = world.fake.by_label("todo")
     assert made["id"] in world.fake.agents[world.agent] and made["tags"] == [
@@ -580,7 +580,7 @@ async def test_renames_across_blocks_are_replayed_in_their_order(world):
     await rename(world.fs, "notes.md", "system/human.md")  # then takes it
     world.fake.down = False
     assert await poll(world)
-    assert await world.files.replay(), world.files.last_replay
+    assert await world.replayer.replay(), world.replayer.last_replay
     attached = {world.fake.blocks[i]["label"]: i for i in world.fake.agents[world.agent]}
     assert attached["human"] == world.ids["notes"]
     assert world.fake.blocks[world.ids["notes"]]["value"] == "edited\n"
@@ -600,7 +600,7 @@ async def test_a_rename_that_waited_for_a_create_replay_uses_the_real_block(worl
         return await post(**kwargs)
 
     monkeypatch.setattr(world.client, "create_block", slow_post)
-    nursery.start_soon(world.files.replay)
+    nursery.start_soon(world.replayer.replay)
     await trio.sleep(0.5)
     await rename(world.fs, "idea.md", "idea2.md")  # waits for the create's replay
     [made] = world.fake.by_label("idea2")
@@ -614,7 +614,7 @@ async def test_a_journaled_create_the_server_refuses_leaves_history_and_mount_eq
     await create(world.fs, "idea.md", b"an idea\n")
     world.fake.down = False
     world.fake.fail_paths["/v1/blocks/"] = 422
-    assert await world.files.replay()
+    assert await world.replayer.replay()
     assert "idea.md" not in await listdir(world.fs, "")
     assert ("idea.md", b"an idea\n", Origin.REJECTED) in world.records
 
@@ -625,8 +625,8 @@ async def test_a_block_made_read_only_during_the_outage_settles_its_journaled_wr
     await write(world, "system/human.md", b"offline\n")
     world.fake.blocks[world.ids["human"]]["read_only"] = True
     world.fake.down = False
-    assert await world.files.replay()  # refused for good, kept in history: never stuck
-    assert world.journal.pending() == [] and "refused" in world.files.last_replay
+    assert await world.replayer.replay()  # refused for good, kept in history: never stuck
+    assert world.journal.pending() == [] and "refused" in world.replayer.last_replay
     assert world.fake.blocks[world.ids["human"]]["value"] == "The human.\n"
 
 
