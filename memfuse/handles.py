@@ -4,7 +4,9 @@ A `BlockHandle` is one open file description of a file the daemon renders (a blo
 `.git`): a private buffer of bytes, written and truncated in memory, sent at flush (each
 close), fsync or release (last close) by `BlockFiles`, and the bookkeeping of what came of it
 (a refused write, a rejected edit, a new file's create). A `ScratchHandle` is one of a scratch
-file: its reads and writes go straight to the scratch store, nothing is ever sent.
+file: its reads and writes go straight to the scratch store, nothing is ever sent. Both answer
+the same calls (read, write, truncate, needs_flush, at_release, sends_at_unmount, `dirty`,
+`unsent`), so fs.py does not branch on the kind of handle.
 
 fs.py holds the handles by file handle number and translates each FUSE request into one call
 here; the mount's components (MountState, BlockFiles) are passed in by the caller. Every
@@ -328,4 +330,4 @@ class ScratchHandle:
         return False
 
 
-Handle = BlockHandle | ScratchHandle
+Handle = BlockHandle | ScratchHandle  # what one FUSE file handle number holds
