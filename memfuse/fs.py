@@ -1,10 +1,10 @@
 """pyfuse3 Operations: translate FUSE requests into Namespace, BlockFiles and MountState calls.
 
 Kept thin on purpose: the semantics live in namespace.py (create/unlink/rename), files.py
-(block contents to and from the server), state.py (the one writer of the mount's state) and
-blockfile.py (the format). What is here is the per-open-file buffer of a block file and the FUSE
-plumbing. Every refusal that reaches a program is also logged as one line naming the file and
-the reason.
+(block contents to and from the server), state.py (the one writer of the mount's state),
+handles.py (what one open file holds and sends) and blockfile.py (the format). What is here is
+the FUSE plumbing: file handle numbers, attributes, the kernel's caches, errnos. Every refusal
+that reaches a program is also logged as one line naming the file and the reason.
 """
 from __future__ import annotations
 
@@ -14,18 +14,16 @@ import inspect
 import logging
 import os
 import stat
-from dataclasses import dataclass
 
 import pyfuse3
 import trio
 
-from . import blockfile
 from .errors import Faults, FsError
 from .files import BlockFiles
-from .model import MAX_NAME, Block
+from .handles import BlockHandle, Handle, Release, ScratchHandle, truncate_path
+from .model import MAX_NAME
 from .namespace import Namespace
 from .pagecache import PageCache
-from .remote import Stale
 from .state import MountState
 from .tree import Kind, Node
 
@@ -43,50 +41,11 @@ DIR_ATTR_TIMEOUT = 1.0
 # (MountState: invalidator.entry), so a pass over 10,000 files does not look each up again.
 ENTRY_TIMEOUT = 60.0
 BLOCK_SIZE = 4096
-MAX_BLOCK_FILE = 64 << 20  # bytes: no block file grows past this in the daemon's memory
 # Seconds after a writer closed during which a reader's reads bypass the kernel's size and pages
 # (direct_io): a save in place (O_TRUNC) makes the kernel set the size to 0 at its open, and a
 # reader whose read follows would get a cut or empty version. Outside this window readers use
 # the page cache (keep_cache), as warm reads need.
 WRITER_WINDOW = 2.0
-
-
-@dataclass(eq=False)
-class OpenFile:
-    """One open file description of a block file (or another file the daemon renders: `.git`).
-
-    data: the bytes this handle reads and, once written, will send (a copy-on-write snapshot
-    taken at open). dirty: `data` has changes the server has not accepted. written: a write or
-    ftruncate came since open; an `O_TRUNC` or `O_CREAT` open alone is dirty but not written
-    (see `flush`). refused: the errno a write() was refused with (EFBIG, EINVAL): what the
-    program meant is not in the
-    buffer, so nothing from this handle is sent and its close fails too.
-    """
-
-    node: Node
-    data: bytes | bytearray
-    writable: bool
-    base: Block | None = None  # the block as this handle read it: a later server change conflicts
-    dirty: bool = False
-    written: bool = False
-    written_at: float = 0.0
-    refused: int | None = None  # errno of a refused write: the handle then never sends
-    refused_why: str | None = None  # that refusal's reason, in words (history says it)
-    append: bool = False  # opened with O_APPEND: every write goes to the end
-    pid: int | None = None  # the process that opened it: it alone sees this handle's size
-    added: bytearray | None = None  # O_APPEND without O_TRUNC, never truncated: the bytes
-    # written since the last send, which go to the end of the block as the server has it then
-    fresh: bool = False  # opened by the create of a new block file: dirty only so that its
-    # first flush makes the block; once another handle made it, not written means nothing
-    attempted: bytes | None = None  # what the refused write would have made (kept in history)
-
-
-@dataclass(eq=False)
-class ScratchFile:
-    """One open file description of a scratch file: reads and writes go to the scratch store."""
-
-    node: Node
-    writable: bool
 
 
 def _safe(handler):
@@ -126,7 +85,7 @@ class MemoryFs(pyfuse3.Operations):
         self.state, self.files, self.namespace = state, files, namespace
         self.faults = faults or Faults()
         self.tree = state.tree
-        self._files: dict[int, OpenFile | ScratchFile] = {}
+        self._files: dict[int, Handle] = {}
         self._pages = PageCache()  # what the kernel's page cache holds: keep_cache at open
         self._dirs: dict[int, tuple[int, list[tuple[str, int]]]] = {}  # fh -> (dir, entries)
         self._next_fh = 1
@@ -155,9 +114,9 @@ class MemoryFs(pyfuse3.Operations):
         fh, self._next_fh = self._next_fh, self._next_fh + 1
         return fh
 
-    def _writers(self, node: Node) -> list[OpenFile]:
+    def _writers(self, node: Node) -> list[BlockHandle]:
         return [f for f in self._files.values()
-                if f.node is node and isinstance(f, OpenFile) and f.writable]
+                if f.node is node and isinstance(f, BlockHandle) and f.writable]
 
     def _being_written(self, node: Node) -> bool:
         """Whether a handle writes `node` now, or closed less than WRITER_WINDOW seconds ago: a
@@ -277,52 +236,15 @@ class MemoryFs(pyfuse3.Operations):
             self.state.owner_changed(node)
         return self._attr(node, ctx)
 
-    async def _truncate(self, node: Node, size: int, handle: OpenFile | ScratchFile | None
-                        ) -> None:
+    async def _truncate(self, node: Node, size: int, handle: Handle | None) -> None:
         path = self.tree.path(node)
         try:
-            if node.kind is Kind.SCRATCH and not isinstance(handle, OpenFile):
-                self.state.scratch_truncate(node, size)
-            elif node.kind not in (Kind.BLOCK, Kind.SCRATCH) or node.read_only:
-                raise FsError(errno.EACCES, "file is read-only")
-            elif isinstance(handle, OpenFile):
-                self._check_buffer(node, bytes(handle.data[:size]), size - len(handle.data))
-                self._resize(handle, size)
-                handle.written = True
-            else:  # truncate(2) by path has no close to wait for: it is one write now.
-                self._check_buffer(node, bytes(node.content[:size]), size - len(node.content))
-                data = bytes(node.content[:size]).ljust(size, b"\0")
-                await self.files.send(node, data, node.block)
+            if handle is None:
+                await truncate_path(node, size, self.state, self.files)
+            else:
+                await handle.truncate(size, self.state, self.files)
         except FsError as exc:
             raise self._refuse(path, exc) from None
-
-    def _check_buffer(self, node: Node, data: bytes | bytearray, gap: int = 0) -> None:
-        """Refuse, before any allocation, to let a block file's buffer become `data` followed
-        by `gap` NUL bytes when that is already refused (`_buffer_refusal`). Raises
-        FUSEError (logged)."""
-        refusal = self._buffer_refusal(node, data, gap)
-        if refusal is not None:
-            raise self._refuse(self.tree.path(node), refusal)
-
-    @staticmethod
-    def _buffer_refusal(node: Node, data: bytes | bytearray, gap: int = 0) -> FsError | None:
-        """Why a block file's buffer may not become `data` followed by `gap` NUL bytes
-        (blockfile.check_partial: EINVAL for a complete bad frontmatter, EFBIG past the limit
-        or MAX_BLOCK_FILE bytes), or None."""
-        if node.kind is not Kind.BLOCK:
-            return None
-        if len(data) + gap > MAX_BLOCK_FILE:
-            return FsError(errno.EFBIG, f"block files are limited to {MAX_BLOCK_FILE >> 20} MiB")
-        limit = node.block.limit if node.block is not None else blockfile.DEFAULT_LIMIT
-        return blockfile.check_partial(data, limit, gap)
-
-    def _resize(self, handle: OpenFile, size: int) -> None:
-        data = bytearray(handle.data)
-        del data[size:]
-        data.extend(b"\0" * (size - len(data)))
-        handle.data, handle.dirty, handle.written_at = data, True, trio.current_time()
-        handle.added = None  # no longer only added bytes: the whole file is sent
-        self.state.wrote(handle.node)
 
     async def opendir(self, inode, ctx):
         """FUSE opendir: snapshot the entries, so readdir offsets stay stable."""
@@ -450,27 +372,22 @@ class MemoryFs(pyfuse3.Operations):
 
     # -- files ---------------------------------------------------------------------------------
 
-    def _open_handle(self, node: Node, flags: int, ctx=None) -> pyfuse3.FileInfo:
-        writable = (flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
-        truncate = writable and flags & os.O_TRUNC  # libfuse 3 passes O_TRUNC here
-        handle: OpenFile | ScratchFile
+    def _open_handle(self, node: Node, flags: int, ctx=None, new: bool = False
+                     ) -> pyfuse3.FileInfo:
+        """A new file handle on `node` for a FUSE open or create (`new`) with `flags`, and how
+        the kernel may cache its pages."""
         fh = self._fh()
-        keep_cache = direct_io = False
         if node.kind is Kind.SCRATCH:
-            handle = ScratchFile(node, writable)
-            if truncate:
-                self.state.scratch_truncate(node, 0)
+            handle: Handle = ScratchHandle.open(node, flags, self.state)
+            keep_cache = direct_io = False
         else:
-            append = bool(flags & os.O_APPEND)
+            handle = BlockHandle.open(node, flags, self.state,
+                                      ctx.pid if ctx is not None else None, new)
             # a reader while another handle writes: its reads come from its own snapshot, past
             # the kernel's size and pages, which the writer's O_TRUNC and writes have moved
-            direct_io = not writable and node.kind is Kind.BLOCK and self._being_written(node)
-            handle = OpenFile(node, node.content, writable, base=node.block, append=append,
-                              added=bytearray() if append and writable and not truncate
-                              else None, pid=ctx.pid if ctx is not None else None)
-            keep_cache = self._pages.opened(node.inode, fh, node.version, writable)
-            if truncate:
-                self._resize(handle, 0)
+            direct_io = (not handle.writable and node.kind is Kind.BLOCK
+                         and self._being_written(node))
+            keep_cache = self._pages.opened(node.inode, fh, node.version, handle.writable)
         self._files[fh] = handle
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache and not direct_io,
                                 direct_io=direct_io)
@@ -499,19 +416,12 @@ class MemoryFs(pyfuse3.Operations):
             return await self.open(existing.inode, flags, ctx), self._entry(existing, ctx)
         node = self._in_dir(parent_inode, name, self.namespace.create, new=True)
         self.state.set_mode(node, mode)
-        info = self._open_handle(node, flags, ctx)
-        if node.kind is Kind.BLOCK:  # a new block file: empty, its block made at first flush
-            handle = self._files[info.fh]
-            handle.dirty = handle.fresh = True
-        return info, self._entry(node, ctx)
+        return self._open_handle(node, flags, ctx, new=True), self._entry(node, ctx)
 
     async def read(self, fh, off, size):
         """FUSE read: up to `size` bytes at `off` from the handle's bytes (a scratch file's
         live bytes)."""
-        handle = self._files[fh]
-        if isinstance(handle, ScratchFile):
-            return self.state.read(handle.node, off, size)
-        return bytes(handle.data[off:off + size])
+        return self._files[fh].read(off, size, self.state)
 
     async def write(self, fh, off, buf):
         """FUSE write: into the handle's buffer (a scratch file: the scratch store); nothing is
@@ -522,138 +432,64 @@ class MemoryFs(pyfuse3.Operations):
         handle = self._files[fh]
         if not handle.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
-        if isinstance(handle, ScratchFile):
-            try:
-                self.state.scratch_write(handle.node, off, buf)
-            except FsError as exc:
-                raise self._refuse(self.tree.path(handle.node), exc) from None
-            return len(buf)
-        if handle.append:  # the kernel's offset is its cached size, which another writer
-            off = len(handle.data)  # may have moved: an append goes to this handle's end
-        gap = max(0, off - len(handle.data))
-        # refused now, so every program sees it (shells ignore errors at close)
-        data = handle.data
-        if gap:  # NUL bytes before the write: counted before any is allocated
-            refusal = self._buffer_refusal(handle.node, handle.data, gap + len(buf))
-        else:
-            data = bytearray(handle.data)
-            data[off:off + len(buf)] = buf
-            refusal = self._buffer_refusal(handle.node, data)
-        if refusal is None and gap:
-            data = bytearray(handle.data)
-            data.extend(b"\0" * gap)
-            data[off:off + len(buf)] = buf
-        if refusal is not None:
-            handle.refused, handle.refused_why = refusal.errno, refusal.reason
-            handle.attempted = bytes(data) if not gap else bytes(handle.data)
-            raise self._refuse(self.tree.path(handle.node), refusal)
-        handle.data = data
-        handle.dirty, handle.written, handle.written_at = True, True, trio.current_time()
-        if handle.added is not None:
-            handle.added += buf
-        self.state.wrote(handle.node)
+        try:
+            handle.write(off, buf, self.state)
+        except FsError as exc:
+            raise self._refuse(self.tree.path(handle.node), exc) from None
         return len(buf)
 
-    @staticmethod
-    def _refusal(handle: OpenFile) -> str:
-        return (f"a write to it was refused ({errno.errorcode[handle.refused]}"
-                + (f": {handle.refused_why}" if handle.refused_why else "") + ")")
-
-    async def _send(self, handle: OpenFile) -> None:
-        node = handle.node
-        if handle.refused is not None:
-            if handle.attempted is not None and node.kind is Kind.BLOCK:
-                self.state.rejected(node, handle.attempted,  # once: later closes find None
-                                    reason=handle.refused_why or self._refusal(handle))
-                handle.attempted = None
-            raise self._refuse(self.tree.path(node), FsError(
-                handle.refused, f"{self._refusal(handle)}; nothing was sent"))
+    async def _send(self, handle: BlockHandle) -> None:
+        """Send `handle` (BlockHandle.send); a refusal is logged and raised as FUSEError."""
         try:
-            if node.kind is Kind.BLOCK:
-                try:
-                    if handle.added is not None and node.block is not None:
-                        await self.files.append(node, bytes(handle.added))
-                        handle.added = bytearray()
-                    else:
-                        await self.files.send(
-                            node, bytes(handle.data), handle.base,
-                            create_only=handle.fresh and not handle.written,
-                            added=bytes(handle.added) if handle.added is not None else None)
-                        if handle.added is not None:
-                            handle.added = bytearray()
-                except Stale:
-                    raise  # both versions are in history already
-                except FsError as exc:
-                    if node.kind is Kind.BLOCK:
-                        self.state.rejected(node, bytes(handle.data), reason=exc.reason)
-                    raise
-                handle.base = node.block
-            elif self.state.gone(node) is not None:  # its block was deleted on the server
-                self.state.lost_block(node, bytes(handle.data))
-                raise FsError(errno.ESTALE, "its block was deleted on the server while the "
-                                            "file was open; the bytes written are kept in "
-                                            "history as a rejected edit")
-            else:  # the file stopped being a block while open: its bytes stay local
-                if node.parent == 0:
-                    log.warning("%s: removed while open; the write stays local", node.name)
-                if node.kind is Kind.SCRATCH:
-                    self.state.scratch_replace(node, bytes(handle.data))
+            await handle.send(self.state, self.files)
         except FsError as exc:
-            raise self._refuse(self.tree.path(node), exc) from None
-        handle.dirty = False
+            raise self._refuse(self.tree.path(handle.node), exc) from None
 
     async def flush(self, fh):
-        """FUSE flush (each close): send the handle's writes as one PATCH and wait for it."""
-        # flush comes with every close() of every dup of the descriptor. A shell's `> file` opens
-        # with O_TRUNC and closes a dup before the first write: sending then would blank the block
-        # on the server for a moment, so a truncation with no write yet waits for release.
-        # A new file's block is created at its first flush, so that close() returns once the
-        # block exists (or its create is journaled) and the next command finds it.
+        """FUSE flush (each close): send the handle's writes as one PATCH and wait for it (a
+        truncation with no write yet waits for release: BlockHandle.needs_flush)."""
         handle = self._files[fh]
-        if (isinstance(handle, OpenFile) and handle.fresh and not handle.written
-                and handle.node.block is not None):
-            handle.dirty = False  # its new file was made by another handle: nothing to send
-        if isinstance(handle, OpenFile) and handle.dirty and (
-                handle.written or handle.refused is not None
-                or (handle.node.kind is Kind.BLOCK and handle.node.block is None)):
+        if handle.needs_flush():
             await self._send(handle)
 
     async def fsync(self, fh, datasync):
         """FUSE fsync/fdatasync: send any pending change now and wait for the server."""
         handle = self._files[fh]
-        if isinstance(handle, OpenFile) and handle.dirty:
+        if handle.dirty:
             await self._send(handle)
 
     async def release(self, fh):
         """FUSE release (last close): send an O_TRUNC/O_CREAT open that was never written."""
         handle = self._files.pop(fh)
-        if isinstance(handle, OpenFile):
-            self._pages.released(handle.node.inode, fh)
-            if handle.writable:
-                self._writer_closed[handle.node.inode] = trio.current_time()
-            if handle.written or handle.refused is not None:
-                # the kernel sized the file by this handle's writes; what it shows may differ
-                self.state.invalidator.attributes(handle.node.inode)
-        if not isinstance(handle, OpenFile) or not handle.dirty:
-            return
-        if handle.refused is not None:
+        if isinstance(handle, BlockHandle):
+            self._closed(handle, fh)
+        what = handle.at_release()
+        if what is Release.REFUSED:
             log.warning("%s: closed after %s; the block is unchanged", self.tree.path(handle.node),
-                        self._refusal(handle))
-        elif not handle.written:  # `: > file`, `touch new.md`: never written
+                        handle.refusal)
+        elif what is Release.SEND:  # `: > file`, `touch new.md`: never written
             try:
                 await self._send(handle)
             except pyfuse3.FUSEError:
                 pass  # already logged; release cannot report an error to the program
-        else:
+        elif what is Release.UNSENT:
             log.warning("%s: closed with changes the server refused; they are kept in history "
                         "as a rejected edit", self.tree.path(handle.node))
+
+    def _closed(self, handle: BlockHandle, fh: int) -> None:
+        """The kernel's caches after the release of block handle `fh`."""
+        self._pages.released(handle.node.inode, fh)
+        if handle.writable:
+            self._writer_closed[handle.node.inode] = trio.current_time()
+        if handle.written or handle.refused is not None:
+            # the kernel sized the file by this handle's writes; what it shows may differ
+            self.state.invalidator.attributes(handle.node.inode)
 
     async def shutdown(self) -> None:
         """Send every open file's unsent writes as its close would (at unmount); a write the
         server refuses is logged as lost."""
         for handle in list(self._files.values()):
-            if (isinstance(handle, OpenFile) and handle.dirty and handle.refused is None
-                    and handle.node.kind is Kind.BLOCK):
+            if handle.sends_at_unmount():
                 try:
                     await self._send(handle)
                 except pyfuse3.FUSEError:
@@ -662,5 +498,4 @@ class MemoryFs(pyfuse3.Operations):
 
     def unsent(self) -> int:
         """How many open block files have writes the server has not accepted (for status)."""
-        return sum(1 for f in self._files.values()
-                   if isinstance(f, OpenFile) and f.dirty and f.node.kind is Kind.BLOCK)
+        return sum(1 for f in self._files.values() if f.unsent)
