@@ -80,30 +80,37 @@ def is_block_name(name: str) -> bool:
     return name.endswith(SUFFIX) and name != SUFFIX and not name.startswith(("#", ".#"))
 
 
+def can_be_file(parts: tuple[str, ...]) -> bool:
+    """Whether a block file can be at path `parts` (from the mount root), in any layout: no
+    control characters (they would break the prompt and git paths), UTF-8, at most MAX_PATH
+    bytes in all, no component empty, `.`, `..` or `.md`, none over MAX_NAME bytes, no `.git`
+    directory in any case (git refuses such paths: `hasDotgit`), and a block name last."""
+    if any(ord(c) < 32 or ord(c) == 127 for name in parts for c in name):
+        return False
+    try:
+        size = len("/".join(parts).encode("utf-8"))
+    except UnicodeEncodeError:
+        return False
+    if not parts or size > MAX_PATH:
+        return False
+    for name in parts:
+        if name in ("", SUFFIX, ".", "..") or len(name.encode()) > MAX_NAME:
+            return False
+    if any(name.casefold() == GITFILE_NAME for name in parts[:-1]):
+        return False
+    return is_block_name(parts[-1])
+
+
 @functools.lru_cache(maxsize=1 << 16)
 def _label_parts(attached: bool, label: str) -> tuple[str, ...] | None:
     """Location.parts, memoized: every listing maps each of thousands of labels again, and
     this check was two thirds of a poll's reconciliation (7.4 ms at 1,000 blocks)."""
-    if any(ord(c) < 32 or ord(c) == 127 for c in label):
-        return None
-    try:
-        size = len(label.encode("utf-8")) + len(SUFFIX) + (len(SYSTEM_DIR) + 1) * attached
-    except UnicodeEncodeError:
-        return None
-    if size > MAX_PATH:
-        return None
     names = label.split("/")
     names[-1] += SUFFIX
-    for name in names:
-        if name in ("", SUFFIX, ".", "..") or len(name.encode()) > MAX_NAME:
-            return None
-    if any(name.casefold() == GITFILE_NAME for name in names[:-1]):
-        return None
-    if not is_block_name(names[-1]):
-        return None
     if not attached and names[0] == SYSTEM_DIR and len(names) > 1:
         return None
-    return ((SYSTEM_DIR,) if attached else ()) + tuple(names)
+    parts = ((SYSTEM_DIR,) if attached else ()) + tuple(names)
+    return parts if can_be_file(parts) else None
 
 
 @dataclass(frozen=True)
