@@ -26,7 +26,7 @@ import trio
 from . import blockfile, fileattrs
 from .errors import FsError
 from .grace import Graveyard, Tombstone
-from .journal import CREATE, RELOCATE, UNLINK, WRITE, Entry, Journal
+from .journal import CREATE, RELOCATE, WRITE, Entry, Journal
 from .model import (MAX_PATH, MEMORY_FILESYSTEM_LABEL, SYSTEM_DIR, Block, Location, Origin,
                     create_marker, is_block_name, is_provisional)
 from .scratch import ScratchStore
@@ -310,39 +310,53 @@ class MountState:
         # an attached listing says nothing of the root's files: the full listing judges those
         for node in self._shown_attached() if attached_only else self.tree.blocks():
             if node.block.id not in desired and node.block.id not in kept:
-                path = self.tree.path(node)
-                self._gone[node.inode] = path
-                self._remove(node, notify=True)
-                self._record(path, None, Origin.SERVER)
-                log.info("%s: gone on the server (deleted or detached)", path)
+                self._gone_on_server(node)
         for block_id, (parts, block) in desired.items():
             node = self.tree.block_node(block_id)
             if node is None:
-                parent = self._free_parent(parts, block_id)
-                if parent is None:
-                    continue
-                node = self.tree.add(Kind.BLOCK, parent, parts[-1])
-                self.invalidator.entry(parent.inode, parts[-1])
-                self.tree.bind(node, block, listed_at)
-                self._record(self.tree.path(node), bytes(node.content), Origin.SERVER)
-                log.info("%s: new on the server", self.tree.path(node))
+                self._new_on_server(parts, block, listed_at)
                 continue
             if block_id in pinned:
                 continue  # shown as the journal makes it (moved, written) until replayed
-            if self.tree.parts(node) != parts:
-                old_path, old_parent, old_name = self.tree.path(node), node.parent, node.name
-                parent = self._free_parent(parts, block_id)
-                if parent is None:
-                    continue
-                self.tree.move(node, parent, parts[-1])
-                self.invalidator.entry(old_parent, old_name)
-                self.invalidator.entry(parent.inode, parts[-1])
-                self._record(old_path, None, Origin.SERVER)
-                self._record(self.tree.path(node), bytes(node.content), Origin.SERVER)
-                log.info("%s: moved on the server to %s", old_path, self.tree.path(node))
+            if self.tree.parts(node) != parts and not self._moved_on_server(node, parts):
+                continue
             if self.tree.bind(node, block, listed_at):
                 changed.append(node.inode)
                 self._record(self.tree.path(node), bytes(node.content), Origin.SERVER)
+
+    def _gone_on_server(self, node: Node) -> None:
+        """The block file `node` leaves the mount: its block was deleted or detached."""
+        path = self.tree.path(node)
+        self._gone[node.inode] = path
+        self._remove(node, notify=True)
+        self._record(path, None, Origin.SERVER)
+        log.info("%s: gone on the server (deleted or detached)", path)
+
+    def _new_on_server(self, parts: tuple[str, ...], block: Block, listed_at: float) -> None:
+        """Show `block`, new to the mount, at `parts` (not while that path is taken)."""
+        parent = self._free_parent(parts, block.id)
+        if parent is None:
+            return
+        node = self.tree.add(Kind.BLOCK, parent, parts[-1])
+        self.invalidator.entry(parent.inode, parts[-1])
+        self.tree.bind(node, block, listed_at)
+        self._record(self.tree.path(node), bytes(node.content), Origin.SERVER)
+        log.info("%s: new on the server", self.tree.path(node))
+
+    def _moved_on_server(self, node: Node, parts: tuple[str, ...]) -> bool:
+        """Move the block file `node` to `parts` (relabelled, attached or detached on the
+        server); False when that path is taken (it stays where it is until it is free)."""
+        old_path, old_parent, old_name = self.tree.path(node), node.parent, node.name
+        parent = self._free_parent(parts, node.block.id)
+        if parent is None:
+            return False
+        self.tree.move(node, parent, parts[-1])
+        self.invalidator.entry(old_parent, old_name)
+        self.invalidator.entry(parent.inode, parts[-1])
+        self._record(old_path, None, Origin.SERVER)
+        self._record(self.tree.path(node), bytes(node.content), Origin.SERVER)
+        log.info("%s: moved on the server to %s", old_path, self.tree.path(node))
+        return True
 
     def _note_duplicates(self, desired: dict[str, tuple[tuple[str, ...], Block]]) -> None:
         """Keep `duplicates` (path -> the ids of the blocks that would show there, oldest
