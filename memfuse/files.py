@@ -184,11 +184,45 @@ class BlockFiles:
         a write that waited never overtakes one that was journaled. Raises FsError (see
         `write` and Remote.create); on Stale the node shows the server's block."""
         parsed = blockfile.parse(data)
+        if node.block is None and await self._first_flush(node, parsed, data, create_only,
+                                                          added):
+            return
+        if base is None:  # the writer opened the file before its block existed: it read an
+            base = dataclasses.replace(node.block, value="")  # empty file; any other text
+        block_id = node.block.id  # the server has by now is a conflict (both go to history)
+        with self._deadline() as deadline:
+            while True:
+                async with self._order(block_id):
+                    block_id, retargeted = self._now_writing(node, block_id)
+                    if retargeted:  # renamed over another file while this waited: the file
+                        # is that file's block now (holding the bytes it showed), written
+                        base = node.block  # under its own order
+                        continue
+                    if not self.state.shows(node, block_id):
+                        log.info("%s: removed while its write waited; the write stays local",
+                                 node.name)
+                        return
+                    if base is not None and is_provisional(base.id):
+                        base = node.block  # read before its create was replayed: no conflict
+                    await self._write_or_journal(node, block_id, parsed, data, base)
+                    return
+        if deadline.cancelled_caught and self.state.shows(node, block_id) and node.block:
+            if base is not None and is_provisional(base.id):
+                base = node.block
+            log.warning("%s: no answer within %g s (the server is slow); the write is "
+                        "journaled", self.tree.path(node), CLOSE_DEADLINE)
+            self._journal(node, parsed, data, base)
+
+    async def _first_flush(self, node: Node, parsed: blockfile.ParsedFile, data: bytes,
+                           create_only: bool, added: bytes | None) -> bool:
+        """A flush of `node` that has no block yet (see `send`): make its block (or take back
+        the one unlinked at its path), unless another handle's create made it meanwhile.
+        True when nothing is left to do; False when this is now a write to that block."""
         while node.block is None:
             if not self.state.shows(node, ""):
                 log.info("%s: removed while its create waited; the write stays local",
                          node.name)
-                return
+                return True
             async with self.order.creating(node.inode):
                 if node.block is None and self.state.shows(node, ""):
                     await self.state.graveyard.quiet(self.tree.parts(node))
@@ -197,53 +231,43 @@ class BlockFiles:
                         await self._reuse(node, tomb, parsed, data)
                     else:
                         await self._create_file(node, parsed, data)
-                    return
+                    return True
             # another handle's create made the block meanwhile: this is a write to it
             if create_only and node.block is not None:  # a new file's handle never
-                return  # written: the block another handle made is its file
+                return True  # written: the block another handle made is its file
             if added is not None and node.block is not None:  # an O_APPEND handle: its
                 # bytes go after that block's text
                 await self.append(node, added)
-                return
-        if base is None:  # the writer opened the file before its block existed: it read an
-            base = dataclasses.replace(node.block, value="")  # empty file; any other text
-        block_id = node.block.id  # the server has by now is a conflict (both go to history)
-        with self._deadline() as deadline:
-            while True:
-                async with self._order(block_id):
-                    if node.block is not None and node.block.id == self._real(block_id):
-                        block_id = node.block.id  # its create was replayed meanwhile
-                    elif node.block is not None and node.parent != 0 and node.kind is Kind.BLOCK:
-                        # renamed over another file while this waited: the file is that file's
-                        # block now (holding the bytes it showed), written under its own order
-                        block_id, base = node.block.id, node.block
-                        continue
-                    if not self.state.shows(node, block_id):
-                        log.info("%s: removed while its write waited; the write stays local",
-                                 node.name)
-                        return
-                    if base is not None and is_provisional(base.id):
-                        base = node.block  # read before its create was replayed: no conflict
-                    if self.offline():
-                        self._journal(node, parsed, data, base)
-                        return
-                    try:
-                        block = await self.write(node.block, parsed, self.tree.path(node), base,
-                                                 node, budget=self._budget())
-                    except ServerAway as exc:
-                        if not self.state.shows(node, block_id):
-                            raise
-                        self._fall_back(exc, self.tree.path(node))
-                        self._journal(node, parsed, data, base)
-                        return
-                    self.state.written(node, block)
-                    break
-        if deadline.cancelled_caught and self.state.shows(node, block_id) and node.block:
-            if base is not None and is_provisional(base.id):
-                base = node.block
-            log.warning("%s: no answer within %g s (the server is slow); the write is "
-                        "journaled", self.tree.path(node), CLOSE_DEADLINE)
+                return True
+        return False
+
+    def _now_writing(self, node: Node, block_id: str) -> tuple[str, bool]:
+        """The block a write to `node`, begun as one to `block_id`, goes to now, and whether
+        that is another block's file since (the file was renamed over it meanwhile)."""
+        if node.block is not None and node.block.id == self._real(block_id):
+            return node.block.id, False  # the same block (its create was replayed meanwhile)
+        if node.block is not None and node.parent != 0 and node.kind is Kind.BLOCK:
+            return node.block.id, True
+        return block_id, False
+
+    async def _write_or_journal(self, node: Node, block_id: str, parsed: blockfile.ParsedFile,
+                                data: bytes, base: Block | None) -> None:
+        """Under `block_id`'s order: send the write of `node` (`write`), or journal it when
+        the server is away or the journal already holds changes. Raises FsError as `write`
+        (ServerAway only when the node no longer shows the block)."""
+        if self.offline():
             self._journal(node, parsed, data, base)
+            return
+        try:
+            block = await self.write(node.block, parsed, self.tree.path(node), base, node,
+                                     budget=self._budget())
+        except ServerAway as exc:
+            if not self.state.shows(node, block_id):
+                raise
+            self._fall_back(exc, self.tree.path(node))
+            self._journal(node, parsed, data, base)
+            return
+        self.state.written(node, block)
 
     def _deadline(self) -> trio.CancelScope:
         """The scope of a change's wait for the server: CLOSE_DEADLINE seconds when a journal
@@ -301,7 +325,7 @@ class BlockFiles:
                     return
                 self.state.journaled(node, dataclasses.replace(block, **changes), data,
                                      self._server_base(block, block))
-        except FsError as exc:
+        except FsError:
             if node.block is None:  # a Stale write shows the server's block: it stays claimed
                 self.state.unclaim(tomb)
             raise
