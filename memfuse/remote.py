@@ -262,10 +262,12 @@ class Remote:
         if not location.attached:
             taken = await self._call(self.client.list_labelled_blocks(
                 self.owner_tag, location.label, budget=budget), changes=False)
-            if taken:  # one attached (system/<label>.md) is another file: not this label's
+            if taken:  # one attached (system/<label>.md) is another file: not this label's;
+                # nor is one still marked: a create of system/<label>.md under way made it
                 attached = {b.id for b in await self._call(self.client.list_attached_blocks(
                     self.agent_id, budget=budget), changes=False)}
-                taken = [b for b in taken if b.id not in attached]
+                taken = [b for b in taken if b.id not in attached and not any(
+                    t.startswith(CREATE_MARKER) for t in b.tags)]
             if taken:
                 raise LabelTaken(taken[0])
         block = await self._call(self.client.create_block(

@@ -33,9 +33,8 @@ open of an existing file closed with no write (`: > x.md` empties the block at r
 close() returned, so it can land after a later writer's close); such an open of a name that
 exists when the process reaches it is made an open without `O_TRUNC` (nothing sent). Readers
 read through FUSE `read` from their own snapshot, so the page-cache limit (a reader opened before
-a save in place) does not arise here. No label is generated in both directories: one label
-created in `system/` and at the root at once is a known gap (test_ordering's xfail
-`test_one_label_created_in_system_and_at_the_root_at_once_makes_two_blocks`). No server-side
+a save in place) does not arise here. The label `a` is in both directories (`system/a.md`
+attached, `a.md` detached: two blocks, one label). No server-side
 edits, outages or polls: test_fuzz covers those. The kernel's locks are modelled too: create,
 unlink and rename in a directory, and rename, unlink and truncate of a file, never overlap
 (`Run.locked`).
@@ -62,9 +61,9 @@ from .fsworld import check_invariants, make_world, setattr_fields
 EXAMPLES = int(os.environ.get("MEMFUSE_MODEL_EXAMPLES", 500))
 SEED = os.environ.get("MEMFUSE_MODEL_SEED")
 
-# labels apart in the two directories: a create of `system/x.md` while `x.md` is created at
-# the root races (see test_ordering's strict xfail), so no label is in both
-PATHS = ["system/a.md", "system/b.md", "system/human.md", "c.md", "d.md", "notes.md"]
+# `a` in both directories: an attached and a detached block share a label, and a create of
+# `system/a.md` while `a.md` is created at the root must not take the other's block
+PATHS = ["system/a.md", "system/b.md", "system/human.md", "a.md", "c.md", "notes.md"]
 FLAGS = {"write": os.O_WRONLY | os.O_TRUNC, "create": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
          "touch": os.O_WRONLY | os.O_CREAT, "extend": os.O_RDWR,
          "append": os.O_WRONLY | os.O_APPEND, "append_create": os.O_WRONLY | os.O_APPEND
