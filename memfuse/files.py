@@ -43,7 +43,6 @@ BURST_WINDOW = 1.0
 BURST_SPAN = 5.0  # seconds a burst's listing serves its opens after it arrived, at most
 
 
-
 def blank(block: Block) -> Block:
     """`block` as a new, empty file would have read it: the base of a write made by a file
     that did not know the block existed (any text the block has is then a conflict)."""
@@ -254,7 +253,7 @@ class BlockFiles:
                                 data: bytes, base: Block | None) -> None:
         """Under `block_id`'s order: send the write of `node` (`write`), or journal it when
         the server is away or the journal already holds changes. Raises FsError as `write`
-        (ServerAway only when the node no longer shows the block)."""
+        (ServerAway when there is no journal, or the node no longer shows the block)."""
         if self.offline():
             self._journal(node, parsed, data, base)
             return

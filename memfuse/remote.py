@@ -17,7 +17,7 @@ from typing import Any, Callable
 import trio
 
 from . import blockfile
-from .errors import FsError, ServerRefused, from_letta
+from .errors import FsError, ServerAway, ServerRefused, from_letta
 from .letta import (BadRequest, Conflict, Invalid, LettaClient, LettaError, NotFound,
                     Throttled, Unauthorized)
 from .model import CREATE_MARKER, Block, Location
@@ -28,6 +28,8 @@ CONFLICT_POLICIES = ("overwrite", "reject")
 FETCH_TIMEOUT = 2.0  # seconds an open waits for a block's refresh before serving the cache
 THROTTLE_WAIT = 5.0  # seconds a replay waits after a 408/429 that named no Retry-After
 LATENCY_SAMPLE = 20  # answered calls whose median time `memfuse status` shows
+
+
 class Stale(FsError):
     """A write was refused because the server changed the block after the file was opened
     (`--on-conflict reject`); `theirs` is the server's block."""
@@ -58,6 +60,12 @@ class Written:
     block: Block
     fields: tuple[str, ...] = ()
     theirs: Block | None = None
+
+
+def _marked_by_another(block: Block, marker: str | None) -> bool:
+    """Whether `block` carries the create marker of a create other than the one `marker` names
+    (a block that create has made and not completed yet)."""
+    return any(t.startswith(CREATE_MARKER) and t != marker for t in block.tags)
 
 
 def _content(block: Block) -> tuple:
@@ -263,11 +271,14 @@ class Remote:
             taken = await self._call(self.client.list_labelled_blocks(
                 self.owner_tag, location.label, budget=budget), changes=False)
             if taken:  # one attached (system/<label>.md) is another file: not this label's;
-                # nor is one still marked: a create of system/<label>.md under way made it
+                # nor is one another create marked: a create of system/<label>.md under way
                 attached = {b.id for b in await self._call(self.client.list_attached_blocks(
                     self.agent_id, budget=budget), changes=False)}
-                taken = [b for b in taken if b.id not in attached and not any(
-                    t.startswith(CREATE_MARKER) for t in b.tags)]
+                taken = [b for b in taken if b.id not in attached
+                         and not _marked_by_another(b, marker)]
+            own = next((b for b in taken if marker is not None and marker in b.tags), None)
+            if own is not None:  # an earlier attempt's POST that landed late: this create's
+                return await self.complete(own, location, budget)
             if taken:
                 raise LabelTaken(taken[0])
         block = await self._call(self.client.create_block(
@@ -276,18 +287,23 @@ class Remote:
         try:
             return await self.complete(block, location, budget)
         except ServerRefused:
-            await self._discard(block, budget)
+            await self.discard(block, budget)
             raise
 
-    async def _discard(self, block: Block, budget: float | None) -> None:
-        """Delete a block this mount made whose create failed (never complete, never a file):
-        `DELETE /v1/blocks/{id}`; a failure is logged, not raised."""
+    async def discard(self, block: Block, budget: float | None = None) -> None:
+        """Delete a block a create of this mount made and never completed (never a file):
+        `DELETE /v1/blocks/{id}`. Gone already is done; a refusal is logged (ERROR). Raises
+        ServerAway when the server does not answer: the caller's create is tried again, so
+        the block is not left behind as a file of its own."""
         try:
             await self._call(self.client.delete_block(block.id, budget=budget))
+        except ServerAway:
+            raise
         except FsError as exc:
             if exc.errno != errno.ESTALE:
-                log.error("block %s: made by a create that failed, and it could not be "
-                          "deleted (%s); it is tagged %s", block.id, exc.reason, self.owner_tag)
+                log.error("block %s: left by a create that did not complete, and the server "
+                          "refused to delete it (%s); it is tagged %s", block.id, exc.reason,
+                          self.owner_tag)
 
     async def complete(self, block: Block, location: Location, budget: float | None = None
                        ) -> Block:
@@ -308,7 +324,7 @@ class Remote:
                         if b.label == location.label and b.id != block.id), None)
                 if theirs is None:
                     raise
-                await self._discard(block, budget)
+                await self.discard(block, budget)
                 raise LabelTaken(theirs) from None
         markers = [t for t in block.tags if t.startswith(CREATE_MARKER)]
         if markers:
@@ -316,28 +332,27 @@ class Remote:
                 block.id, budget=budget, tags=[t for t in block.tags if t not in markers]))
         return block
 
-    async def find_marked(self, marker: str, location: Location,
-                          budget: float | None = None) -> Block | None:
-        """The block an earlier create at `location` tagged `marker` made
-        (`GET /v1/blocks/?tags=<marker>`), or None. Several carry it when an attempt's POST
-        took effect after the next attempt looked (a cut link the server went on with): the
-        one attached is kept (a label has one attached block), else the last listed, and the
-        others are deleted: incomplete, none was ever a file. Raises FsError (ServerAway)."""
+    async def find_marked(self, marker: str, budget: float | None = None
+                          ) -> tuple[Block, bool] | None:
+        """The block an earlier create tagged `marker` made (`GET /v1/blocks/?tags=<marker>`)
+        and whether it is attached to the agent (`GET .../core-memory/blocks`), or None.
+        Several carry it when an attempt's POST took effect after the next attempt looked (a
+        cut link the server went on with): the one attached is kept (a label has one attached
+        block), else the last listed, and the others are deleted (`discard`). Raises FsError
+        (ServerAway, also when a delete got no answer)."""
         found = await self._call(self.client.list_tagged_blocks(marker, budget=budget),
                                  changes=False)
-        if len(found) < 2:
-            return found[0] if found else None
-        kept = found[-1]
-        if location.attached:
-            attached = {b.id for b in await self._call(self.client.list_attached_blocks(
-                self.agent_id, budget=budget), changes=False)}
-            kept = next((b for b in found if b.id in attached), kept)
+        if not found:
+            return None
+        attached = {b.id for b in await self._call(self.client.list_attached_blocks(
+            self.agent_id, budget=budget), changes=False)}
+        kept = next((b for b in found if b.id in attached), found[-1])
         for block in found:
             if block is not kept:
                 log.warning("block %s: a second block made by one create (%s); deleted, "
                             "block %s is kept", block.id, marker, kept.id)
-                await self._discard(block, budget)
-        return kept
+                await self.discard(block, budget)
+        return kept, kept.id in attached
 
     async def find_made(self, location: Location, values: set[str],
                         budget: float | None = None) -> Block | None:

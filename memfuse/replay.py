@@ -293,42 +293,63 @@ class Replayer:
                       unlinked: bool, path: str | None, node: Node | None) -> Outcome:
         """Send a unit's create (`first`) of a block at `location` with what its writes
         `contents` make: the block an earlier attempt made is found by its marker (or, for a
-        file since unlinked, by label, owner tag and value) and finished; else one is made.
-        A label the agent has already takes the file as a write. Its `block` is None only
-        when the file was created and removed while the server was away and no attempt made
-        a block. Raises FsError as `_replay`."""
+        file since unlinked, by label, owner tag and value) and finished (`_finish`); else one
+        is made. A label the agent has already takes the file as a write. Its `block` is None
+        only when the file was created and removed while the server was away and no attempt
+        made a block. Raises FsError as `_replay`."""
         marker = create_marker(first.block_id)
-        block = await self.remote.find_marked(marker, location, WRITE_BUDGET)
-        if block is None and unlinked:  # made, marker dropped, answer lost?
-            block = await self.remote.find_made(location, {
-                _target(contents[:n]).value for n in range(1, len(contents) + 1)},
-                WRITE_BUDGET)
+        sent_values = {_target(contents[:n]).value for n in range(1, len(contents) + 1)}
+        found = await self.remote.find_marked(marker, WRITE_BUDGET)
+        if found is None and unlinked:  # made, marker dropped, answer lost?
+            block = await self.remote.find_made(location, sent_values, WRITE_BUDGET)
             if block is None:
                 return Outcome("created and removed while the server was away")
+            found = (block, location.attached)
         try:
-            if block is None:
+            if found is None:
                 block = await self.remote.create(location, _target(contents), WRITE_BUDGET,
                                                  marker=marker)
                 return Outcome("created", block, sent=True)
-            # an earlier attempt made it (no answer after its POST, or a crash): its label, if
-            # the unit moved it since; `complete` attaches it
-            block = await self.remote.relocate(block, location.attached, location,
-                                               WRITE_BUDGET)
-            written = await self._write(block, base_of(block), contents, path, node,
-                                        entry_path=first.path)
-            block = await self.remote.complete(written.block, location, WRITE_BUDGET)
-            return Outcome("created (by an earlier attempt)" + (
-                "" if written.words == "already on the server" else f", {written.words}"),
-                block, sent=True, recorded=written.recorded)
+            return await self._finish(*found, first, contents, sent_values, location, path,
+                                      node)
         except LabelTaken as taken:  # an earlier attempt whose marker is gone (the answer to
             # its drop was lost), or a block made elsewhere: the file is written to it
             log.warning("%s: %s; the journaled file is written to that block",
                         first.path, taken.reason)
             written = await self._write(taken.theirs, base_of(blank(taken.theirs)), contents,
                                         path, node, entry_path=first.path)
+            block = written.block
+            if marker in block.tags:  # this create's own earlier block: complete it now
+                block = await self.remote.complete(block, location, WRITE_BUDGET)
             return Outcome(f"written to the block the label had ({taken.theirs.id}): "
-                           f"{written.words}", written.block, sent=True,
-                           recorded=written.recorded)
+                           f"{written.words}", block, sent=True, recorded=written.recorded)
+
+    async def _finish(self, block: Block, attached: bool, first: Entry, contents: list[Entry],
+                      sent_values: set[str], location: Location, path: str | None,
+                      node: Node | None) -> Outcome:
+        """Finish `block`, which an earlier attempt of this create made (no answer after its
+        POST, or a crash; `attached`: whether it is attached now): move it where the unit's
+        last rename put the file, write what the unit's writes make, drop its marker
+        (`Remote.complete`). A value no attempt sent (`sent_values`) is someone else's edit
+        (an attached block is in the agent's prompt): it goes to history first, as any
+        conflict. A refusal deletes the block when it holds only what this create sent, so a
+        refused create leaves no live block. Raises FsError as `_replay`."""
+        ours = block.value in sent_values
+        try:
+            # attaching is `complete`'s (it resolves a 409): relocate only relabels, or detaches
+            block = await self.remote.relocate(block, attached or location.attached, location,
+                                               WRITE_BUDGET)
+            base = base_of(block) if ours else base_of(blank(block))
+            written = await self._write(block, base, contents, path, node,
+                                        entry_path=first.path)
+            block = await self.remote.complete(written.block, location, WRITE_BUDGET)
+        except ServerRefused:
+            if ours:
+                await self.remote.discard(block, WRITE_BUDGET)
+            raise
+        return Outcome("created (by an earlier attempt)" + (
+            "" if written.words == "already on the server" else f", {written.words}"),
+            block, sent=True, recorded=written.recorded)
 
     def _unmade(self, entries: list[Entry], contents: list[Entry]) -> Outcome:
         """A unit of a provisional block whose create is settled but made no block (the server

@@ -525,8 +525,9 @@ class MountState:
         if created:
             listed = self.tree.block_node(block.id)
             if listed is not None and listed is not node:
-                # an earlier attempt's block, listed where the server has it (not attached
-                # yet): it is this file's block, shown where the person put it
+                # the block was listed as a file of its own (its marker gone: the LabelTaken
+                # of a create whose earlier attempt completed): it is this file's block,
+                # shown where the person put it
                 path = self.tree.path(listed)
                 self._remove(listed, notify=True)
                 self._record(path, None, Origin.LOCAL)

@@ -6,6 +6,7 @@ then lose its answer (the link going down with it).
 import errno
 import os
 
+import httpx
 import pyfuse3
 import pytest
 import trio
@@ -142,6 +143,94 @@ async def test_the_units_of_a_file_whose_create_was_refused_send_nothing(world):
     assert not any("local-" in path for _, path, _ in world.fake.requests)
     assert ("system/c.md", b"written after\n", Origin.REJECTED) in [
         (p, c[-len(b"written after\n"):] if c else c, o) for p, c, o in world.records]
+
+
+def _is_attach(method: str, path: str, body) -> bool:
+    return method == "PATCH" and "/attach/" in path
+
+
+async def test_an_agents_edit_of_a_half_made_attached_block_goes_to_history_first(world):
+    # the attach took effect, its answer was lost: the agent sees the block in its prompt and
+    # edits it while the mount's link is down; replay must not write over it unseen
+    world.fake.lose_answer = _is_attach
+    await _new_file(world, "system/new.md", b"x\n")
+    [block] = _live(world, "new")
+    world.fake.blocks[block["id"]]["value"] = "the agent wrote this\n"
+    await _server_back(world)
+    assert any(c is not None and c.endswith(b"the agent wrote this\n") and o is Origin.SERVER
+               for p, c, o in world.records if p == "system/new.md")
+    [block] = _live(world, "new")
+    assert block["value"] == "x\n" and not any(t.startswith("memfuse-create:")
+                                               for t in block["tags"])
+
+
+async def test_a_half_made_attached_file_renamed_to_the_root_is_detached(world):
+    world.fake.lose_answer = _is_attach
+    await _new_file(world, "system/new.md", b"x\n")
+    system = await inode_of(world.fs, "system")
+    await world.fs.rename(system, b"new.md", ROOT_INODE, b"moved.md", 0, None)
+    await _server_back(world)
+    [block] = _live(world, "moved")
+    assert block["id"] not in world.fake.agents[world.agent]
+    assert await Poller(world.state, world.remote).poll_once()
+    assert "moved.md" in world.state.tree.files()
+    assert "system/moved.md" not in world.state.tree.files()
+
+
+@pytest.mark.expect_error("the server refused journaled changes")
+async def test_a_refused_replay_of_a_half_made_create_leaves_no_live_block(world):
+    world.fake.lose_answer = _is_attach
+    await _new_file(world, "system/new.md", b"x\n")
+    [block] = _live(world, "new")
+    await _new_file(world, "system/new.md", b"y\n")  # a write journaled behind it
+    world.fake.down = False
+    original = world.fake._handle
+
+    def refuse_patch(request):
+        if request.method == "PATCH" and request.url.path == f"/v1/blocks/{block['id']}":
+            return httpx.Response(422, json={"detail": "refused (fake)"})
+        return original(request)
+
+    world.fake._handle = refuse_patch
+    assert await world.replayer.replay(), world.replayer.last_replay
+    world.fake._handle = original
+    assert await Poller(world.state, world.remote).poll_once()
+    assert _live(world, "new") == [] and block["id"] not in world.fake.blocks
+    assert "system/new.md" not in world.state.tree.files()
+
+
+async def test_a_late_post_of_the_same_root_create_is_completed_not_doubled(world):
+    world.fake.down = True
+    await _new_file(world, "new.md", b"x\n")
+    [entry] = world.journal.pending()
+    marker, owner = f"memfuse-create:{entry.block_id}", f"owner:{world.agent}"
+    find_marked = world.remote.find_marked
+
+    async def then_the_late_post_lands(*args, **kwargs):
+        found = await find_marked(*args, **kwargs)
+        world.fake.add_block("new", "x\n", agent=world.agent, attached=False,
+                             tags=[owner, marker])
+        return found
+
+    world.remote.find_marked = then_the_late_post_lands
+    world.fake.down = False
+    assert await world.replayer.replay(), world.replayer.last_replay
+    world.remote.find_marked = find_marked
+    [block] = _live(world, "new")
+    assert marker not in block["tags"] and world.fake.calls("create") == []
+
+
+async def test_a_second_block_whose_delete_got_no_answer_is_deleted_later(world):
+    world.fake.down = True
+    await _new_file(world, "system/new.md", b"x\n")
+    first, second = _blocks_made_twice(world, "system/new.md", marked_attached=True)
+    world.fake.down = False
+    world.fake.fail_paths = {f"/v1/blocks/{first}": 503}
+    assert not await world.replayer.replay()  # the unit waits: its duplicate is not gone yet
+    world.fake.fail_paths = {}
+    await _server_back(world)
+    assert [b["id"] for b in _live(world, "new")] == [second] and first not in world.fake.blocks
+    assert "new.md" not in world.state.tree.files()
 
 
 async def test_a_write_journaled_behind_a_stuck_create_is_sent(world):
