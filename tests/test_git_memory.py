@@ -113,6 +113,14 @@ async def test_mv_relabels_and_the_block_stays_attached(git_world):
     assert await listdir(git_world.fs, "notes") == ["done.md"]
 
 
+async def test_mv_onto_a_name_that_is_no_block_is_as_rm(git_world):
+    await rename(git_world.fs, "notes/todo.md", "notes/todo.txt")
+    await trio.sleep(GRACE_PASSED)
+    assert git_world.ids["todo"] in git_world.fake.blocks  # never deleted
+    assert "notes/todo" not in attached_labels(git_world)
+    assert await read_all(git_world.fs, "notes/todo.txt") != b""  # the bytes live on, scratch
+
+
 async def test_a_directory_rename_relabels_every_block_under_it(git_world):
     fs = git_world.fs
     await fs.mkdir(await inode_of(fs, "notes"), b"deep", 0o755, None)
@@ -141,6 +149,9 @@ async def test_mkdir_at_any_depth_and_system_stays(git_world):
     assert block(git_world, "a/b/c/d")["id"] in git_world.fake.agents[git_world.agent]
     with pytest.raises(Exception) as raised:
         await fs.rmdir(ROOT_INODE, b"system", None)
+    assert getattr(raised.value, "errno", None) == errno.EPERM
+    with pytest.raises(Exception) as raised:
+        await rename(fs, "system", "prompt")
     assert getattr(raised.value, "errno", None) == errno.EPERM
 
 
