@@ -368,6 +368,8 @@ def _layout(config: Config, agent: AgentFacts) -> Layout:
         if recorded is None:
             raise MountError(f"the local history at {config.history_dir} is in the layout "
                              f"{saved[0]!r}, which this memfuse does not know")
+        log.info("agent %s: mounted in the %s layout its history recorded", config.agent_id,
+                 recorded.name)
         return recorded
     layout = layout_for_tags(agent.tags)
     if saved is not None and recorded is not layout:
