@@ -5,10 +5,13 @@ History files carry no block ids, so a small sidecar beside the history reposito
 (`<history>.blocks`, mode 0600) keeps, for each block file the mount shows, the block's id,
 label, attachment, read-only flag and tags; no values (the history file at that path is
 `blockfile.render(block)`, so `blockfile.parse` of it gives the value, description and limit
-back). The file is one JSON object:
+back). It also records the layout those paths are in (layout.py: "classic" or "git-memory"),
+so a mount started from history shows the files where the history has them; a map without
+it (an older memfuse) is classic. The file is one JSON object:
 
-    {"version": 1, "blocks": [{"path": "system/human.md", "id": "block-…", "label": "human",
-                               "attached": true, "read_only": false, "tags": []}, …]}
+    {"version": 1, "layout": "classic",
+     "blocks": [{"path": "system/human.md", "id": "block-…", "label": "human",
+                 "attached": true, "read_only": false, "tags": []}, …]}
 
 It is written atomically (a temporary file, fsync, rename), so a crash leaves the old map or
 the new one, never half of one.
@@ -28,6 +31,7 @@ from .model import Block, is_provisional
 log = logging.getLogger("memfuse.blockmap")
 
 VERSION = 1
+CLASSIC = "classic"  # the layout of a map that names none (layout.CLASSIC.name)
 
 
 class BlockMapError(Exception):
@@ -61,17 +65,25 @@ def records(shown: Iterable[tuple[str, Block, bool]]) -> list[Record]:
                    if not is_provisional(block.id)), key=lambda r: r.path)
 
 
-def save(path: Path, found: list[Record]) -> None:
+def save(path: Path, found: list[Record], layout: str = CLASSIC) -> None:
     """Write the map to `path` atomically (`<path>.tmp`, fsync, rename; mode 0600) and fsync
-    its directory. Raises OSError."""
-    data = json.dumps({"version": VERSION, "blocks": [asdict(r) for r in found]},
-                      indent=1).encode() + b"\n"
+    its directory; `layout` names the layout its paths are in (layout.Layout.name). Raises
+    OSError."""
+    data = json.dumps({"version": VERSION, "layout": layout,
+                       "blocks": [asdict(r) for r in found]}, indent=1).encode() + b"\n"
     write_private(path, data)
 
 
 def load(path: Path) -> list[Record] | None:
     """The map saved at `path`, or None when there is none. Raises BlockMapError when the
     file cannot be read as a map (OSError other than a missing file, bad JSON, wrong shape)."""
+    found = read(path)
+    return None if found is None else found[1]
+
+
+def read(path: Path) -> tuple[str, list[Record]] | None:
+    """(the layout's name, the records) of the map saved at `path` ("classic" when it names
+    none), or None when there is none. Raises BlockMapError as `load` does."""
     try:
         data = json.loads(path.read_bytes())
     except FileNotFoundError:
@@ -81,9 +93,11 @@ def load(path: Path) -> list[Record] | None:
     try:
         if data["version"] != VERSION:
             raise BlockMapError(f"{path}: version {data['version']!r}, expected {VERSION}")
-        return [Record(str(r["path"]), str(r["id"]), str(r["label"]), bool(r["attached"]),
-                       bool(r.get("read_only", False)), tuple(str(t) for t in r.get("tags", ())))
-                for r in data["blocks"]]
+        records = [Record(str(r["path"]), str(r["id"]), str(r["label"]), bool(r["attached"]),
+                          bool(r.get("read_only", False)),
+                          tuple(str(t) for t in r.get("tags", ())))
+                   for r in data["blocks"]]
+        return str(data.get("layout") or CLASSIC), records
     except (KeyError, TypeError, AttributeError) as exc:
         raise BlockMapError(f"{path}: not a block map ({type(exc).__name__}: {exc})") from None
 

@@ -40,6 +40,7 @@ from .gitremote import GitRemote, Pusher
 from .history import HistoryRepo, Snapshotter, gitfile_content
 from .journal import Journal
 from .keeper import TreeBlockKeeper
+from .layout import Layout, by_name, layout_for_tags
 from .letta import Invalid, LettaClient, LettaError, NotFound, Unauthorized, Unreachable
 from .model import Block, Location, Origin
 from .namespace import Namespace
@@ -140,10 +141,28 @@ def clear_stale_locks(history_dir: Path) -> None:
         lock.unlink(missing_ok=True)
 
 
-async def _connect(client: LettaClient, config: Config, budget: float | None = None) -> str:
+@dataclass(frozen=True)
+class AgentFacts:
+    """What the mount learns of the agent at start-up (`GET /v1/agents/{id}`): its name ("" when
+    it has none, or it started from history) and its tags (None: not known, the server was
+    away), which choose the layout (layout.layout_for_tags)."""
+
+    name: str = ""
+    tags: tuple[str, ...] | None = None
+
+    @classmethod
+    def of(cls, agent: object) -> "AgentFacts":
+        """The facts of the agent object `agent` (anything that is not a dict: none)."""
+        if not isinstance(agent, dict):
+            return cls("", ())
+        return cls(str(agent.get("name") or ""), tuple(str(t) for t in agent.get("tags") or ()))
+
+
+async def _connect(client: LettaClient, config: Config,
+                   budget: float | None = None) -> AgentFacts:
     """Check that `config.base_url` is a Letta server that knows the agent, with `budget`
-    seconds of retries (None: the client's); returns the agent's name (`GET /v1/agents/{id}`,
-    "" when it has none). Raises MountError; ServerUnreachable when no answer came."""
+    seconds of retries (None: the client's); returns the agent's name and tags
+    (`GET /v1/agents/{id}`). Raises MountError; ServerUnreachable when no answer came."""
     try:
         answer = await client.health(budget=budget)
         if not isinstance(answer, dict) or "version" not in answer:
@@ -168,7 +187,7 @@ async def _connect(client: LettaClient, config: Config, budget: float | None = N
                          f"(check LETTA_API_KEY)") from None
     except LettaError as exc:
         raise MountError(f"the Letta server at {config.base_url} answered: {exc}") from None
-    return str(agent.get("name") or "") if isinstance(agent, dict) else ""
+    return AgentFacts.of(agent)
 
 
 @dataclass
@@ -216,7 +235,8 @@ class Mount:
             unreachable_since=(None if poller.reachable else poller.remote.reachable_since),
             journal_pending=len(pending), journal_oldest_at=pending[0].at if pending else None,
             last_replay=self.replayer.last_replay, journal_stuck=self.replayer.stuck(),
-            duplicates=self._duplicates(),
+            duplicates=self._duplicates(), layout=self.state.layout.name,
+            layout_changed=poller.model_changed,
             local_first_at=self.local_first_at if self.local_first else None,
             **(self._push_status() if self.pusher is not None else {}),
             latency=poller.remote.latency(), agent_gone_since=poller.remote.agent_gone_since,
@@ -271,7 +291,8 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
     client = await stack.enter_async_context(LettaClient(
         config.base_url, config.api_key, retry_budget=config.retry_budget, transport=transport))
     has_history = (config.history_dir / "HEAD").exists()  # checked before open() makes one
-    agent_name, away = await _reach(client, config, has_history)
+    agent, away = await _reach(client, config, has_history)
+    layout = _layout(config, agent)
     repo = await _open_history(stack, config)
     pusher = _pusher(stack, config)
     snapshots = Snapshotter(repo, quiet_period=config.quiet_period,
@@ -279,7 +300,7 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
     _teardown(stack, "the last snapshot", snapshots.flush)
     journal = Journal(config.journal_file)
     state = MountState(Tree(gitfile=gitfile_content(config.history_dir)), snapshots.record,
-                       journal=journal)
+                       journal=journal, layout=layout)
     remote = Remote(client, config.agent_id, on_conflict=config.on_conflict)
     away = await _load(config, repo, snapshots, state, remote, away, on_progress)
     attrs = await _commit_at_mount(stack, config, snapshots, state)
@@ -292,7 +313,7 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
     replayer = Replayer(state, remote, files.block_order, files.note_conflict)
     mount = Mount(config, repo, snapshots, state, files, replayer,
                   MemoryFs(state, files, namespace, faults), poller,
-                  TreeBlockKeeper(state, remote), problems, faults, agent_name=agent_name,
+                  TreeBlockKeeper(state, remote), problems, faults, agent_name=agent.name,
                   pusher=pusher, attrs=attrs)
     if away is not None:
         mount.local_first_at = time.time()
@@ -320,16 +341,42 @@ def _claim_mountpoint(config: Config) -> None:
 
 
 async def _reach(client: LettaClient, config: Config,
-                 has_history: bool) -> tuple[str, ServerUnreachable | None]:
-    """(the agent's name, None), or ("", why the server is away) when a history can stand in
-    for it; with a history to fall back on the wait is short, since the mount works from it
-    meanwhile. Raises MountError when the server is away and there is no history."""
+                 has_history: bool) -> tuple[AgentFacts, ServerUnreachable | None]:
+    """(the agent's facts, None), or (no facts, why the server is away) when a history can
+    stand in for it; with a history to fall back on the wait is short, since the mount works
+    from it meanwhile. Raises MountError when the server is away and there is no history."""
     try:
         return await _connect(client, config, START_BUDGET if has_history else None), None
     except ServerUnreachable as exc:
         if not has_history:
             raise _no_history(exc, config) from None
-        return "", exc
+        return AgentFacts(), exc
+
+
+def _layout(config: Config, agent: AgentFacts) -> Layout:
+    """The layout of this mount (layout.py): the one the agent's tags choose when the server
+    answered, else the one the history's block map recorded (classic for a map that names
+    none, or no map: `_from_history` then refuses the mount). Logged when it differs from
+    the recorded one (the snapshot at mount then moves the files). Raises MountError for a
+    layout this memfuse does not know (a newer memfuse recorded it)."""
+    try:
+        saved = blockmap.read(config.block_map_file)
+    except blockmap.BlockMapError:
+        saved = None  # _from_history says so when it needs the map; a listing replaces it
+    recorded = by_name(saved[0] if saved is not None else None)
+    if agent.tags is None:
+        if recorded is None:
+            raise MountError(f"the local history at {config.history_dir} is in the layout "
+                             f"{saved[0]!r}, which this memfuse does not know")
+        log.info("agent %s: mounted in the %s layout its history recorded", config.agent_id,
+                 recorded.name)
+        return recorded
+    layout = layout_for_tags(agent.tags)
+    if saved is not None and recorded is not layout:
+        log.info("the agent's memory model changed since the last mount (%s -> %s layout): "
+                 "the snapshot at mount moves its files", saved[0], layout.name)
+    log.info("agent %s: mounted in the %s layout", config.agent_id, layout.name)
+    return layout
 
 
 async def _open_history(stack: contextlib.AsyncExitStack, config: Config) -> HistoryRepo:
@@ -375,7 +422,8 @@ async def _load(config: Config, repo: HistoryRepo, snapshots: Snapshotter, state
             raise MountError(f"could not list the agent's blocks: {exc}") from None
     recovered = snapshots.recover()
     if away is not None:
-        attached, owned, committed = _from_history(config, away, repo, committed, recovered)
+        attached, owned, committed = _from_history(config, away, repo, committed, recovered,
+                                                   state.layout)
         remote.mark_unreachable(away.detail)
     state.load(attached, owned, listed_at, committed, recovered)
     state.show_journal()
@@ -430,14 +478,15 @@ def _no_history(away: ServerUnreachable, config: Config) -> MountError:
 
 def _from_history(config: Config, away: ServerUnreachable, repo: HistoryRepo,
                   committed: dict[str, bytes],
-                  recovered: list[tuple[str, bytes | None, Origin]] = ()
+                  recovered: list[tuple[str, bytes | None, Origin]] = (),
+                  layout: Layout | None = None
                   ) -> tuple[list[Block], list[Block], dict[str, bytes]]:
     """(attached, owned, committed) for a mount started while the server cannot be reached:
     the blocks as the history's head (`committed`, path -> content) and the block map have
     them, with the local edits the server accepted but a dead daemon never committed
     (`recovered`, Snapshotter.recover) on top (state.load then commits them as the
-    person's), and the part of `committed` they show (a file left out is no server delete, so
-    `state.load` must not see it go). Raises MountError when there is no history (no commit)
+    person's), and the part of `committed` they show in `layout` (the mount's: the one the
+    map recorded; a file left out is no server delete, so `state.load` must not see it go). Raises MountError when there is no history (no commit)
     or no block map (a history an older memfuse made), or the map cannot be read."""
     if repo.head() is None:
         raise _no_history(away, config)
@@ -454,7 +503,8 @@ def _from_history(config: Config, away: ServerUnreachable, repo: HistoryRepo,
         if origin is Origin.LOCAL and content is not None and path in files:
             files[path] = content
     attached, owned = blockmap.blocks(found, files)
-    shown = {"/".join(Location(is_attached, block.label).parts() or ())
+    layout = layout or by_name(None)
+    shown = {"/".join(layout.parts(Location(is_attached, block.label)) or ())
              for blocks, is_attached in ((attached, True), (owned, False)) for block in blocks}
     return attached, owned, {p: c for p, c in committed.items() if p in shown}
 
@@ -482,7 +532,8 @@ class _BlockMapSaver:
             if taken < self._written or found == self._saved:
                 return
             try:
-                await trio.to_thread.run_sync(blockmap.save, self.path, found)
+                await trio.to_thread.run_sync(blockmap.save, self.path, found,
+                                              self.state.layout.name)
             except OSError as exc:
                 log.warning("could not save the block map %s (%s): a mount while the server is "
                             "away would use an older one", self.path, exc)

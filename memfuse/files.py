@@ -454,7 +454,7 @@ class BlockFiles:
                     self._fall_back(exc, self.tree.path(node))
             self.state.journal_relocations([(node, location)])
             log.info("%s: the server is away; its rename to %s is journaled",
-                     self.tree.path(node), "/".join(location.parts() or ()))
+                     self.tree.path(node), "/".join(self.state.path_of(location) or ()))
             return dataclasses.replace(block, label=location.label)
 
     async def retire(self, tomb: Tombstone) -> None:

@@ -14,8 +14,9 @@ every other file is. Two exist (docs/git-memory.md):
   *kept*: the repository holds them but the server never reads them. Editors' temporary names
   stay scratch.
 
-`layout_for_tags(agent_tags)` picks one. Pure: no I/O, and nothing here is wired into the mount
-yet (issue 19, first step).
+`layout_for_tags(agent_tags)` picks one, `by_name` gives back the one a history recorded
+(blockmap.py). Pure: no I/O. state.MountState holds the mount's layout and is the only module
+that maps paths to blocks through it.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import functools
 import re
 from collections.abc import Iterable
 
-from .model import MAX_PATH, SUFFIX, Location, can_be_file, is_block_name
+from .model import MAX_PATH, SUFFIX, SYSTEM_DIR, Location, can_be_file, is_block_name
 
 # letta/services/block_manager_git.py: GIT_MEMORY_ENABLED_TAG; letta/orm/agent.py sets
 # Memory.git_enabled from it, which switches the prompt to _render_memory_blocks_git.
@@ -104,7 +105,11 @@ class Layout(abc.ABC):
     `parts(location_at(p)) == p` when `location_at(p)` is not None.
     """
 
-    name: str  # "classic" or "git-memory": recorded with a history (a later step)
+    name: str  # "classic" or "git-memory": recorded with a history (blockmap.py)
+    # the directory (from the mount root) that holds every attached block's file: the
+    # attached listing's files are found by walking it alone
+    attached_dir: tuple[str, ...]
+    shows_detached: bool  # whether a detached block the agent owns is a file
 
     @abc.abstractmethod
     def location_at(self, parts: tuple[str, ...]) -> Location | None:
@@ -129,6 +134,8 @@ class ClassicLayout(Layout):
     name is scratch. No kept files."""
 
     name = "classic"
+    attached_dir = (SYSTEM_DIR,)
+    shows_detached = True
 
     def location_at(self, parts: tuple[str, ...]) -> Location | None:
         return Location.at(parts)
@@ -173,6 +180,8 @@ class GitMemoryLayout(Layout):
     """
 
     name = "git-memory"
+    attached_dir = ()
+    shows_detached = False
 
     def location_at(self, parts: tuple[str, ...]) -> Location | None:
         if not parts:
@@ -198,6 +207,16 @@ class GitMemoryLayout(Layout):
 
 CLASSIC = ClassicLayout()
 GIT_MEMORY = GitMemoryLayout()
+
+
+LAYOUTS = {CLASSIC.name: CLASSIC, GIT_MEMORY.name: GIT_MEMORY}
+
+
+def by_name(name: str | None) -> Layout | None:
+    """The layout called `name` ("classic", "git-memory"), CLASSIC for None (a history made
+    before layouts were recorded was classic), or None for a name this memfuse does not
+    know."""
+    return CLASSIC if name is None else LAYOUTS.get(name)
 
 
 def layout_for_tags(tags: Iterable[str] | None) -> Layout:

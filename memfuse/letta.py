@@ -220,10 +220,15 @@ class LettaClient:
         of retries (default: the client's retry_budget)."""
         return await self._request("GET", "/v1/health/", budget=budget)
 
-    async def get_agent(self, agent_id: str, *, budget: float | None = None) -> dict[str, Any]:
+    async def get_agent(self, agent_id: str, *, budget: float | None = None,
+                        include: tuple[str, ...] = ()) -> dict[str, Any]:
         """`GET /v1/agents/{agent_id}` -> the agent object. NotFound/Invalid for a bad id.
-        budget: seconds of retries (default: the client's retry_budget)."""
-        return await self._request("GET", f"/v1/agents/{agent_id}", budget=budget)
+        budget: seconds of retries (default: the client's retry_budget). include: only these
+        relationships (`include=agent.tags`: 0.16.8 otherwise loads every one, blocks and
+        tools included); () asks for the whole object."""
+        params = {"include": list(include)} if include else None
+        return await self._request("GET", f"/v1/agents/{agent_id}", params=params,
+                                   budget=budget)
 
     async def list_agents(self, tags: list[str] | None = None, *,
                           budget: float | None = None) -> list[dict[str, Any]]:

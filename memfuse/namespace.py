@@ -18,7 +18,7 @@ import pyfuse3
 from . import blockfile
 from .errors import FsError
 from .files import BlockFiles
-from .model import GITFILE_NAME, Block, Location, is_block_name
+from .model import GITFILE_NAME, Block, Location
 from .remote import Remote
 from .state import MountState
 from .tree import Kind, Node
@@ -61,8 +61,9 @@ class Namespace:
 
     def symlink(self, parent: Node, name: str, target: bytes) -> Node:
         """A symbolic link, scratch only (emacs lock files). Raises FsError: EEXIST, EPERM for
-        a block name."""
-        if is_block_name(name) and name not in parent.children:
+        a block file's path."""
+        parts = (self.tree.parts(parent) or ()) + (name,)
+        if self.state.is_block_path(parts) and name not in parent.children:
             raise FsError(errno.EPERM, "a block file cannot be a symbolic link")
         return self.state.symlink(parent, name, target)
 
@@ -135,7 +136,7 @@ class Namespace:
             await self._rename_dir(src, new_parent, new_name, dst)
         elif dst is not None and dst.kind is Kind.DIR:
             raise FsError(errno.EISDIR, "target is a directory")
-        elif is_block_name(new_name):
+        elif self.state.is_block_path((self.tree.parts(new_parent) or ()) + (new_name,)):
             await self._rename_to_block(src, new_parent, new_name, dst)
         else:
             self.state.renamed(src, new_parent, new_name, shows=None, bury_source=True)
@@ -216,32 +217,30 @@ class Namespace:
         `_rename_dir` holds NameOrder.moving)."""
         old_parts = self.tree.parts(src) or ()
         new_parts = (self.tree.parts(new_parent) or ()) + (new_name,)
-        was_attached = old_parts[0] == "system"
-        moves = []  # (node, old path, new location)
+        moves = []  # (node, old path, old location, new location)
         for node in self.tree.walk(src):
             if node.read_only:
                 raise FsError(errno.EACCES, f"{self.tree.path(node)} is read-only and cannot be "
                                             f"renamed")
             if node.kind is Kind.BLOCK and node.block is not None:
                 rel = self.tree.parts(node)[len(old_parts):]
-                moves.append((node, "/".join(old_parts + rel),
+                moves.append((node, "/".join(old_parts + rel), self.state.location(node),
                               self.state.location_at(new_parts + rel)))
-        done: list[tuple[Node, str, Block, Location]] = []
+        done: list[tuple[Node, str, Block, Location, Location]] = []
         try:
-            for node, path, location in moves:
+            for node, path, was, location in moves:
                 block = await self.files.relocate(node, location)
-                done.append((node, path, block, location))
+                done.append((node, path, block, location, was))
         except FsError:
-            for node, path, block, location in reversed(done):
+            for node, path, block, location, was in reversed(done):
                 try:  # put the ones already moved back
-                    await self.remote.relocate(block, location.attached,
-                                               Location(was_attached, node.block.label))
+                    await self.remote.relocate(block, location.attached, was)
                 except FsError as exc:
                     log.error("%s: could not undo a partial directory rename: %s", path,
                               exc.reason)
             raise
         self.state.dir_renamed(src, new_parent, new_name,
-                               [(node, path, block) for node, path, block, _ in done])
+                               [(node, path, block) for node, path, block, *_ in done])
 
     # -- retiring ------------------------------------------------------------------------------
 

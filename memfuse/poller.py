@@ -14,6 +14,12 @@ so changes are found by listing. Two listings, at two rates:
   listing of thousands of blocks never takes more than a fifth of the time; and at once when
   a burst of opens asks for it (`listed_since`).
 
+The agent's tags choose the mount's layout (layout.py) at mount. They are read again after
+a full listing every `model_interval` (30 s; `GET /v1/agents/{id}?include=agent.tags`): when
+they now choose another layout, the poller says so (`model_changed`, a WARNING, a status
+line) and the mount keeps its own until a remount: a layout switch moves every file, which
+open files and a person's shell would not follow.
+
 A listing answer whose bytes did not change is not decoded again (LettaClient), and an
 unchanged block is not rendered again (Tree.bind), so an idle mount costs about 2.3 requests
 a second and little CPU; the bytes of the full listing still grow with the values.
@@ -25,6 +31,7 @@ import time
 
 import trio
 
+from .layout import layout_for_tags
 from .letta import LettaError, NotFound
 from .remote import Remote
 from .state import MountState
@@ -33,6 +40,7 @@ log = logging.getLogger("memfuse.poller")
 
 FULL_INTERVAL = 3.0  # seconds between full listings, at least
 FULL_COST_FACTOR = 5  # ... and at least this many times the last full listing's duration
+MODEL_INTERVAL = 30.0  # seconds between reads of the agent's tags (its memory model), at least
 
 
 class Poller:
@@ -45,12 +53,18 @@ class Poller:
     away, the poller is what notices it is back (Remote.reachable).
 
     interval: seconds between attached listings; full_interval: seconds between full
-    listings, at least (FULL_COST_FACTOR stretches it when a listing is slow)."""
+    listings, at least (FULL_COST_FACTOR stretches it when a listing is slow);
+    model_interval: seconds between reads of the agent's tags, at least. `model_changed` is
+    the name of the layout the agent's tags choose now when it is not the mount's (None: the
+    same, or not read yet)."""
 
     def __init__(self, state: MountState, remote: Remote, *, interval: float = 0.5,
-                 full_interval: float = FULL_INTERVAL):
+                 full_interval: float = FULL_INTERVAL, model_interval: float = MODEL_INTERVAL):
         self.state, self.remote = state, remote
         self.interval, self.full_interval = interval, full_interval
+        self.model_interval = model_interval
+        self.model_changed: str | None = None
+        self._model_due: float | None = None  # trio time of the next read of the tags
         self.last_poll: float | None = None
         self.last_error: str | None = None
         self.last_full: float | None = None
@@ -122,7 +136,35 @@ class Poller:
             self._full_failed = not self.remote.reachable or self.last_error is not None
             self._full_done.set()
             self._full_done = trio.Event()
+        if applied:
+            await self.check_model()
         return applied
+
+    async def check_model(self) -> None:
+        """Read the agent's tags when due: the first time at the first applied full listing
+        (a mount started from history took its layout from there), then every
+        `model_interval` seconds. When they choose another layout than the mount's, say so
+        once (WARNING; `model_changed`); the mount keeps its layout. A failed read is
+        retried at the next full listing."""
+        now = trio.current_time()
+        if self._model_due is not None and now < self._model_due:
+            return
+        try:
+            tags = await self.remote.agent_tags()
+        except LettaError as exc:
+            log.debug("reading the agent's tags failed: %s", exc)
+            return
+        self._model_due = now + self.model_interval
+        wanted = layout_for_tags(tags)
+        changed = None if wanted is self.state.layout else wanted.name
+        if changed is not None and changed != self.model_changed:
+            log.warning("the agent's memory model changed on the server: its tags now choose "
+                        "the %s layout, this mount shows the %s one; remount to show it in its "
+                        "new layout", changed, self.state.layout.name)
+        elif changed is None and self.model_changed is not None:
+            log.info("the agent's tags choose this mount's %s layout again",
+                     self.state.layout.name)
+        self.model_changed = changed
 
     async def poll_attached(self) -> bool:
         """One listing of the attached blocks and, unless a local change raced it, its

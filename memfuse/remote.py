@@ -173,6 +173,15 @@ class Remote:
                                                                    on_page=on_page))
         return attached, owned
 
+    async def agent_tags(self, budget: float | None = 0) -> tuple[str, ...]:
+        """The agent's tags, which choose its layout (layout.layout_for_tags):
+        `GET /v1/agents/{id}?include=agent.tags` (the agent object without its blocks and
+        tools), one attempt by default. Raises LettaError."""
+        agent = await self._observed(self.client.get_agent(self.agent_id, budget=budget,
+                                                           include=("agent.tags",)))
+        tags = agent.get("tags") if isinstance(agent, dict) else None
+        return tuple(str(t) for t in tags or ())
+
     async def owned_count(self) -> int | None:
         """How many blocks the agent owns (`GET /v1/blocks/count`), one attempt; None when
         the server does not say (it only sizes a progress line)."""

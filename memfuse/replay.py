@@ -280,7 +280,7 @@ class Replayer:
         if moves:
             block = await self.remote.relocate(block, moves[0].frm.attached, moves[-1].to,
                                                WRITE_BUDGET)
-            words.append(f"moved to {'/'.join(moves[-1].to.parts() or ())}")
+            words.append(f"moved to {'/'.join(self.state.path_of(moves[-1].to) or ())}")
             sent = True
         if unlink is not None:
             attached = unlink.frm.attached if first.kind != CREATE else location.attached

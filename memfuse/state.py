@@ -27,8 +27,9 @@ from . import blockfile, fileattrs
 from .errors import FsError
 from .grace import Graveyard, Tombstone
 from .journal import CREATE, RELOCATE, WRITE, Entry, Journal
-from .model import (MAX_PATH, MEMORY_FILESYSTEM_LABEL, SYSTEM_DIR, Block, Location, Origin,
-                    create_marker, is_block_name, is_provisional)
+from .layout import CLASSIC, Layout, PathKind
+from .model import (MAX_PATH, MEMORY_FILESYSTEM_LABEL, Block, Location, Origin, create_marker,
+                    is_provisional)
 from .scratch import ScratchStore
 from .tree import Kind, Node, Tree
 
@@ -114,12 +115,18 @@ class MountState:
     journal, such changes fail). A block with a journaled write, create or rename is *pinned*:
     the mount shows it as the journal makes it, whatever the server lists, until it is
     replayed; a block with a journaled unlink is hidden.
+
+    layout: where blocks are shown (layout.py: CLASSIC, or GIT_MEMORY for an agent tagged
+    `git-memory-enabled`), chosen once at mount (daemon.py) and fixed for the mount's life.
+    Every path <-> block question of any module goes through this object's `location`,
+    `location_at`, `path_of` and `is_block_path`, never through model.Location directly.
     """
 
     def __init__(self, tree: Tree, record: Recorder, *, invalidator: Invalidator | None = None,
                  scratch: ScratchStore | None = None, graveyard: Graveyard | None = None,
-                 journal: Journal | None = None):
+                 journal: Journal | None = None, layout: Layout = CLASSIC):
         self.tree = tree
+        self.layout = layout
         self._record = record
         self.invalidator: Invalidator = invalidator or NoInvalidator()
         # whatever changes a block file, the kernel's copy of its attributes goes at once
@@ -165,11 +172,12 @@ class MountState:
             raise FsError(errno.EINVAL, f"{node.name} was removed: it holds no block")
         return self.location_at(parts)
 
-    @staticmethod
-    def location_at(parts: tuple[str, ...]) -> Location:
-        """Location.at(parts). Raises FsError when that path cannot be a block file:
-        ENAMETOOLONG past MAX_PATH bytes (git's limit), EINVAL otherwise."""
-        location = Location.at(parts)
+    def location_at(self, parts: tuple[str, ...]) -> Location:
+        """The block a file at `parts` stands for, in the mount's layout. Raises FsError when
+        that path cannot be a block file: ENAMETOOLONG past MAX_PATH bytes (git's limit),
+        EINVAL otherwise (in either layout: a label that would be invalid, or a path that is
+        no block's)."""
+        location = self.layout.location_at(parts)
         if location is None:
             path = "/".join(parts)
             if len(path.encode("utf-8", "surrogateescape")) > MAX_PATH:
@@ -178,6 +186,18 @@ class MountState:
             raise FsError(errno.EINVAL, f"{path} cannot be a block file (its label would be "
                                         f"invalid)")
         return location
+
+    def path_of(self, location: Location) -> tuple[str, ...] | None:
+        """The path of `location`'s block file in the mount's layout, or None when that block
+        is not shown (a label that cannot be a file; a detached block in the git-memory
+        layout)."""
+        return self.layout.parts(location)
+
+    def is_block_path(self, parts: tuple[str, ...]) -> bool:
+        """Whether a file at `parts` is meant as a block file: one (`PathKind.BLOCK`), or a
+        name the server would read as a block whose label cannot be shown (`REFUSED`: making
+        it fails, `location_at`). Scratch and, for now, kept files are not (layout.py)."""
+        return self.layout.kind(parts) in (PathKind.BLOCK, PathKind.REFUSED)
 
     @staticmethod
     def shows(node: Node, block_id: str) -> bool:
@@ -200,8 +220,15 @@ class MountState:
 
     def memory_filesystem_node(self) -> Node | None:
         """The attached `memory_filesystem` block's file, when the agent has one."""
-        node = self.tree.child(self.tree.system, f"{MEMORY_FILESYSTEM_LABEL}.md")
+        parts = self.path_of(Location(True, MEMORY_FILESYSTEM_LABEL))
+        node = self._node_at(parts) if parts is not None else None
         return node if node is not None and node.block is not None else None
+
+    def _node_at(self, parts: tuple[str, ...]) -> Node | None:
+        node: Node | None = self.tree.root
+        for name in parts:
+            node = self.tree.child(node, name) if node is not None else None
+        return node
 
     # -- the server's side -------------------------------------------------------------------
 
@@ -270,12 +297,13 @@ class MountState:
         return [n for n in self._shown_attached() if n.block.id not in skip]
 
     def _shown_attached(self) -> list[Node]:
-        """The block files under system/ (a walk of that directory alone: attached blocks are
-        few, the root may hold thousands)."""
-        system = self.tree.child(self.tree.root, SYSTEM_DIR)
-        if system is None:
+        """The block files of attached blocks: a walk of the layout's `attached_dir` alone
+        (classic: `system/`, where the few attached blocks are while the root may hold
+        thousands; git memory: the whole tree, every block being attached)."""
+        top = self._node_at(self.layout.attached_dir)
+        if top is None:
             return []
-        return [n for n in self.tree.walk(system) if n.kind is Kind.BLOCK
+        return [n for n in self.tree.walk(top) if n.kind is Kind.BLOCK
                 and n.block is not None and self.tree.block_node(n.block.id) is n]
 
     def _desired(self, attached: list[Block], owned: list[Block], hidden: set[str],
@@ -283,15 +311,17 @@ class MountState:
         """Where each listed block would show: block id -> (path parts, block). Left out: the
         `hidden` blocks, and a block that carries the create marker of a provisional block
         in `journaled` (its create is replayed: the block is that file's, half made by an
-        attempt whose answer was lost, not a file of its own)."""
+        attempt whose answer was lost, not a file of its own), and a detached block where
+        the layout shows none (git memory)."""
         attached_ids = {b.id for b in attached}
         markers = {create_marker(i) for i in journaled if is_provisional(i)}
         desired = {}
+        detached = owned if self.layout.shows_detached else []
         for block, is_attached in [(b, True) for b in attached] + [
-                (b, False) for b in owned if b.id not in attached_ids]:
+                (b, False) for b in detached if b.id not in attached_ids]:
             if block.id in hidden or block.id in desired or markers.intersection(block.tags):
                 continue
-            parts = Location(is_attached, block.label).parts()
+            parts = self.path_of(Location(is_attached, block.label))
             if parts is None:
                 self._warn_once(block.id, f"block {block.id}: label {block.label!r} cannot be "
                                           f"shown as a file; left out")
@@ -374,9 +404,7 @@ class MountState:
 
     def shown_at(self, path: str) -> str | None:
         """The id of the block the file at `path` shows, or None."""
-        node: Node | None = self.tree.root
-        for name in path.split("/"):
-            node = self.tree.child(node, name) if node is not None else None
+        node = self._node_at(tuple(path.split("/")))
         return node.block.id if node is not None and node.block is not None else None
 
     def _free_parent(self, parts: tuple[str, ...], block_id: str) -> Node | None:
@@ -485,7 +513,7 @@ class MountState:
             self._show(node, block, location)
 
     def _show(self, node: Node | None, block: Block, location: Location) -> None:
-        parts = location.parts()
+        parts = self.path_of(location)
         old = self.tree.path(node) if node is not None else None
         if parts is None:
             return
@@ -602,7 +630,7 @@ class MountState:
         if name in parent.children:
             raise FsError(errno.EEXIST, "file exists")
         parts = (self.tree.parts(parent) or ()) + (name,)
-        if not is_block_name(name):
+        if not self.is_block_path(parts):
             return self.tree.add(Kind.SCRATCH, parent, name)
         self.location_at(parts)
         return self.tree.add(Kind.BLOCK, parent, name)
@@ -663,7 +691,8 @@ class MountState:
         (journal_error) when the journal cannot be written (then nothing changed)."""
         parts = self.tree.parts(node)
         assert parts is not None
-        location = Location.at(parts) or Location(False, "/".join(parts))
+        location = (self.layout.location_at(parts)
+                    or Location(not self.layout.shows_detached, "/".join(parts)))
         entry = None
         if node.block is not None and self.journal is not None:
             entry = self._journal(lambda: self.journal.add_unlink(node.block.id, "/".join(parts),

@@ -71,6 +71,8 @@ class Status(JsonRecord):
     journal_stuck: str | None = None  # a journaled change waiting too long, or a refused key
     agent_gone_since: float | None = None  # when a listing found the agent deleted
     duplicates: list[str] | None = None  # "<path>: shows <id>; also <id>, ..." per such path
+    layout: str = "classic"  # where the blocks are shown (layout.py): classic or git-memory
+    layout_changed: str | None = None  # the layout the agent's tags choose now, if not this one
 
     def render(self, now: float | None = None) -> str:
         """The human-readable report."""
@@ -101,7 +103,7 @@ class Status(JsonRecord):
             f"task was restarted; see the log)" if self.unexpected_errors else
             "  unexpected     none",
         ]
-        lines[-2:-2] = self._duplicate_lines()
+        lines[-2:-2] = self._duplicate_lines() + self._layout_lines()
         if self.git_remote is not None:
             lines[-2:-2] = self._push_lines(ago, now)
         if self.local_first_at is not None:
@@ -129,6 +131,16 @@ class Status(JsonRecord):
             server = (f"UNREACHABLE since {ago(self.unreachable_since).removesuffix(' ago')} "
                       f"(serving the last known state)")
         return server
+
+    def _layout_lines(self) -> list[str]:
+        lines = []
+        if self.layout != "classic" or self.layout_changed is not None:
+            lines.append(f"  layout         {self.layout}")
+        if self.layout_changed is not None:
+            lines.append(f"  MODEL CHANGED  the agent's memory model changed on the server (its "
+                         f"tags now choose the {self.layout_changed} layout); remount to show "
+                         f"it in its new layout")
+        return lines
 
     def _duplicate_lines(self) -> list[str]:
         if not self.duplicates:

@@ -47,3 +47,13 @@ async def world(nursery):
     yield result
     check_invariants(result)
     await result.client.aclose()
+
+
+@pytest.fixture
+async def git_world(nursery):
+    """As `world`, over an agent tagged `git-memory-enabled` (fsworld.git_memory_agent),
+    mounted in the git-memory layout."""
+    result = await make_world(nursery, git_memory=True)
+    yield result
+    check_invariants(result)
+    await result.client.aclose()

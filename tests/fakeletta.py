@@ -22,6 +22,7 @@ class FakeLetta:
     def __init__(self):
         self.blocks: dict[str, dict] = {}
         self.agents: dict[str, list[str]] = {}  # agent id -> attached block ids
+        self.agent_tags: dict[str, list[str]] = {}  # agent id -> its tags (the agent object's)
         self.requests: list[tuple[str, str, dict | None]] = []
         self.fail_next: list[int] = []  # statuses to answer with before serving normally
         self.fail_paths: dict[str, int] = {}  # path -> status for every request to it
@@ -34,9 +35,10 @@ class FakeLetta:
         self.random_latency: tuple[random.Random, float] | None = None  # (rng, max seconds)
         self._ids = itertools.count(1)
 
-    def add_agent(self) -> str:
+    def add_agent(self, tags: list[str] | None = None) -> str:
         agent_id = f"agent-{uuid.uuid4()}"
         self.agents[agent_id] = []
+        self.agent_tags[agent_id] = list(tags or [])
         return agent_id
 
     def add_block(self, label: str, value: str = "", *, agent: str | None = None,
@@ -108,7 +110,7 @@ class FakeLetta:
         if m := re.fullmatch(r"/v1/agents/([^/]+)", path):
             if m[1] not in self.agents:
                 return httpx.Response(404, json={"detail": f"Agent {m[1]} not found"})
-            return httpx.Response(200, json={"id": m[1]})
+            return httpx.Response(200, json={"id": m[1], "tags": self.agent_tags.get(m[1], [])})
         if m := re.fullmatch(r"/v1/agents/([^/]+)/core-memory/blocks", path):
             if m[1] not in self.agents:  # as 0.16.8 answers for a deleted agent
                 return httpx.Response(404, json={"detail": f"Agent {m[1]} not found"})

@@ -9,6 +9,7 @@ from memfuse.replay import Replayer
 from memfuse.fs import MemoryFs
 from memfuse.grace import Graveyard
 from memfuse.journal import Journal
+from memfuse.layout import GIT_MEMORY_TAG, layout_for_tags
 from memfuse.letta import LettaClient
 from memfuse.namespace import Namespace
 from memfuse.remote import Remote
@@ -20,16 +21,39 @@ from .fakeletta import FakeLetta
 HUMAN = b"---\ndescription: desc\nlimit: 20000\n---\nThe human.\n"
 
 
-async def make_world(nursery, grace: float = 0.2, journal: bool = True, after=None):
+def git_memory_agent(fake: FakeLetta) -> tuple[str, dict[str, str]]:
+    """An agent tagged `git-memory-enabled` with path labels, as Letta's git memory has them:
+    system/human, system/persona (limit 20), notes/todo, skills/pdf, projects/policy
+    (read-only) attached; `scratchpad` detached and owned (no file in this layout).
+    Returns (agent id, key -> block id)."""
+    agent = fake.add_agent(tags=[GIT_MEMORY_TAG])
+    return agent, {
+        "human": fake.add_block("system/human", "The human.\n", agent=agent),
+        "persona": fake.add_block("system/persona", "I am.", agent=agent, limit=20),
+        "todo": fake.add_block("notes/todo", "- one\n", agent=agent),
+        "pdf": fake.add_block("skills/pdf", "Read PDFs.\n", agent=agent),
+        "policy": fake.add_block("projects/policy", "Rules.", agent=agent, read_only=True),
+        "scratchpad": fake.add_block("scratchpad", "s", agent=agent, attached=False,
+                                     tags=[f"owner:{agent}"]),
+    }
+
+
+async def make_world(nursery, grace: float = 0.2, journal: bool = True, after=None,
+                     git_memory: bool = False):
     """A mount's Operations over a FakeLetta agent with human, persona (limit 20),
     projects/policy (read-only) attached and notes detached; the retirer runs in `nursery`.
+    git_memory: the agent of `git_memory_agent` instead, mounted in the layout its tags
+    choose (as daemon.py does).
 
     `records` lists every (path, content, origin) the state recorded after the load;
     `loaded` is the tree's files right after the load (what the mount snapshot commits);
     `journal` the journal (in a fresh temporary directory) unless journal=False.
     after: an earlier world whose daemon died: the new mount has its server and a fresh read
     of its journal file (a restart)."""
-    if after is None:
+    if after is None and git_memory:
+        fake = FakeLetta()
+        agent, ids = git_memory_agent(fake)
+    elif after is None:
         fake = FakeLetta()
         agent = fake.add_agent()
         ids = {
@@ -46,13 +70,14 @@ async def make_world(nursery, grace: float = 0.2, journal: bool = True, after=No
     journal_path = (after.journal.path if after is not None else
                     Path(tempfile.mkdtemp(prefix="memfuse-journal-")) / "memory.journal")
     journal_file = Journal(journal_path) if journal else None
+    remote = Remote(client, agent)
     state = MountState(Tree(gitfile=b"gitdir: /somewhere/memory.git\n"),
                        lambda path, content, origin, reason=None: (
                            records.append((path, content, origin)),
                            reasons.append(reason) if origin.value == "rejected" else None),
                        graveyard=Graveyard(grace),
-                       journal=journal_file)
-    remote = Remote(client, agent)
+                       journal=journal_file,
+                       layout=layout_for_tags(await remote.agent_tags()))
     state.load(*await remote.listing(), 0.0, {})
     state.show_journal()
     loaded = state.tree.files()

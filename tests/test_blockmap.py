@@ -77,3 +77,13 @@ def test_no_map_is_none_and_a_broken_one_says_so(tmp_path):
 def test_a_record_is_the_block_where_it_is_shown():
     assert Record.of("system/human.md", HUMAN, True) == Record(
         "system/human.md", "block-1", "human", True, False, ())
+
+
+def test_the_map_records_its_layout_and_an_older_map_is_classic(tmp_path):
+    path = tmp_path / "memory.blocks"
+    found = blockmap.records([("system/human.md", HUMAN, True)])
+    blockmap.save(path, found, "git-memory")
+    assert blockmap.read(path) == ("git-memory", found)
+    assert blockmap.load(path) == found
+    path.write_text(json.dumps({"version": 1, "blocks": []}))  # written before layouts
+    assert blockmap.read(path) == ("classic", [])

@@ -31,7 +31,9 @@ PREFIXES = {"fs": "tests/test_fs.py", "ns": "tests/test_namespace.py",
             "create": "tests/test_create.py", "order": "tests/test_ordering.py",
             "model": "tests/test_ordering_model.py",
             "order-mount": "tests/integration/test_ordering.py",
-            "order-chaos": "tests/integration/test_ordering_chaos.py"}
+            "order-chaos": "tests/integration/test_ordering_chaos.py",
+            "git": "tests/test_git_memory.py",
+            "git-mount": "tests/integration/test_git_memory.py"}
 
 
 def rows():
