@@ -33,7 +33,7 @@ import trio
 
 from . import blockmap, fileattrs, mounttable
 from .config import Config, RunningMount, private_dir, private_file
-from .errors import Faults
+from .errors import Faults, NoAnswer, ServerCallError
 from .files import BlockFiles
 from .fs import MemoryFs
 from .gitremote import GitRemote, Pusher
@@ -369,10 +369,10 @@ async def _load(config: Config, repo: HistoryRepo, snapshots: Snapshotter, state
             attached, owned = await remote.listing(on_page=progress and (
                 lambda n: progress(f"loading agent {config.agent_id}: {n:,} of {total:,} "
                                    f"blocks listed")))
-        except Unreachable as exc:  # it went away between the checks and the listing
+        except NoAnswer as exc:  # it went away between the checks and the listing
             away = ServerUnreachable(config.base_url, exc.detail)
-        except LettaError as exc:
-            raise MountError(f"could not list the agent's blocks: {exc}") from None
+        except ServerCallError as exc:
+            raise MountError(f"could not list the agent's blocks: {exc.failure}") from None
     recovered = snapshots.recover()
     if away is not None:
         attached, owned, committed = _from_history(config, away, repo, committed, recovered)

@@ -1,8 +1,12 @@
-"""One agent's blocks on the Letta server: the calls a mount makes, as block operations.
+"""The server seam: one agent's block calls on the Letta server, and the one error contract
+they keep.
 
-Listing, reading, updating (with the conflict check), creating, relabelling, attaching and
-detaching, retiring. Server errors become FsError (errors.from_letta). Nothing here touches the
-tree or history: callers hand the blocks returned to state.MountState.
+Every call here raises the errors.py family and nothing else from the server: ServerAway
+(NoAnswer, Throttled, a 5xx) when no answer settled it, ServerRefused (BlockGone, AgentGone,
+KeyRefused, ...) when the server judged it (`from_letta` says which answer is which). `Remote`
+holds one agent's block calls (listing, reading, updating with the conflict check, creating,
+relabelling, attaching and detaching, retiring). Nothing here touches the tree or history:
+callers hand the blocks returned to state.MountState.
 """
 from __future__ import annotations
 
@@ -16,10 +20,10 @@ from typing import Any, Callable
 
 import trio
 
-from . import blockfile
-from .errors import FsError, ServerRefused, from_letta
-from .letta import (BadRequest, Conflict, Invalid, LettaClient, LettaError, NotFound,
-                    Throttled, Unauthorized)
+from . import blockfile, letta
+from .errors import (AgentGone, BlockGone, FsError, KeyRefused, NoAnswer, ServerAway,
+                     ServerCallError, ServerRefused, Throttled)
+from .letta import LettaClient
 from .model import CREATE_MARKER, Block, Location
 
 log = logging.getLogger("memfuse.remote")
@@ -28,6 +32,41 @@ CONFLICT_POLICIES = ("overwrite", "reject")
 FETCH_TIMEOUT = 2.0  # seconds an open waits for a block's refresh before serving the cache
 THROTTLE_WAIT = 5.0  # seconds a replay waits after a 408/429 that named no Retry-After
 LATENCY_SAMPLE = 20  # answered calls whose median time `memfuse status` shows
+
+# the client's errors that are an answer from the API: a refusal (Throttled is one too, but
+# says "not now"); any other means no answer, a 5xx, or something that is not the API
+_REFUSALS = (letta.BadRequest, letta.Unauthorized, letta.NotFound, letta.Conflict,
+             letta.Invalid)
+_AWAY = {letta.Unreachable: (NoAnswer, "server unreachable"),
+         letta.ServerError: (ServerAway, "server failing"),
+         letta.Throttled: (Throttled, "server busy (asked to wait)")}
+
+
+def from_letta(exc: letta.LettaError, gone: type[ServerRefused] = BlockGone) -> ServerCallError:
+    """The error a failed client call raises at the seam, with the errno a program sees.
+
+    No answer -> NoAnswer, 5xx -> ServerAway, 408/429 -> Throttled (all EIO: with a journal,
+    the change is journaled). 404 -> `gone` (ESTALE: BlockGone, or AgentGone for a call about
+    the agent), 401/403 -> KeyRefused (EACCES), 409 -> EEXIST (a conflict that outlived the
+    retries is in practice a label an attached block already has), 400/422 -> EINVAL, any
+    other answer -> EIO; those are ServerRefused.
+    """
+    where = dict(call=f"{exc.method} {exc.path}", detail=exc.detail)
+    if type(exc) in _AWAY:
+        kind, what = _AWAY[type(exc)]
+        return kind(errno.EIO, f"{what}: {exc}", exc.status, **where)
+    kind, code = ServerRefused, errno.EIO
+    if isinstance(exc, letta.NotFound):
+        kind, code = gone, errno.ESTALE
+    elif isinstance(exc, letta.Conflict):
+        code = errno.EEXIST
+    elif isinstance(exc, letta.Unauthorized):
+        kind, code = KeyRefused, errno.EACCES
+    elif exc.status in (400, 422):
+        code = errno.EINVAL
+    return kind(code, f"server refused: {exc}", exc.status, **where)
+
+
 class Stale(FsError):
     """A write was refused because the server changed the block after the file was opened
     (`--on-conflict reject`); `theirs` is the server's block."""
@@ -123,24 +162,24 @@ class Remote:
                 log.warning("the server cannot be reached (%s); serving the last known state",
                             why)
 
-    async def _observed(self, coro):
-        """Await a server call, noting whether the server answered, and how long it took.
-        Raises LettaError."""
+    async def _observed(self, coro, gone: type[ServerRefused] = BlockGone):
+        """Await a client call, noting whether the server answered, and how long it took.
+        gone: what a 404 means (from_letta). Raises ServerCallError."""
         started = trio.current_time()
         try:
             result = await coro
-        except (BadRequest, Unauthorized, NotFound, Conflict, Invalid):
+        except _REFUSALS as exc:
             self._answer_times.append(trio.current_time() - started)
             self._seen(True)  # the API answered, with a refusal
-            raise
-        except Throttled as exc:  # an answer: "not now"; nothing is asked before it says
+            raise from_letta(exc, gone) from None
+        except letta.Throttled as exc:  # an answer: "not now"; nothing is asked before it says
             self._answer_times.append(trio.current_time() - started)
             self._seen(True)
             self.throttled_until = trio.current_time() + (exc.retry_after or THROTTLE_WAIT)
-            raise
-        except LettaError as exc:  # no answer, a 5xx, or something that is not the API
+            raise from_letta(exc, gone) from None
+        except letta.LettaError as exc:  # no answer, a 5xx, or something that is not the API
             self._seen(False, str(exc))
-            raise
+            raise from_letta(exc, gone) from None
         self._answer_times.append(trio.current_time() - started)
         self._seen(True)
         return result
@@ -157,9 +196,8 @@ class Remote:
         letta.PAGE_SIZE blocks). budget: seconds of retries (None:
         the client's; 0: one attempt, as a poller that asks again soon wants); on_page(n)
         after each page of owned blocks, n the owned blocks listed so far. Raises
-        LettaError."""
-        attached = await self._observed(self.client.list_attached_blocks(self.agent_id,
-                                                                         budget=budget))
+        ServerCallError: AgentGone when the agent is not on the server, NoAnswer, ..."""
+        attached = await self._attached(budget)
         owned = await self._observed(self.client.list_owned_blocks(self.agent_id,
                                                                    budget=budget,
                                                                    on_page=on_page))
@@ -170,19 +208,25 @@ class Remote:
         the server does not say (it only sizes a progress line)."""
         try:
             return await self._observed(self.client.count_owned_blocks(self.agent_id, budget=0))
-        except (LettaError, ValueError, TypeError):
+        except (ServerCallError, ValueError, TypeError):
             return None
 
     async def attached(self, budget: float | None = None) -> list[Block]:
         """The attached blocks alone: `GET /v1/agents/{id}/core-memory/blocks` (one request up
-        to letta.PAGE_SIZE blocks). budget: as for `listing`. Raises LettaError."""
+        to letta.PAGE_SIZE blocks). budget: as for `listing`. Raises ServerCallError:
+        AgentGone when the agent is not on the server, NoAnswer, ..."""
+        return await self._attached(budget)
+
+    async def _attached(self, budget: float | None) -> list[Block]:
         return await self._observed(self.client.list_attached_blocks(self.agent_id,
-                                                                     budget=budget))
+                                                                     budget=budget),
+                                    gone=AgentGone)
 
     async def fetch(self, block_id: str) -> Block | None:
         """`GET /v1/blocks/{id}`, one attempt (it only refreshes a cache), or None without any
-        call while the server is known to be unreachable. Raises LettaError (NotFound when the
-        block is gone; Unreachable or ServerError when the server does not answer)."""
+        call while the server is known to be unreachable. Raises ServerCallError: BlockGone
+        when the block is gone; NoAnswer or a ServerAway of a 5xx when the server does not
+        answer (Remote logs that once), Throttled, another ServerRefused."""
         if not self.reachable:
             return None
         return await self._observed(self.client.get_block(block_id, budget=0,
@@ -190,8 +234,8 @@ class Remote:
 
     async def fetch_now(self, block_id: str, budget: float | None) -> Block:
         """`GET /v1/blocks/{id}` with `budget` seconds of retries (None: the client's), whatever
-        `reachable` says (a replay, an append). Raises FsError: ServerAway, ESTALE when the
-        block is gone."""
+        `reachable` says (a replay, an append). Raises ServerCallError: ServerAway, BlockGone
+        (ESTALE) when the block is gone."""
         return await self._call(self.client.get_block(block_id, budget=budget), changes=False)
 
     async def update(self, block: Block, parsed: blockfile.ParsedFile,
@@ -263,8 +307,7 @@ class Remote:
             taken = await self._call(self.client.list_labelled_blocks(
                 self.owner_tag, location.label, budget=budget), changes=False)
             if taken:  # one attached (system/<label>.md) is another file: not this label's
-                attached = {b.id for b in await self._call(self.client.list_attached_blocks(
-                    self.agent_id, budget=budget), changes=False)}
+                attached = {b.id for b in await self._attached(budget)}
                 taken = [b for b in taken if b.id not in attached]
             if taken:
                 raise LabelTaken(taken[0])
@@ -301,9 +344,8 @@ class Remote:
             except ServerRefused as exc:
                 theirs = None
                 if exc.status == 409:
-                    theirs = next((b for b in await self._call(self.client.list_attached_blocks(
-                        self.agent_id, budget=budget), changes=False)
-                        if b.label == location.label and b.id != block.id), None)
+                    theirs = next((b for b in await self._attached(budget)
+                                   if b.label == location.label and b.id != block.id), None)
                 if theirs is None:
                     raise
                 await self._discard(block, budget)
@@ -327,8 +369,7 @@ class Remote:
             return found[0] if found else None
         kept = found[-1]
         if location.attached:
-            attached = {b.id for b in await self._call(self.client.list_attached_blocks(
-                self.agent_id, budget=budget), changes=False)}
+            attached = {b.id for b in await self._attached(budget)}
             kept = next((b for b in found if b.id in attached), kept)
         for block in found:
             if block is not kept:
@@ -344,8 +385,7 @@ class Remote:
         `location.label` (attached or not, as `location`), tagged with the owner tag and
         holding one of `values`; or None. Raises FsError (ServerAway)."""
         if location.attached:
-            found = [b for b in await self._call(self.client.list_attached_blocks(
-                self.agent_id, budget=budget), changes=False) if b.label == location.label]
+            found = [b for b in await self._attached(budget) if b.label == location.label]
         else:
             found = await self._call(self.client.list_labelled_blocks(
                 self.owner_tag, location.label, budget=budget), changes=False)
@@ -377,9 +417,8 @@ class Remote:
     async def _detach(self, block_id: str, budget: float | None) -> None:
         try:
             await self._call(self.client.detach_block(self.agent_id, block_id, budget=budget))
-        except FsError as exc:
-            if exc.errno != errno.ESTALE:  # NotFound: not attached (any more)
-                raise
+        except BlockGone:  # not attached (any more)
+            pass
 
     async def retire(self, block: Block, attached: bool, budget: float | None = None) -> bool:
         """What unlinking a block file means on the server: detach it (when attached) and drop
@@ -389,10 +428,8 @@ class Remote:
         async with self.lock(block.id):
             try:
                 current = await self._observed(self.client.get_block(block.id, budget=budget))
-            except NotFound:
+            except BlockGone:
                 return False
-            except LettaError as exc:
-                raise from_letta(exc) from None
             if attached:
                 await self._detach(block.id, budget)
             if self.owner_tag in current.tags:
@@ -407,14 +444,12 @@ class Remote:
             return await self._call(self.client.update_block(block.id, value=value))
 
     async def _call(self, coro, changes: bool = True):
-        """Await a server call; LettaError becomes FsError. changes: it changes server state
-        (counted in `in_flight`/`generation`)."""
+        """Await a client call (`_observed`). changes: it changes server state (counted in
+        `in_flight`/`generation`). Raises ServerCallError."""
         if changes:
             self.in_flight += 1
         try:
             return await self._observed(coro)
-        except LettaError as exc:
-            raise from_letta(exc) from None
         finally:
             if changes:
                 self.in_flight -= 1
