@@ -33,18 +33,17 @@ import trio
 
 from . import blockmap, fileattrs, mounttable
 from .config import Config, RunningMount, private_dir, private_file
-from .errors import Faults, NoAnswer, ServerCallError
+from .errors import AgentGone, Faults, KeyRefused, NoAnswer, ServerCallError
 from .files import BlockFiles
 from .fs import MemoryFs
 from .gitremote import GitRemote, Pusher
 from .history import HistoryRepo, Snapshotter, gitfile_content
 from .journal import Journal
 from .keeper import TreeBlockKeeper
-from .letta import Invalid, LettaClient, LettaError, NotFound, Unauthorized, Unreachable
 from .model import Block, Location, Origin
 from .namespace import Namespace
 from .poller import Poller
-from .remote import Remote
+from .remote import Client, Remote, agent_name, check_server, make_client
 from .replay import Replayer
 from .state import KernelInvalidator, MountState
 from .status import LastProblem, Status
@@ -66,7 +65,7 @@ class MountError(Exception):
 
 
 class ServerUnreachable(MountError):
-    """The server at `base_url` gave no answer at start-up (Unreachable; `detail` says how):
+    """The server at `base_url` gave no answer at start-up (NoAnswer; `detail` says how):
     the mount may start from its local history instead."""
 
     def __init__(self, base_url: str, detail: str):
@@ -140,35 +139,35 @@ def clear_stale_locks(history_dir: Path) -> None:
         lock.unlink(missing_ok=True)
 
 
-async def _connect(client: LettaClient, config: Config, budget: float | None = None) -> str:
+async def _connect(client: Client, config: Config, budget: float | None = None) -> str:
     """Check that `config.base_url` is a Letta server that knows the agent, with `budget`
-    seconds of retries (None: the client's); returns the agent's name (`GET /v1/agents/{id}`,
-    "" when it has none). Raises MountError; ServerUnreachable when no answer came."""
+    seconds of retries (None: the client's; `client` from remote.make_client); returns the
+    agent's name ("" when it has none). Raises MountError; ServerUnreachable when no answer
+    came."""
     try:
-        answer = await client.health(budget=budget)
-        if not isinstance(answer, dict) or "version" not in answer:
-            raise LettaError("GET", "/v1/health/", 200, f"an answer without a version: "
-                                                        f"{str(answer)[:80]}")
-    except Unreachable as exc:
-        raise ServerUnreachable(config.base_url, exc.detail) from None
-    except Unauthorized:
-        raise MountError(f"the Letta server at {config.base_url} refused the API key "
-                         f"(check LETTA_API_KEY)") from None
-    except LettaError as exc:
-        raise MountError(f"{config.base_url} does not look like a Letta server (GET "
-                         f"/v1/health/ answered {exc.status or ''} {exc.detail})") from None
+        await check_server(client, budget)
+    except ServerCallError as exc:
+        raise _not_connected(exc, config, f"{config.base_url} does not look like a Letta "
+                                          f"server (GET /v1/health/ answered "
+                                          f"{exc.status or ''} {exc.detail})") from None
     try:
-        agent = await client.get_agent(config.agent_id, budget=budget)
-    except Unreachable as exc:
-        raise ServerUnreachable(config.base_url, exc.detail) from None
-    except (NotFound, Invalid):
+        return await agent_name(client, config.agent_id, budget)
+    except AgentGone:
         raise MountError(f"agent {config.agent_id} not found on {config.base_url}") from None
-    except Unauthorized:
-        raise MountError(f"the Letta server at {config.base_url} refused the API key "
-                         f"(check LETTA_API_KEY)") from None
-    except LettaError as exc:
-        raise MountError(f"the Letta server at {config.base_url} answered: {exc}") from None
-    return str(agent.get("name") or "") if isinstance(agent, dict) else ""
+    except ServerCallError as exc:
+        raise _not_connected(exc, config, f"the Letta server at {config.base_url} answered: "
+                                          f"{exc.failure}") from None
+
+
+def _not_connected(exc: ServerCallError, config: Config, otherwise: str) -> MountError:
+    """The start-up error for a check that failed with `exc`: no answer (ServerUnreachable: a
+    history may stand in), a refused key, else `otherwise`."""
+    if isinstance(exc, NoAnswer):
+        return ServerUnreachable(config.base_url, exc.detail)
+    if isinstance(exc, KeyRefused):
+        return MountError(f"the Letta server at {config.base_url} refused the API key "
+                          f"(check LETTA_API_KEY)")
+    return MountError(otherwise)
 
 
 @dataclass
@@ -268,7 +267,7 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
     """Acquire everything up to a loaded tree, each teardown registered on `stack`; tell
     on_progress how a large load goes (`serve`). Raises MountError."""
     _claim_mountpoint(config)
-    client = await stack.enter_async_context(LettaClient(
+    client = await stack.enter_async_context(make_client(
         config.base_url, config.api_key, retry_budget=config.retry_budget, transport=transport))
     has_history = (config.history_dir / "HEAD").exists()  # checked before open() makes one
     agent_name, away = await _reach(client, config, has_history)
@@ -319,7 +318,7 @@ def _claim_mountpoint(config: Config) -> None:
     clear_stale_locks(config.history_dir)
 
 
-async def _reach(client: LettaClient, config: Config,
+async def _reach(client: Client, config: Config,
                  has_history: bool) -> tuple[str, ServerUnreachable | None]:
     """(the agent's name, None), or ("", why the server is away) when a history can stand in
     for it; with a history to fall back on the wait is short, since the mount works from it

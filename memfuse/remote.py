@@ -1,12 +1,14 @@
-"""The server seam: one agent's block calls on the Letta server, and the one error contract
+"""The server seam: every call memfuse makes to the Letta server, and the one error contract
 they keep.
 
-Every call here raises the errors.py family and nothing else from the server: ServerAway
-(NoAnswer, Throttled, a 5xx) when no answer settled it, ServerRefused (BlockGone, AgentGone,
-KeyRefused, ...) when the server judged it (`from_letta` says which answer is which). `Remote`
-holds one agent's block calls (listing, reading, updating with the conflict check, creating,
-relabelling, attaching and detaching, retiring). Nothing here touches the tree or history:
-callers hand the blocks returned to state.MountState.
+This is the only module that imports the client (letta.py). Every call here raises the
+errors.py family and nothing else from the server: ServerAway (NoAnswer, Throttled, a 5xx)
+when no answer settled it, ServerRefused (BlockGone, AgentGone, KeyRefused, ...) when the
+server judged it (`from_letta` says which answer is which). `Remote` holds one agent's block
+calls (listing, reading, updating with the conflict check, creating, relabelling, attaching
+and detaching, retiring); `make_client`, `check_server`, `agent_name` and `list_agents` are
+the calls made before a mount exists. Nothing here touches the tree or history: callers hand
+the blocks returned to state.MountState.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import httpx
 import trio
 
 from . import blockfile, letta
@@ -65,6 +68,64 @@ def from_letta(exc: letta.LettaError, gone: type[ServerRefused] = BlockGone) -> 
     elif exc.status in (400, 422):
         code = errno.EINVAL
     return kind(code, f"server refused: {exc}", exc.status, **where)
+
+
+Client = LettaClient  # what make_client returns, named here so that callers need not import it
+
+
+def make_client(base_url: str, api_key: str | None = None, *, retry_budget: float = 10.0,
+                transport: httpx.AsyncBaseTransport | None = None) -> Client:
+    """The client every call here takes, for the server at `base_url` (use it as `async
+    with`): api_key sent as a Bearer token, never logged; retry_budget: seconds within which
+    transient failures are retried (letta.LettaClient); transport: a stand-in server (tests).
+    Its `requests` and `received_bytes` count what the mount costs the server."""
+    return Client(base_url, api_key, retry_budget=retry_budget, transport=transport)
+
+
+async def _checked(coro):
+    """Await a client call made outside a Remote (no reachability to note). Raises
+    ServerCallError (from_letta)."""
+    try:
+        return await coro
+    except letta.LettaError as exc:
+        raise from_letta(exc) from None
+
+
+async def check_server(client: Client, budget: float | None = None) -> str:
+    """That the client's server is a Letta server: `GET /v1/health/` answers with a version,
+    which is returned. budget: seconds of retries (None: the client's). Raises
+    ServerCallError: NoAnswer, KeyRefused, or ServerRefused (status 200) for an answer without
+    a version."""
+    answer = await _checked(client.health(budget=budget))
+    if not isinstance(answer, dict) or "version" not in answer:
+        words = f"an answer without a version: {str(answer)[:80]}"
+        raise from_letta(letta.LettaError("GET", "/v1/health/", 200, words))
+    return str(answer["version"])
+
+
+async def agent_name(client: Client, agent_id: str, budget: float | None = None) -> str:
+    """The name of the agent `agent_id` ("" when it has none): `GET /v1/agents/{id}`. budget:
+    seconds of retries (None: the client's). Raises ServerCallError: AgentGone (404, or 422 for
+    an id of the wrong shape), NoAnswer, KeyRefused, ..."""
+    try:
+        agent = await client.get_agent(agent_id, budget=budget)
+    except letta.Invalid as exc:  # an id of the wrong shape names no agent
+        error = from_letta(exc)
+        raise AgentGone(error.errno, error.reason, error.status, call=error.call,
+                        detail=error.detail) from None
+    except letta.LettaError as exc:
+        raise from_letta(exc, AgentGone) from None
+    return str(agent.get("name") or "") if isinstance(agent, dict) else ""
+
+
+async def list_agents(base_url: str, api_key: str | None, tags: list[str] | None = None, *,
+                      retry_budget: float = 10.0) -> list[dict[str, Any]]:
+    """Every agent on the server at `base_url` (with `tags`: those having all of them), oldest
+    first, each the agent object with its tags: `GET /v1/agents/`, paginated, over a client
+    of its own. Raises ServerCallError (NoAnswer when no answer came within `retry_budget`
+    seconds)."""
+    async with make_client(base_url, api_key, retry_budget=retry_budget) as client:
+        return await _checked(client.list_agents(tags))
 
 
 class Stale(FsError):

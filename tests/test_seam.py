@@ -7,7 +7,9 @@ import pytest
 from memfuse import letta
 from memfuse.errors import (AgentGone, BlockGone, FsError, KeyRefused, NoAnswer, ServerAway,
                             ServerCallError, ServerRefused, Throttled)
-from memfuse.remote import from_letta
+from memfuse.remote import agent_name, check_server, from_letta, make_client
+
+from .fakeletta import FakeLetta
 
 PATH = "/v1/blocks/block-1"
 
@@ -66,3 +68,17 @@ async def test_the_reads_raise_the_seam_errors(world):
     assert caught.value.failure.startswith(
         f"GET /v1/agents/{world.agent}/core-memory/blocks: ConnectError")
     assert not world.remote.reachable
+
+
+async def test_the_start_up_calls_raise_the_seam_errors():
+    fake = FakeLetta()
+    agent = fake.add_agent()
+    async with make_client("http://letta.test", transport=fake.transport(),
+                           retry_budget=0.2) as client:
+        assert await check_server(client) == "fake"
+        assert await agent_name(client, agent) == ""
+        with pytest.raises(AgentGone):
+            await agent_name(client, "agent-missing")
+        fake.down = True
+        with pytest.raises(NoAnswer):
+            await check_server(client, budget=0)
