@@ -69,8 +69,8 @@ class ServerRefused(ServerCallError):
 
 
 class BlockGone(ServerRefused):
-    """404 for a call about a block: the block is not on the server (deleted), or, for a
-    detach, not attached to the agent. ESTALE."""
+    """404 for any call but the agent's own: the block is not on the server (deleted), or, for
+    a detach, not attached to the agent. ESTALE."""
 
 
 class AgentGone(ServerRefused):
