@@ -26,12 +26,12 @@ from pathlib import Path
 import trio
 
 from . import locate, many, mounttable, procs, service
-from .config import (AGENT_PLACEHOLDER, GIT_REMOTE_ENV, Config, ConfigError, check_agent_id,
-                     private_dir)
+from .config import (AGENT_PLACEHOLDER, DEFAULT_BASE_URL, GIT_REMOTE_ENV, Config, ConfigError,
+                     check_agent_id, private_dir)
 from .daemon import MountError, answers, clear_dead_mount, serve
+from .errors import ServerCallError
 from .gitremote import GitRemote, RemoteError
 from .journal import Journal
-from .letta import DEFAULT_BASE_URL, LettaError
 from .remote import CONFLICT_POLICIES
 from .status import Status
 
@@ -215,7 +215,7 @@ def _launch(config: Config, debug: bool) -> tuple[list[str], str | None]:
 
 def _selected_agents(args: argparse.Namespace) -> tuple[list[many.Agent], str]:
     """The agents `--all [--tag ...]` names on the server (`--base-url`, else LETTA_BASE_URL,
-    else the default) and the words saying where they come from. Raises LettaError."""
+    else the default) and the words saying where they come from. Raises ServerCallError."""
     base_url = args.base_url or os.environ.get("LETTA_BASE_URL") or DEFAULT_BASE_URL
     agents = trio.run(partial(many.server_agents, base_url,
                               os.environ.get("LETTA_API_KEY") or None, args.tag))
@@ -229,8 +229,8 @@ def _mount_all(args: argparse.Namespace, git_remote: str | None) -> int:
     AGENT_PLACEHOLDER) names each agent's own remote."""
     try:
         agents, where = _selected_agents(args)
-    except LettaError as exc:
-        print(f"memfuse: could not list the agents: {exc}", file=sys.stderr)
+    except ServerCallError as exc:
+        print(f"memfuse: could not list the agents: {exc.failure}", file=sys.stderr)
         return 1
 
     def launch(agent: many.Agent) -> many.Launched:
@@ -543,8 +543,8 @@ def _service_install(args: argparse.Namespace) -> int:
     if args.all:
         try:
             agents, where = _selected_agents(args)
-        except LettaError as exc:
-            print(f"memfuse: could not list the agents: {exc}", file=sys.stderr)
+        except ServerCallError as exc:
+            print(f"memfuse: could not list the agents: {exc.failure}", file=sys.stderr)
             return 1
         if not agents:
             print(f"memfuse: no agents {where}; the unit is installed, no instance enabled")

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import procs
-from .letta import DEFAULT_BASE_URL
 
+DEFAULT_BASE_URL = "http://localhost:8283"  # the Letta server, without --base-url or LETTA_BASE_URL
 
 GIT_REMOTE_ENV = "MEMFUSE_GIT_REMOTE"
 AGENT_PLACEHOLDER = "{agent}"  # in a git remote URL: the agent id (one repository per agent)

@@ -33,7 +33,7 @@ import trio
 
 from . import blockmap, fileattrs, mounttable
 from .config import Config, RunningMount, private_dir, private_file
-from .errors import Faults
+from .errors import AgentGone, Faults, KeyRefused, NoAnswer, ServerCallError
 from .files import BlockFiles
 from .fs import MemoryFs
 from .gitremote import GitRemote, Pusher
@@ -41,11 +41,10 @@ from .history import HistoryRepo, Snapshotter, gitfile_content
 from .journal import Journal
 from .keeper import TreeBlockKeeper
 from .layout import Layout, by_name, layout_for_tags
-from .letta import Invalid, LettaClient, LettaError, NotFound, Unauthorized, Unreachable
 from .model import Block, Location, Origin
 from .namespace import Namespace
 from .poller import Poller
-from .remote import Remote
+from .remote import AgentFacts, Client, Remote, agent_facts, check_server, make_client
 from .replay import Replayer
 from .state import KernelInvalidator, MountState
 from .status import LastProblem, Status
@@ -67,7 +66,7 @@ class MountError(Exception):
 
 
 class ServerUnreachable(MountError):
-    """The server at `base_url` gave no answer at start-up (Unreachable; `detail` says how):
+    """The server at `base_url` gave no answer at start-up (NoAnswer; `detail` says how):
     the mount may start from its local history instead."""
 
     def __init__(self, base_url: str, detail: str):
@@ -141,53 +140,35 @@ def clear_stale_locks(history_dir: Path) -> None:
         lock.unlink(missing_ok=True)
 
 
-@dataclass(frozen=True)
-class AgentFacts:
-    """What the mount learns of the agent at start-up (`GET /v1/agents/{id}`): its name ("" when
-    it has none, or it started from history) and its tags (None: not known, the server was
-    away), which choose the layout (layout.layout_for_tags)."""
-
-    name: str = ""
-    tags: tuple[str, ...] | None = None
-
-    @classmethod
-    def of(cls, agent: object) -> "AgentFacts":
-        """The facts of the agent object `agent` (anything that is not a dict: none)."""
-        if not isinstance(agent, dict):
-            return cls("", ())
-        return cls(str(agent.get("name") or ""), tuple(str(t) for t in agent.get("tags") or ()))
-
-
-async def _connect(client: LettaClient, config: Config,
-                   budget: float | None = None) -> AgentFacts:
+async def _connect(client: Client, config: Config, budget: float | None = None) -> AgentFacts:
     """Check that `config.base_url` is a Letta server that knows the agent, with `budget`
-    seconds of retries (None: the client's); returns the agent's name and tags
-    (`GET /v1/agents/{id}`). Raises MountError; ServerUnreachable when no answer came."""
+    seconds of retries (None: the client's; `client` from remote.make_client); returns the
+    agent's name and tags (`GET /v1/agents/{id}`). Raises MountError; ServerUnreachable when
+    no answer came."""
     try:
-        answer = await client.health(budget=budget)
-        if not isinstance(answer, dict) or "version" not in answer:
-            raise LettaError("GET", "/v1/health/", 200, f"an answer without a version: "
-                                                        f"{str(answer)[:80]}")
-    except Unreachable as exc:
-        raise ServerUnreachable(config.base_url, exc.detail) from None
-    except Unauthorized:
-        raise MountError(f"the Letta server at {config.base_url} refused the API key "
-                         f"(check LETTA_API_KEY)") from None
-    except LettaError as exc:
-        raise MountError(f"{config.base_url} does not look like a Letta server (GET "
-                         f"/v1/health/ answered {exc.status or ''} {exc.detail})") from None
+        await check_server(client, budget)
+    except ServerCallError as exc:
+        raise _not_connected(exc, config, f"{config.base_url} does not look like a Letta "
+                                          f"server (GET /v1/health/ answered "
+                                          f"{exc.status or ''} {exc.detail})") from None
     try:
-        agent = await client.get_agent(config.agent_id, budget=budget)
-    except Unreachable as exc:
-        raise ServerUnreachable(config.base_url, exc.detail) from None
-    except (NotFound, Invalid):
+        return await agent_facts(client, config.agent_id, budget)
+    except AgentGone:
         raise MountError(f"agent {config.agent_id} not found on {config.base_url}") from None
-    except Unauthorized:
-        raise MountError(f"the Letta server at {config.base_url} refused the API key "
-                         f"(check LETTA_API_KEY)") from None
-    except LettaError as exc:
-        raise MountError(f"the Letta server at {config.base_url} answered: {exc}") from None
-    return AgentFacts.of(agent)
+    except ServerCallError as exc:
+        raise _not_connected(exc, config, f"the Letta server at {config.base_url} answered: "
+                                          f"{exc.failure}") from None
+
+
+def _not_connected(exc: ServerCallError, config: Config, otherwise: str) -> MountError:
+    """The start-up error for a check that failed with `exc`: no answer (ServerUnreachable: a
+    history may stand in), a refused key, else `otherwise`."""
+    if isinstance(exc, NoAnswer):
+        return ServerUnreachable(config.base_url, exc.detail)
+    if isinstance(exc, KeyRefused):
+        return MountError(f"the Letta server at {config.base_url} refused the API key "
+                          f"(check LETTA_API_KEY)")
+    return MountError(otherwise)
 
 
 @dataclass
@@ -288,7 +269,7 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
     """Acquire everything up to a loaded tree, each teardown registered on `stack`; tell
     on_progress how a large load goes (`serve`). Raises MountError."""
     _claim_mountpoint(config)
-    client = await stack.enter_async_context(LettaClient(
+    client = await stack.enter_async_context(make_client(
         config.base_url, config.api_key, retry_budget=config.retry_budget, transport=transport))
     has_history = (config.history_dir / "HEAD").exists()  # checked before open() makes one
     agent, away = await _reach(client, config, has_history)
@@ -340,7 +321,7 @@ def _claim_mountpoint(config: Config) -> None:
     clear_stale_locks(config.history_dir)
 
 
-async def _reach(client: LettaClient, config: Config,
+async def _reach(client: Client, config: Config,
                  has_history: bool) -> tuple[AgentFacts, ServerUnreachable | None]:
     """(the agent's facts, None), or (no facts, why the server is away) when a history can
     stand in for it; with a history to fall back on the wait is short, since the mount works
@@ -416,10 +397,10 @@ async def _load(config: Config, repo: HistoryRepo, snapshots: Snapshotter, state
             attached, owned = await remote.listing(on_page=progress and (
                 lambda n: progress(f"loading agent {config.agent_id}: {n:,} of {total:,} "
                                    f"blocks listed")))
-        except Unreachable as exc:  # it went away between the checks and the listing
+        except NoAnswer as exc:  # it went away between the checks and the listing
             away = ServerUnreachable(config.base_url, exc.detail)
-        except LettaError as exc:
-            raise MountError(f"could not list the agent's blocks: {exc}") from None
+        except ServerCallError as exc:
+            raise MountError(f"could not list the agent's blocks: {exc.failure}") from None
     recovered = snapshots.recover()
     if away is not None:
         attached, owned, committed = _from_history(config, away, repo, committed, recovered,

@@ -1,13 +1,17 @@
-"""The one error type the filesystem layer turns into an errno, and the count of unexpected
-ones (bugs) that the safe boundary caught."""
+"""The errors a file operation and a server call end in, and the count of unexpected ones
+(bugs) that the safe boundary caught.
+
+FsError is the one error the filesystem layer turns into an errno. A call to the Letta server
+fails with a ServerCallError (remote.py, the server seam, makes them from the client's
+errors): ServerAway when the server gave no answer that settles the call (none at all:
+NoAnswer; a 5xx; a 408 or 429: Throttled), ServerRefused when it judged the call (a block or
+the agent that is not there: BlockGone, AgentGone; the API key: KeyRefused). Nothing here
+knows the client, so every module above the seam catches these alone.
+"""
 from __future__ import annotations
 
-import errno
 import logging
 import time
-
-from .letta import (Conflict, LettaError, NotFound, ServerError, Throttled, Unauthorized,
-                    Unreachable)
 
 
 class FsError(Exception):
@@ -19,50 +23,64 @@ class FsError(Exception):
         self.reason = reason
 
 
-class ServerAway(FsError):
-    """The server gave no answer (connect error, timeout) or only 5xx within the budget: the
-    change may be journaled instead of refused (EIO when it is not). `status`: the last HTTP
-    status (None: no answer at all)."""
+class ServerCallError(FsError):
+    """A call to the server failed. `status`: the HTTP status (None: no answer at all);
+    `call`: the request, as `GET /v1/blocks/{id}`; `detail`: what the server said, or how the
+    connection failed. `reason` (the log of a file operation) says which kind of failure it
+    is; `failure` is the call and the answer alone, as start-up and the poller tell them."""
 
-    def __init__(self, errno_: int, reason: str, status: int | None = None):
+    def __init__(self, errno_: int, reason: str, status: int | None = None, *,
+                 call: str = "", detail: str = ""):
         super().__init__(errno_, reason)
         self.status = status
+        self.call = call
+        self.detail = detail
+
+    @property
+    def failure(self) -> str:
+        """`GET /v1/blocks/x: 404 Not Found`, or `GET /v1/blocks/x: ConnectError` with no
+        answer; the reason when the call is not known."""
+        if not self.call:
+            return self.reason
+        return (f"{self.call}: {self.status} {self.detail}" if self.status
+                else f"{self.call}: {self.detail}")
 
 
-class ServerRefused(FsError):
-    """The server answered with a refusal (4xx, or an answer that is not the API's). `status`:
-    the HTTP status. Final for the change only when the server judged it (400, 404, 409, 422);
-    a 401/403 may pass (a key)."""
+class ServerAway(ServerCallError):
+    """The server gave no answer (connect error, timeout) or only 5xx within the budget, or
+    asked to be asked later (408, 429): the change may be journaled instead of refused (EIO
+    when it is not)."""
+
+
+class NoAnswer(ServerAway):
+    """No HTTP answer at all (a connect error, a timeout) within the budget; `status` None."""
+
+
+class Throttled(ServerAway):
+    """408 or 429 within the budget: the server answered, but did not act ("not now")."""
+
+
+class ServerRefused(ServerCallError):
+    """The server answered with a refusal (4xx, or an answer that is not the API's). Final
+    for the change only when the server judged it (400, 404, 409, 422); a 401/403 may pass (a
+    key)."""
 
     FINAL = (400, 404, 409, 422)  # 409: a label taken (a create resolves its own first)
 
-    def __init__(self, errno_: int, reason: str, status: int | None):
-        super().__init__(errno_, reason)
-        self.status = status
+
+class BlockGone(ServerRefused):
+    """404 for any call but the agent's own: the block is not on the server (deleted), or, for
+    a detach, not attached to the agent. ESTALE."""
 
 
-def from_letta(exc: LettaError) -> FsError:
-    """The errno a program sees when the server refused or could not be reached.
+class AgentGone(ServerRefused):
+    """404 for a call about the agent (its attached blocks, the agent itself; at the lookup at
+    mount also a 422, an id of the wrong shape): the agent is not on the server. ESTALE for
+    a 404."""
 
-    404 -> ESTALE (the block is gone), 409 -> EEXIST (a conflict that outlived the retries is in
-    practice a label an attached block already has), 401/403 -> EACCES, 400/422 -> EINVAL, no
-    answer, 5xx, 408 or 429 -> EIO (ServerAway: with a journal, the change is journaled).
-    """
-    if isinstance(exc, NotFound):
-        code = errno.ESTALE
-    elif isinstance(exc, Conflict):
-        code = errno.EEXIST
-    elif isinstance(exc, Unauthorized):
-        code = errno.EACCES
-    elif exc.status in (400, 422):
-        code = errno.EINVAL
-    else:
-        code = errno.EIO
-    if isinstance(exc, (Unreachable, ServerError, Throttled)):
-        what = {Unreachable: "server unreachable", ServerError: "server failing",
-                Throttled: "server busy (asked to wait)"}[type(exc)]
-        return ServerAway(code, f"{what}: {exc}", exc.status)
-    return ServerRefused(code, f"server refused: {exc}", exc.status)
+
+class KeyRefused(ServerRefused):
+    """401 or 403: the server refused the API key (missing or wrong). EACCES."""
 
 
 class Faults:

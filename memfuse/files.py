@@ -21,10 +21,9 @@ from typing import Awaitable, Callable
 import trio
 
 from . import blockfile
-from .errors import FsError, ServerAway
+from .errors import BlockGone, FsError, ServerAway, ServerCallError, Throttled
 from .grace import Tombstone
 from .journal import CREATE, WRITE
-from .letta import LettaError, NotFound, ServerError, Unreachable
 from .model import PROVISIONAL_PREFIX, Block, Location, create_marker, is_provisional
 from .ordering import BlockOrder, NameOrder
 from .remote import FETCH_TIMEOUT, LabelTaken, Remote, Stale
@@ -135,17 +134,15 @@ class BlockFiles:
             started = trio.current_time()
             try:
                 block = await self.remote.fetch(node.block.id)
-            except NotFound:
+            except BlockGone:
                 log.warning("%s: block %s is gone from the server; serving the last copy",
                             self.tree.path(node), node.block.id)
                 return
-            except (Unreachable, ServerError) as exc:  # Remote logs the outage once
-                log.debug("%s: could not revalidate (%s); serving the cached copy",
-                          self.tree.path(node), exc)
-                return
-            except LettaError as exc:
-                log.warning("%s: could not revalidate (%s); serving the cached copy",
-                            self.tree.path(node), exc)
+            except ServerCallError as exc:  # Remote logs an outage once: not again here
+                outage = isinstance(exc, ServerAway) and not isinstance(exc, Throttled)
+                log.log(logging.DEBUG if outage else logging.WARNING,
+                        "%s: could not revalidate (%s); serving the cached copy",
+                        self.tree.path(node), exc.failure)
                 return
             if block is not None:  # None: the server is known to be away
                 self.state.refreshed(node, block, started)

@@ -14,11 +14,11 @@ from typing import Any, Callable
 import httpx
 import trio
 
+from .config import DEFAULT_BASE_URL
 from .model import Block
 
 log = logging.getLogger("memfuse.letta")
 
-DEFAULT_BASE_URL = "http://localhost:8283"
 # Blocks per list request. 0.16.8 caps no page size, and each page of the attached listing
 # re-reads the agent; a page's time grows with its size (0.13 s for 1,000 blocks of 5 KB,
 # 0.23 s for 2,000 on loopback), so pages of this many keep a listing to few requests.

@@ -15,7 +15,7 @@ from typing import Callable
 
 from .config import ConfigError, RunningMount, agent_dir, check_agent_id, running_mounts
 from .daemon import is_mounted
-from .letta import LettaClient
+from .remote import list_agents
 from .status import STALE_AFTER, Status
 
 MOUNT_WORKERS = 8  # daemons started at the same time: each lists its agent's blocks at start
@@ -33,11 +33,10 @@ class Agent:
 async def server_agents(base_url: str, api_key: str | None, tags: list[str] | None = None,
                         *, retry_budget: float = 10.0) -> list[Agent]:
     """The agents on the server at `base_url`, oldest first; with `tags`, only those having
-    all of them (LettaClient.list_agents). Agents whose id cannot name a directory here
-    (config.check_agent_id) are left out: no path is ever made from them. Raises LettaError
-    (Unreachable when no answer came within `retry_budget` seconds)."""
-    async with LettaClient(base_url, api_key, retry_budget=retry_budget) as client:
-        listed = await client.list_agents(tags)
+    all of them (remote.list_agents). Agents whose id cannot name a directory here
+    (config.check_agent_id) are left out: no path is ever made from them. Raises
+    ServerCallError (NoAnswer when no answer came within `retry_budget` seconds)."""
+    listed = await list_agents(base_url, api_key, tags, retry_budget=retry_budget)
     agents = []
     for item in listed:
         try:

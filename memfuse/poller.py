@@ -31,8 +31,8 @@ import time
 
 import trio
 
+from .errors import AgentGone, BlockGone, ServerCallError
 from .layout import layout_for_tags
-from .letta import LettaError, NotFound
 from .remote import Remote
 from .state import MountState
 
@@ -124,7 +124,7 @@ class Poller:
         applied = False
         try:
             attached, owned = await self.remote.listing(budget=0)
-        except LettaError as exc:
+        except ServerCallError as exc:
             self._failed(exc)
         else:
             self._answered()
@@ -151,7 +151,7 @@ class Poller:
             return
         try:
             tags = await self.remote.agent_tags()
-        except LettaError as exc:
+        except ServerCallError as exc:
             log.debug("reading the agent's tags failed: %s", exc)
             return
         self._model_due = now + self.model_interval
@@ -178,13 +178,13 @@ class Poller:
             for node in self.state.left_attached(attached):
                 try:
                     block = await self.remote.fetch(node.block.id)
-                except NotFound:
+                except BlockGone:
                     continue  # deleted
                 if block is None:
                     return False  # the server went away meanwhile
                 if self.remote.owner_tag in block.tags:
                     still_owned.append(block)
-        except LettaError as exc:
+        except ServerCallError as exc:
             self._failed(exc)
             return False
         self._answered()
@@ -201,9 +201,9 @@ class Poller:
         self.last_poll, self.last_error = time.time(), None
         self.remote.agent_seen(True)
 
-    def _failed(self, exc: LettaError) -> None:
-        if isinstance(exc, NotFound) and f"/agents/{self.remote.agent_id}/" in exc.path:
+    def _failed(self, exc: ServerCallError) -> None:
+        if isinstance(exc, AgentGone):
             self.remote.agent_seen(False)
         if self.last_error is None:
-            log.warning("poll failed: %s; serving the last known state", exc)
-        self.last_error = f"poll failed: {exc}"
+            log.warning("poll failed: %s; serving the last known state", exc.failure)
+        self.last_error = f"poll failed: {exc.failure}"

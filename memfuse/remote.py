@@ -1,8 +1,14 @@
-"""One agent's blocks on the Letta server: the calls a mount makes, as block operations.
+"""The server seam: every call memfuse makes to the Letta server, and the one error contract
+they keep.
 
-Listing, reading, updating (with the conflict check), creating, relabelling, attaching and
-detaching, retiring. Server errors become FsError (errors.from_letta). Nothing here touches the
-tree or history: callers hand the blocks returned to state.MountState.
+This is the only module that imports the client (letta.py). Every call here raises the
+errors.py family and nothing else from the server: ServerAway (NoAnswer, Throttled, a 5xx)
+when no answer settled it, ServerRefused (BlockGone, AgentGone, KeyRefused, ...) when the
+server judged it (`from_letta` says which answer is which). `Remote` holds one agent's block
+calls (listing, reading, updating with the conflict check, creating, relabelling, attaching
+and detaching, retiring); `make_client`, `check_server`, `agent_name` and `list_agents` are
+the calls made before a mount exists. Nothing here touches the tree or history: callers hand
+the blocks returned to state.MountState.
 """
 from __future__ import annotations
 
@@ -14,12 +20,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import httpx
 import trio
 
-from . import blockfile
-from .errors import FsError, ServerAway, ServerRefused, from_letta
-from .letta import (BadRequest, Conflict, Invalid, LettaClient, LettaError, NotFound,
-                    Throttled, Unauthorized)
+from . import blockfile, letta
+from .errors import (AgentGone, BlockGone, FsError, KeyRefused, NoAnswer, ServerAway,
+                     ServerCallError, ServerRefused, Throttled)
+from .letta import LettaClient
 from .model import CREATE_MARKER, Block, Location
 
 log = logging.getLogger("memfuse.remote")
@@ -28,6 +35,115 @@ CONFLICT_POLICIES = ("overwrite", "reject")
 FETCH_TIMEOUT = 2.0  # seconds an open waits for a block's refresh before serving the cache
 THROTTLE_WAIT = 5.0  # seconds a replay waits after a 408/429 that named no Retry-After
 LATENCY_SAMPLE = 20  # answered calls whose median time `memfuse status` shows
+
+# the client's errors that are an answer from the API: a refusal (Throttled is one too, but
+# says "not now"); any other means no answer, a 5xx, or something that is not the API
+_REFUSALS = (letta.BadRequest, letta.Unauthorized, letta.NotFound, letta.Conflict,
+             letta.Invalid)
+_AWAY = {letta.Unreachable: (NoAnswer, "server unreachable"),
+         letta.ServerError: (ServerAway, "server failing"),
+         letta.Throttled: (Throttled, "server busy (asked to wait)")}
+
+
+def from_letta(exc: letta.LettaError, gone: type[ServerRefused] = BlockGone) -> ServerCallError:
+    """The error a failed client call raises at the seam, with the errno a program sees.
+
+    No answer -> NoAnswer, 5xx -> ServerAway, 408/429 -> Throttled (all EIO: with a journal,
+    the change is journaled). 404 -> `gone` (ESTALE: BlockGone, or AgentGone for a call about
+    the agent), 401/403 -> KeyRefused (EACCES), 409 -> EEXIST (a conflict that outlived the
+    retries is in practice a label an attached block already has), 400/422 -> EINVAL, any
+    other answer -> EIO; those are ServerRefused.
+    """
+    where = dict(call=f"{exc.method} {exc.path}", detail=exc.detail)
+    if type(exc) in _AWAY:
+        kind, what = _AWAY[type(exc)]
+        return kind(errno.EIO, f"{what}: {exc}", exc.status, **where)
+    kind, code = ServerRefused, errno.EIO
+    if isinstance(exc, letta.NotFound):
+        kind, code = gone, errno.ESTALE
+    elif isinstance(exc, letta.Conflict):
+        code = errno.EEXIST
+    elif isinstance(exc, letta.Unauthorized):
+        kind, code = KeyRefused, errno.EACCES
+    elif exc.status in (400, 422):
+        code = errno.EINVAL
+    return kind(code, f"server refused: {exc}", exc.status, **where)
+
+
+Client = LettaClient  # what make_client returns, named here so that callers need not import it
+
+
+def make_client(base_url: str, api_key: str | None = None, *, retry_budget: float = 10.0,
+                transport: httpx.AsyncBaseTransport | None = None) -> Client:
+    """The client every call here takes, for the server at `base_url` (use it as `async
+    with`): api_key sent as a Bearer token, never logged; retry_budget: seconds within which
+    transient failures are retried (letta.LettaClient); transport: a stand-in server (tests).
+    Its `requests` and `received_bytes` count what the mount costs the server."""
+    return Client(base_url, api_key, retry_budget=retry_budget, transport=transport)
+
+
+async def _checked(coro):
+    """Await a client call made outside a Remote (no reachability to note). Raises
+    ServerCallError (from_letta)."""
+    try:
+        return await coro
+    except letta.LettaError as exc:
+        raise from_letta(exc) from None
+
+
+async def check_server(client: Client, budget: float | None = None) -> str:
+    """That the client's server is a Letta server: `GET /v1/health/` answers with a version,
+    which is returned. budget: seconds of retries (None: the client's). Raises
+    ServerCallError: NoAnswer, KeyRefused, or ServerRefused (status 200) for an answer without
+    a version."""
+    answer = await _checked(client.health(budget=budget))
+    if not isinstance(answer, dict) or "version" not in answer:
+        words = f"an answer without a version: {str(answer)[:80]}"
+        raise from_letta(letta.LettaError("GET", "/v1/health/", 200, words))
+    return str(answer["version"])
+
+
+@dataclass(frozen=True)
+class AgentFacts:
+    """What a mount learns of the agent at start-up (`GET /v1/agents/{id}`): its name ("" when
+    it has none, or it started from history) and its tags (None: not known, the server was
+    away), which choose the layout (layout.layout_for_tags)."""
+
+    name: str = ""
+    tags: tuple[str, ...] | None = None
+
+    @classmethod
+    def of(cls, agent: object) -> AgentFacts:
+        """The facts of the agent object `agent` (anything that is not a dict: none)."""
+        if not isinstance(agent, dict):
+            return cls("", ())
+        return cls(str(agent.get("name") or ""), tuple(str(t) for t in agent.get("tags") or ()))
+
+
+async def agent_facts(client: Client, agent_id: str, budget: float | None = None
+                      ) -> AgentFacts:
+    """The name and tags of the agent `agent_id`: `GET /v1/agents/{id}`. budget: seconds of
+    retries (None: the client's). Raises ServerCallError: AgentGone (404, or 422 for an id of
+    the wrong shape), NoAnswer, KeyRefused, ..."""
+    try:
+        agent = await client.get_agent(agent_id, budget=budget)
+    except letta.Invalid as exc:  # an id of the wrong shape names no agent
+        error = from_letta(exc)
+        raise AgentGone(error.errno, error.reason, error.status, call=error.call,
+                        detail=error.detail) from None
+    except letta.LettaError as exc:
+        raise from_letta(exc, AgentGone) from None
+    return AgentFacts.of(agent)
+
+
+async def list_agents(base_url: str, api_key: str | None, tags: list[str] | None = None, *,
+                      retry_budget: float = 10.0) -> list[dict[str, Any]]:
+    """Every agent on the server at `base_url` (with `tags`: those having all of them), oldest
+    first, each the agent object with its tags: `GET /v1/agents/`, paginated, over a client
+    of its own. Raises ServerCallError (NoAnswer when no answer came within `retry_budget`
+    seconds)."""
+    async with make_client(base_url, api_key, retry_budget=retry_budget) as client:
+        return await _checked(client.list_agents(tags))
 
 
 class Stale(FsError):
@@ -131,24 +247,24 @@ class Remote:
                 log.warning("the server cannot be reached (%s); serving the last known state",
                             why)
 
-    async def _observed(self, coro):
-        """Await a server call, noting whether the server answered, and how long it took.
-        Raises LettaError."""
+    async def _observed(self, coro, gone: type[ServerRefused] = BlockGone):
+        """Await a client call, noting whether the server answered, and how long it took.
+        gone: what a 404 means (from_letta). Raises ServerCallError."""
         started = trio.current_time()
         try:
             result = await coro
-        except (BadRequest, Unauthorized, NotFound, Conflict, Invalid):
+        except _REFUSALS as exc:
             self._answer_times.append(trio.current_time() - started)
             self._seen(True)  # the API answered, with a refusal
-            raise
-        except Throttled as exc:  # an answer: "not now"; nothing is asked before it says
+            raise from_letta(exc, gone) from None
+        except letta.Throttled as exc:  # an answer: "not now"; nothing is asked before it says
             self._answer_times.append(trio.current_time() - started)
             self._seen(True)
             self.throttled_until = trio.current_time() + (exc.retry_after or THROTTLE_WAIT)
-            raise
-        except LettaError as exc:  # no answer, a 5xx, or something that is not the API
+            raise from_letta(exc, gone) from None
+        except letta.LettaError as exc:  # no answer, a 5xx, or something that is not the API
             self._seen(False, str(exc))
-            raise
+            raise from_letta(exc, gone) from None
         self._answer_times.append(trio.current_time() - started)
         self._seen(True)
         return result
@@ -165,9 +281,8 @@ class Remote:
         letta.PAGE_SIZE blocks). budget: seconds of retries (None:
         the client's; 0: one attempt, as a poller that asks again soon wants); on_page(n)
         after each page of owned blocks, n the owned blocks listed so far. Raises
-        LettaError."""
-        attached = await self._observed(self.client.list_attached_blocks(self.agent_id,
-                                                                         budget=budget))
+        ServerCallError: AgentGone when the agent is not on the server, NoAnswer, ..."""
+        attached = await self._attached(budget)
         owned = await self._observed(self.client.list_owned_blocks(self.agent_id,
                                                                    budget=budget,
                                                                    on_page=on_page))
@@ -176,9 +291,10 @@ class Remote:
     async def agent_tags(self, budget: float | None = 0) -> tuple[str, ...]:
         """The agent's tags, which choose its layout (layout.layout_for_tags):
         `GET /v1/agents/{id}?include=agent.tags` (the agent object without its blocks and
-        tools), one attempt by default. Raises LettaError."""
+        tools), one attempt by default. Raises ServerCallError (AgentGone, NoAnswer, ...)."""
         agent = await self._observed(self.client.get_agent(self.agent_id, budget=budget,
-                                                           include=("agent.tags",)))
+                                                           include=("agent.tags",)),
+                                     gone=AgentGone)
         tags = agent.get("tags") if isinstance(agent, dict) else None
         return tuple(str(t) for t in tags or ())
 
@@ -187,19 +303,25 @@ class Remote:
         the server does not say (it only sizes a progress line)."""
         try:
             return await self._observed(self.client.count_owned_blocks(self.agent_id, budget=0))
-        except (LettaError, ValueError, TypeError):
+        except (ServerCallError, ValueError, TypeError):
             return None
 
     async def attached(self, budget: float | None = None) -> list[Block]:
         """The attached blocks alone: `GET /v1/agents/{id}/core-memory/blocks` (one request up
-        to letta.PAGE_SIZE blocks). budget: as for `listing`. Raises LettaError."""
+        to letta.PAGE_SIZE blocks). budget: as for `listing`. Raises ServerCallError:
+        AgentGone when the agent is not on the server, NoAnswer, ..."""
+        return await self._attached(budget)
+
+    async def _attached(self, budget: float | None) -> list[Block]:
         return await self._observed(self.client.list_attached_blocks(self.agent_id,
-                                                                     budget=budget))
+                                                                     budget=budget),
+                                    gone=AgentGone)
 
     async def fetch(self, block_id: str) -> Block | None:
         """`GET /v1/blocks/{id}`, one attempt (it only refreshes a cache), or None without any
-        call while the server is known to be unreachable. Raises LettaError (NotFound when the
-        block is gone; Unreachable or ServerError when the server does not answer)."""
+        call while the server is known to be unreachable. Raises ServerCallError: BlockGone
+        when the block is gone; NoAnswer or a ServerAway of a 5xx when the server does not
+        answer (Remote logs that once), Throttled, another ServerRefused."""
         if not self.reachable:
             return None
         return await self._observed(self.client.get_block(block_id, budget=0,
@@ -207,8 +329,8 @@ class Remote:
 
     async def fetch_now(self, block_id: str, budget: float | None) -> Block:
         """`GET /v1/blocks/{id}` with `budget` seconds of retries (None: the client's), whatever
-        `reachable` says (a replay, an append). Raises FsError: ServerAway, ESTALE when the
-        block is gone."""
+        `reachable` says (a replay, an append). Raises ServerCallError: ServerAway, BlockGone
+        (ESTALE) when the block is gone."""
         return await self._call(self.client.get_block(block_id, budget=budget), changes=False)
 
     async def update(self, block: Block, parsed: blockfile.ParsedFile,
@@ -281,8 +403,7 @@ class Remote:
                 self.owner_tag, location.label, budget=budget), changes=False)
             if taken:  # one attached (system/<label>.md) is another file: not this label's;
                 # nor is one another create marked: a create of system/<label>.md under way
-                attached = {b.id for b in await self._call(self.client.list_attached_blocks(
-                    self.agent_id, budget=budget), changes=False)}
+                attached = {b.id for b in await self._attached(budget)}
                 taken = [b for b in taken if b.id not in attached
                          and not _marked_by_another(b, marker)]
             own = next((b for b in taken if marker is not None and marker in b.tags), None)
@@ -328,9 +449,8 @@ class Remote:
             except ServerRefused as exc:
                 theirs = None
                 if exc.status == 409:
-                    theirs = next((b for b in await self._call(self.client.list_attached_blocks(
-                        self.agent_id, budget=budget), changes=False)
-                        if b.label == location.label and b.id != block.id), None)
+                    theirs = next((b for b in await self._attached(budget)
+                                   if b.label == location.label and b.id != block.id), None)
                 if theirs is None:
                     raise
                 await self.discard(block, budget)
@@ -353,8 +473,7 @@ class Remote:
                                  changes=False)
         if not found:
             return None
-        attached = {b.id for b in await self._call(self.client.list_attached_blocks(
-            self.agent_id, budget=budget), changes=False)}
+        attached = {b.id for b in await self._attached(budget)}
         kept = next((b for b in found if b.id in attached), found[-1])
         for block in found:
             if block is not kept:
@@ -370,8 +489,7 @@ class Remote:
         `location.label` (attached or not, as `location`), tagged with the owner tag and
         holding one of `values`; or None. Raises FsError (ServerAway)."""
         if location.attached:
-            found = [b for b in await self._call(self.client.list_attached_blocks(
-                self.agent_id, budget=budget), changes=False) if b.label == location.label]
+            found = [b for b in await self._attached(budget) if b.label == location.label]
         else:
             found = await self._call(self.client.list_labelled_blocks(
                 self.owner_tag, location.label, budget=budget), changes=False)
@@ -403,9 +521,8 @@ class Remote:
     async def _detach(self, block_id: str, budget: float | None) -> None:
         try:
             await self._call(self.client.detach_block(self.agent_id, block_id, budget=budget))
-        except FsError as exc:
-            if exc.errno != errno.ESTALE:  # NotFound: not attached (any more)
-                raise
+        except BlockGone:  # not attached (any more)
+            pass
 
     async def retire(self, block: Block, attached: bool, budget: float | None = None) -> bool:
         """What unlinking a block file means on the server: detach it (when attached) and drop
@@ -415,10 +532,8 @@ class Remote:
         async with self.lock(block.id):
             try:
                 current = await self._observed(self.client.get_block(block.id, budget=budget))
-            except NotFound:
+            except BlockGone:
                 return False
-            except LettaError as exc:
-                raise from_letta(exc) from None
             if attached:
                 await self._detach(block.id, budget)
             if self.owner_tag in current.tags:
@@ -433,14 +548,12 @@ class Remote:
             return await self._call(self.client.update_block(block.id, value=value))
 
     async def _call(self, coro, changes: bool = True):
-        """Await a server call; LettaError becomes FsError. changes: it changes server state
-        (counted in `in_flight`/`generation`)."""
+        """Await a client call (`_observed`). changes: it changes server state (counted in
+        `in_flight`/`generation`). Raises ServerCallError."""
         if changes:
             self.in_flight += 1
         try:
             return await self._observed(coro)
-        except LettaError as exc:
-            raise from_letta(exc) from None
         finally:
             if changes:
                 self.in_flight -= 1

@@ -84,3 +84,44 @@ def test_every_module_has_a_layer():
     """ARCHITECTURE.md's floors name every module, and only modules that exist."""
     assert {p.stem for p in modules()} == set().union(*LAYERS)
     assert sum(len(layer) for layer in LAYERS) == len(set().union(*LAYERS)), "a module twice"
+
+
+SEAM = {"remote.py"}  # the server seam: the one module that imports the client, letta.py
+
+
+def memfuse_imports(path: Path) -> set[str]:
+    """The memfuse modules `path` imports, however spelt (`from .letta import`, `from . import
+    letta`, `from memfuse.letta import`, `import memfuse.letta`)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            package = node.level >= 1 or (node.module or "").split(".")[0] == "memfuse"
+            module = (node.module or "").removeprefix("memfuse").lstrip(".")
+            if package and module:
+                found.add(module.split(".")[0])
+            elif package:
+                found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[1] for alias in node.names
+                         if alias.name.startswith("memfuse."))
+    return found
+
+
+@pytest.mark.parametrize("path", modules(), ids=lambda p: p.name)
+def test_only_the_seam_imports_the_client(path):
+    """Every other module reaches the server through remote.py and its errors (errors.py):
+    one error contract, one place that knows the client."""
+    if path.name not in SEAM:
+        assert "letta" not in memfuse_imports(path), f"{path.name} imports letta.py"
+
+
+def test_the_errors_import_nothing_from_memfuse():
+    """errors.py is the contract every floor catches: it stands on nothing of memfuse."""
+    assert memfuse_imports(PACKAGE / "errors.py") == set()
+
+
+def test_the_import_finder_sees_every_spelling(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("from .letta import X\nfrom . import a, b\nfrom memfuse.c import Y\n"
+                      "from memfuse import d\nimport memfuse.e\nimport os\nfrom typing import Z\n")
+    assert memfuse_imports(source) == {"letta", "a", "b", "c", "d", "e"}

@@ -10,6 +10,7 @@ import pytest
 from memfuse import cli, letta, many
 from memfuse.config import RunningMount
 from memfuse.letta import LettaClient
+from memfuse.remote import from_letta
 from memfuse.status import Status
 
 from .test_cli import (daemon_like, dead_pid, home,  # noqa: F401 (fixtures): the same HOME
@@ -138,7 +139,7 @@ def test_mount_all_with_no_agent_matching_says_so(home, monkeypatch, capsys):
 
 def test_mount_all_with_the_server_away_says_so(home, monkeypatch, capsys):
     async def server_agents(base_url, api_key, tags):
-        raise letta.Unreachable("GET", "/v1/agents/", None, "ConnectError")
+        raise from_letta(letta.Unreachable("GET", "/v1/agents/", None, "ConnectError"))
 
     monkeypatch.setattr(many, "server_agents", server_agents)
     assert cli.main(["mount", "--all"]) == 1
