@@ -225,6 +225,17 @@ class LettaClient:
         budget: seconds of retries (default: the client's retry_budget)."""
         return await self._request("GET", f"/v1/agents/{agent_id}", budget=budget)
 
+    async def agent_tags(self, agent_id: str, *, budget: float | None = None) -> list[str]:
+        """The agent's tags: `GET /v1/agents/{agent_id}?include=agent.tags` (0.16.8 then loads
+        no other relationship: no blocks, no tools). NotFound/Invalid for a bad id,
+        Unauthorized for a key the server refuses. budget: seconds of retries (default: the
+        client's retry_budget)."""
+        agent = await self._request("GET", f"/v1/agents/{agent_id}",
+                                    params={"include": "agent.tags"}, budget=budget)
+        if not isinstance(agent, dict):
+            raise LettaError("GET", f"/v1/agents/{agent_id}", 200, "the answer is not an agent")
+        return [str(tag) for tag in agent.get("tags") or ()]
+
     async def list_agents(self, tags: list[str] | None = None, *,
                           budget: float | None = None) -> list[dict[str, Any]]:
         """Every agent the server lists (`GET /v1/agents/`), or those with ALL of `tags`

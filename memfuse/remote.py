@@ -173,6 +173,11 @@ class Remote:
         except (LettaError, ValueError, TypeError):
             return None
 
+    async def tags(self, budget: float | None = None) -> list[str]:
+        """The agent's tags (`GET /v1/agents/{id}?include=agent.tags`): which layout its files
+        have (layout.layout_for_tags). budget: as for `listing`. Raises LettaError."""
+        return await self._observed(self.client.agent_tags(self.agent_id, budget=budget))
+
     async def attached(self, budget: float | None = None) -> list[Block]:
         """The attached blocks alone: `GET /v1/agents/{id}/core-memory/blocks` (one request up
         to letta.PAGE_SIZE blocks). budget: as for `listing`. Raises LettaError."""
