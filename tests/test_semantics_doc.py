@@ -31,7 +31,10 @@ PREFIXES = {"fs": "tests/test_fs.py", "ns": "tests/test_namespace.py",
             "create": "tests/test_create.py", "order": "tests/test_ordering.py",
             "model": "tests/test_ordering_model.py",
             "order-mount": "tests/integration/test_ordering.py",
-            "order-chaos": "tests/integration/test_ordering_chaos.py"}
+            "order-chaos": "tests/integration/test_ordering_chaos.py",
+            "serve": "tests/test_serve.py", "gitsync": "tests/test_gitsync.py",
+            "writerlock": "tests/test_writerlock.py",
+            "serve-mount": "tests/integration/test_serve.py"}
 
 
 def rows():
