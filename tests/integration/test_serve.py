@@ -8,11 +8,12 @@ import select
 import signal
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
-from .conftest import MEMFUSE, block_by_label, start_mount, stop_mount
+from .conftest import DEFAULT_BLOCKS, MEMFUSE, block_by_label, start_mount, stop_mount
 
 pytestmark = pytest.mark.integration
 
@@ -141,3 +142,51 @@ def test_a_mounted_agent_is_refused_for_now_and_status_shows_the_serve(serve, ag
     assert KEY not in err
     assert not any(KEY.encode() in p.read_bytes()
                    for p in (Path(home["HOME"]) / ".letta").rglob("*") if p.is_file())
+
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+@pytest.fixture(scope="session")
+def letta_code() -> str:
+    """The `letta` command of letta-code 0.25 (scripts/letta-code installs it once, cached)."""
+    result = subprocess.run([str(ROOT / "scripts/letta-code"), "path"], capture_output=True,
+                            text=True, timeout=600)
+    if result.returncode != 0:
+        pytest.fail(f"scripts/letta-code could not install letta-code: {result.stderr}")
+    return result.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def tagged_agent(api):
+    """An agent tagged `git-memory-enabled`: created with the tag, 0.16.8 renames its labels to
+    `system/<label>` but drops the tag; a PATCH then sets it."""
+    response = api.post("/v1/agents/", json={
+        "name": f"memfuse-test-{uuid.uuid4().hex[:8]}", "model": "letta/letta-free",
+        "embedding": "letta/letta-free", "include_base_tools": False,
+        "tags": ["git-memory-enabled"], "memory_blocks": DEFAULT_BLOCKS})
+    response.raise_for_status()
+    agent_id = response.json()["id"]
+    labels = {b["label"] for b in api.get(f"/v1/agents/{agent_id}/core-memory/blocks").json()}
+    assert labels == {"system/human", "system/persona"}
+    api.patch(f"/v1/agents/{agent_id}", json={"tags": ["git-memory-enabled"]}).raise_for_status()
+    yield agent_id
+    api.delete(f"/v1/agents/{agent_id}")
+
+
+def test_letta_codes_memfs_startup_sync_clones_through_serve(serve, tagged_agent, home,
+                                                           letta_code, letta_url):
+    env = dict(home, LETTA_BASE_URL=letta_url, LETTA_MEMFS_BASE_URL=serve.url,
+               LETTA_MEMFS_LOCAL="1")
+    run = subprocess.run([letta_code, "--agent", tagged_agent, "-p", "hi", "--memfs-startup",
+                          "blocking"], env=env, capture_output=True, text=True, timeout=180)
+    output = run.stdout + run.stderr
+    assert "Memory git sync failed" not in output, output  # the model call then fails: no network
+    memory = Path(home["HOME"]) / ".letta/agents" / tagged_agent / "memory"
+    assert (memory / "system/human.md").read_text().endswith("---\nThe human.\n")
+    assert (memory / "system/persona.md").exists()
+    origin = git("remote", "get-url", "origin", cwd=memory, env=home).stdout.strip()
+    assert origin == f"{serve.url}/v1/git/{tagged_agent}/state.git"
+    status = subprocess.run([letta_code, "memory", "status", "--agent", tagged_agent], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert '"summary": "clean"' in status.stdout, status.stdout + status.stderr
