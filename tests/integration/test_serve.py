@@ -175,11 +175,13 @@ def tagged_agent(api):
 
 
 def test_letta_codes_memfs_startup_sync_clones_through_serve(serve, tagged_agent, home,
-                                                           letta_code, letta_url):
+                                                           letta_code, letta_url, tmp_path):
     env = dict(home, LETTA_BASE_URL=letta_url, LETTA_MEMFS_BASE_URL=serve.url,
                LETTA_MEMFS_LOCAL="1")
+    # run in a directory of its own: letta-code keeps project settings in ./.letta
     run = subprocess.run([letta_code, "--agent", tagged_agent, "-p", "hi", "--memfs-startup",
-                          "blocking"], env=env, capture_output=True, text=True, timeout=180)
+                          "blocking"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=180)
     output = run.stdout + run.stderr
     assert "Memory git sync failed" not in output, output  # the model call then fails: no network
     memory = Path(home["HOME"]) / ".letta/agents" / tagged_agent / "memory"
@@ -188,5 +190,5 @@ def test_letta_codes_memfs_startup_sync_clones_through_serve(serve, tagged_agent
     origin = git("remote", "get-url", "origin", cwd=memory, env=home).stdout.strip()
     assert origin == f"{serve.url}/v1/git/{tagged_agent}/state.git"
     status = subprocess.run([letta_code, "memory", "status", "--agent", tagged_agent], env=env,
-                            capture_output=True, text=True, timeout=120)
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert '"summary": "clean"' in status.stdout, status.stdout + status.stderr
