@@ -8,6 +8,8 @@ per mount.
 `memfuse umount AGENT_ID|MOUNTPOINT|--all` asks the daemon(s) to flush, snapshot and unmount,
 and waits.
 `memfuse service install AGENT_ID|--all` installs the systemd user unit (service.py).
+`memfuse serve [--listen HOST:PORT]` serves the agents' histories over git's smart HTTP in the
+foreground (gitserve.py).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import trio
 
-from . import locate, many, mounttable, procs, service
+from . import gitserve, locate, many, mounttable, procs, service
 from .config import (AGENT_PLACEHOLDER, DEFAULT_BASE_URL, GIT_REMOTE_ENV, Config, ConfigError,
                      check_agent_id, private_dir)
 from .daemon import MountError, answers, clear_dead_mount, serve
@@ -78,6 +80,21 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("--foreground", action="store_true", help="serve in this process")
     mount.add_argument("--debug", action="store_true", help="log every server call")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    serve = sub.add_parser(
+        "serve", help="serve the agents' histories over git's smart HTTP at "
+                      "/v1/git/AGENT_ID/state.git (clone, fetch, pull: letta-code's memfs), "
+                      "in the foreground")
+    serve.add_argument("--listen", default=gitserve.DEFAULT_LISTEN, metavar="HOST:PORT",
+                       help=f"where to listen (default {gitserve.DEFAULT_LISTEN}; port 0: a "
+                            f"free one, printed)")
+    serve.add_argument("--base-url", help="Letta server (default $LETTA_BASE_URL or "
+                                          "http://localhost:8283)")
+    serve.add_argument("--insecure", action="store_true",
+                       help="listen on an address other than loopback although git's Basic "
+                            "authorization then carries the API keys in clear text (no TLS "
+                            "here: put a TLS proxy in front)")
+    serve.add_argument("--debug", action="store_true", help="log every server call")
 
     status = sub.add_parser("status", help="what a running mount is doing")
     status.add_argument("target", nargs="?", help="AGENT_ID or MOUNTPOINT (default: every mount)")
@@ -566,10 +583,61 @@ def _service_install(args: argparse.Namespace) -> int:
     return code
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """`memfuse serve`: git's smart HTTP for the agents of the server, in the foreground until
+    SIGINT or SIGTERM (gitserve.py). One line on stdout with the URL once it listens; a status
+    record for `memfuse status` while it runs. Raises ConfigError (a bad --listen, a
+    non-loopback one without --insecure)."""
+    host, port = gitserve.parse_listen(args.listen)
+    if not gitserve.loopback(host) and not args.insecure:
+        raise ConfigError(f"--listen {args.listen}: git sends the API key as a Basic password, "
+                          f"in clear text beyond loopback and memfuse serves no TLS; put a TLS "
+                          f"proxy in front and pass --insecure to listen there anyway")
+    _setup_logging(args.debug)
+    base_url = args.base_url or os.environ.get("LETTA_BASE_URL") or DEFAULT_BASE_URL
+    app = gitserve.GitEndpoint(base_url)
+    try:
+        server = gitserve.Server(app, host, port)
+    except OSError as exc:
+        print(f"memfuse: cannot listen on {args.listen}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    status = gitserve.ServeStatus(gitserve.record_file(server.host, server.port),
+                                  gitserve.RunningServe(server.url, os.getpid(), base_url,
+                                                        time.time()))
+    app.on_answer = status.answered
+    signal.signal(signal.SIGTERM, _interrupted)
+    print(f"memfuse: serving {server.url}/v1/git/<agent-id>/state.git for the agents of "
+          f"{base_url} (Ctrl-C to stop)", flush=True)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        status.remove()
+    print("memfuse: serve stopped", file=sys.stderr)
+    return 0
+
+
+def _interrupted(signum: int, _frame) -> None:
+    """SIGTERM: stop `memfuse serve` as Ctrl-C does (waitress returns from its loop)."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _status(args: argparse.Namespace) -> int:
+    """`memfuse status [TARGET]`: the mounts (`status`), then, without a target, every
+    running `memfuse serve`."""
+    code = status(args.target)
+    if args.target is None:
+        for _path, record in gitserve.serve_records():
+            print(record.render())
+    return code
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "mount": _mount,
     "umount": lambda args: umount(None if args.all else args.target, args.timeout),
-    "status": lambda args: status(args.target),
+    "status": _status,
+    "serve": _serve,
     "list": lambda args: list_mounts(),
     "service": _service_install,
 }

@@ -149,6 +149,12 @@ class Config:
         return self.history_dir.with_suffix(".attrs")
 
     @property
+    def writer_lock_file(self) -> Path:
+        """The history's one-writer lock (writerlock.py), held by the mount daemon while it
+        runs and by `memfuse serve` during a request: beside the history, `<history>.lock`."""
+        return self.history_dir.with_suffix(".lock")
+
+    @property
     def log_file(self) -> Path:
         """The daemon's log: `<state_dir>/memfuse.log`."""
         return self.state_dir / "memfuse.log"

@@ -10,7 +10,8 @@ The lifecycle is one `contextlib.AsyncExitStack` (as in s3ql's mount.py): each r
 its teardown where it is acquired, so shutdown (SIGINT, SIGTERM, an external `fusermount3 -u`,
 or a crash of any task) runs them all in reverse: send unsent writes and retire unlinked blocks,
 remove the pid and status files, unmount, take the last snapshot, push it to the git remote
-(a few seconds at most), close the history and the client. A teardown step that fails is
+(a few seconds at most), close the history and the client, and let the history's one-writer
+lock (writerlock.py, taken first at start-up) go. A teardown step that fails is
 logged and the others still run.
 """
 from __future__ import annotations
@@ -49,6 +50,7 @@ from .replay import Replayer
 from .state import KernelInvalidator, MountState
 from .status import LastProblem, Status
 from .tree import Tree
+from .writerlock import WriterLock
 
 log = logging.getLogger("memfuse.daemon")
 
@@ -59,6 +61,7 @@ START_BUDGET = 2.0     # seconds of retries at mount before starting from the lo
 PROGRESS_FROM = 1000   # owned blocks from which a mount reports how its load goes
 UMOUNT_PUSH = 5.0      # seconds an unmount tries to push the last snapshot to the git remote
 ATTRS_DELAY = 1.0      # seconds from a chmod, chown or utimens to saving the times and modes
+WRITER_WAIT = 10.0     # seconds a mount waits for `memfuse serve` to let the agent's history go
 
 
 class MountError(Exception):
@@ -125,7 +128,7 @@ def _make_private(config: Config) -> None:
     if config.history_dir.exists():
         private_dir(config.history_dir)
     for path in (config.journal_file, config.block_map_file, config.attrs_file, config.log_file,
-                 config.pid_file, config.status_file):
+                 config.pid_file, config.status_file, config.writer_lock_file):
         private_file(path)
 
 
@@ -269,6 +272,7 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
     """Acquire everything up to a loaded tree, each teardown registered on `stack`; tell
     on_progress how a large load goes (`serve`). Raises MountError."""
     _claim_mountpoint(config)
+    await _hold_history(stack, config)
     client = await stack.enter_async_context(make_client(
         config.base_url, config.api_key, retry_budget=config.retry_budget, transport=transport))
     has_history = (config.history_dir / "HEAD").exists()  # checked before open() makes one
@@ -318,6 +322,20 @@ def _claim_mountpoint(config: Config) -> None:
                     config.mountpoint, running.pid)
     check_mountpoint(config.mountpoint)
     _make_private(config)
+
+
+async def _hold_history(stack: contextlib.AsyncExitStack, config: Config) -> None:
+    """Take the history's one-writer lock (writerlock.py) for the daemon's life, waiting up to
+    WRITER_WAIT seconds for `memfuse serve` to finish a request for the agent; then clear the
+    git lock files a dead writer left. Let go after everything else at unmount. Raises
+    MountError when another process keeps it."""
+    lock = WriterLock(config.writer_lock_file)
+    if not await trio.to_thread.run_sync(lock.acquire, WRITER_WAIT):
+        raise MountError(f"the history of agent {config.agent_id} ({config.history_dir}) is "
+                         f"being written by another memfuse process (memfuse serve answering a "
+                         f"request for it?), which did not let it go within {WRITER_WAIT:g} s; "
+                         f"try again")
+    _teardown(stack, "letting the history go", lock.release)
     clear_stale_locks(config.history_dir)
 
 

@@ -220,15 +220,21 @@ class LettaClient:
         of retries (default: the client's retry_budget)."""
         return await self._request("GET", "/v1/health/", budget=budget)
 
-    async def get_agent(self, agent_id: str, *, budget: float | None = None,
-                        include: tuple[str, ...] = ()) -> dict[str, Any]:
+    async def get_agent(self, agent_id: str, *, budget: float | None = None) -> dict[str, Any]:
         """`GET /v1/agents/{agent_id}` -> the agent object. NotFound/Invalid for a bad id.
-        budget: seconds of retries (default: the client's retry_budget). include: only these
-        relationships (`include=agent.tags`: 0.16.8 otherwise loads every one, blocks and
-        tools included); () asks for the whole object."""
-        params = {"include": list(include)} if include else None
-        return await self._request("GET", f"/v1/agents/{agent_id}", params=params,
-                                   budget=budget)
+        budget: seconds of retries (default: the client's retry_budget)."""
+        return await self._request("GET", f"/v1/agents/{agent_id}", budget=budget)
+
+    async def agent_tags(self, agent_id: str, *, budget: float | None = None) -> list[str]:
+        """The agent's tags: `GET /v1/agents/{agent_id}?include=agent.tags` (0.16.8 then loads
+        no other relationship: no blocks, no tools). NotFound/Invalid for a bad id,
+        Unauthorized for a key the server refuses. budget: seconds of retries (default: the
+        client's retry_budget)."""
+        agent = await self._request("GET", f"/v1/agents/{agent_id}",
+                                    params={"include": "agent.tags"}, budget=budget)
+        if not isinstance(agent, dict):
+            raise LettaError("GET", f"/v1/agents/{agent_id}", 200, "the answer is not an agent")
+        return [str(tag) for tag in agent.get("tags") or ()]
 
     async def list_agents(self, tags: list[str] | None = None, *,
                           budget: float | None = None) -> list[dict[str, Any]]:

@@ -40,6 +40,23 @@ def is_memfuse_daemon(pid: int) -> bool | None:
     return None if args is None else is_daemon_argv(args)
 
 
+def is_serve_argv(args: list[str]) -> bool:
+    """Whether `args` runs `memfuse serve` (the console script, maybe through its
+    interpreter, or `-m memfuse.cli`)."""
+    for i, arg in enumerate(args):
+        if os.path.basename(arg) == "memfuse" or (arg == "memfuse.cli" and i
+                                                  and args[i - 1] == "-m"):
+            return args[i + 1:i + 2] == ["serve"]
+    return False
+
+
+def is_memfuse_serve(pid: int) -> bool | None:
+    """Whether `pid` is a running `memfuse serve`; None when its command line cannot be
+    read."""
+    args = argv(pid)
+    return None if args is None else is_serve_argv(args)
+
+
 def zombie(pid: int) -> bool:
     """Whether `pid` has exited and waits for its parent to reap it (state Z)."""
     try:

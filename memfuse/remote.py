@@ -291,12 +291,10 @@ class Remote:
     async def agent_tags(self, budget: float | None = 0) -> tuple[str, ...]:
         """The agent's tags, which choose its layout (layout.layout_for_tags):
         `GET /v1/agents/{id}?include=agent.tags` (the agent object without its blocks and
-        tools), one attempt by default. Raises ServerCallError (AgentGone, NoAnswer, ...)."""
-        agent = await self._observed(self.client.get_agent(self.agent_id, budget=budget,
-                                                           include=("agent.tags",)),
-                                     gone=AgentGone)
-        tags = agent.get("tags") if isinstance(agent, dict) else None
-        return tuple(str(t) for t in tags or ())
+        tools). budget: seconds of retries (0: one attempt, as the poller wants; None: the
+        client's). Raises ServerCallError (AgentGone, KeyRefused, NoAnswer, ...)."""
+        return tuple(await self._observed(self.client.agent_tags(self.agent_id, budget=budget),
+                                          gone=AgentGone))
 
     async def owned_count(self) -> int | None:
         """How many blocks the agent owns (`GET /v1/blocks/count`), one attempt; None when

@@ -33,6 +33,9 @@ class FakeLetta:
         self.lose_answer: Callable[[str, str, dict | None], bool] | None = None
         self.latency: float | None = None  # seconds each answer takes (trio sleep), or random
         self.random_latency: tuple[random.Random, float] | None = None  # (rng, max seconds)
+        self.required_key: str | None = None  # set: a request without `Bearer <it>` gets 401
+        self.keys_seen: list[str | None] = []  # the Authorization header of every request
+        self.agent_tags: dict[str, list[str]] = {}  # agent id -> its tags (none when absent)
         self._ids = itertools.count(1)
 
     def add_agent(self, tags: list[str] | None = None) -> str:
@@ -99,6 +102,10 @@ class FakeLetta:
         if self.down:
             raise httpx.ConnectError("connection refused (the fake server is down)",
                                      request=request)
+        self.keys_seen.append(request.headers.get("authorization"))
+        if (self.required_key is not None
+                and request.headers.get("authorization") != f"Bearer {self.required_key}"):
+            return httpx.Response(401, json={"detail": "Unauthorized"})  # as a secured 0.16.8
         if self.fail_next:
             return httpx.Response(self.fail_next.pop(0), json={"detail": "injected failure"})
         if path in self.fail_paths:

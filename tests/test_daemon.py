@@ -19,6 +19,7 @@ from memfuse.daemon import MountError, serve
 from memfuse.fs import MemoryFs
 from memfuse.history import BRANCH, HistoryRepo
 from memfuse.poller import Poller
+from memfuse.writerlock import WriterLock
 
 from .fakeletta import FakeLetta
 
@@ -361,3 +362,22 @@ async def test_a_record_of_times_and_modes_that_cannot_be_read_does_not_stop_the
         nursery.cancel_scope.cancel()
     assert "the files' times and modes start afresh" in caplog.text
     assert "system/human.md" in fileattrs.load(config.attrs_file)  # written anew
+
+
+async def test_the_daemon_holds_the_history_lock_and_a_mount_waits_for_its_holder(
+        setup, monkeypatch):
+    fake, config = setup
+    lock = WriterLock(config.writer_lock_file)
+    async with trio.open_nursery() as nursery:
+        assert await run_until_ready(nursery, config, fake) == [None]
+        assert not lock.try_acquire()  # the daemon holds it while it runs
+        nursery.cancel_scope.cancel()
+    assert lock.try_acquire()  # and lets it go at unmount
+    monkeypatch.setattr(daemon, "WRITER_WAIT", 0.3)
+    reports = []
+    try:
+        with pytest.raises(MountError, match="another memfuse process"):
+            await serve(config, reports.append, transport=fake.transport())
+    finally:
+        lock.release()
+    assert "memfuse serve" in reports[0] and not config.pid_file.exists()

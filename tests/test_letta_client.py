@@ -182,3 +182,16 @@ async def test_a_listing_answer_with_the_same_bytes_is_not_decoded_again():
         changed = await client.list_attached_blocks(agent)
     assert again[0] is first[0]
     assert changed[0] is not first[0] and changed[0].value == "changed"
+
+
+async def test_agent_tags_ask_for_the_tags_alone():
+    seen = []
+
+    def handler(request):
+        seen.append(request.url)
+        return httpx.Response(200, json={"id": "agent-1", "tags": ["git-memory-enabled"]})
+
+    async with client_for(handler) as client:
+        assert await client.agent_tags("agent-1") == ["git-memory-enabled"]
+    assert seen[0].path == "/v1/agents/agent-1"
+    assert seen[0].params["include"] == "agent.tags"  # 0.16.8 then loads no blocks or tools

@@ -1,0 +1,194 @@
+"""`memfuse serve` as a person runs it, with the real `git` CLI against the real Letta server:
+clone, a pull after an API edit, an unknown agent, a refused push, a mounted agent, status,
+and a clean stop on SIGTERM."""
+from __future__ import annotations
+
+import re
+import select
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from .conftest import DEFAULT_BLOCKS, MEMFUSE, block_by_label, start_mount, stop_mount
+
+pytestmark = pytest.mark.integration
+
+KEY = "sk-memfuse-test-key"  # the 0.16.8 test server wants none; git may send it or not
+
+
+class Serve:
+    """A `memfuse serve --listen 127.0.0.1:0` subprocess; `url` from the line it prints."""
+
+    def __init__(self, env: dict):
+        self.env = env
+        self.proc = subprocess.Popen([MEMFUSE, "serve", "--listen", "127.0.0.1:0"], env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
+        line = self.proc.stdout.readline() if ready else ""
+        match = re.search(r"http://127\.0\.0\.1:\d+", line)
+        if match is None:
+            self.proc.kill()
+            pytest.fail(f"memfuse serve printed no URL: {line!r} {self.proc.stderr.read()}")
+        self.url = match[0]
+        self.netloc = self.url.removeprefix("http://")
+
+    def git_url(self, agent_id: str, key: str | None = KEY) -> str:
+        auth = f"letta:{key}@" if key else ""
+        return f"http://{auth}{self.netloc}/v1/git/{agent_id}/state.git"
+
+    def stop(self) -> tuple[int, str]:
+        """SIGTERM, then (exit status, stderr)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            _out, err = self.proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _out, err = self.proc.communicate()
+            pytest.fail(f"memfuse serve did not stop within 20 s on SIGTERM: {err}")
+        return self.proc.returncode, err
+
+
+@pytest.fixture
+def serve(home):
+    s = Serve(home)
+    yield s
+    s.stop()
+
+
+def git(*args: str, cwd: Path | None = None, env: dict, check: bool = True
+        ) -> subprocess.CompletedProcess:
+    env = dict(env, GIT_TERMINAL_PROMPT="0")
+    result = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=60)
+    if check and result.returncode != 0:
+        raise AssertionError(f"git {' '.join(args)} failed: {result.stderr}")
+    return result
+
+
+def test_clone_then_a_pull_after_an_api_edit_shows_it_at_once(serve, agent, api, home,
+                                                              tmp_path):
+    clone = tmp_path / "clone"
+    git("clone", serve.git_url(agent), str(clone), env=home)
+    human = (clone / "system/human.md").read_text()
+    assert human.startswith("---\ndescription: About the human\nlimit: 2000\n---\n")
+    assert human.endswith("---\nThe human.\n")
+    assert (clone / "system/persona.md").read_text().endswith("---\nI am a test agent.\n")
+    log = git("log", "--format=%an|%s", cwd=clone, env=home).stdout.splitlines()
+    assert log[0].startswith("Letta server|Server change: ")
+
+    block = block_by_label(api, agent, "human")
+    api.patch(f"/v1/blocks/{block['id']}", json={"value": "Edited through the API.\n"}
+              ).raise_for_status()
+    started = time.monotonic()
+    git("pull", "--ff-only", cwd=clone, env=home)
+    assert time.monotonic() - started < 5
+    assert (clone / "system/human.md").read_text().endswith("---\nEdited through the API.\n")
+    assert git("status", "--porcelain", cwd=clone, env=home).stdout == ""
+
+    # a later mount continues the same history: nothing to commit at mount
+    head = git("rev-parse", "HEAD", cwd=clone, env=home).stdout.strip()
+    history = Path(home["HOME"]) / ".letta/agents" / agent / "memory.git"
+    assert git("--git-dir", str(history), "rev-parse", "main", env=home).stdout.strip() == head
+    code, err = serve.stop()
+    assert code == 0, err
+    m = start_mount(agent, home)
+    try:
+        assert (m.path / "system/human.md").read_text() == (clone / "system/human.md").read_text()
+    finally:
+        stop_mount(m)
+    assert git("--git-dir", str(history), "rev-parse", "main", env=home).stdout.strip() == head
+
+
+def test_an_unknown_agent_is_not_found(serve, home, tmp_path):
+    result = git("clone", serve.git_url("agent-00000000-0000-4000-8000-000000000000"),
+                 str(tmp_path / "clone"), env=home, check=False)
+    assert result.returncode != 0
+    assert "not found" in result.stderr
+
+
+def test_a_push_is_refused_with_the_reason(serve, agent, home, tmp_path):
+    clone = tmp_path / "clone"
+    git("clone", serve.git_url(agent), str(clone), env=home)
+    (clone / "system/human.md").write_text("---\ndescription: x\n---\nPushed.\n")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "edit", cwd=clone,
+        env=home)
+    result = git("push", cwd=clone, env=home, check=False)
+    assert result.returncode != 0
+    assert "does not take pushes yet" in result.stderr
+
+
+def test_a_mounted_agent_is_refused_for_now_and_status_shows_the_serve(serve, agent, home,
+                                                                       tmp_path):
+    status = subprocess.run([MEMFUSE, "status"], env=home, capture_output=True, text=True,
+                            timeout=30)
+    assert f"memfuse serve at {serve.url}" in status.stdout
+    m = start_mount(agent, home)
+    try:
+        result = git("clone", serve.git_url(agent), str(tmp_path / "clone"), env=home,
+                     check=False)
+        assert result.returncode != 0
+        assert "is mounted" in result.stderr
+    finally:
+        stop_mount(m)
+    git("clone", serve.git_url(agent), str(tmp_path / "after"), env=home)
+    code, err = serve.stop()
+    assert code == 0 and "serve stopped" in err
+    assert not list((Path(home["HOME"]) / ".letta/serve").glob("*.json"))
+    assert KEY not in err
+    assert not any(KEY.encode() in p.read_bytes()
+                   for p in (Path(home["HOME"]) / ".letta").rglob("*") if p.is_file())
+
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+@pytest.fixture(scope="session")
+def letta_code() -> str:
+    """The `letta` command of letta-code 0.25 (scripts/letta-code installs it once, cached)."""
+    result = subprocess.run([str(ROOT / "scripts/letta-code"), "path"], capture_output=True,
+                            text=True, timeout=600)
+    if result.returncode != 0:
+        pytest.fail(f"scripts/letta-code could not install letta-code: {result.stderr}")
+    return result.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def tagged_agent(api):
+    """An agent tagged `git-memory-enabled`: created with the tag, 0.16.8 renames its labels to
+    `system/<label>` but drops the tag; a PATCH then sets it."""
+    response = api.post("/v1/agents/", json={
+        "name": f"memfuse-test-{uuid.uuid4().hex[:8]}", "model": "letta/letta-free",
+        "embedding": "letta/letta-free", "include_base_tools": False,
+        "tags": ["git-memory-enabled"], "memory_blocks": DEFAULT_BLOCKS})
+    response.raise_for_status()
+    agent_id = response.json()["id"]
+    labels = {b["label"] for b in api.get(f"/v1/agents/{agent_id}/core-memory/blocks").json()}
+    assert labels == {"system/human", "system/persona"}
+    api.patch(f"/v1/agents/{agent_id}", json={"tags": ["git-memory-enabled"]}).raise_for_status()
+    yield agent_id
+    api.delete(f"/v1/agents/{agent_id}")
+
+
+def test_letta_codes_memfs_startup_sync_clones_through_serve(serve, tagged_agent, home,
+                                                           letta_code, letta_url, tmp_path):
+    env = dict(home, LETTA_BASE_URL=letta_url, LETTA_MEMFS_BASE_URL=serve.url,
+               LETTA_MEMFS_LOCAL="1")
+    # run in a directory of its own: letta-code keeps project settings in ./.letta
+    run = subprocess.run([letta_code, "--agent", tagged_agent, "-p", "hi", "--memfs-startup",
+                          "blocking"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=180)
+    output = run.stdout + run.stderr
+    assert "Memory git sync failed" not in output, output  # the model call then fails: no network
+    memory = Path(home["HOME"]) / ".letta/agents" / tagged_agent / "memory"
+    assert (memory / "system/human.md").read_text().endswith("---\nThe human.\n")
+    assert (memory / "system/persona.md").exists()
+    origin = git("remote", "get-url", "origin", cwd=memory, env=home).stdout.strip()
+    assert origin == f"{serve.url}/v1/git/{tagged_agent}/state.git"
+    status = subprocess.run([letta_code, "memory", "status", "--agent", tagged_agent], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert '"summary": "clean"' in status.stdout, status.stdout + status.stderr

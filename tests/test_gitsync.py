@@ -1,0 +1,52 @@
+"""gitsync: an agent's live blocks as the files of its layout, committed as the server's."""
+from memfuse import blockfile, blockmap, gitsync
+from memfuse.history import HistoryRepo
+from memfuse.layout import CLASSIC, GIT_MEMORY
+from memfuse.model import Block
+from memfuse.remote import Remote
+from memfuse.letta import LettaClient
+
+from .fakeletta import FakeLetta
+
+
+def block(label: str, value: str = "v\n", block_id: str | None = None) -> Block:
+    return Block(block_id or f"block-{label}", label, value, 100, "d")
+
+
+def test_a_path_taken_by_an_earlier_block_or_a_directory_is_left_out():
+    found = gitsync.Live()
+    for b, attached in ((block("human"), True), (block("human", block_id="block-2"), True),
+                        (block("a"), False), (block("a.md/x"), False),
+                        (block("bad\x00"), True)):
+        found.add(b, attached, CLASSIC)
+    assert sorted(found.files) == ["a.md", "system/human.md"]
+    assert found.files["system/human.md"] == blockfile.render(block("human"))
+    assert len(found.left_out) == 3
+
+
+def test_changes_remove_what_the_server_no_longer_has_but_keep_a_layouts_kept_files():
+    committed = {"system/old.md": b"x", "skills/pdf/extract.py": b"y", "system/human.md": b"z"}
+    live = {"system/human.md": b"new"}
+    assert gitsync.changes(committed, live, GIT_MEMORY) == {
+        "system/human.md": b"new", "system/old.md": None}
+    assert gitsync.changes(committed, live, CLASSIC) == {
+        "system/human.md": b"new", "system/old.md": None, "skills/pdf/extract.py": None}
+
+
+async def test_take_commits_as_the_server_and_saves_the_block_map(tmp_path):
+    fake = FakeLetta()
+    agent = fake.add_agent()
+    fake.add_block("human", "The human.\n", agent=agent)
+    fake.add_block("notes", "n\n", agent=agent, attached=False, tags=[f"owner:{agent}"])
+    repo = HistoryRepo(tmp_path / "memory.git")
+    repo.open()
+    async with LettaClient("http://letta.test", transport=fake.transport()) as client:
+        found = await gitsync.live(Remote(client, agent), CLASSIC)
+    map_file = tmp_path / "memory.blocks"
+    sha = gitsync.take(repo, found, CLASSIC, map_file)
+    commit = repo.repo[sha]
+    assert commit.author == b"Letta server <server@letta>"
+    assert commit.message.startswith(b"Server change: notes.md, system/human.md")
+    assert [r.path for r in blockmap.load(map_file)] == ["notes.md", "system/human.md"]
+    assert gitsync.take(repo, found, CLASSIC, map_file) is None  # nothing new
+    repo.close()
