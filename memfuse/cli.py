@@ -405,9 +405,10 @@ def _finish_umount(mount: locate.Found, deadline: float, timeout: float,
     left and report (why: the reason its journal waited, from its last report); 1 when it did
     not finish in time."""
     record, mountpoint = mount.record, mount.mountpoint
-    # until its pid is gone: a daemon that has exited is a zombie until its parent reaps it,
-    # and who then looks for the pid must not find it
-    while (record is not None and (record.alive() or procs.zombie(record.pid))
+    # until its pid is gone: a daemon that exits reads as no daemon (an empty command line)
+    # before it is a zombie, and is a zombie until its parent reaps it
+    while (record is not None and (record.alive() or procs.exiting(record.pid)
+                                   or procs.zombie(record.pid))
            and time.monotonic() < deadline):
         time.sleep(0.05)
     if record is not None and record.alive():

@@ -66,6 +66,13 @@ def zombie(pid: int) -> bool:
     return stat[stat.rfind(b")") + 2:][:1] == b"Z"  # after the name, which may hold ") "
 
 
+def exiting(pid: int) -> bool:
+    """Whether `pid` is in the middle of exiting: its memory is released, so its command line
+    reads empty, but it is not a zombie yet (the kernel closes its files after that: a FUSE
+    daemon's /dev/fuse may still be open)."""
+    return argv(pid) == [] and not zombie(pid) and (PROC / str(pid)).exists()
+
+
 def uid_of(pid: int) -> int | None:
     """The user `pid` runs as, or None when there is no such process."""
     try:
