@@ -136,6 +136,7 @@ def test_a_push_is_on_the_server_when_it_returns(serve, agent, api, home, tmp_pa
     assert git("--git-dir", str(history), "rev-parse", "main", env=home).stdout.strip() == pushed
     git("pull", "--ff-only", cwd=clone, env=home)  # nothing normalises the pushed bytes
     assert git("rev-parse", "HEAD", cwd=clone, env=home).stdout.strip() == pushed
+    git("--git-dir", str(history), "fsck", "--strict", env=home)
 
 
 def test_a_refused_push_names_the_file_and_the_rule(serve, agent, api, home, tmp_path):
@@ -222,7 +223,7 @@ def tagged_agent(api):
     api.delete(f"/v1/agents/{agent_id}")
 
 
-def test_letta_codes_memfs_startup_sync_clones_through_serve(serve, tagged_agent, home,
+def test_letta_codes_memfs_startup_sync_clones_through_serve(serve, tagged_agent, home, api,
                                                            letta_code, letta_url, tmp_path):
     env = dict(home, LETTA_BASE_URL=letta_url, LETTA_MEMFS_BASE_URL=serve.url,
                LETTA_MEMFS_LOCAL="1")
@@ -237,6 +238,15 @@ def test_letta_codes_memfs_startup_sync_clones_through_serve(serve, tagged_agent
     assert (memory / "system/persona.md").exists()
     origin = git("remote", "get-url", "origin", cwd=memory, env=home).stdout.strip()
     assert origin == f"{serve.url}/v1/git/{tagged_agent}/state.git"
+    status = subprocess.run([letta_code, "memory", "status", "--agent", tagged_agent], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert '"summary": "clean"' in status.stdout, status.stdout + status.stderr
+    # a commit through letta-code's pre-commit hook, and its push, land on the server
+    human = (memory / "system/human.md").read_text()
+    (memory / "system/human.md").write_text(human.replace("The human.\n", "Pushed by git.\n"))
+    git("commit", "-qam", "edit through the hook", cwd=memory, env=env)
+    git("push", "-q", "origin", "main", cwd=memory, env=env)
+    assert block_by_label(api, tagged_agent, "system/human")["value"] == "Pushed by git.\n"
     status = subprocess.run([letta_code, "memory", "status", "--agent", tagged_agent], env=env,
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert '"summary": "clean"' in status.stdout, status.stdout + status.stderr
