@@ -235,6 +235,21 @@ def applied(block: Block, parsed: ParsedFile) -> Block:
     return dataclasses.replace(block, value=parsed.value, **fields)
 
 
+def shows(data: bytes, block: Block) -> bool:
+    """Whether the file `data` says exactly what `block` is, though its bytes may differ from
+    `render(block)` (a file pushed over git: its own key order, no `limit`): it parses, its
+    value is the block's, `read_only` (absent: false) is the block's, and the description and
+    limit it names (a key left out leaves that field as it is) are the block's."""
+    try:
+        parsed = parse(data)
+    except BlockFileError:
+        return False
+    fields = parsed.fields
+    return (parsed.value == block.value and fields.get("read_only", False) == block.read_only
+            and all(fields[key] == getattr(block, key) for key in ("description", "limit")
+                    if key in fields))
+
+
 def plan_update(block: Block, parsed: ParsedFile) -> dict[str, Any]:
     """The PATCH body that turns `block` into what `parsed` says; `{}` when nothing changes.
 

@@ -6,7 +6,8 @@ git_http.py` declares them and letta-code's `src/agent/memory-git.ts` builds the
 
     GET  /v1/git/<agent-id>/state.git/info/refs?service=git-upload-pack   the refs (advertisement)
     POST /v1/git/<agent-id>/state.git/git-upload-pack                      the pack
-    ...  info/refs?service=git-receive-pack, git-receive-pack             403: no push yet
+    GET  /v1/git/<agent-id>/state.git/info/refs?service=git-receive-pack  the refs, for a push
+    POST /v1/git/<agent-id>/state.git/git-receive-pack                     a push (gitpush.py)
 
 Each request acts with its own key: the password of its `Authorization: Basic` header (any
 user name; letta-code sends `letta`), sent to Letta as `Authorization: Bearer <key>`; no
@@ -19,11 +20,13 @@ commit, status record or command line.
 An agent that is mounted (its daemon's pid file names a live daemon) is answered 503 for now:
 its daemon is its history's one writer, and handing requests to it is a later step. Otherwise
 the request holds the history's one-writer lock (writerlock.py) from before it reads the
-history until its answer is sent; a ref advertisement first takes the agent's live blocks into
-the history (gitsync.py), so a pull sees an API edit at once.
+history until its answer is sent; a ref advertisement, and a push before its pack is taken,
+first take the agent's live blocks into the history (gitsync.py), so a pull sees an API edit at
+once and a push on a base the server has moved past is not a fast-forward.
 
-dulwich's server side (`dulwich.web.HTTPGitApplication`, `dulwich.server.UploadPackHandler`)
-speaks git's protocol; memfuse writes none of it. The HTTP server is waitress: pure Python
+dulwich's server side (`dulwich.web.HTTPGitApplication`, `dulwich.server.UploadPackHandler`,
+`ReceivePackHandler`) speaks git's protocol; memfuse writes none of it. A push's ref update is
+decided by PushHandler, a ReceivePackHandler whose update hook hands it to gitpush.Receiver. The HTTP server is waitress: pure Python
 (no compiler, like the rest of memfuse's dependencies), maintained by the Pylons project, a
 thread pool for a blocking WSGI app, and it takes git's chunked request bodies (a large fetch's
 `have` lines, `Transfer-Encoding: chunked`) whole and hands them on with a Content-Length,
@@ -35,6 +38,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import ipaddress
 import logging
 import re
@@ -48,16 +52,18 @@ from urllib.parse import parse_qs
 import httpx
 import trio
 import waitress
-from dulwich.server import DictBackend, UploadPackHandler
+from dulwich.protocol import (CAPABILITY_ATOMIC, CAPABILITY_DELETE_REFS,
+                              CAPABILITY_SIDE_BAND_64K, SIDE_BAND_CHANNEL_PROGRESS)
+from dulwich.server import DictBackend, ReceivePackHandler, UploadPackHandler
 from dulwich.web import GunzipFilter, HTTPGitApplication, LimitedInputFilter
 
-from . import gitsync, procs
+from . import gitpush, gitsync, procs
 from .config import (Config, ConfigError, JsonRecord, RunningMount, check_agent_id, letta_home,
                      private_dir)
 from .history import HistoryRepo
-from .layout import layout_for_tags
+from .layout import CLASSIC, Layout, layout_for_tags
 from .errors import AgentGone, KeyRefused, ServerCallError
-from .remote import Remote, make_client
+from .remote import Client, Remote, make_client
 from .writerlock import WriterLock
 
 log = logging.getLogger("memfuse.serve")
@@ -75,9 +81,7 @@ MOUNTED = ("agent {agent} is mounted; serving a mounted agent comes later (memfu
            "first, or use its mount)")
 BUSY = ("the history of agent {agent} is busy: another request or process writes it; try "
         "again")
-NO_PUSH = ("memfuse serve does not take pushes yet: this version serves clone, fetch and pull; "
-           "a later version applies pushes to the Letta server")
-SMART_ONLY = "memfuse serve speaks git's smart HTTP only (git-upload-pack)"
+SMART_ONLY = "memfuse serve speaks git's smart HTTP only (git-upload-pack, git-receive-pack)"
 
 
 class Refusal(Exception):
@@ -109,8 +113,8 @@ class GitRequest:
 
 def route(environ: dict[str, Any]) -> GitRequest:
     """The git request `environ` (WSGI) asks for. Raises Refusal: 404 for a path that is not
-    `/v1/git/<agent-id>/state.git/...` or names no possible agent id, 403 for a push
-    (`git-receive-pack`) or git's dumb protocol."""
+    `/v1/git/<agent-id>/state.git/...` or names no possible agent id, 403 for git's dumb
+    protocol."""
     match = ROUTE.fullmatch(environ.get("PATH_INFO", ""))
     if match is None:
         raise Refusal("404 Not Found", "not found: memfuse serve answers "
@@ -127,9 +131,7 @@ def route(environ: dict[str, Any]) -> GitRequest:
         service, advertisement = rest[1:], False
     else:
         raise Refusal("403 Forbidden", SMART_ONLY)
-    if service == RECEIVE_PACK:
-        raise Refusal("403 Forbidden", NO_PUSH)
-    if service != UPLOAD_PACK:
+    if service not in (UPLOAD_PACK, RECEIVE_PACK):
         raise Refusal("403 Forbidden", SMART_ONLY)
     return GitRequest(agent_id, service, advertisement)
 
@@ -182,10 +184,13 @@ async def _answered(call):
 
 class _Held:
     """The history a request reads, opened, and the one-writer lock it holds on it; `close`
-    lets both go (once)."""
+    lets both go (once). `layout` is the agent's, `found` the live blocks taken into the
+    history before the answer (None when they were not)."""
 
     def __init__(self, lock: WriterLock, repo: HistoryRepo):
         self.lock, self.repo = lock, repo
+        self.layout: Layout = CLASSIC
+        self.found: gitsync.Live | None = None
 
     def close(self) -> None:
         try:
@@ -242,35 +247,47 @@ class GitEndpoint:
             return Refusal("500 Internal Server Error", f"memfuse serve failed: {exc}"
                            ).answer(start_response)
         self._answered(what, "200 OK", None)
-        return self._git(environ, start_response, request, held)
+        return self._git(environ, start_response, request, held, request_key(environ))
 
     def _answered(self, what: str, status: str, error: str | None) -> None:
         if self.on_answer is not None:
             self.on_answer(what, status, error)
 
+    def _client(self, key: str | None) -> Client:
+        """A Letta client acting with `key` (a request's own)."""
+        return make_client(self.base_url, key, retry_budget=RETRY_BUDGET,
+                           transport=self.transport)
+
     async def _prepare(self, request: GitRequest, key: str | None) -> _Held:
         """Check the request's key and the agent with Letta, hold the agent's history and, for
-        an advertisement, take the live blocks into it. Raises Refusal, OSError."""
+        an advertisement or a push, take the live blocks into it (a push is then judged
+        against the server as it is). Raises Refusal, OSError."""
         config = agent_config(request.agent_id, self.base_url)
-        async with make_client(self.base_url, key, retry_budget=RETRY_BUDGET,
-                               transport=self.transport) as client:
+        async with self._client(key) as client:
             remote = Remote(client, request.agent_id)
             layout = layout_for_tags(await _answered(remote.agent_tags(None)))
             held = await self._hold(config)
+            held.layout = layout
             try:
-                if request.advertisement:
-                    found = await _answered(gitsync.live(remote, layout))
-                    sha = await trio.to_thread.run_sync(gitsync.take, held.repo, found, layout,
-                                                        config.block_map_file)
-                    if sha is not None:
-                        log.info("agent %s: the server's changes committed (%s)",
-                                 request.agent_id, held.repo.last_message)
-                    for line in found.left_out:
-                        log.warning("agent %s: block %s; left out", request.agent_id, line)
+                if request.advertisement or request.service == RECEIVE_PACK:
+                    held.found = await self._take(remote, held, config)
             except BaseException:
                 held.close()
                 raise
         return held
+
+    @staticmethod
+    async def _take(remote: Remote, held: _Held, config: Config) -> gitsync.Live:
+        """Commit the agent's live blocks on the held history (gitsync). Raises Refusal."""
+        found = await _answered(gitsync.live(remote, held.layout))
+        sha = await trio.to_thread.run_sync(gitsync.take, held.repo, found, held.layout,
+                                            config.block_map_file)
+        if sha is not None:
+            log.info("agent %s: the server's changes committed (%s)", remote.agent_id,
+                     held.repo.last_message)
+        for line in found.left_out:
+            log.warning("agent %s: block %s; left out", remote.agent_id, line)
+        return found
 
     async def _hold(self, config: Config) -> _Held:
         """The agent's history, opened (made when new, 0700) with its one-writer lock held.
@@ -292,20 +309,91 @@ class GitEndpoint:
             raise
         return _Held(lock, repo)
 
-    @staticmethod
-    def _git(environ: dict[str, Any], start_response: Callable, request: GitRequest,
-             held: _Held) -> Iterable[bytes]:
-        """dulwich.web's answer from the held history: upload-pack only (dulwich's own
-        gzip and request-size filters, as `make_wsgi_chain` wraps them)."""
+    def _git(self, environ: dict[str, Any], start_response: Callable, request: GitRequest,
+             held: _Held, key: str | None) -> Iterable[bytes]:
+        """dulwich.web's answer from the held history (dulwich's own gzip and request-size
+        filters, as `make_wsgi_chain` wraps them): upload-pack, or receive-pack whose ref
+        updates memfuse decides (PushHandler)."""
         prefix = f"/v1/git/{request.agent_id}/state.git"
         app = HTTPGitApplication(DictBackend({prefix: held.repo.repo}))
-        app.handlers = {UPLOAD_PACK.encode(): UploadPackHandler}  # never receive-pack
+        found = held.found.shown if held.found is not None else []
+        receiver = gitpush.Receiver(held.repo, held.layout,
+                                    {path: (block, attached) for path, block, attached in found},
+                                    lambda: self._client(key), request.agent_id)
+        app.handlers = {UPLOAD_PACK.encode(): UploadPackHandler,
+                        RECEIVE_PACK.encode(): functools.partial(
+                            PushHandler, receiver=receiver,
+                            after=lambda: self._remember(request.agent_id, held, key))}
         try:
             body = LimitedInputFilter(GunzipFilter(app))(environ, start_response)
         except BaseException:
             held.close()
             raise
         return _Body(body, held)
+
+
+    def _remember(self, agent_id: str, held: _Held, key: str | None) -> None:
+        """After a push moved the branch: the block map saved anew from the server's blocks
+        now (the new blocks' ids), so a mount started later knows them. A failure is a
+        WARNING: the next request's advertisement saves it again."""
+        async def relist() -> gitsync.Live:
+            async with self._client(key) as client:
+                return await gitsync.live(Remote(client, agent_id), held.layout)
+        try:
+            found = trio.run(relist)
+            gitsync.remember(found, agent_config(agent_id, self.base_url).block_map_file)
+        except (ServerCallError, OSError) as exc:
+            log.warning("agent %s: the block map was not saved after the push (%s); the next "
+                        "request saves it", agent_id, exc)
+
+
+class PushHandler(ReceivePackHandler):
+    """dulwich's receive-pack (it reads the pack into the history's object store and speaks
+    the protocol), with memfuse deciding each ref update: `_on_update`, dulwich's hook before
+    it writes a ref, hands the update to `receiver` (gitpush.Receiver), which checks the push,
+    applies it to the server and moves the branch itself (to the pushed commit, or to the part
+    applied), and answers `ok`, or the `ng` reason, which dulwich reports (report-status);
+    the `remote:` lines go on side-band's progress channel. For an `ok`, dulwich's own write
+    that follows (`set_if_equals(ref, old, new)`) finds the branch already moved and changes
+    nothing; for an `ng` it writes nothing. Not offered: `atomic` (the server's changes cannot
+    be taken back if another ref failed) and `delete-refs`. The history's hook files
+    (pre-receive, update, post-receive) never run: they belong to whoever uses the history as
+    a work tree. `after` runs once a push moved the branch."""
+
+    def __init__(self, backend, args, proto, stateless_rpc: bool = False,
+                 advertise_refs: bool = False, *, receiver: gitpush.Receiver,
+                 after: Callable[[], None]):
+        super().__init__(backend, args, proto, stateless_rpc=stateless_rpc,
+                         advertise_refs=advertise_refs)
+        self.receiver, self.after = receiver, after
+
+    def capabilities(self) -> Iterable[bytes]:
+        return [c for c in super().capabilities()
+                if c not in (CAPABILITY_ATOMIC, CAPABILITY_DELETE_REFS)]
+
+    def _on_pre_receive(self, client_refs) -> None:
+        return None
+
+    def _on_post_receive(self, client_refs) -> None:
+        return None
+
+    def _on_update(self, ref_name: bytes, old_sha: bytes, new_sha: bytes) -> bytes | None:
+        try:
+            verdict = self.receiver.receive(ref_name, old_sha, new_sha)
+        except Exception as exc:  # a bug: this push fails alone, with what is known
+            log.exception("push of %s failed", ref_name.decode(errors="replace"))
+            verdict = gitpush.Verdict(False, f"memfuse serve failed: {exc!r}")
+        if self.receiver.moved:
+            self.after()
+        self._say(verdict.lines)
+        return verdict.status
+
+    def _say(self, lines: Iterable[str]) -> None:
+        """`lines` as `remote:` lines (side-band progress), when the client takes them."""
+        if not self.has_capability(CAPABILITY_SIDE_BAND_64K):
+            return
+        for line in lines:
+            self.proto.write_sideband(SIDE_BAND_CHANNEL_PROGRESS, f"{line}\n".encode())
 
 
 def parse_listen(text: str) -> tuple[str, int]:

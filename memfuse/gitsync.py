@@ -59,6 +59,15 @@ class Live:
         self._dirs.update(prefixes)
 
 
+    def over(self, committed: dict[str, bytes]) -> dict[str, bytes]:
+        """`files`, except that a file whose committed bytes say exactly what its block is
+        (`blockfile.shows`: a file pushed with its own frontmatter, say) keeps those bytes:
+        the server's answer is no change, and no commit normalises what was pushed."""
+        kept = {path: committed[path] for path, block, _attached in self.shown
+                if path in committed and blockfile.shows(committed[path], block)}
+        return {**self.files, **kept}
+
+
 async def live(remote: Remote, layout: Layout) -> Live:
     """The agent's blocks now, as the files of `layout`. Classic: the attached listing and the
     blocks tagged `owner:<agent>` (`Remote.listing`: `GET /v1/agents/{id}/core-memory/blocks`,
@@ -98,12 +107,19 @@ def take(repo: HistoryRepo, found: Live, layout: Layout, block_map_file: Path) -
     that describes it, so a mount started later, even while the server is away, continues
     from it. Returns the new commit's id, or None when the history already showed it all.
     Blocking (dulwich): call it from a worker thread. Raises OSError."""
-    sha = repo.commit(changes(repo.files(), found.files, layout), SERVER_AUTHOR, SUBJECT)
+    committed = repo.files()
+    sha = repo.commit(changes(committed, found.over(committed), layout), SERVER_AUTHOR, SUBJECT)
+    remember(found, block_map_file)
+    return sha
+
+
+def remember(found: Live, block_map_file: Path) -> None:
+    """Save the block map (`block_map_file`, blockmap.py) of the files `found` shows, unless
+    it holds that already. Raises OSError."""
     records = blockmap.records(found.shown)
     try:
         if blockmap.load(block_map_file) == records:
-            return sha
+            return
     except blockmap.BlockMapError as exc:
         log.warning("%s; it is written anew", exc)
     blockmap.save(block_map_file, records)
-    return sha

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 import trio
+from dulwich.diff_tree import tree_changes
 from dulwich.file import FileLocked
 from dulwich.index import Index, IndexEntry
 from dulwich.object_store import commit_tree_changes
@@ -150,6 +151,25 @@ class HistoryRepo:
                 self.last_message = commit.message.decode().splitlines()[0]
                 return commit.id
             log.info("branch moved during a snapshot; committing on top of the new head")
+
+    def move(self, expected: bytes | None, commit_id: bytes) -> bool:
+        """Point the branch at `commit_id` (a commit already in the object store, a pushed
+        one) if it still is at `expected` (compare-and-swap), and the index entries of the
+        paths that differ at the new commit. Returns whether the branch moved."""
+        store = self.repo.object_store
+        old_tree = store[expected].tree if expected else None
+        if not self.repo.refs.set_if_equals(BRANCH, expected, commit_id):
+            return False
+        entries: list[tuple[bytes, int | None, bytes | None]] = []
+        for change in tree_changes(store, old_tree, store[commit_id].tree):
+            if change.new is None or change.new.path is None:
+                entries.append((change.old.path, None, None))
+                continue
+            if change.old is not None and change.old.path not in (None, change.new.path):
+                entries.append((change.old.path, None, None))
+            entries.append((change.new.path, change.new.mode, change.new.sha))
+        self._update_index(entries)
+        return True
 
     def _update_index(self, entries: list[tuple[bytes, int | None, bytes | None]]) -> None:
         """Point the index entries of the committed paths at their new blobs, so `git status` in

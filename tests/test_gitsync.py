@@ -50,3 +50,18 @@ async def test_take_commits_as_the_server_and_saves_the_block_map(tmp_path):
     assert [r.path for r in blockmap.load(map_file)] == ["notes.md", "system/human.md"]
     assert gitsync.take(repo, found, CLASSIC, map_file) is None  # nothing new
     repo.close()
+
+
+def test_a_file_whose_bytes_say_what_its_block_is_keeps_its_bytes(tmp_path):
+    human = Block("block-1", "human", "Pushed.\n", 100, "About them")
+    found = gitsync.Live()
+    found.add(human, True, CLASSIC)
+    pushed = b"---\ndescription: About them\n---\nPushed.\n"  # no limit: the server's stands
+    assert found.over({"system/human.md": pushed}) == {"system/human.md": pushed}
+    for stale in (b"---\ndescription: About them\n---\nOld.\n",
+                  b"---\ndescription: Other\n---\nPushed.\n",
+                  b"---\nlimit: 7\n---\nPushed.\n"):
+        assert found.over({"system/human.md": stale}) == found.files
+    locked = Block("block-2", "persona", "v\n", 100, read_only=True)
+    assert not blockfile.shows(b"v\n", locked)  # read_only left out says false
+    assert blockfile.shows(blockfile.render(locked), locked)

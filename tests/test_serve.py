@@ -3,6 +3,7 @@ fake API, driven by dulwich's git client (clone, pull) and plain HTTP requests."
 import os
 import threading
 from functools import partial
+import io
 from pathlib import Path
 
 import httpx
@@ -145,14 +146,8 @@ def test_the_serve_processs_own_key_is_never_lent_to_a_request(fake, served, tmp
     assert "the-serves-own-key" not in caplog.text
 
 
-def test_a_push_is_refused_for_now_with_the_reason(fake, served):
+def test_gits_dumb_protocol_is_refused_before_letta_is_asked(fake, served):
     agent = fake.add_agent()
-    for request in (partial(httpx.get, params={"service": "git-receive-pack"}),):
-        answer = request(f"{git_url(served, agent)}/info/refs")
-        assert answer.status_code == 403 and "pushes" in answer.text
-    answer = httpx.post(f"{git_url(served, agent)}/git-receive-pack", content=b"0000",
-                        headers={"Content-Type": "application/x-git-receive-pack-request"})
-    assert answer.status_code == 403 and "pushes" in answer.text
     dumb = httpx.get(f"{git_url(served, agent)}/info/refs")  # git's dumb protocol
     assert dumb.status_code == 403 and "smart HTTP" in dumb.text
     assert fake.requests == []  # refused before Letta is asked anything
@@ -268,3 +263,229 @@ def test_a_serve_record_is_shown_while_its_process_is_a_memfuse_serve(fake, monk
     assert "memfuse serve at http://127.0.0.1:8285" in shown and "404 Not Found" in shown
     status.remove()
     assert gitserve.serve_records() == []
+
+
+# --- pushes (issue 20 point 4) -----------------------------------------------------------------
+
+def history(agent: str) -> Repo:
+    return Repo(str(Config.build(agent).history_dir))
+
+
+def commit_all(target: Path, message: str = "edit") -> bytes:
+    """Stage every new, changed and removed file of the clone `target` and commit."""
+    porcelain.add(str(target))
+    return porcelain.commit(str(target), message=message.encode(), author=b"A <a@a>",
+                            committer=b"A <a@a>", all=True)
+
+
+def push(target: Path, served: str, agent: str, force: bool = False) -> tuple[bytes | str, str]:
+    """`git push origin main` from `target`: (the ref's status: its sha when ok, else the
+    `ng` reason; what the remote said)."""
+    err = io.BytesIO()
+    result = porcelain.push(str(target), git_url(served, agent), "main", username="letta",
+                            errstream=err, force=force)
+    status = result.ref_status.get(b"refs/heads/main") if result.ref_status else None
+    return status or result.refs[b"refs/heads/main"], err.getvalue().decode()
+
+
+def changing_calls(fake: FakeLetta) -> list[tuple[str, str]]:
+    return [(m, p) for m, p, _ in fake.requests if m in ("POST", "PATCH", "DELETE")]
+
+
+@pytest.fixture
+def classic(fake):
+    """A classic agent: attached human (limit 100) and persona, a detached owned note."""
+    agent = fake.add_agent()
+    ids = {"human": fake.add_block("human", "The human.\n", agent=agent, limit=100),
+           "persona": fake.add_block("persona", "I am.\n", agent=agent),
+           "notes": fake.add_block("notes", "n\n", agent=agent, attached=False,
+                                   tags=[f"owner:{agent}"])}
+    return agent, ids
+
+
+def test_a_push_of_an_edit_a_create_and_a_removal_is_on_the_server_when_it_returns(
+        fake, served, tmp_path, classic):
+    agent, ids = classic
+    target = tmp_path / "clone"
+    clone(served, agent, target)
+    (target / "system/human.md").write_text("---\ndescription: About them\n---\nPushed.\n")
+    (target / "system/goals.md").write_text("---\ndescription: Goals\n---\nShip it.\n")
+    (target / "todo.md").write_text("- push\n")
+    porcelain.rm(str(target), [str(target / "notes.md")])
+    pushed = commit_all(target)
+    fake.requests.clear()
+    status, said = push(target, served, agent)
+    assert status == pushed  # ok: the served main is the pushed commit itself
+    assert history(agent).refs[b"refs/heads/main"] == pushed
+    human = fake.blocks[ids["human"]]
+    assert (human["value"], human["description"], human["limit"]) == ("Pushed.\n", "About them",
+                                                                     100)
+    [goals] = fake.by_label("goals")
+    assert goals["id"] in fake.agents[agent] and f"owner:{agent}" in goals["tags"]
+    [todo] = fake.by_label("todo")
+    assert todo["id"] not in fake.agents[agent] and todo["tags"] == [f"owner:{agent}"]
+    assert ids["notes"] in fake.blocks  # removed: never deleted, its owner tag dropped
+    assert fake.blocks[ids["notes"]]["tags"] == []
+    assert not any(m == "DELETE" for m, _ in changing_calls(fake))
+    assert "memfuse: on the server:" in said
+    # the next pull has nothing new: no commit on top normalises the pushed bytes
+    porcelain.pull(str(target), git_url(served, agent), username="letta",
+                   errstream=porcelain.NoneStream())
+    assert history(agent).refs[b"refs/heads/main"] == pushed
+
+
+def test_a_renamed_block_file_is_relabelled_not_made_again(fake, served, tmp_path, classic):
+    agent, ids = classic
+    target = tmp_path / "clone"
+    clone(served, agent, target)
+    (target / "system/human.md").rename(target / "system/person.md")
+    porcelain.add(str(target), [str(target / "system/person.md")])
+    porcelain.rm(str(target), [str(target / "system/human.md")], cached=True)
+    pushed = commit_all(target)
+    fake.requests.clear()
+    assert push(target, served, agent)[0] == pushed
+    assert fake.blocks[ids["human"]]["label"] == "person"
+    assert ids["human"] in fake.agents[agent]
+    assert fake.calls("create") == []
+
+
+BAD = "---\ndescription: d\nfoo: 1\n---\nx\n"
+
+
+@pytest.mark.parametrize("path,content,rule", [
+    ("system/human.md", BAD, "unknown frontmatter key(s): foo"),
+    ("system/human.md", "---\ndescription: d\n---\n" + "x" * 101,
+     "value is 101 characters, over the limit of 100 (EFBIG)"),
+    ("system/new.md", "---\nlimit: 5\n---\n123456", "over the limit of 5 (EFBIG)"),
+    ("system/persona.md", "---\nread_only: true\n---\nI am.\n",
+     "read_only cannot be changed from a file"),
+    ("system/locked.md", "---\ndescription: d\n---\nchanged\n", "the block is read_only"),
+    ("system/a\tb.md", "x\n", "Letta would read it as a block whose label memfuse cannot show"),
+    ("README.txt", "hello\n", "not a block file"),
+], ids=["frontmatter", "server-limit", "pushed-limit", "read-only-set", "read-only-block",
+        "label", "classic-non-block"])
+def test_a_refused_push_names_the_file_and_its_rule_and_applies_nothing(
+        fake, served, tmp_path, classic, path, content, rule):
+    agent, _ids = classic
+    fake.add_block("locked", "fixed\n", agent=agent, read_only=True)
+    target = tmp_path / "clone"
+    clone(served, agent, target)
+    before = history(agent).refs[b"refs/heads/main"]
+    (target / path).write_text(content)
+    if path != "system/persona.md":
+        (target / "system/persona.md").write_text("I am, edited.\n")  # a good edit beside it
+    commit_all(target)
+    fake.requests.clear()
+    status, said = push(target, served, agent)
+    assert isinstance(status, str) and rule in status
+    assert f"{path}: " in said and rule in said and "nothing was applied" in said
+    assert changing_calls(fake) == []  # the good edit of persona.md was not applied either
+    assert history(agent).refs[b"refs/heads/main"] == before
+
+
+def test_a_read_only_blocks_file_cannot_be_removed_and_a_push_must_leave_a_block(
+        fake, served, tmp_path):
+    agent = fake.add_agent()
+    fake.add_block("locked", "fixed\n", agent=agent, read_only=True)
+    target = tmp_path / "clone"
+    clone(served, agent, target)
+    porcelain.rm(str(target), [str(target / "system/locked.md")])
+    commit_all(target)
+    status, said = push(target, served, agent)
+    assert "system/locked.md: the block is read_only: its file cannot be removed" in status
+    assert "the push leaves no block file" in said
+    assert changing_calls(fake) == []
+
+
+def test_a_git_memory_agent_keeps_non_block_files_in_history(fake, served, tmp_path):
+    agent = fake.add_agent(tags=["git-memory-enabled"])
+    fake.add_block("system/human", "The human.\n", agent=agent)
+    target = tmp_path / "clone"
+    clone(served, agent, target)
+    (target / "skills/pdf").mkdir(parents=True)
+    (target / "skills/pdf/SKILL.md").write_text("---\ndescription: PDFs\n---\nRead PDFs.\n")
+    (target / "skills/pdf/extract.py").write_text("print('x')\n")
+    (target / "profile.png").write_bytes(b"\x89PNG\0")
+    pushed = commit_all(target)
+    assert push(target, served, agent)[0] == pushed
+    [skill] = fake.by_label("skills/pdf")
+    assert skill["value"] == "Read PDFs.\n" and skill["id"] in fake.agents[agent]
+    assert len(fake.blocks) == 2  # extract.py and profile.png are no blocks
+    porcelain.pull(str(target), git_url(served, agent), username="letta",
+                   errstream=porcelain.NoneStream())
+    assert history(agent).refs[b"refs/heads/main"] == pushed  # and stay in history
+
+
+def test_a_push_on_a_base_the_server_moved_past_is_non_fast_forward(fake, served, tmp_path,
+                                                                   classic):
+    agent, ids = classic
+    target = tmp_path / "clone"
+    clone(served, agent, target)
+    fake.blocks[ids["persona"]]["value"] = "Edited through the API.\n"
+    (target / "system/human.md").write_text("Pushed.\n")
+    commit_all(target)
+    fake.requests.clear()
+    status, said = push(target, served, agent, force=True)  # git itself would say fetch first
+    assert status == "non-fast-forward" and "git pull --rebase" in said
+    assert changing_calls(fake) == []
+    assert fake.blocks[ids["persona"]]["value"] == "Edited through the API.\n"
+    assert fake.blocks[ids["human"]]["value"] == "The human.\n"
+
+
+def test_a_merge_commit_is_accepted(fake, served, tmp_path, classic):
+    from dulwich.objects import Commit
+
+    agent, ids = classic
+    target = tmp_path / "clone"
+    repo = clone(served, agent, target)
+    base = repo.head()
+    (target / "system/human.md").write_text("From the branch.\n")
+    branch = commit_all(target, "branch")
+    porcelain.reset(str(target), "hard", base)
+    (target / "system/persona.md").write_text("From main.\n")
+    (target / "system/human.md").write_text("From the branch.\n")
+    main = commit_all(target, "main")
+    merge = Commit()
+    merge.tree, merge.parents = repo[main].tree, [main, branch]
+    merge.author = merge.committer = b"Letta Code <noreply@letta.com>"
+    merge.author_time = merge.commit_time = 0
+    merge.author_timezone = merge.commit_timezone = 0
+    merge.message = b"Merge branch\n"
+    repo.object_store.add_object(merge)
+    repo.refs[b"refs/heads/main"] = merge.id
+    assert push(target, served, agent)[0] == merge.id
+    assert fake.blocks[ids["human"]]["value"] == "From the branch.\n"
+    assert fake.blocks[ids["persona"]]["value"] == "From main.\n"
+
+
+def test_a_push_the_server_takes_in_part_moves_main_to_what_was_applied(fake, served, tmp_path,
+                                                                        classic):
+    agent, ids = classic
+    target = tmp_path / "clone"
+    clone(served, agent, target)
+    before = history(agent).refs[b"refs/heads/main"]
+    (target / "system/human.md").write_text("Pushed human.\n")
+    (target / "system/persona.md").write_text("Pushed persona.\n")
+    commit_all(target)
+    fake.fail_paths[f"/v1/blocks/{ids['persona']}"] = 422  # the second PATCH fails
+    status, said = push(target, served, agent)
+    assert "applied in part" in status
+    assert "applied: system/human.md" in status and "not applied: system/persona.md" in status
+    assert "not applied: system/persona.md" in said
+    assert fake.blocks[ids["human"]]["value"] == "Pushed human.\n"
+    served_repo = history(agent)
+    head = served_repo[served_repo.refs[b"refs/heads/main"]]
+    assert head.parents == [before] and head.message.startswith(b"Part of a push")
+    tree = {p.decode(): served_repo[sha].data for p, _m, sha in
+            served_repo.object_store.iter_tree_contents(head.tree)}
+    assert tree["system/human.md"] == b"Pushed human.\n"
+    assert tree["system/persona.md"].endswith(b"---\nI am.\n")
+    # fixed: pull --rebase (here: pull onto the part, then commit again) and push completes it
+    del fake.fail_paths[f"/v1/blocks/{ids['persona']}"]
+    porcelain.reset(str(target), "hard", before)
+    porcelain.pull(str(target), git_url(served, agent), username="letta",
+                   errstream=porcelain.NoneStream())
+    (target / "system/persona.md").write_text("Pushed persona.\n")
+    again = commit_all(target)
+    assert push(target, served, agent)[0] == again
+    assert fake.blocks[ids["persona"]]["value"] == "Pushed persona.\n"

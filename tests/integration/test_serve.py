@@ -1,6 +1,6 @@
 """`memfuse serve` as a person runs it, with the real `git` CLI against the real Letta server:
-clone, a pull after an API edit, an unknown agent, a refused push, a mounted agent, status,
-and a clean stop on SIGTERM."""
+clone, a pull after an API edit, an unknown agent, a push (applied, refused, stale then rebased),
+a mounted agent, status, and a clean stop on SIGTERM."""
 from __future__ import annotations
 
 import re
@@ -111,15 +111,64 @@ def test_an_unknown_agent_is_not_found(serve, home, tmp_path):
     assert "not found" in result.stderr
 
 
-def test_a_push_is_refused_with_the_reason(serve, agent, home, tmp_path):
+def commit(clone: Path, message: str, env: dict) -> str:
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", message, cwd=clone,
+        env=env)
+    return git("rev-parse", "HEAD", cwd=clone, env=env).stdout.strip()
+
+
+def test_a_push_is_on_the_server_when_it_returns(serve, agent, api, home, tmp_path):
     clone = tmp_path / "clone"
     git("clone", serve.git_url(agent), str(clone), env=home)
-    (clone / "system/human.md").write_text("---\ndescription: x\n---\nPushed.\n")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "edit", cwd=clone,
-        env=home)
-    result = git("push", cwd=clone, env=home, check=False)
+    (clone / "system/human.md").write_text("---\ndescription: About the human\n---\nPushed.\n")
+    (clone / "notes.md").write_text("---\ndescription: Notes\n---\n- a note\n")
+    git("add", "notes.md", cwd=clone, env=home)
+    git("rm", "-q", "system/persona.md", cwd=clone, env=home)
+    pushed = commit(clone, "edit, create, rm", home)
+    git("push", "-q", "origin", "main", cwd=clone, env=home)
+    # when git push returns, every change is on the server
+    assert block_by_label(api, agent, "human")["value"] == "Pushed.\n"
+    attached = {b["label"] for b in api.get(f"/v1/agents/{agent}/core-memory/blocks").json()}
+    assert attached == {"human"}  # persona detached (not deleted), notes.md is detached
+    owned = api.get("/v1/blocks/", params={"tags": f"owner:{agent}"}).json()
+    assert [b["value"] for b in owned if b["label"] == "notes"] == ["- a note\n"]
+    history = Path(home["HOME"]) / ".letta/agents" / agent / "memory.git"
+    assert git("--git-dir", str(history), "rev-parse", "main", env=home).stdout.strip() == pushed
+    git("pull", "--ff-only", cwd=clone, env=home)  # nothing normalises the pushed bytes
+    assert git("rev-parse", "HEAD", cwd=clone, env=home).stdout.strip() == pushed
+    git("--git-dir", str(history), "fsck", "--strict", env=home)
+
+
+def test_a_refused_push_names_the_file_and_the_rule(serve, agent, api, home, tmp_path):
+    clone = tmp_path / "clone"
+    git("clone", serve.git_url(agent), str(clone), env=home)
+    (clone / "system/persona.md").write_text("---\ndescription: Who I am\n---\n" + "x" * 41)
+    commit(clone, "over the limit", home)
+    result = git("push", "origin", "main", cwd=clone, env=home, check=False)
     assert result.returncode != 0
-    assert "does not take pushes yet" in result.stderr
+    assert ("remote:   system/persona.md: value is 41 characters, over the limit of 40 (EFBIG)"
+            in result.stderr), result.stderr
+    assert "[remote rejected] main -> main" in result.stderr
+    assert block_by_label(api, agent, "persona")["value"] == "I am a test agent.\n"
+
+
+def test_a_stale_push_is_refused_then_pull_rebase_and_push_land(serve, agent, api, home,
+                                                               tmp_path):
+    clone = tmp_path / "clone"
+    git("clone", serve.git_url(agent), str(clone), env=home)
+    block = block_by_label(api, agent, "persona")
+    api.patch(f"/v1/blocks/{block['id']}", json={"value": "Edited by the API.\n"}
+              ).raise_for_status()
+    (clone / "system/human.md").write_text("---\ndescription: About the human\n---\nMine.\n")
+    commit(clone, "edit", home)
+    result = git("push", "origin", "main", cwd=clone, env=home, check=False)
+    assert result.returncode != 0 and "rejected" in result.stderr, result.stderr
+    assert block_by_label(api, agent, "human")["value"] == "The human.\n"
+    git("-c", "user.name=t", "-c", "user.email=t@t", "pull", "-q", "--rebase", "origin", "main",
+        cwd=clone, env=home)
+    git("push", "-q", "origin", "main", cwd=clone, env=home)
+    assert block_by_label(api, agent, "human")["value"] == "Mine.\n"
+    assert block_by_label(api, agent, "persona")["value"] == "Edited by the API.\n"
 
 
 def test_a_mounted_agent_is_refused_for_now_and_status_shows_the_serve(serve, agent, home,
@@ -174,7 +223,7 @@ def tagged_agent(api):
     api.delete(f"/v1/agents/{agent_id}")
 
 
-def test_letta_codes_memfs_startup_sync_clones_through_serve(serve, tagged_agent, home,
+def test_letta_codes_memfs_startup_sync_clones_through_serve(serve, tagged_agent, home, api,
                                                            letta_code, letta_url, tmp_path):
     env = dict(home, LETTA_BASE_URL=letta_url, LETTA_MEMFS_BASE_URL=serve.url,
                LETTA_MEMFS_LOCAL="1")
@@ -189,6 +238,15 @@ def test_letta_codes_memfs_startup_sync_clones_through_serve(serve, tagged_agent
     assert (memory / "system/persona.md").exists()
     origin = git("remote", "get-url", "origin", cwd=memory, env=home).stdout.strip()
     assert origin == f"{serve.url}/v1/git/{tagged_agent}/state.git"
+    status = subprocess.run([letta_code, "memory", "status", "--agent", tagged_agent], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert '"summary": "clean"' in status.stdout, status.stdout + status.stderr
+    # a commit through letta-code's pre-commit hook, and its push, land on the server
+    human = (memory / "system/human.md").read_text()
+    (memory / "system/human.md").write_text(human.replace("The human.\n", "Pushed by git.\n"))
+    git("commit", "-qam", "edit through the hook", cwd=memory, env=env)
+    git("push", "-q", "origin", "main", cwd=memory, env=env)
+    assert block_by_label(api, tagged_agent, "system/human")["value"] == "Pushed by git.\n"
     status = subprocess.run([letta_code, "memory", "status", "--agent", tagged_agent], env=env,
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert '"summary": "clean"' in status.stdout, status.stdout + status.stderr

@@ -1,0 +1,342 @@
+"""The push side of `memfuse serve`: a pushed commit checked against the live server, applied
+as block changes, and the branch moved to what is on the server.
+
+gitserve.PushHandler calls `Receiver.receive` for each ref a `git push` updates, from inside
+dulwich's receive-pack (`ReceivePackHandler._on_update`), once the pack's objects are in the
+history's object store and while the request holds the history's one-writer lock. The live
+blocks were taken into the history just before (gitsync.take), so the branch head is the
+server as it is now, and the push is the difference between that head and the pushed commit:
+
+1. **Refs.** Only `refs/heads/main` is taken; it is never deleted; the pushed commit must
+   descend from the head (merge commits do), else `non-fast-forward`, as git's receive-pack
+   says it (a push made on a base the server has moved past is one).
+2. **Checks**, every changed file, before any call that changes a block (`plan`): the
+   layout's `kind` of its path (a block file, a kept file of the git-memory layout; anything
+   else is refused with the reason), a regular file, the frontmatter (blockfile.parse), the
+   limit (the pushed `limit`, else the block's on the server; a new block's default), a
+   `read_only` block unchanged and never removed, and at least one block file left.
+3. **Apply** (`apply`), with the request's key, through Remote, the seam the mount's writes
+   use: relabels (a removed block file whose value a new one holds: `Remote.relocate`), updates
+   (`Remote.update`: one PATCH), creates (`Remote.create`: POST tagged `owner:<agent>`,
+   attached as the layout says), removals (`Remote.retire`: detach and drop the owner tag;
+   never a delete).
+4. **The ref.** All applied: the branch moves to the pushed commit itself (same id; no
+   commit on top). A call that fails: the branch moves to a commit on the old head holding the
+   files applied so far (and the kept files), and the ref's status is `ng`, naming the applied
+   and the unapplied files.
+
+Nothing here speaks git's protocol or HTTP: a `Verdict` says what the ref's status and the
+`remote:` lines are.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import stat
+from dataclasses import dataclass, field
+from typing import Callable
+
+import trio
+from dulwich.graph import can_fast_forward
+
+from . import blockfile
+from .errors import FsError
+from .history import BRANCH, HistoryRepo
+from .layout import GIT_MEMORY, Layout, PathKind
+from .model import Block, Location
+from .remote import Client, Remote
+
+log = logging.getLogger("memfuse.push")
+
+ZERO = b"0" * 40
+SUBJECT = "Part of a push"  # the commit of a push the server took in part
+MAX_STATUS = 1000  # characters of a ref's `ng` reason (one pkt-line; the rest is in the remote lines)
+
+Files = dict[str, tuple[int, bytes | None]]  # path -> (git mode, bytes; None: no blob here)
+
+
+def files_at(repo: HistoryRepo, commit_id: bytes | None) -> Files:
+    """Every file of the commit `commit_id` ({} for None): path -> (mode, bytes), bytes None
+    for what is no blob (a submodule)."""
+    if commit_id is None:
+        return {}
+    store = repo.repo.object_store
+    found: Files = {}
+    for path, mode, sha in store.iter_tree_contents(store[commit_id].tree):
+        blob = store[sha].as_raw_string() if stat.S_ISREG(mode) or stat.S_ISLNK(mode) else None
+        found[path.decode("utf-8", "surrogateescape")] = (mode, blob)
+    return found
+
+
+def _errno_name(exc: FsError) -> str:
+    return errno.errorcode.get(exc.errno, str(exc.errno))
+
+
+@dataclass(frozen=True)
+class Step:
+    """One server change of a push: `kind` update, create, relabel or retire; `path` the file
+    it comes from (a relabel's new path; `old_path` its old one); `block` the live block it
+    changes and whether it is `attached` now; `location` and `parsed` what the file says."""
+
+    kind: str
+    path: str
+    block: Block | None = None
+    attached: bool = False
+    location: Location | None = None
+    parsed: blockfile.ParsedFile | None = None
+    old_path: str | None = None
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return (self.old_path, self.path) if self.old_path else (self.path,)
+
+    def words(self) -> str:
+        if self.kind == "relabel":
+            return f"{self.old_path} -> {self.path}"
+        return f"{self.path} ({self.kind})"
+
+
+ORDER = ("relabel", "update", "create", "retire")  # labels freed first, blocks removed last
+
+
+@dataclass
+class Plan:
+    """What a push asks of the server: `steps` in the order they are applied, `changes` every
+    changed path (path -> pushed bytes, None: removed), `kept` the changed paths that need no
+    server call (kept files), `refusals` one `path: reason` line per file refused."""
+
+    steps: list[Step] = field(default_factory=list)
+    changes: dict[str, bytes | None] = field(default_factory=dict)
+    kept: list[str] = field(default_factory=list)
+    refusals: list[str] = field(default_factory=list)
+
+
+def _parts(path: str) -> tuple[str, ...]:
+    return tuple(path.split("/"))
+
+
+def _not_a_block(kind: PathKind, layout: Layout) -> str:
+    """Why a file of `kind` (not BLOCK or KEPT) cannot be pushed in `layout`."""
+    if kind is PathKind.REFUSED:
+        return ("Letta would read it as a block whose label memfuse cannot show (a control "
+                "character, an empty or `.git` name, a path over 4,095 bytes)")
+    if layout is GIT_MEMORY:
+        return "an editor's temporary file: never kept in history"
+    return ("not a block file: in this agent's layout only system/<label>.md (attached) and "
+            "<label>.md (detached, owned) are blocks, and no other file is kept")
+
+
+class _Planner:
+    """Builds a Plan from the head's files, the pushed files and the live blocks by path."""
+
+    def __init__(self, live: dict[str, tuple[Block, bool]], layout: Layout):
+        self.live, self.layout, self.plan = live, layout, Plan()
+        self.creates: list[Step] = []
+        self.retires: list[Step] = []
+
+    def refuse(self, path: str, reason: str) -> None:
+        self.plan.refusals.append(f"{path}: {reason}")
+
+    def added_or_changed(self, path: str, mode: int, data: bytes | None) -> None:
+        kind = self.layout.kind(_parts(path))
+        if kind not in (PathKind.BLOCK, PathKind.KEPT):
+            return self.refuse(path, _not_a_block(kind, self.layout))
+        if not stat.S_ISREG(mode) or data is None:
+            return self.refuse(path, "not a regular file (a symlink or a submodule): memfuse "
+                                     "keeps regular files only")
+        if kind is PathKind.KEPT:
+            return self.plan.kept.append(path)
+        try:
+            parsed = blockfile.parse(data)
+        except FsError as exc:
+            return self.refuse(path, f"{exc.reason} ({_errno_name(exc)})")
+        location = self.layout.location_at(_parts(path))
+        assert location is not None  # kind BLOCK
+        if path in self.live:
+            return self.update(path, parsed, *self.live[path])
+        try:
+            Remote.new_block("", location, parsed)  # read_only set, over the limit
+        except FsError as exc:
+            return self.refuse(path, f"{exc.reason} ({_errno_name(exc)})")
+        self.creates.append(Step("create", path, location=location, parsed=parsed))
+
+    def update(self, path: str, parsed: blockfile.ParsedFile, block: Block,
+               attached: bool) -> None:
+        if block.read_only:
+            return self.refuse(path, "the block is read_only: its file cannot change (EACCES)")
+        try:
+            blockfile.plan_update(block, parsed)
+        except FsError as exc:
+            return self.refuse(path, f"{exc.reason} ({_errno_name(exc)})")
+        self.plan.steps.append(Step("update", path, block, attached, parsed=parsed))
+
+    def removed(self, path: str) -> None:
+        if self.layout.kind(_parts(path)) is not PathKind.BLOCK or path not in self.live:
+            return self.plan.kept.append(path)  # a kept file, or no block on the server
+        block, attached = self.live[path]
+        if block.read_only:
+            return self.refuse(path, "the block is read_only: its file cannot be removed "
+                                     "(EACCES)")
+        self.retires.append(Step("retire", path, block, attached))
+
+    def pair_renames(self) -> None:
+        """A new block file holding the value of a removed one is that block relabelled."""
+        for create in list(self.creates):
+            retire = next((r for r in self.retires
+                           if r.block is not None and create.parsed is not None
+                           and r.block.value == create.parsed.value), None)
+            if retire is None:
+                continue
+            self.creates.remove(create)
+            self.retires.remove(retire)
+            self.plan.steps.append(Step("relabel", create.path, retire.block, retire.attached,
+                                        create.location, create.parsed, retire.path))
+
+    def finish(self, new: Files) -> Plan:
+        self.pair_renames()
+        self.plan.steps += self.creates + self.retires
+        self.plan.steps.sort(key=lambda step: ORDER.index(step.kind))
+        if not any(self.layout.kind(_parts(p)) is PathKind.BLOCK for p in new):
+            self.plan.refusals.append("the push leaves no block file (Letta's own sync refuses "
+                                      "to empty an agent's memory the same way)")
+        return self.plan
+
+
+def plan(old: Files, new: Files, live: dict[str, tuple[Block, bool]], layout: Layout) -> Plan:
+    """What turns the head's files `old` into the pushed files `new`, for the live blocks
+    `live` (path -> (block, attached), the files the head shows) in `layout`. Pure."""
+    planner = _Planner(live, layout)
+    for path in sorted(old.keys() | new.keys()):
+        if old.get(path) == new.get(path):
+            continue
+        if path in new:
+            mode, data = new[path]
+            planner.plan.changes[path] = data
+            planner.added_or_changed(path, mode, data)
+        else:
+            planner.plan.changes[path] = None
+            planner.removed(path)
+    return planner.finish(new)
+
+
+@dataclass
+class Outcome:
+    """What `apply` did: the steps `done`, and the step that `failed` with its `reason`
+    (None: all done)."""
+
+    done: list[Step] = field(default_factory=list)
+    failed: Step | None = None
+    reason: str = ""
+
+
+async def _step(remote: Remote, step: Step) -> None:
+    assert step.parsed is not None or step.kind == "retire"
+    if step.kind == "update":
+        await remote.update(step.block, step.parsed)
+    elif step.kind == "create":
+        await remote.create(step.location, step.parsed)
+    elif step.kind == "relabel":
+        block = await remote.relocate(step.block, step.attached, step.location)
+        await remote.update(block, step.parsed)
+    else:
+        await remote.retire(step.block, step.attached)
+
+
+async def apply(remote: Remote, steps: list[Step]) -> Outcome:
+    """Apply `steps` in order through `remote`, stopping at the first that fails."""
+    outcome = Outcome()
+    for step in steps:
+        try:
+            await _step(remote, step)
+        except FsError as exc:
+            outcome.failed, outcome.reason = step, f"{exc.reason} ({_errno_name(exc)})"
+            log.warning("agent %s: push: %s failed: %s", remote.agent_id, step.words(),
+                        outcome.reason)
+            return outcome
+        outcome.done.append(step)
+    return outcome
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A ref update's answer: `ok`, else the `ng` `reason`; `lines` the `remote:` lines."""
+
+    ok: bool
+    reason: str = ""
+    lines: tuple[str, ...] = ()
+
+    @property
+    def status(self) -> bytes | None:
+        """The `ng` reason dulwich reports, None for `ok`."""
+        if self.ok:
+            return None
+        text = " ".join(self.reason.split())
+        return (text if len(text) <= MAX_STATUS else text[:MAX_STATUS - 3] + "...").encode()
+
+
+def _listed(paths: list[str]) -> str:
+    return ", ".join(paths) if paths else "none"
+
+
+class Receiver:
+    """Takes a push for one agent's history `repo` (its one-writer lock held by the caller)
+    in `layout`, `live` being the files the head shows (path -> (block, attached)), through
+    `client` (the request's key) for agent `agent_id`. Blocking (dulwich, and trio.run for the
+    server calls): call it from a thread that runs no trio loop."""
+
+    def __init__(self, repo: HistoryRepo, layout: Layout, live: dict[str, tuple[Block, bool]],
+                 client: Callable[[], Client], agent_id: str):
+        self.repo, self.layout, self.live = repo, layout, live
+        self.client, self.agent_id = client, agent_id
+        self.moved = False  # whether a push moved the branch (the block map is then re-read)
+
+    def receive(self, ref: bytes, old: bytes, new: bytes) -> Verdict:
+        """Check, apply and acknowledge the update of `ref` from `old` to `new`."""
+        if ref != BRANCH:
+            return Verdict(False, f"memfuse serve takes pushes to {BRANCH.decode()} only")
+        if new == ZERO:
+            return Verdict(False, f"{BRANCH.decode()} cannot be deleted")
+        head = self.repo.head()
+        if head is not None and head != new and not can_fast_forward(self.repo.repo, head, new):
+            return Verdict(False, "non-fast-forward", (
+                "the server's memory changed since your last fetch (or the push is no "
+                "descendant of main): pull (git pull --rebase), then push again",))
+        pushed = plan(files_at(self.repo, head), files_at(self.repo, new), self.live,
+                      self.layout)
+        if pushed.refusals:
+            return Verdict(False, f"refused, nothing applied: {'; '.join(pushed.refusals)}",
+                           ("push refused; nothing was applied:",
+                            *(f"  {line}" for line in pushed.refusals)))
+        outcome = trio.run(self._apply, pushed.steps)
+        if outcome.failed is None:
+            return self._acknowledge(head, new, pushed)
+        return self._in_part(new, pushed, outcome)
+
+    async def _apply(self, steps: list[Step]) -> Outcome:
+        async with self.client() as client:
+            return await apply(Remote(client, self.agent_id), steps)
+
+    def _acknowledge(self, head: bytes | None, new: bytes, pushed: Plan) -> Verdict:
+        if not self.repo.move(head, new):
+            return Verdict(False, "failed to update ref: main moved under the push (its "
+                                  "changes are on the server; pull, then push again)")
+        self.moved = True
+        done = [step.words() for step in pushed.steps]
+        log.info("agent %s: push applied: %s", self.agent_id, _listed(done))
+        return Verdict(True, lines=(f"memfuse: on the server: {_listed(done)}",) if done else ())
+
+    def _in_part(self, new: bytes, pushed: Plan, outcome: Outcome) -> Verdict:
+        applied = [p for step in outcome.done for p in step.paths]
+        changes = {p: pushed.changes[p] for p in applied + pushed.kept}
+        author = self.repo.repo[new].author
+        if changes:
+            self.repo.commit(changes, author, f"{SUBJECT} ({outcome.reason})")
+            self.moved = True
+        rest = [p for step in pushed.steps if step not in outcome.done for p in step.paths]
+        failed = outcome.failed.words() if outcome.failed else ""
+        return Verdict(False, f"applied in part: {failed} failed: {outcome.reason}; applied: "
+                              f"{_listed(applied)}; not applied: {_listed(rest)}", (
+            f"push applied in part: {failed} failed: {outcome.reason}",
+            f"  applied (main now holds these): {_listed(applied)}",
+            f"  not applied: {_listed(rest)}",
+            "  pull (git pull --rebase), then push again to finish it"))
