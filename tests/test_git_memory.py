@@ -535,3 +535,36 @@ async def test_a_classic_history_whose_agent_got_tagged_mounts_in_the_new_layout
         assert sorted(repo.files()) == ["system/human.md"]
     finally:
         repo.close()
+
+
+@pytest.mark.real_clock
+async def test_kept_files_survive_unmount_a_remount_and_a_local_first_mount(git_setup):
+    fake, config, _ids = git_setup
+    skill = config.mountpoint / "skills" / "pdf"
+
+    def write():
+        (skill / "extract.py").write_bytes(b"import sys\n")
+        (config.mountpoint / ".letta").mkdir()
+        (config.mountpoint / ".letta" / "config.json").write_bytes(b"{}\n")
+        (skill / "gone.txt").write_bytes(b"x\n")
+        (skill / "gone.txt").unlink()
+
+    await _serve_until(config, fake, write)
+    repo = HistoryRepo(config.history_dir)
+    repo.open()
+    try:
+        files = repo.files()
+    finally:
+        repo.close()
+    assert files["skills/pdf/extract.py"] == b"import sys\n" and "skills/pdf/gone.txt" not in files
+    assert files[".letta/config.json"] == b"{}\n"
+    before = len(fake.requests)
+
+    def read():
+        return ((skill / "extract.py").read_bytes(),
+                (config.mountpoint / ".letta" / "config.json").read_bytes())
+
+    assert await _serve_until(config, fake, read) == (b"import sys\n", b"{}\n")
+    assert [r for r in fake.requests[before:] if r[0] != "GET"] == []  # never sent
+    fake.down = True  # a local-first mount: from the history alone
+    assert await _serve_until(config, fake, read) == (b"import sys\n", b"{}\n")
