@@ -2,7 +2,9 @@
 
 No I/O happens here. Attached blocks live under `system/`, detached blocks the agent owns at the
 root; a `/` in a label makes directories. Names that are not block names (editor swap files,
-backups, temp files, lock links) are scratch nodes that live only in the daemon.
+backups, temp files, lock links) are scratch nodes that live only in the daemon; in the
+git-memory layout the other files that are no block are kept nodes, in history like block
+files (state.MountState decides which, by the layout).
 
 Inode numbers are never reused within a mount. A node removed from its directory stays reachable
 by inode while the kernel still holds lookups on it (FUSE `forget` releases them).
