@@ -41,7 +41,7 @@ from .gitremote import GitRemote, Pusher
 from .history import HistoryRepo, Snapshotter, gitfile_content
 from .journal import Journal
 from .keeper import TreeBlockKeeper
-from .layout import Layout, by_name, layout_for_tags
+from .layout import Layout, PathKind, by_name, layout_for_tags
 from .model import Block, Location, Origin
 from .namespace import Namespace
 from .poller import Poller
@@ -485,7 +485,9 @@ def _from_history(config: Config, away: ServerUnreachable, repo: HistoryRepo,
     them, with the local edits the server accepted but a dead daemon never committed
     (`recovered`, Snapshotter.recover) on top (state.load then commits them as the
     person's), and the part of `committed` they show in `layout` (the mount's: the one the
-    map recorded; a file left out is no server delete, so `state.load` must not see it go). Raises MountError when there is no history (no commit)
+    map recorded; a file left out is no server delete, so `state.load` must not see it go;
+    kept files are part of it: `state.load` shows them). Raises MountError when there is no
+    history (no commit)
     or no block map (a history an older memfuse made), or the map cannot be read."""
     if repo.head() is None:
         raise _no_history(away, config)
@@ -505,7 +507,8 @@ def _from_history(config: Config, away: ServerUnreachable, repo: HistoryRepo,
     layout = layout or by_name(None)
     shown = {"/".join(layout.parts(Location(is_attached, block.label)) or ())
              for blocks, is_attached in ((attached, True), (owned, False)) for block in blocks}
-    return attached, owned, {p: c for p, c in committed.items() if p in shown}
+    return attached, owned, {p: c for p, c in committed.items()
+                             if p in shown or layout.kind(tuple(p.split("/"))) is PathKind.KEPT}
 
 
 class _BlockMapSaver:

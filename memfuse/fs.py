@@ -362,7 +362,7 @@ class MemoryFs(pyfuse3.Operations):
         stats = pyfuse3.StatvfsData()
         stats.f_bsize = stats.f_frsize = BLOCK_SIZE
         used = (sum(len(n.content) for n in self.tree.blocks()) + self.state.scratch.used
-                ) // BLOCK_SIZE + 1
+                + self.state.kept_used) // BLOCK_SIZE + 1
         stats.f_blocks = used + (1 << 18)  # report 1 GiB free: blocks are small
         stats.f_bfree = stats.f_bavail = 1 << 18
         stats.f_files = self.tree.inode_count() + (1 << 16)
@@ -377,8 +377,8 @@ class MemoryFs(pyfuse3.Operations):
         """A new file handle on `node` for a FUSE open or create (`new`) with `flags`, and how
         the kernel may cache its pages."""
         fh = self._fh()
-        if node.kind is Kind.SCRATCH:
-            handle: Handle = ScratchHandle.open(node, flags, self.state)
+        if node.kind in (Kind.SCRATCH, Kind.KEPT):
+            handle: Handle = ScratchHandle.open(node, flags, self.state, new)
             keep_cache = direct_io = False
         else:
             handle = BlockHandle.open(node, flags, self.state,
@@ -438,8 +438,9 @@ class MemoryFs(pyfuse3.Operations):
             raise self._refuse(self.tree.path(handle.node), exc) from None
         return len(buf)
 
-    async def _send(self, handle: BlockHandle) -> None:
-        """Send `handle` (BlockHandle.send); a refusal is logged and raised as FUSEError."""
+    async def _send(self, handle: Handle) -> None:
+        """Send `handle` (BlockHandle.send; a kept file's ScratchHandle.send records it); a
+        refusal is logged and raised as FUSEError."""
         try:
             await handle.send(self.state, self.files)
         except FsError as exc:

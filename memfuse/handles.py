@@ -3,8 +3,10 @@
 A `BlockHandle` is one open file description of a file the daemon renders (a block file, or
 `.git`): a private buffer of bytes, written and truncated in memory, sent at flush (each
 close), fsync or release (last close) by `BlockFiles`, and the bookkeeping of what came of it
-(a refused write, a rejected edit, a new file's create). A `ScratchHandle` is one of a scratch
-file: its reads and writes go straight to the scratch store, nothing is ever sent. Both answer
+(a refused write, a rejected edit, a new file's create). A `ScratchHandle` is one of a file the
+daemon keeps itself, a scratch file or a kept file (the git-memory layout's files that are no
+block): its reads and writes go straight to the file's bytes (MountState.local_*), nothing is
+ever sent; a kept file's close records it in history, durable. Both answer
 the same calls (read, write, truncate, needs_flush, at_release, sends_at_unmount, `dirty`,
 `unsent`), so fs.py does not branch on the kind of handle.
 
@@ -60,11 +62,13 @@ def buffer_refusal(node: Node, data: bytes | bytearray, gap: int = 0) -> FsError
 async def truncate_path(node: Node, size: int, state: MountState, files: BlockFiles) -> None:
     """FUSE setattr of the size with no block handle (truncate(2) by path, or an ftruncate of
     a scratch handle): a scratch file is resized in the store; a block file has no close to
-    wait for, so its first `size` bytes (NUL-padded) are sent now, as one write. Raises
-    FsError: EACCES (read-only, or `.git`), EFBIG/EINVAL (`buffer_refusal`), ENOSPC (scratch
-    limit), and what BlockFiles.send raises."""
-    if node.kind is Kind.SCRATCH:
-        state.scratch_truncate(node, size)
+    wait for, so its first `size` bytes (NUL-padded) are sent now, as one write; a kept file
+    is recorded now (durable). Raises FsError: EACCES (read-only, or `.git`), EFBIG/EINVAL
+    (`buffer_refusal`), ENOSPC (scratch limit), EFBIG/ENOSPC (kept caps), and what
+    BlockFiles.send and MountState.kept_saved raise."""
+    if node.kind in (Kind.SCRATCH, Kind.KEPT):
+        state.local_truncate(node, size)
+        state.kept_saved(node)
         return
     if node.kind is not Kind.BLOCK or node.read_only:
         raise FsError(errno.EACCES, "file is read-only")
@@ -248,11 +252,11 @@ class BlockHandle:
             raise FsError(errno.ESTALE, "its block was deleted on the server while the "
                                         "file was open; the bytes written are kept in "
                                         "history as a rejected edit")
-        else:  # the file stopped being a block while open: its bytes stay local
-            if node.parent == 0:
+        else:  # the file stopped being a block while open: its bytes stay local (in history
+            if node.parent == 0:  # when it is a kept file now)
                 log.warning("%s: removed while open; the write stays local", node.name)
-            if node.kind is Kind.SCRATCH:
-                state.scratch_replace(node, bytes(self.data))
+            if node.kind in (Kind.SCRATCH, Kind.KEPT):
+                state.local_replace(node, bytes(self.data))
         self.dirty = False
 
     def _refused_at_close(self, state: MountState) -> FsError:
@@ -285,49 +289,71 @@ class BlockHandle:
 
 @dataclass(eq=False)
 class ScratchHandle:
-    """One open file description of a scratch file (swap files, backups): reads and writes go
-    to the scratch store at once (MountState.scratch_*), so nothing is ever unsent and the
-    flush, fsync and release of it do nothing."""
+    """One open file description of a file the daemon keeps itself: a scratch file (swap
+    files, backups) or a kept file (git-memory layout). Reads and writes go to the file's
+    bytes at once (MountState.local_*), so every handle sees them and nothing is ever unsent.
+    A scratch file's flush, fsync and release do nothing; a kept file written through this
+    handle (or made by its create, or truncated at its open) is recorded in history at the
+    next flush, fsync or release (MountState.kept_saved: durable when it returns)."""
 
     node: Node
     writable: bool
-    dirty = False  # scratch bytes are in the store already
-    unsent = False
+    written: bool = False  # changed through this handle since it was last recorded
+    unsent = False  # nothing of it is for the server
+
+    @property
+    def dirty(self) -> bool:
+        """Whether a flush or fsync has something to do: a kept file's change to record."""
+        return self.written and self.node.kind is Kind.KEPT
 
     @classmethod
-    def open(cls, node: Node, flags: int, state: MountState) -> ScratchHandle:
-        """The handle of a FUSE open or create of the scratch file `node` with `flags`
-        (os.O_*); O_TRUNC empties the file in the store."""
+    def open(cls, node: Node, flags: int, state: MountState, new: bool = False
+             ) -> ScratchHandle:
+        """The handle of a FUSE open or create (`new`) of the scratch or kept file `node` with
+        `flags` (os.O_*); O_TRUNC empties the file. A new kept file is recorded at its first
+        close, even when nothing is written (`touch`)."""
         writable, truncate = open_flags(flags)
         if truncate:
-            state.scratch_truncate(node, 0)
-        return cls(node, writable)
+            state.local_truncate(node, 0)
+        return cls(node, writable, written=truncate or new)
 
     def read(self, offset: int, size: int, state: MountState) -> bytes:
-        """FUSE read: up to `size` bytes at `offset` of the file as the store has it now."""
+        """FUSE read: up to `size` bytes at `offset` of the file as it is now."""
         return state.read(self.node, offset, size)
 
     def write(self, offset: int, data: bytes, state: MountState) -> None:
-        """FUSE write of the bytes `data` at `offset` into the store. Raises FsError(ENOSPC)
-        past the scratch limit."""
-        state.scratch_write(self.node, offset, data)
+        """FUSE write of the bytes `data` at `offset` into the file. Raises FsError: ENOSPC
+        past the scratch limit; EFBIG or ENOSPC past the kept caps (the file unchanged)."""
+        state.local_write(self.node, offset, data)
+        self.written = True
 
     async def truncate(self, size: int, state: MountState, files: BlockFiles) -> None:
-        """FUSE setattr of the size with this handle: as by path (`truncate_path`; the file
-        may have become a block file while open)."""
+        """FUSE setattr of the size with this handle: the file resized (a kept file recorded
+        at close), or, for a file that became a block file while open, as by path
+        (`truncate_path`)."""
+        if self.node.kind in (Kind.SCRATCH, Kind.KEPT):
+            state.local_truncate(self.node, size)
+            self.written = True
+            return
         await truncate_path(self.node, size, state, files)
 
     def needs_flush(self) -> bool:
-        """Never: nothing is unsent."""
-        return False
+        """Whether a FUSE flush (each close) records the file: a kept file changed."""
+        return self.dirty
 
     def at_release(self) -> Release:
-        """Nothing to do at the last close."""
-        return Release.NOTHING
+        """SEND when a kept file's change is still to be recorded, else NOTHING."""
+        return Release.SEND if self.dirty else Release.NOTHING
 
     def sends_at_unmount(self) -> bool:
-        """Never: nothing is unsent."""
-        return False
+        """Whether the unmount records this handle's kept file, as its close would have."""
+        return self.dirty
+
+    async def send(self, state: MountState, files: BlockFiles) -> None:
+        """Record the kept file in history (MountState.kept_saved: durable when it returns).
+        Raises FsError (kept_error)."""
+        self.written = False
+        state.kept_saved(self.node)
 
 
 Handle = BlockHandle | ScratchHandle  # what one FUSE file handle number holds

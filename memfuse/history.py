@@ -215,6 +215,7 @@ class _Change:
     path: str
     content: bytes | None
     reason: str | None = None  # why a rejected edit was refused (its commit says so)
+    durable: bool = False  # fsync'd to UNCOMMITTED before `record` returned (a kept file)
 
 
 @dataclass
@@ -263,39 +264,52 @@ class Snapshotter:
         return self.repo.path / UNCOMMITTED
 
     def record(self, path: str, content: bytes | None, origin: Origin,
-               reason: str | None = None) -> None:
+               reason: str | None = None, *, durable: bool = False) -> None:
         """Note that `path` now has `content` (None: gone) because of `origin`; reason: why
-        a rejected edit (Origin.REJECTED) was refused, in words, for its commit's subject."""
-        change = _Change(origin, path, content, reason)
+        a rejected edit (Origin.REJECTED) was refused, in words, for its commit's subject.
+
+        durable: a change history alone keeps (a kept file's: never sent to the server). It is
+        fsync'd to UNCOMMITTED before this returns, so a crash before the commit loses
+        nothing: the next mount recovers it (`recover`, state.MountState.load). Raises OSError
+        when that file cannot be written (the change is still pending: the next commit takes
+        it)."""
+        change = _Change(origin, path, content, reason, durable)
         self._pending.append(change)
-        if origin is not Origin.SERVER:
-            self._remember([change], "a")
         self._last_change = trio.current_time()
         self._wakeup.set()
+        if origin is not Origin.SERVER:
+            self._remember([change], "a")
 
     def _remember(self, changes: list[_Change], mode: str) -> None:
-        """Append (mode "a") or rewrite (mode "w") the uncommitted local changes' file."""
+        """Append (mode "a") or rewrite (mode "w") the uncommitted local changes' file. When
+        one of `changes` is durable the file is fsync'd (a rewrite: before it replaces the
+        old one), and an OSError is raised; otherwise it is a WARNING."""
+        durable = any(c.durable for c in changes)
         lines = "".join(json.dumps({
             "path": c.path, "origin": c.origin.value,
             "content": None if c.content is None else base64.b64encode(c.content).decode(),
             **({"reason": c.reason} if c.reason else {}),
         }) + "\n" for c in changes)
+        target = self._uncommitted if mode == "a" else self._uncommitted.with_suffix(".tmp")
         try:
-            if mode == "a":
-                with open(self._uncommitted, "a") as f:
-                    f.write(lines)
-            else:
-                tmp = self._uncommitted.with_suffix(".tmp")
-                tmp.write_text(lines)
-                os.replace(tmp, self._uncommitted)
+            with open(target, mode) as f:
+                f.write(lines)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            if mode == "w":
+                os.replace(target, self._uncommitted)
         except OSError as exc:
+            if durable:
+                raise
             log.warning("could not keep %s (%s): after a crash, uncommitted local edits would "
                         "be committed as the server's", self._uncommitted, exc)
 
     def recover(self) -> list[tuple[str, bytes | None, Origin, str | None]]:
         """The local and rejected changes a previous daemon recorded and never committed (it
         crashed), in order: (path, content, origin, reason of a rejection or None).
-        Unreadable lines are skipped."""
+        Unreadable lines are skipped. A kept file's changes are among them (state.MountState.load
+        shows them again)."""
         try:
             text = self._uncommitted.read_text()
         except OSError:
@@ -352,8 +366,12 @@ class Snapshotter:
                 log.exception("snapshot of %s failed", ", ".join(changes))
                 failed.extend(_Change(origin, p, c, reason) for p, c in changes.items())
         if pending:
-            self._remember([c for c in failed + self._pending if c.origin is not Origin.SERVER],
-                           "w")
+            try:
+                self._remember([c for c in failed + self._pending
+                                if c.origin is not Origin.SERVER], "w")
+            except OSError as exc:  # durable changes pending: the old file still holds them
+                log.warning("could not rewrite %s (%s); it is rewritten after the next commit",
+                            self._uncommitted, exc)
         if after is not None and not failed:
             try:
                 await after()

@@ -110,6 +110,7 @@ class Layout(abc.ABC):
     # attached listing's files are found by walking it alone
     attached_dir: tuple[str, ...]
     shows_detached: bool  # whether a detached block the agent owns is a file
+    keeps_files: bool  # whether `kind` ever says KEPT (files history keeps that are no block)
 
     @abc.abstractmethod
     def location_at(self, parts: tuple[str, ...]) -> Location | None:
@@ -136,6 +137,7 @@ class ClassicLayout(Layout):
     name = "classic"
     attached_dir = (SYSTEM_DIR,)
     shows_detached = True
+    keeps_files = False
 
     def location_at(self, parts: tuple[str, ...]) -> Location | None:
         return Location.at(parts)
@@ -182,6 +184,7 @@ class GitMemoryLayout(Layout):
     name = "git-memory"
     attached_dir = ()
     shows_detached = False
+    keeps_files = True
 
     def location_at(self, parts: tuple[str, ...]) -> Location | None:
         if not parts:

@@ -181,7 +181,7 @@ class Namespace:
                     base=target)
         elif src.block is not None:
             result = await self.files.relocate(src, location)
-        elif src.kind is Kind.SCRATCH:
+        elif src.kind in (Kind.SCRATCH, Kind.KEPT):  # its bytes become a new block
             content = self._content(src)
             result = await self.files.create(location, blockfile.parse(content), content,
                                              "/".join(new_parts))
@@ -192,6 +192,7 @@ class Namespace:
                            bury_target=unsent)
 
     def _content(self, node: Node) -> bytes:
+        """The bytes of a file: a scratch file's in the store, any other's in the node."""
         if node.kind is Kind.SCRATCH:
             return self.state.scratch.content(node.inode)
         return bytes(node.content)
@@ -215,17 +216,7 @@ class Namespace:
     async def _move_dir(self, src: Node, new_parent: Node, new_name: str) -> None:
         """Relabel every block below the directory `src`, then move it (no create under way:
         `_rename_dir` holds NameOrder.moving)."""
-        old_parts = self.tree.parts(src) or ()
-        new_parts = (self.tree.parts(new_parent) or ()) + (new_name,)
-        moves = []  # (node, old path, old location, new location)
-        for node in self.tree.walk(src):
-            if node.read_only:
-                raise FsError(errno.EACCES, f"{self.tree.path(node)} is read-only and cannot be "
-                                            f"renamed")
-            if node.kind is Kind.BLOCK and node.block is not None:
-                rel = self.tree.parts(node)[len(old_parts):]
-                moves.append((node, "/".join(old_parts + rel), self.state.location(node),
-                              self.state.location_at(new_parts + rel)))
+        moves = self._dir_moves(src, (self.tree.parts(new_parent) or ()) + (new_name,))
         done: list[tuple[Node, str, Block, Location, Location]] = []
         try:
             for node, path, was, location in moves:
@@ -241,6 +232,29 @@ class Namespace:
             raise
         self.state.dir_renamed(src, new_parent, new_name,
                                [(node, path, block) for node, path, block, *_ in done])
+
+    def _dir_moves(self, src: Node, new_parts: tuple[str, ...]
+                   ) -> list[tuple[Node, str, Location, Location]]:
+        """(node, old path, old location, new location) of each block file below the
+        directory `src` moved to `new_parts`. Raises FsError before anything changed: EACCES
+        (a read-only block below), EINVAL or ENAMETOOLONG (a block whose new path cannot be
+        its file), EXDEV (a kept file whose new path would be no kept file: a block path or
+        a scratch name; `mv` then copies and removes file by file, and each file takes the
+        kind of its new path)."""
+        old_parts = self.tree.parts(src) or ()
+        moves = []
+        for node in self.tree.walk(src):
+            if node.read_only:
+                raise FsError(errno.EACCES, f"{self.tree.path(node)} is read-only and cannot be "
+                                            f"renamed")
+            rel = (self.tree.parts(node) or ())[len(old_parts):]
+            if node.kind is Kind.KEPT and not self.state.is_kept_path(new_parts + rel):
+                raise FsError(errno.EXDEV, f"{self.tree.path(node)} would be no kept file at "
+                                           f"{'/'.join(new_parts + rel)}")
+            if node.kind is Kind.BLOCK and node.block is not None:
+                moves.append((node, "/".join(old_parts + rel), self.state.location(node),
+                              self.state.location_at(new_parts + rel)))
+        return moves
 
     # -- retiring ------------------------------------------------------------------------------
 

@@ -35,7 +35,24 @@ from .tree import Kind, Node, Tree
 
 log = logging.getLogger("memfuse.state")
 
-Recorder = Callable[..., None]  # (path, content or None, Origin[, reason of a rejection])
+Recorder = Callable[..., None]  # (path, content or None, Origin[, reason of a rejection]
+#   [, durable=True: a kept file's change, fsync'd before the call returns; raises OSError])
+
+# Files that are no block (PathKind.KEPT, git-memory layout) are kept in history, in the
+# daemon's memory while mounted: a cap on each and on all, checked before any byte is taken.
+KEPT_FILE_LIMIT = 1 << 20  # bytes of one kept file (EFBIG past it)
+KEPT_LIMIT = 32 << 20  # bytes of all the kept files of a mount (ENOSPC past it)
+
+
+def kept_error(exc: OSError) -> FsError:
+    """The refusal a program sees when a kept file's change could not be made durable (`exc`,
+    from Snapshotter.record): the change is made and the next commit takes it (within
+    seconds), but it would not survive a crash before that. ENOSPC and EDQUOT as they are,
+    anything else EIO."""
+    code = exc.errno if exc.errno in (errno.ENOSPC, errno.EDQUOT) else errno.EIO
+    return FsError(code, f"the change is made, but the record of changes not committed yet "
+                         f"could not be written ({exc.strerror or exc}); history commits it "
+                         f"within seconds, and a crash before that would lose it")
 
 
 def journal_error(exc: OSError, path: "os.PathLike[str] | str | None" = None) -> FsError:
@@ -51,6 +68,10 @@ def journal_error(exc: OSError, path: "os.PathLike[str] | str | None" = None) ->
                                      f"change was not made")
     return FsError(errno.EIO, f"the journal{where} cannot be written "
                               f"({exc.strerror or exc}); the change was not made")
+
+
+# the kinds of node whose times and modes are kept across mounts (fileattrs.py)
+KEEPS_ATTRS = (Kind.DIR, Kind.BLOCK, Kind.KEPT, Kind.GITFILE)
 
 
 class Invalidator(Protocol):
@@ -132,6 +153,7 @@ class MountState:
         # whatever changes a block file, the kernel's copy of its attributes goes at once
         tree.on_change = lambda node: self.invalidator.attributes(node.inode)
         self.scratch = scratch or ScratchStore()
+        self.kept_used = 0  # bytes of the linked kept files (Kind.KEPT), capped at KEPT_LIMIT
         self.graveyard = graveyard or Graveyard()
         self.journal = journal
         self._warned: set[str] = set()
@@ -193,10 +215,15 @@ class MountState:
         layout)."""
         return self.layout.parts(location)
 
+    def is_kept_path(self, parts: tuple[str, ...]) -> bool:
+        """Whether a file at `parts` is a kept file: no block, but committed to history and
+        never sent to the server (PathKind.KEPT; the git-memory layout only)."""
+        return self.layout.kind(parts) is PathKind.KEPT
+
     def is_block_path(self, parts: tuple[str, ...]) -> bool:
         """Whether a file at `parts` is meant as a block file: one (`PathKind.BLOCK`), or a
         name the server would read as a block whose label cannot be shown (`REFUSED`: making
-        it fails, `location_at`). Scratch and, for now, kept files are not (layout.py)."""
+        it fails, `location_at`). Scratch and kept files are not (layout.py)."""
         return self.layout.kind(parts) in (PathKind.BLOCK, PathKind.REFUSED)
 
     @staticmethod
@@ -207,13 +234,14 @@ class MountState:
                 and (node.block is None or node.block.id == block_id))
 
     def size(self, node: Node) -> int:
-        """Bytes of the file as stored (not counting any open handle's unsent writes)."""
+        """Bytes of the file as stored (not counting any open block handle's unsent
+        writes)."""
         if node.kind is Kind.SCRATCH:
             return self.scratch.size(node.inode)
         return len(node.content)
 
     def read(self, node: Node, offset: int, size: int) -> bytes:
-        """Bytes of a non-block file (scratch, symlink target, `.git`) at `offset`."""
+        """Bytes of a non-block file (scratch, kept, symlink target, `.git`) at `offset`."""
         if node.kind is Kind.SCRATCH:
             return self.scratch.read(node.inode, offset, size)
         return bytes(node.content[offset:offset + size])
@@ -242,11 +270,13 @@ class MountState:
         recovered: the local changes a daemon that crashed recorded but never committed
         (Snapshotter.recover). Rejected edits among them are recorded again as they were; a
         file whose content on the server is what a local change made is recorded as LOCAL
-        (the person's edit, first), everything else as SERVER."""
+        (the person's edit, first), everything else as SERVER. Kept files (`_load_kept`) are
+        the history's, with the recovered changes to them on top (LOCAL)."""
         shown: list[tuple[str, bytes | None, Origin]] = []
         record, self._record = self._record, lambda *change: shown.append(change)
         try:
             self._apply(attached, owned, listed_at, [])
+            self._load_kept(committed, recovered)
         finally:
             self._record = record
         changes = {path: content for path, content, _origin in shown}
@@ -263,6 +293,32 @@ class MountState:
         for path, content in changes.items():
             if path not in local:
                 self._record(path, content, Origin.SERVER)
+
+    def _load_kept(self, committed: dict[str, bytes], recovered: list[tuple]) -> None:
+        """At load: show the kept files of `committed` (the history's head), each changed as
+        the `recovered` local changes (a crashed daemon's, not committed) say, in order; a
+        file whose content is not `committed`'s is recorded. A path a block file or
+        directory has taken is left out with a WARNING (its bytes stay in history's earlier
+        commits). Not counted against KEPT_LIMIT: refusing them would lose them."""
+        if not self.layout.keeps_files:
+            return
+        files = {p: c for p, c in committed.items() if self.is_kept_path(tuple(p.split("/")))}
+        for path, content, origin, *_why in recovered:
+            if origin is Origin.LOCAL and self.is_kept_path(tuple(path.split("/"))):
+                files[path] = content
+        for path, content in sorted(files.items()):
+            if content is None:
+                continue
+            parts = tuple(path.split("/"))
+            parent = self.tree.makedirs(parts[:-1])
+            if parent is None or parts[-1] in parent.children:
+                log.warning("%s: a kept file of the history cannot be shown (a block file or "
+                            "directory has its path); it stays in the history's earlier "
+                            "commits", path)
+                continue
+            self._set_kept(self.tree.add(Kind.KEPT, parent, parts[-1]), content)
+            if committed.get(path) != content:
+                self._record(path, content, Origin.LOCAL)
 
     async def reconcile(self, attached: list[Block], owned: list[Block], listed_at: float
                         ) -> None:
@@ -625,11 +681,14 @@ class MountState:
     def create(self, parent: Node, name: str) -> Node:
         """A new file `name` in `parent`: a block file with no block yet, empty (its first
         flush makes its block, or takes back the one unlinked at its path within the grace
-        period: `claim`); any other name is an empty scratch file. Raises FsError: EEXIST,
+        period: `claim`); a kept path (git-memory layout) an empty kept file, recorded at its
+        first close; any other name is an empty scratch file. Raises FsError: EEXIST,
         EINVAL (a `*.md` name whose path cannot be a label)."""
         if name in parent.children:
             raise FsError(errno.EEXIST, "file exists")
         parts = (self.tree.parts(parent) or ()) + (name,)
+        if self.is_kept_path(parts):
+            return self.tree.add(Kind.KEPT, parent, name)
         if not self.is_block_path(parts):
             return self.tree.add(Kind.SCRATCH, parent, name)
         self.location_at(parts)
@@ -717,10 +776,15 @@ class MountState:
         self.journal.queue(entry)
 
     def unlink(self, node: Node) -> None:
-        """Remove a file (a block file is buried first) or an empty directory."""
+        """Remove a file (a block file is buried first) or an empty directory. A kept file's
+        removal is recorded, durable (`_keep`: raises FsError when it cannot be, the file
+        being gone already)."""
         if node.kind is Kind.BLOCK:
             self.bury(node)
+        path = self.tree.path(node) if node.kind is Kind.KEPT else None
         self._remove(node, notify=False)
+        if path is not None:
+            self._keep(path, None)
 
     def _remove(self, node: Node, notify: bool) -> None:
         """Take `node` out of the mount without history or tombstone (callers record)."""
@@ -728,6 +792,8 @@ class MountState:
         if node.kind is Kind.BLOCK:
             _block, content = self.tree.unbind(node)  # a handle still open now writes scratch
             self.scratch.adopt(node.inode, content)
+        if node.kind is Kind.KEPT:  # its bytes stay with the node while a handle holds it
+            self.kept_used -= len(node.content)
         if self.tree.unlink(node):
             self.scratch.drop(node.inode)
             self._gone.pop(node.inode, None)
@@ -760,9 +826,10 @@ class MountState:
         block (a block file's, or a tombstone's) waits in the graveyard for its first flush
         to claim it."""
         new_parts = (self.tree.parts(new_parent) or ()) + (new_name,)
+        dst = self.tree.child(new_parent, new_name)
+        kept = shows is None and self._kept_target(src, dst, new_parts)  # may refuse: first
         if src.kind is Kind.BLOCK and bury_source:
             self.bury(src)  # first: it may fail (EIO) before anything changed
-        dst = self.tree.child(new_parent, new_name)
         if bury_target and dst is not None and dst.kind is Kind.BLOCK and dst.block is not None:
             self.bury(dst)
         elif not bury_target:
@@ -770,11 +837,11 @@ class MountState:
             self.graveyard.claim(new_parts)
         if src.kind is Kind.BLOCK and not bury_source and src.block is not None:
             self._record(self.tree.path(src), None, Origin.LOCAL)
+        old_kept = self.tree.path(src) if src.kind is Kind.KEPT else None
+        dst_kept = dst is not None and dst.kind is Kind.KEPT
         if dst is not None:
             self._remove(dst, notify=False)
-        if src.kind is Kind.SCRATCH and shows is not None:
-            self.scratch.drop(src.inode)
-            src.kind = Kind.BLOCK
+        self._convert(src, kept, block=shows is not None)
         self.tree.move(src, new_parent, new_name)
         if shows is not None:
             times = src.atime_ns, src.mtime_ns
@@ -783,38 +850,156 @@ class MountState:
             # its temporary file, then renames it onto the block)
             src.atime_ns, src.mtime_ns = times
             self._record(self.tree.path(src), bytes(src.content), Origin.LOCAL)
+        if old_kept is not None:
+            self._keep(old_kept, None)
+        if kept or dst_kept:  # a kept file there now, or none any more
+            self._keep("/".join(new_parts), bytes(src.content) if kept else None)
+
+    def _kept_target(self, src: Node, dst: Node | None, new_parts: tuple[str, ...]) -> bool:
+        """Whether the file `src`, renamed to `new_parts` (over `dst`) with no block to show,
+        is a kept file there. Raises FsError (EFBIG, ENOSPC: `_kept_room`) when its bytes
+        would pass the caps, before anything changed."""
+        if src.kind not in (Kind.BLOCK, Kind.SCRATCH, Kind.KEPT) or not self.is_kept_path(
+                new_parts):
+            return False
+        size = self.scratch.size(src.inode) if src.kind is Kind.SCRATCH else len(src.content)
+        freed = len(src.content) if src.kind is Kind.KEPT else 0
+        if dst is not None and dst.kind is Kind.KEPT and dst is not src:
+            freed += len(dst.content)
+        self._kept_room(size, self.kept_used - freed)
+        return True
+
+    def _convert(self, node: Node, kept: bool, block: bool) -> None:
+        """A renamed file takes the kind its new path gives: a block file's (`block`: the
+        server took it; its bytes are rendered from the block next), a kept file's (`kept`),
+        else a scratch file's; a block file not buried stays one."""
+        if block and node.kind in (Kind.SCRATCH, Kind.KEPT):
+            self._unkeep(node)
+            self.scratch.drop(node.inode)
+            node.kind = Kind.BLOCK
+        elif kept and node.kind is Kind.SCRATCH:
+            data = self.scratch.drop(node.inode)
+            node.kind, node.content = Kind.KEPT, b""
+            self._set_kept(node, data)
+        elif not kept and not block and node.kind is Kind.KEPT:
+            data = self._unkeep(node)
+            node.kind = Kind.SCRATCH
+            self.scratch.adopt(node.inode, data)
+
+    def _unkeep(self, node: Node) -> bytes:
+        """Take a kept file's bytes out of the node (and out of `kept_used`); returns them.
+        Nothing for a node of another kind."""
+        if node.kind is not Kind.KEPT:
+            return b""
+        data, node.content = bytes(node.content), b""
+        if node.parent:
+            self.kept_used -= len(data)
+        return data
+
+    # -- kept files (the git-memory layout: in history, never sent) ----------------------------
+
+    def _kept_room(self, size: int, others: int) -> None:
+        """Refuse a kept file of `size` bytes beside `others` bytes of other kept files:
+        FsError EFBIG past KEPT_FILE_LIMIT, ENOSPC past KEPT_LIMIT in all."""
+        if size > KEPT_FILE_LIMIT:
+            raise FsError(errno.EFBIG, f"a file that is no block is kept in history up to "
+                                       f"{KEPT_FILE_LIMIT >> 20} MiB ({KEPT_FILE_LIMIT} bytes)")
+        if others + size > KEPT_LIMIT:
+            raise FsError(errno.ENOSPC, f"files that are no block are kept in history up to "
+                                        f"{KEPT_LIMIT >> 20} MiB in all ({KEPT_LIMIT} bytes)")
+
+    def _set_kept(self, node: Node, data: bytes) -> None:
+        """The kept file `node` holds `data` now (mtime and ctime move)."""
+        if node.parent:
+            self.kept_used += len(data) - len(node.content)
+        node.content = data
+        node.touch()
+
+    def _keep(self, path: str, content: bytes | None) -> None:
+        """Record a kept file's change (None: gone) as the person's, durable: it is in the
+        record of uncommitted changes, fsync'd, when this returns (history.Snapshotter.record),
+        and committed with the next snapshot. Raises FsError (kept_error) when that record
+        cannot be written; the change is made and pending all the same."""
+        try:
+            self._record(path, content, Origin.LOCAL, durable=True)
+        except OSError as exc:
+            raise kept_error(exc) from None
+
+    def kept_saved(self, node: Node) -> None:
+        """A close, fsync or truncate of the kept file `node`: its bytes go to history, durable
+        (`_keep`). Nothing for a file unlinked meanwhile or no longer kept. Raises FsError
+        (kept_error)."""
+        parts = self.tree.parts(node)
+        if parts is not None and node.kind is Kind.KEPT:
+            self._keep("/".join(parts), bytes(node.content))
 
     def dir_renamed(self, src: Node, new_parent: Node, new_name: str,
                     relocated: list[tuple[Node, str, Block]]) -> None:
         """Move the directory `src` (an empty directory at the target is replaced) once the
         server relabelled every block below; relocated: (node, old path, block as the server
-        has it now) of each."""
+        has it now) of each. The kept files below move too, recorded (durable: raises FsError,
+        kept_error, once everything moved)."""
         dst = self.tree.child(new_parent, new_name)
         if dst is not None:
             self._remove(dst, notify=False)
+        kept = [(node, self.tree.path(node)) for node in self.tree.walk(src)
+                if node.kind is Kind.KEPT]
         self.tree.move(src, new_parent, new_name)
         for node, old_path, block in relocated:
             self._record(old_path, None, Origin.LOCAL)
             self.tree.bind(node, block, trio.current_time())
             self._record(self.tree.path(node), bytes(node.content), Origin.LOCAL)
+        for node, old_path in kept:  # the namespace checked that each stays a kept file
+            self._keep(old_path, None)
+            self._keep(self.tree.path(node), bytes(node.content))
 
-    # -- scratch bytes and attributes ------------------------------------------------------
+    # -- the bytes of scratch and kept files, and attributes -----------------------------------
 
-    def scratch_write(self, node: Node, offset: int, buf: bytes) -> None:
-        """Write into a scratch file. Raises FsError(ENOSPC) past the scratch limit."""
-        self.scratch.write(node.inode, offset, buf)
-        node.touch()
+    def local_write(self, node: Node, offset: int, buf: bytes) -> None:
+        """Write `buf` at `offset` into a scratch or kept file (a gap is NUL bytes); a kept
+        file's change is recorded at its close (`kept_saved`). Raises FsError: ENOSPC past
+        the scratch limit; EFBIG, ENOSPC past a kept file's caps (`_kept_room`), the file
+        unchanged."""
+        if node.kind is not Kind.KEPT:
+            self.scratch.write(node.inode, offset, buf)
+            node.touch()
+            return
+        data = bytearray(node.content)
+        if offset > len(data):
+            self._kept_room(offset + len(buf), self._kept_others(node))
+            data.extend(b"\0" * (offset - len(data)))
+        data[offset:offset + len(buf)] = buf
+        if len(data) > len(node.content):
+            self._kept_room(len(data), self._kept_others(node))
+        self._set_kept(node, bytes(data))
 
-    def scratch_truncate(self, node: Node, size: int) -> None:
-        """Resize a scratch file (bytes). Raises FsError(ENOSPC) past the scratch limit."""
-        self.scratch.truncate(node.inode, size)
-        node.touch()
+    def local_truncate(self, node: Node, size: int) -> None:
+        """Resize a scratch or kept file (bytes; NUL bytes when it grows). Raises FsError as
+        `local_write`."""
+        if node.kind is not Kind.KEPT:
+            self.scratch.truncate(node.inode, size)
+            node.touch()
+            return
+        if size > len(node.content):
+            self._kept_room(size, self._kept_others(node))
+        self._set_kept(node, bytes(node.content[:size]).ljust(size, b"\0"))
 
-    def scratch_replace(self, node: Node, data: bytes) -> None:
-        """A handle opened on a block file that became scratch meanwhile was flushed: its bytes
-        become the scratch file's. Raises FsError(ENOSPC)."""
-        self.scratch.put(node.inode, data)
-        node.touch()
+    def local_replace(self, node: Node, data: bytes) -> None:
+        """A handle opened on a block file that became a scratch or kept file meanwhile was
+        flushed: its bytes become the file's (a kept file's recorded: `kept_saved`). Raises
+        FsError: ENOSPC past the scratch limit, EFBIG or ENOSPC past the kept caps, and
+        kept_error's."""
+        if node.kind is not Kind.KEPT:
+            self.scratch.put(node.inode, data)
+            node.touch()
+            return
+        self._kept_room(len(data), self._kept_others(node))
+        self._set_kept(node, data)
+        self.kept_saved(node)
+
+    def _kept_others(self, node: Node) -> int:
+        """Bytes of the linked kept files but `node` (an unlinked one counts for none)."""
+        return self.kept_used - len(node.content) if node.parent else 0
 
     def set_mode(self, node: Node, mode: int) -> None:
         """chmod: `mode`'s permission bits (mode & 0o7777) are the node's, kept in the daemon
@@ -848,7 +1033,7 @@ class MountState:
         self._attributes_changed(node)
 
     def _attributes_changed(self, node: Node) -> None:
-        if node.kind in (Kind.DIR, Kind.BLOCK, Kind.GITFILE):  # what fileattrs keeps
+        if node.kind in KEEPS_ATTRS:  # what fileattrs keeps
             self.on_attributes()
 
     def wrote(self, node: Node) -> None:
@@ -859,8 +1044,9 @@ class MountState:
     # -- times and modes across mounts (fileattrs.py) -----------------------------------------
 
     def attrs(self) -> dict[str, fileattrs.Attrs]:
-        """Path -> mode and times of every block file, directory and the `.git` file the mount
-        shows (root: ""); scratch files and links are gone at unmount and left out."""
+        """Path -> mode and times of every block file, kept file, directory and the `.git`
+        file the mount shows (root: ""); scratch files and links are gone at unmount and left
+        out."""
         found: dict[str, fileattrs.Attrs] = {}
         stack = [(self.tree.root, "")]
         while stack:
@@ -870,7 +1056,7 @@ class MountState:
             if node.kind is Kind.DIR:
                 for name, inode in node.children.items():
                     child = self.tree.node(inode)
-                    if child.kind in (Kind.DIR, Kind.BLOCK, Kind.GITFILE):
+                    if child.kind in KEEPS_ATTRS:
                         stack.append((child, f"{path}/{name}" if path else name))
         return found
 
@@ -893,7 +1079,7 @@ class MountState:
                 stack.extend((self.tree.node(i), f"{path}/{n}" if path else n)
                              for n, i in node.children.items())
             attrs = kept.get(path)
-            if attrs is None or node.kind not in (Kind.DIR, Kind.BLOCK, Kind.GITFILE):
+            if attrs is None or node.kind not in KEEPS_ATTRS:
                 continue
             if not node.read_only:
                 node.mode = attrs.mode & 0o7777

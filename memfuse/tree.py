@@ -2,7 +2,9 @@
 
 No I/O happens here. Attached blocks live under `system/`, detached blocks the agent owns at the
 root; a `/` in a label makes directories. Names that are not block names (editor swap files,
-backups, temp files, lock links) are scratch nodes that live only in the daemon.
+backups, temp files, lock links) are scratch nodes that live only in the daemon; in the
+git-memory layout the other files that are no block are kept nodes, in history like block
+files (state.MountState decides which, by the layout).
 
 Inode numbers are never reused within a mount. A node removed from its directory stays reachable
 by inode while the kernel still holds lookups on it (FUSE `forget` releases them).
@@ -26,13 +28,16 @@ class Kind(enum.Enum):
     DIR = "dir"
     BLOCK = "block"      # a block file; `block` is None until a new file is first sent
     SCRATCH = "scratch"  # a regular file kept only by the daemon (bytes in scratch.ScratchStore)
+    KEPT = "kept"  # a file that is no block but is kept in history (git-memory layout: a
+    # skill's extract.py, an image); `content` holds its bytes, it has no `block`
     SYMLINK = "symlink"  # kept only by the daemon (emacs lock links); `content` is the target
     GITFILE = "gitfile"
 
 
 @dataclass(eq=False)
 class Node:
-    """One inode. `content`: the rendered file (BLOCK, GITFILE), the link target (SYMLINK);
+    """One inode. `content`: the rendered file (BLOCK, GITFILE), the file's bytes (KEPT), the
+    link target (SYMLINK);
     empty for SCRATCH (its bytes are in the scratch store) and DIR. `children` maps names to
     inodes (DIR). `parent` is 0 once unlinked. Times (`atime_ns`, `mtime_ns`, `ctime_ns`) are
     nanoseconds since the epoch, as POSIX keeps them: the content (or a directory's entries)
@@ -168,8 +173,15 @@ class Tree:
         return [self._nodes[i] for i in self._by_block.values()]
 
     def files(self) -> dict[str, bytes]:
-        """Path -> content of every block file: what the history's tree mirrors."""
-        return {self.path(n): bytes(n.content) for n in self.blocks()}
+        """Path -> content of every block file and kept file: what the history's tree
+        mirrors."""
+        found = {self.path(n): bytes(n.content) for n in self.blocks()}
+        found.update((self.path(n), bytes(n.content)) for n in self.kept())
+        return found
+
+    def kept(self) -> list[Node]:
+        """Every linked kept file (Kind.KEPT), by a walk of the whole tree."""
+        return [n for n in self.walk(self.root) if n.kind is Kind.KEPT]
 
     def inode_count(self) -> int:
         """How many inodes exist (for statfs)."""

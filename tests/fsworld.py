@@ -72,7 +72,7 @@ async def make_world(nursery, grace: float = 0.2, journal: bool = True, after=No
     journal_file = Journal(journal_path) if journal else None
     remote = Remote(client, agent)
     state = MountState(Tree(gitfile=b"gitdir: /somewhere/memory.git\n"),
-                       lambda path, content, origin, reason=None: (
+                       lambda path, content, origin, reason=None, durable=False: (
                            records.append((path, content, origin)),
                            reasons.append(reason) if origin.value == "rejected" else None),
                        graveyard=Graveyard(grace),
@@ -124,6 +124,7 @@ def check_invariants(world) -> None:
                       if n.kind.value == "scratch"]
     assert state.scratch.used == sum(len(state.scratch.content(i)) for i in state.scratch._data)
     assert all(state.scratch.size(i) >= 0 for i in scratch_inodes)
+    assert state.kept_used == sum(len(n.content) for n in state.tree.kept())
 
 
 async def inode_of(fs: MemoryFs, path: str) -> int:

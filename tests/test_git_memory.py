@@ -6,21 +6,26 @@ import errno
 import json
 import os
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import trio
 
 from memfuse import daemon
+from memfuse import state as state_module
 from memfuse.config import Config
-from memfuse.history import HistoryRepo
+from memfuse.history import HistoryRepo, Snapshotter
 from memfuse.layout import CLASSIC, GIT_MEMORY, GIT_MEMORY_TAG
-from memfuse.model import Origin
+from memfuse.model import Block, Origin
 from memfuse.poller import Poller
+from memfuse.state import KEPT_FILE_LIMIT, MountState
 from memfuse.status import Status
-from memfuse.tree import ROOT_INODE, Kind
+from memfuse.tree import ROOT_INODE, Kind, Tree
 
 from .fakeletta import FakeLetta
-from .fsworld import git_memory_agent, inode_of, make_world, read_all, write_file
+from .fsworld import (git_memory_agent, inode_of, make_world, read_all, replay, setattr_fields,
+                      write_file)
+from .test_history import git
 from .test_daemon import in_thread
 from .test_namespace import GRACE_PASSED, create, listdir, rename, unlink
 
@@ -68,18 +73,222 @@ async def test_creating_a_block_path_makes_an_attached_block_with_that_label(git
                                          Origin.LOCAL)
 
 
-async def test_a_file_that_is_no_block_is_scratch_for_now(git_world):
-    await create(git_world.fs, "skills/pdf/notes.md", b"kept, one day\n")
-    await create(git_world.fs, "notes/todo.txt", b"not a block\n")
-    assert git_world.fake.calls("create") == []
-    node = git_world.state.tree.child(await_node(git_world, "skills/pdf"), "notes.md")
-    assert node.kind is Kind.SCRATCH
+# -- kept files: no block, in history, never sent --------------------------------------------
+
+KEPT = {"skills/pdf/extract.py": b"import sys\n", "skills/pdf/notes.md": b"kept\n",
+        "notes/todo.txt": b"not a block\n", ".letta/config.json": b"{}\n",
+        "image.png": b"\x89PNG\r\n\x1a\n\0\xff"}
+
+
+def sent(world) -> list:
+    """Every request that would change the server (all but reads)."""
+    return [r for r in world.fake.requests if r[0] != "GET"]
+
+
+def kind_at(world, path: str) -> Kind:
+    return await_node(world, path).kind
+
+
+async def make_kept(world, files=KEPT) -> None:
+    for path, data in files.items():
+        parent = path.rpartition("/")[0]
+        if parent and await_node(world, parent) is None:
+            await world.fs.mkdir(await inode_of(world.fs, parent.rpartition("/")[0])
+                                 if "/" in parent else ROOT_INODE,
+                                 parent.rpartition("/")[2].encode(), 0o755, None)
+        await create(world.fs, path, data)
+
+
+async def test_a_file_that_is_no_block_is_kept_in_history_and_never_sent(git_world):
+    await make_kept(git_world)
+    assert sent(git_world) == []  # no create, no PATCH, nothing at all
+    for path, data in KEPT.items():
+        assert kind_at(git_world, path) is Kind.KEPT
+        assert await read_all(git_world.fs, path) == data
+        assert (path, data, Origin.LOCAL) in git_world.records
+    assert git_world.state.kept_used == sum(map(len, KEPT.values()))
+
+
+@pytest.mark.parametrize("name", [".extract.py.swp", "extract.py~", "4913", "sedAb12Cd",
+                                  "tmpab12cd_9", "#extract.py#"])
+async def test_editor_temporary_files_stay_scratch_beside_kept_files(git_world, name):
+    await create(git_world.fs, f"skills/pdf/{name}", b"temporary\n")
+    assert kind_at(git_world, f"skills/pdf/{name}") is Kind.SCRATCH
+    assert git_world.records == [] and sent(git_world) == []
+
+
+async def test_a_kept_file_is_recorded_at_each_close_and_at_truncate(git_world):
+    fs = git_world.fs
+    await create(fs, "skills/pdf/extract.py", b"v1\n")
+    await write_file(fs, "skills/pdf/extract.py", b"v2\n")
+    info = await fs.open(await inode_of(fs, "skills/pdf/extract.py"), os.O_WRONLY, None)
+    await fs.write(info.fh, 3, b"more\n")
+    assert git_world.records[-1][1] == b"v2\n"  # recorded at close, not at each write
+    await fs.flush(info.fh)
+    await fs.release(info.fh)
+    await fs.setattr(await inode_of(fs, "skills/pdf/extract.py"),
+                     SimpleNamespace(st_size=2), setattr_fields(update_size=True), None, None)
+    assert [r[1] for r in git_world.records] == [b"v1\n", b"v2\n", b"v2\nmore\n", b"v2"]
+    assert sent(git_world) == []
+
+
+async def test_kept_files_rename_and_unlink_are_recorded_and_never_sent(git_world):
+    fs = git_world.fs
+    await make_kept(git_world, {"skills/pdf/extract.py": b"x = 1\n",
+                                "skills/pdf/notes.md": b"notes\n"})
+    git_world.records.clear()
+    await rename(fs, "skills/pdf/extract.py", "skills/pdf/run.py")
+    await create(fs, "skills/pdf/old.py", b"old\n")
+    await rename(fs, "skills/pdf/run.py", "skills/pdf/old.py")  # over another kept file
+    await unlink(fs, "skills/pdf/notes.md")
+    assert git_world.records == [
+        ("skills/pdf/extract.py", None, Origin.LOCAL),
+        ("skills/pdf/run.py", b"x = 1\n", Origin.LOCAL),
+        ("skills/pdf/old.py", b"old\n", Origin.LOCAL),
+        ("skills/pdf/run.py", None, Origin.LOCAL),
+        ("skills/pdf/old.py", b"x = 1\n", Origin.LOCAL),
+        ("skills/pdf/notes.md", None, Origin.LOCAL)]
+    assert await listdir(fs, "skills/pdf") == ["SKILL.md", "old.py"]
+    assert sent(git_world) == [] and git_world.state.kept_used == len(b"x = 1\n")
+
+
+async def test_a_directory_rename_moves_kept_files_with_the_blocks(git_world):
+    fs = git_world.fs
+    await make_kept(git_world, {"skills/pdf/extract.py": b"x\n"})
+    await rename(fs, "skills/pdf", "skills/reader")
+    assert git_world.fake.blocks[git_world.ids["pdf"]]["label"] == "skills/reader"
+    assert git_world.records[-2:] == [("skills/pdf/extract.py", None, Origin.LOCAL),
+                                      ("skills/reader/extract.py", b"x\n", Origin.LOCAL)]
+    assert kind_at(git_world, "skills/reader/extract.py") is Kind.KEPT
+
+
+async def test_a_directory_rename_that_would_make_a_kept_file_a_block_is_exdev(git_world):
+    # skills/pdf/sub/SKILL.md is kept (no block under skills/ but skills/<name>/SKILL.md);
+    # at skills/sub/SKILL.md it would be a block: mv copies and removes file by file instead
+    fs = git_world.fs
+    await fs.mkdir(await inode_of(fs, "skills/pdf"), b"sub", 0o755, None)
+    await create(fs, "skills/pdf/sub/SKILL.md", b"a kept file\n")
+    assert kind_at(git_world, "skills/pdf/sub/SKILL.md") is Kind.KEPT
+    with pytest.raises(Exception) as raised:
+        await rename(fs, "skills/pdf/sub", "skills/sub")
+    assert getattr(raised.value, "errno", None) == errno.EXDEV
+    assert kind_at(git_world, "skills/pdf/sub/SKILL.md") is Kind.KEPT and sent(git_world) == []
+
+
+async def test_a_kept_file_moved_to_a_block_path_becomes_that_block(git_world):
+    await create(git_world.fs, "notes/idea.txt", b"an idea\n")
+    await rename(git_world.fs, "notes/idea.txt", "notes/idea.md")
+    assert block(git_world, "notes/idea")["value"] == "an idea\n"
+    assert git_world.records[-1] == ("notes/idea.txt", None, Origin.LOCAL)
+    assert kind_at(git_world, "notes/idea.md") is Kind.BLOCK
+    assert git_world.state.kept_used == 0
+
+
+async def test_a_block_file_moved_to_a_kept_path_keeps_its_bytes_and_is_as_rm(git_world):
+    rendered = git_world.state.tree.files()["notes/todo.md"]
+    await rename(git_world.fs, "notes/todo.md", "notes/todo.txt")
+    await trio.sleep(GRACE_PASSED)
+    assert git_world.ids["todo"] in git_world.fake.blocks  # never deleted
+    assert "notes/todo" not in attached_labels(git_world)
+    assert kind_at(git_world, "notes/todo.txt") is Kind.KEPT
+    assert await read_all(git_world.fs, "notes/todo.txt") == rendered
+    assert git_world.records[-1] == ("notes/todo.txt", rendered, Origin.LOCAL)
+
+
+async def test_saves_of_kept_files_through_temporary_files_keep_them(git_world):
+    fs = git_world.fs
+    await make_kept(git_world, {"skills/pdf/extract.py": b"v1\n"})
+    # sed -i: a scratch temporary file renamed over the kept one
+    await create(fs, "skills/pdf/sedAb12Cd", b"v2\n")
+    await rename(fs, "skills/pdf/sedAb12Cd", "skills/pdf/extract.py")
+    assert git_world.records[-1] == ("skills/pdf/extract.py", b"v2\n", Origin.LOCAL)
+    # vim with a backup: the file renamed to its backup, written anew, the backup removed
+    await rename(fs, "skills/pdf/extract.py", "skills/pdf/extract.py~")
+    assert kind_at(git_world, "skills/pdf/extract.py~") is Kind.SCRATCH
+    await create(fs, "skills/pdf/extract.py", b"v3\n")
+    await unlink(fs, "skills/pdf/extract.py~")
+    assert git_world.records[-2:] == [("skills/pdf/extract.py", None, Origin.LOCAL),
+                                      ("skills/pdf/extract.py", b"v3\n", Origin.LOCAL)]
+    assert await read_all(fs, "skills/pdf/extract.py") == b"v3\n" and sent(git_world) == []
+
+
+async def test_kept_files_over_the_caps_are_refused(git_world, monkeypatch):
+    fs = git_world.fs
+    await create(fs, "big.bin", b"a" * 10)
+    info = await fs.open(await inode_of(fs, "big.bin"), os.O_WRONLY, None)
+    with pytest.raises(Exception) as raised:  # one file: KEPT_FILE_LIMIT (1 MiB)
+        await fs.write(info.fh, 10, b"b" * KEPT_FILE_LIMIT)
+    assert getattr(raised.value, "errno", None) == errno.EFBIG
+    await fs.flush(info.fh)
+    await fs.release(info.fh)
+    assert await read_all(fs, "big.bin") == b"a" * 10  # as before the refused write
+    await create(fs, "tmpab12cd_9", b"s" * (KEPT_FILE_LIMIT + 1))  # scratch: no such cap
+    with pytest.raises(Exception) as raised:
+        await rename(fs, "tmpab12cd_9", "big.bin")
+    assert getattr(raised.value, "errno", None) == errno.EFBIG
+    assert await read_all(fs, "big.bin") == b"a" * 10
+    monkeypatch.setattr(state_module, "KEPT_LIMIT", 25)  # all of them: KEPT_LIMIT
+    await create(fs, "second.bin", b"c" * 15)
+    info, _attr = await fs.create(ROOT_INODE, b"third.bin", 0o644, os.O_WRONLY | os.O_CREAT,
+                                  None)
+    with pytest.raises(Exception) as raised:
+        await fs.write(info.fh, 0, b"d")
+    assert getattr(raised.value, "errno", None) == errno.ENOSPC
+    await fs.flush(info.fh)  # an empty file, recorded
+    await fs.release(info.fh)
+    assert git_world.records[-1] == ("third.bin", b"", Origin.LOCAL)
+    await unlink(fs, "second.bin")  # removing one makes room
+    await create(fs, "fourth.bin", b"e" * 15)
+    assert git_world.state.kept_used == 25 and sent(git_world) == []
+
+
+async def test_kept_files_come_back_at_a_new_mount_of_the_same_history(git_world):
+    await make_kept(git_world)
+    committed = replay(git_world.loaded, git_world.records)  # the history's head
+    again = []
+    state = MountState(Tree(), lambda *change, **_: again.append(change), layout=GIT_MEMORY)
+    state.load(*await git_world.remote.listing(), 0.0, committed)
+    assert [change for change in again if change[0] in KEPT] == []  # as history has them
+    assert {p: c for p, c in state.tree.files().items() if p in KEPT} == KEPT
+    assert all(n.kind is Kind.KEPT for n in state.tree.kept())
+    assert state.kept_used == sum(map(len, KEPT.values()))
+
+
+async def test_a_classic_mount_has_no_kept_files(world):
+    await create(world.fs, "extract.py", b"x\n")
+    assert kind_at(world, "extract.py") is Kind.SCRATCH and world.records == []
+
+
+async def test_a_kept_file_closed_is_recovered_after_a_crash(tmp_path):
+    # close() returned: the change is in the uncommitted record, fsync'd; the daemon is killed
+    # before the quiet period; the next mount (also one from history alone) shows it, and
+    # commits it as the person's
+    repo = HistoryRepo(tmp_path / "memory.git")
+    repo.open()
+    first = Snapshotter(repo)
+    first.record("system/human.md", b"---\ndescription: d\nlimit: 10\n---\nh", Origin.SERVER)
+    first.record("skills/pdf/old.py", b"old\n", Origin.LOCAL, durable=True)
+    await first.flush()
+    crashed = Snapshotter(repo)
+    crashed.record("skills/pdf/extract.py", b"import sys\n", Origin.LOCAL, durable=True)
+    crashed.record("skills/pdf/old.py", None, Origin.LOCAL, durable=True)
+    snapshots = Snapshotter(repo)  # the next mount
+    state = MountState(Tree(), snapshots.record, layout=GIT_MEMORY)
+    human = Block("b1", "system/human", "h", 10, "d")
+    state.load([human], [], 0.0, repo.files(), snapshots.recover())
+    assert state.tree.files() == {"system/human.md": repo.files()["system/human.md"],
+                                  "skills/pdf/extract.py": b"import sys\n"}
+    await snapshots.flush({Origin.LOCAL: "Local edit (recovered at mount)"})
+    assert sorted(repo.files()) == ["skills/pdf/extract.py", "system/human.md"]
+    assert git(repo, "log", "-1", "--format=%s", "main").startswith(
+        "Local edit (recovered at mount)")
+    repo.close()
 
 
 def await_node(world, path: str):
     node = world.state.tree.root
     for name in path.split("/"):
-        node = world.state.tree.child(node, name)
+        node = world.state.tree.child(node, name) if node is not None else None
     return node
 
 
@@ -118,7 +327,7 @@ async def test_mv_onto_a_name_that_is_no_block_is_as_rm(git_world):
     await trio.sleep(GRACE_PASSED)
     assert git_world.ids["todo"] in git_world.fake.blocks  # never deleted
     assert "notes/todo" not in attached_labels(git_world)
-    assert await read_all(git_world.fs, "notes/todo.txt") != b""  # the bytes live on, scratch
+    assert await read_all(git_world.fs, "notes/todo.txt") != b""  # the bytes live on, kept
 
 
 async def test_a_directory_rename_relabels_every_block_under_it(git_world):
@@ -326,3 +535,36 @@ async def test_a_classic_history_whose_agent_got_tagged_mounts_in_the_new_layout
         assert sorted(repo.files()) == ["system/human.md"]
     finally:
         repo.close()
+
+
+@pytest.mark.real_clock
+async def test_kept_files_survive_unmount_a_remount_and_a_local_first_mount(git_setup):
+    fake, config, _ids = git_setup
+    skill = config.mountpoint / "skills" / "pdf"
+
+    def write():
+        (skill / "extract.py").write_bytes(b"import sys\n")
+        (config.mountpoint / ".letta").mkdir()
+        (config.mountpoint / ".letta" / "config.json").write_bytes(b"{}\n")
+        (skill / "gone.txt").write_bytes(b"x\n")
+        (skill / "gone.txt").unlink()
+
+    await _serve_until(config, fake, write)
+    repo = HistoryRepo(config.history_dir)
+    repo.open()
+    try:
+        files = repo.files()
+    finally:
+        repo.close()
+    assert files["skills/pdf/extract.py"] == b"import sys\n" and "skills/pdf/gone.txt" not in files
+    assert files[".letta/config.json"] == b"{}\n"
+    before = len(fake.requests)
+
+    def read():
+        return ((skill / "extract.py").read_bytes(),
+                (config.mountpoint / ".letta" / "config.json").read_bytes())
+
+    assert await _serve_until(config, fake, read) == (b"import sys\n", b"{}\n")
+    assert [r for r in fake.requests[before:] if r[0] != "GET"] == []  # never sent
+    fake.down = True  # a local-first mount: from the history alone
+    assert await _serve_until(config, fake, read) == (b"import sys\n", b"{}\n")

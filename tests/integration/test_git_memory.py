@@ -9,6 +9,8 @@ block API.
 """
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import time
 
@@ -123,3 +125,56 @@ def test_a_block_made_on_the_server_shows_at_its_path(git_mount, api):
               ).raise_for_status()
     path = git_mount.path / "projects/letta.md"
     wait_for(lambda: path.exists() and path.read_text().endswith("From the API.\n"))
+
+
+# -- kept files: a skill's companion file ------------------------------------------------------
+
+EXTRACT = "import subprocess, sys\nprint(subprocess.run(['pdftotext', sys.argv[1], '-']))\n"
+
+
+def kill_9(m) -> None:
+    """kill -9 of the mount's daemon, its dead mount cleared as `memfuse umount` does."""
+    os.kill(json.loads((m.state / "memfuse.pid").read_text())["pid"], 9)
+    wait_for(lambda: subprocess.run(["fusermount3", "-u", "-z", str(m.path)],
+                                    capture_output=True).returncode == 0
+             or not os.path.ismount(m.path), 10)
+    m.memfuse("umount", m.agent_id, check=False)  # clears the dead daemon's records
+
+
+def test_a_skills_companion_file_is_kept_across_remount_kill_9_and_a_local_first_mount(
+        git_agent, home, api):
+    m = start_mount(git_agent, home)
+    try:
+        (m.path / "skills/pdf/extract.py").write_text(EXTRACT)
+        m.sh("mkdir .letta && echo '{}' > .letta/config.json"
+             " && sed -i 's/pdftotext/pdftotext -layout/' skills/pdf/extract.py")
+        edited = EXTRACT.replace("pdftotext", "pdftotext -layout")
+        stop_mount(m)
+        m = start_mount(git_agent, home)  # unmount + remount
+        assert (m.path / "skills/pdf/extract.py").read_text() == edited
+        assert m.sh("git show HEAD:skills/pdf/extract.py").stdout == edited
+        assert m.sh("git status --porcelain").stdout == ""
+        user = m.sh("id -un").stdout.strip()
+        assert m.sh("git log -1 --format=%an -- skills/pdf/extract.py").stdout.strip() == user
+        m.sh("echo 'written just before the crash' > skills/pdf/notes.md")
+        kill_9(m)  # before the 1 s quiet period lets the snapshot commit it
+        m = start_mount(git_agent, home)
+        assert (m.path / "skills/pdf/notes.md").read_text() == "written just before the crash\n"
+        assert m.sh("git show HEAD:skills/pdf/notes.md").stdout == \
+            "written just before the crash\n"
+        assert (m.path / "skills/pdf/extract.py").read_text() == edited
+        stop_mount(m)
+        # a local-first mount: the server cannot be reached (nothing listens on port 9)
+        m.memfuse("mount", git_agent, "--base-url", "http://127.0.0.1:9")
+        assert (m.path / "skills/pdf/extract.py").read_text() == edited
+        assert (m.path / ".letta/config.json").read_text() == "{}\n"
+        assert (m.path / "skills/pdf/SKILL.md").read_text().endswith(
+            "---\nRead PDFs with pdftotext.\n")
+    finally:
+        stop_mount(m)
+    # never sent: the server's blocks are the agent's four, with their values
+    blocks = attached(api, git_agent)
+    assert set(blocks) == {"system/persona", *(label for label, _ in BLOCKS)}
+    assert not any("pdftotext -layout" in b["value"] or "crash" in b["value"]
+                   for b in blocks.values())
+    assert api.get("/v1/blocks/", params={"label": "skills/pdf/extract"}).json() == []
