@@ -36,6 +36,7 @@ PREFIXES = {"fs": "tests/test_fs.py", "ns": "tests/test_namespace.py",
             "git-mount": "tests/integration/test_git_memory.py",
             "git-enable": "tests/test_git_memory_enable.py",
             "git-enable-mount": "tests/integration/test_git_memory_enable.py",
+            "hook-mount": "tests/integration/test_letta_hook.py",
             "serve": "tests/test_serve.py", "gitsync": "tests/test_gitsync.py",
             "writerlock": "tests/test_writerlock.py",
             "serve-mount": "tests/integration/test_serve.py"}
