@@ -8,8 +8,9 @@ A block file is YAML frontmatter followed by the block value, byte for byte:
     ---
     Block content goes here.
 
-Keys: `description` (non-empty string), `limit` (positive integer, characters of the value),
-`read_only` (rendered only when true; a file cannot change it). A file that does not start with
+Keys: `description` (non-empty string; a block without one shows `<label> block`, which a
+write leaves unsent), `limit` (positive integer, characters of the value), `read_only`
+(rendered only when true; a file cannot change it). A file that does not start with
 `---\\n` has no frontmatter: its whole content is the value. A key left out of the frontmatter
 leaves that field as it is on the server.
 
@@ -72,14 +73,28 @@ class ParsedFile:
     has_frontmatter: bool
 
 
+def default_description(label: str) -> str:
+    """What a file shows for a block without a description: `<label> block`, Letta's own
+    default for blocks a git push creates (letta/services/block_manager_git.py). letta-code's
+    pre-commit hook requires a non-empty description in every `system/` and `reference/` file,
+    so every file memfuse renders has one."""
+    return f"{label} block"
+
+
+def _blank(description: str | None) -> bool:
+    return not (description or "").strip()
+
+
 def render(block: Block) -> bytes:
     """The file content for `block`: frontmatter + value, UTF-8 bytes.
 
-    The description is left out when the server has none, so a round trip sends nothing for it.
+    A block without a description (none, or only blanks) shows `default_description`; a write
+    that keeps that line leaves the server's description as it is (`applied`, `plan_update`),
+    so a round trip sends nothing for it.
     """
     header: dict[str, Any] = {}
-    if block.description:
-        header["description"] = block.description
+    header["description"] = (default_description(block.label) if _blank(block.description)
+                             else block.description)
     header["limit"] = block.limit
     if block.read_only:
         header["read_only"] = True
@@ -232,6 +247,8 @@ def applied(block: Block, parsed: ParsedFile) -> Block:
     """`block` as the file `parsed` makes it: its value, and the description and limit its
     frontmatter names (a key left out keeps the block's). No checks: see plan_update."""
     fields = {key: parsed.fields[key] for key in ("description", "limit") if key in parsed.fields}
+    if _shown_default(block, fields):
+        del fields["description"]
     return dataclasses.replace(block, value=parsed.value, **fields)
 
 
@@ -239,15 +256,24 @@ def shows(data: bytes, block: Block) -> bool:
     """Whether the file `data` says exactly what `block` is, though its bytes may differ from
     `render(block)` (a file pushed over git: its own key order, no `limit`): it parses, its
     value is the block's, `read_only` (absent: false) is the block's, and the description and
-    limit it names (a key left out leaves that field as it is) are the block's."""
+    limit it names (a key left out leaves that field as it is) are the block's (a missing
+    description shows as `default_description`)."""
     try:
         parsed = parse(data)
     except BlockFileError:
         return False
     fields = parsed.fields
+    description = ("description" not in fields or fields["description"] == block.description
+                   or _shown_default(block, fields))
     return (parsed.value == block.value and fields.get("read_only", False) == block.read_only
-            and all(fields[key] == getattr(block, key) for key in ("description", "limit")
-                    if key in fields))
+            and description and ("limit" not in fields or fields["limit"] == block.limit))
+
+
+def _shown_default(block: Block, fields: dict[str, Any]) -> bool:
+    """Whether `fields` hold the description a file shows for `block`'s missing one
+    (`default_description`): no change to send."""
+    return (_blank(block.description)
+            and fields.get("description") == default_description(block.label))
 
 
 def plan_update(block: Block, parsed: ParsedFile) -> dict[str, Any]:
@@ -269,4 +295,6 @@ def plan_update(block: Block, parsed: ParsedFile) -> dict[str, Any]:
     for key in ("description", "limit"):
         if key in fields and fields[key] != getattr(block, key):
             changes[key] = fields[key]
+    if _shown_default(block, fields):
+        changes.pop("description", None)
     return changes

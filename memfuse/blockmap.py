@@ -126,7 +126,11 @@ def blocks(found: list[Record], files: dict[str, bytes]) -> tuple[list[Block], l
             log.warning("%s: the history's file has no limit; left out until the server lists "
                         "it", record.path)
             continue
-        block = Block(record.id, record.label, parsed.value, limit,
-                      parsed.fields.get("description"), record.read_only, record.tags)
+        description = parsed.fields.get("description")
+        if description == blockfile.default_description(record.label):
+            description = None  # what a file shows for no description (the server's may be
+                                # these words: a write of them sends nothing either way)
+        block = Block(record.id, record.label, parsed.value, limit, description,
+                      record.read_only, record.tags)
         (attached if record.attached else owned).append(block)
     return attached, owned

@@ -10,6 +10,8 @@ and waits.
 `memfuse service install AGENT_ID|--all` installs the systemd user unit (service.py).
 `memfuse serve [--listen HOST:PORT]` serves the agents' histories over git's smart HTTP in the
 foreground (gitserve.py).
+`memfuse git-memory enable|disable AGENT_ID` moves an agent to Letta's git-memory model on a
+stock server and back (gitmemory.py).
 """
 from __future__ import annotations
 
@@ -27,15 +29,16 @@ from pathlib import Path
 
 import trio
 
-from . import gitserve, locate, many, mounttable, procs, service
+from . import gitmemory, gitserve, locate, many, mounttable, procs, service
 from .config import (AGENT_PLACEHOLDER, DEFAULT_BASE_URL, GIT_REMOTE_ENV, Config, ConfigError,
                      check_agent_id, private_dir)
 from .daemon import MountError, answers, clear_dead_mount, serve
 from .errors import ServerCallError
 from .gitremote import GitRemote, RemoteError
 from .journal import Journal
-from .remote import CONFLICT_POLICIES
+from .remote import CONFLICT_POLICIES, Remote, make_client
 from .status import Status
+from .writerlock import WriterLock
 
 READY = "ready"    # the ready pipe's last line: "ready", or "error <why>"
 NOTICE = "notice"  # lines before it: "notice <sentence>" (a local-first mount says so)
@@ -109,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     umount.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                         help="how long to wait for the daemon(s) to finish (default 60)")
 
+    _add_git_memory(sub)
+
     svc = sub.add_parser("service", help="start mounts at login with systemd (user units)")
     svc_sub = svc.add_subparsers(dest="service_command", required=True)
     install = svc_sub.add_parser(
@@ -121,6 +126,26 @@ def _parser() -> argparse.ArgumentParser:
     install.add_argument("--no-enable", action="store_true",
                          help="write the unit only; print the systemctl commands")
     return parser
+
+
+def _add_git_memory(sub) -> None:
+    gm = sub.add_parser("git-memory", help="move an agent to Letta's git-memory model on a "
+                                           "stock server, as Letta Cloud does, and back")
+    gm_sub = gm.add_subparsers(dest="git_memory_command", required=True)
+    enable = gm_sub.add_parser(
+        "enable", help="prefix system/ to every attached label that lacks it (the prompt keeps "
+                       "them), tag the agent git-memory-enabled, attach its owned detached "
+                       "blocks (files, out of the prompt); recorded for disable; idempotent")
+    enable.add_argument("--include-shared", action="append", default=[], metavar="LABEL",
+                        help="rename the attached block LABEL although other agents have it "
+                             "attached too (their label changes as well); repeated for several")
+    enable.add_argument("--dry-run", action="store_true", help="say what would be done only")
+    disable = gm_sub.add_parser("disable", help="undo what enable did (detach, untag, rename "
+                                                "back), where the blocks are as it left them")
+    for parser in (enable, disable):
+        parser.add_argument("agent_id", help="the agent, e.g. agent-1234...")
+        parser.add_argument("--base-url", help="Letta server (default $LETTA_BASE_URL or "
+                                               "http://localhost:8283)")
 
 
 def _add_selection(parser: argparse.ArgumentParser, what: str) -> None:
@@ -634,6 +659,58 @@ def _status(args: argparse.Namespace) -> int:
     return code
 
 
+def _git_memory(args: argparse.Namespace) -> int:
+    """`memfuse git-memory enable|disable AGENT_ID` (gitmemory.py). Refused (exit 1) while
+    memfuse mounts the agent here: its labels would move under the mount. Holds the agent's
+    history lock meanwhile, so no mount of its default history starts during it."""
+    agent_id, command = check_agent_id(args.agent_id), args.git_memory_command
+    base_url = args.base_url or os.environ.get("LETTA_BASE_URL") or DEFAULT_BASE_URL
+    if many.live_mount(agent_id) is not None:
+        print(f"memfuse: git-memory {command}: agent {agent_id} is mounted by memfuse, and "
+              f"its labels would move under the mount; unmount it first (memfuse umount "
+              f"{agent_id}), then mount it again afterwards", file=sys.stderr)
+        return 1
+    try:
+        record = gitmemory.Record.load(agent_id)
+    except ValueError as exc:
+        print(f"memfuse: git-memory {command}: {exc}", file=sys.stderr)
+        return 1
+    if record is not None and record.base_url.rstrip("/") != base_url.rstrip("/"):
+        print(f"memfuse: git-memory {command}: {gitmemory.record_file(agent_id)} records an "
+              f"enable on {record.base_url}, not {base_url}; give --base-url "
+              f"{record.base_url}", file=sys.stderr)
+        return 1
+    lock = WriterLock(Config.build(agent_id).writer_lock_file)
+    if not lock.acquire(5.0):
+        print(f"memfuse: git-memory {command}: the history of agent {agent_id} is being "
+              f"written by another memfuse process (a mount starting?); try again",
+              file=sys.stderr)
+        return 1
+    try:
+        trio.run(partial(_git_memory_run, args, agent_id, base_url, record))
+    except ServerCallError as exc:
+        print(f"memfuse: git-memory {command}: {exc.failure} (run it again: it is "
+              f"idempotent)", file=sys.stderr)
+        return 1
+    finally:
+        lock.release()
+    return 0
+
+
+async def _git_memory_run(args: argparse.Namespace, agent_id: str, base_url: str,
+                          record: gitmemory.Record | None) -> None:
+    def say(line: str) -> None:
+        print(f"memfuse: {line}", flush=True)
+
+    async with make_client(base_url, os.environ.get("LETTA_API_KEY") or None) as client:
+        remote = Remote(client, agent_id)
+        if args.git_memory_command == "enable":
+            await gitmemory.enable(remote, base_url, say, frozenset(args.include_shared),
+                                   args.dry_run)
+        else:
+            await gitmemory.disable(remote, record, say)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "mount": _mount,
     "umount": lambda args: umount(None if args.all else args.target, args.timeout),
@@ -641,6 +718,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": _serve,
     "list": lambda args: list_mounts(),
     "service": _service_install,
+    "git-memory": _git_memory,
 }
 
 

@@ -32,7 +32,7 @@ import httpx
 import pyfuse3
 import trio
 
-from . import blockmap, fileattrs, mounttable
+from . import blockmap, fileattrs, gitmemory, mounttable
 from .config import Config, RunningMount, private_dir, private_file
 from .errors import AgentGone, Faults, KeyRefused, NoAnswer, ServerCallError
 from .files import BlockFiles
@@ -41,7 +41,7 @@ from .gitremote import GitRemote, Pusher
 from .history import HistoryRepo, Snapshotter, gitfile_content
 from .journal import Journal
 from .keeper import TreeBlockKeeper
-from .layout import Layout, PathKind, by_name, layout_for_tags
+from .layout import GIT_MEMORY, Layout, PathKind, by_name, layout_for_tags
 from .model import Block, Location, Origin
 from .namespace import Namespace
 from .poller import Poller
@@ -196,6 +196,7 @@ class Mount:
     agent_name: str = ""  # from the server at start-up ("" when it started from history)
     pusher: Pusher | None = None  # with --git-remote
     attrs: _AttrsSaver | None = None  # keeps the files' times and modes across mounts
+    enabled_files: frozenset[str] | None = None  # blocks `git-memory enable` attached as files
 
     @property
     def local_first(self) -> bool:
@@ -220,13 +221,27 @@ class Mount:
             journal_pending=len(pending), journal_oldest_at=pending[0].at if pending else None,
             last_replay=self.replayer.last_replay, journal_stuck=self.replayer.stuck(),
             duplicates=self._duplicates(), layout=self.state.layout.name,
-            layout_changed=poller.model_changed,
+            layout_changed=poller.model_changed, out_of_prompt=self._out_of_prompt(),
             local_first_at=self.local_first_at if self.local_first else None,
             **(self._push_status() if self.pusher is not None else {}),
             latency=poller.remote.latency(), agent_gone_since=poller.remote.agent_gone_since,
             requests=poller.remote.client.requests,
             received_bytes=poller.remote.client.received_bytes,
             started_at=self.started_at, updated_at=time.time())
+
+    def _out_of_prompt(self) -> list[str] | None:
+        """In the git-memory layout, the classic core blocks its prompt does not show (attached
+        labels outside system/ without a `/`, gitmemory.out_of_prompt); else None."""
+        if self.state.layout is not GIT_MEMORY:
+            return None
+        if self.enabled_files is None:  # the record cannot change while mounted: read once
+            try:
+                record = gitmemory.Record.load(self.config.agent_id)
+            except ValueError:
+                record = None
+            self.enabled_files = record.kept() if record is not None else frozenset()
+        return gitmemory.out_of_prompt([n.block.label for n in self.state.tree.blocks()
+                                        if n.block.id not in self.enabled_files]) or None
 
     def _duplicates(self) -> list[str]:
         """One line per path several of the agent's blocks would show: which one it shows."""

@@ -236,6 +236,39 @@ class LettaClient:
             raise LettaError("GET", f"/v1/agents/{agent_id}", 200, "the answer is not an agent")
         return [str(tag) for tag in agent.get("tags") or ()]
 
+    async def set_agent_tags(self, agent_id: str, tags: list[str], *,
+                             budget: float | None = None) -> list[str]:
+        """`PATCH /v1/agents/{agent_id}` with `{"tags": tags}`: the agent's whole tag set
+        (0.16.8 replaces it; setting it is idempotent, so retried). Returns the tags the
+        server kept. NotFound for an agent that is gone."""
+        agent = await self._request("PATCH", f"/v1/agents/{agent_id}", json={"tags": tags},
+                                    budget=budget)
+        if not isinstance(agent, dict):
+            raise LettaError("PATCH", f"/v1/agents/{agent_id}", 200, "the answer is not an agent")
+        return [str(tag) for tag in agent.get("tags") or ()]
+
+    async def recompile(self, agent_id: str, *, dry_run: bool = False,
+                        budget: float | None = None) -> str:
+        """`POST /v1/agents/{agent_id}/recompile`: rebuild the agent's system message from its
+        blocks now (0.16.8; `dry_run`: compile without saving it). Returns the compiled
+        system message. Idempotent (a recompile of the same blocks gives the same text)."""
+        text = await self._request("POST", f"/v1/agents/{agent_id}/recompile",
+                                   params={"dry_run": "true" if dry_run else "false"},
+                                   budget=budget)
+        return text if isinstance(text, str) else ""
+
+    async def block_agents(self, block_id: str, *, budget: float | None = None) -> list[str]:
+        """The ids of the agents `block_id` is attached to: `GET /v1/blocks/{block_id}/agents`
+        with `include=agent.tags` (0.16.8 then loads no relationship but the tags), up to
+        AGENTS_PAGE of them. NotFound when the block is gone."""
+        agents = await self._request("GET", f"/v1/blocks/{block_id}/agents",
+                                     params={"include": "agent.tags", "limit": AGENTS_PAGE},
+                                     budget=budget)
+        if not isinstance(agents, list):
+            raise LettaError("GET", f"/v1/blocks/{block_id}/agents", 200,
+                             "the answer is not a list")
+        return [str(agent["id"]) for agent in agents if isinstance(agent, dict)]
+
     async def list_agents(self, tags: list[str] | None = None, *,
                           budget: float | None = None) -> list[dict[str, Any]]:
         """Every agent the server lists (`GET /v1/agents/`), or those with ALL of `tags`

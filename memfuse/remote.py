@@ -296,6 +296,43 @@ class Remote:
         return tuple(await self._observed(self.client.agent_tags(self.agent_id, budget=budget),
                                           gone=AgentGone))
 
+    async def set_tags(self, tags: list[str], budget: float | None = None) -> tuple[str, ...]:
+        """Set the agent's whole tag set (`PATCH /v1/agents/{id}`, `{"tags": [...]}`); returns
+        the tags the server kept. Raises ServerCallError (AgentGone, ...)."""
+        return tuple(await self._call(self.client.set_agent_tags(self.agent_id, tags,
+                                                                 budget=budget), gone=AgentGone))
+
+    async def recompile(self, dry_run: bool = False, budget: float | None = None) -> str:
+        """Rebuild the agent's system message from its blocks (`POST
+        /v1/agents/{id}/recompile`; `dry_run`: not saved) and return it. Raises
+        ServerCallError (AgentGone, ...)."""
+        return await self._call(self.client.recompile(self.agent_id, dry_run=dry_run,
+                                                      budget=budget),
+                                changes=not dry_run, gone=AgentGone)
+
+    async def sharers(self, block_id: str, budget: float | None = None) -> list[str]:
+        """The other agents `block_id` is attached to (`GET /v1/blocks/{id}/agents`), this
+        agent left out. Raises ServerCallError (BlockGone, ...)."""
+        agents = await self._call(self.client.block_agents(block_id, budget=budget),
+                                  changes=False)
+        return [agent for agent in agents if agent != self.agent_id]
+
+    async def relabel(self, block: Block, label: str, budget: float | None = None) -> Block:
+        """Give `block` the label `label` (`PATCH /v1/blocks/{id}`), nothing else. Returns the
+        block as stored. Raises ServerCallError (a 409 when an attached block has the label)."""
+        async with self.lock(block.id):
+            return await self._call(self.client.update_block(block.id, budget=budget,
+                                                             label=label))
+
+    async def attach(self, block: Block, budget: float | None = None) -> None:
+        """Attach `block` to the agent (again is harmless). Raises ServerCallError."""
+        await self._call(self.client.attach_block(self.agent_id, block.id, budget=budget))
+
+    async def detach(self, block: Block, budget: float | None = None) -> None:
+        """Detach `block` from the agent; one not attached (any more) is taken as done.
+        Raises ServerCallError."""
+        await self._detach(block.id, budget)
+
     async def owned_count(self) -> int | None:
         """How many blocks the agent owns (`GET /v1/blocks/count`), one attempt; None when
         the server does not say (it only sizes a progress line)."""
@@ -545,13 +582,13 @@ class Remote:
         async with self.lock(block.id):
             return await self._call(self.client.update_block(block.id, value=value))
 
-    async def _call(self, coro, changes: bool = True):
+    async def _call(self, coro, changes: bool = True, gone: type[ServerRefused] = BlockGone):
         """Await a client call (`_observed`). changes: it changes server state (counted in
-        `in_flight`/`generation`). Raises ServerCallError."""
+        `in_flight`/`generation`); gone: what a 404 means. Raises ServerCallError."""
         if changes:
             self.in_flight += 1
         try:
-            return await self._observed(coro)
+            return await self._observed(coro, gone)
         finally:
             if changes:
                 self.in_flight -= 1

@@ -73,6 +73,8 @@ class Status(JsonRecord):
     duplicates: list[str] | None = None  # "<path>: shows <id>; also <id>, ..." per such path
     layout: str = "classic"  # where the blocks are shown (layout.py): classic or git-memory
     layout_changed: str | None = None  # the layout the agent's tags choose now, if not this one
+    out_of_prompt: list[str] | None = None  # git memory: attached labels like `human` that its
+                                            # prompt no longer shows (gitmemory.out_of_prompt)
 
     def render(self, now: float | None = None) -> str:
         """The human-readable report."""
@@ -136,6 +138,12 @@ class Status(JsonRecord):
         lines = []
         if self.layout != "classic" or self.layout_changed is not None:
             lines.append(f"  layout         {self.layout}")
+        if self.out_of_prompt:
+            lines.append(f"  OUT OF PROMPT  {', '.join(self.out_of_prompt)}: classic core "
+                         f"blocks, attached outside system/, which a git-memory agent's prompt "
+                         f"does not show; to put them back in it: memfuse umount "
+                         f"{self.agent_id} && memfuse git-memory enable {self.agent_id} && "
+                         f"memfuse mount {self.agent_id}")
         if self.layout_changed is not None:
             lines.append(f"  MODEL CHANGED  the agent's memory model changed on the server (its "
                          f"tags now choose the {self.layout_changed} layout); remount to show "

@@ -66,6 +66,15 @@ class FakeLetta:
             return [p for m, p, _ in self.requests if m == "POST" and p == "/v1/blocks/"]
         return [p for m, p, _ in self.requests if m == "PATCH" and f"/{kind}/" in p]
 
+    def prompt(self, agent: str) -> str:
+        """The agent's compiled memory, as far as a test needs it: `<label>value</label>` per
+        block the prompt shows (tagged `git-memory-enabled`: only labels under `system/`, as
+        0.16.8's `_render_memory_blocks_git`; else every attached block)."""
+        git = "git-memory-enabled" in self.agent_tags.get(agent, [])
+        shown = [self.blocks[i] for i in self.agents[agent]
+                 if not git or self.blocks[i]["label"].startswith("system/")]
+        return "".join(f"<{b['label']}>{b['value']}</{b['label']}>" for b in shown)
+
     def by_label(self, label: str) -> list[dict]:
         return [b for b in self.blocks.values() if b["label"] == label]
 
@@ -117,7 +126,18 @@ class FakeLetta:
         if m := re.fullmatch(r"/v1/agents/([^/]+)", path):
             if m[1] not in self.agents:
                 return httpx.Response(404, json={"detail": f"Agent {m[1]} not found"})
+            if request.method == "PATCH" and "tags" in body:
+                self.agent_tags[m[1]] = list(body["tags"])
             return httpx.Response(200, json={"id": m[1], "tags": self.agent_tags.get(m[1], [])})
+        if m := re.fullmatch(r"/v1/agents/([^/]+)/recompile", path):
+            if m[1] not in self.agents:
+                return httpx.Response(404, json={"detail": f"Agent {m[1]} not found"})
+            return httpx.Response(200, json=self.prompt(m[1]))
+        if m := re.fullmatch(r"/v1/blocks/([^/]+)/agents", path):
+            if m[1] not in self.blocks:
+                return httpx.Response(404, json={"detail": "Block not found"})
+            return httpx.Response(200, json=[{"id": a, "tags": self.agent_tags.get(a, [])}
+                                             for a, ids in self.agents.items() if m[1] in ids])
         if m := re.fullmatch(r"/v1/agents/([^/]+)/core-memory/blocks", path):
             if m[1] not in self.agents:  # as 0.16.8 answers for a deleted agent
                 return httpx.Response(404, json={"detail": f"Agent {m[1]} not found"})

@@ -41,11 +41,34 @@ def test_read_only_rendered_only_when_true():
     assert b"read_only: true\n" in render(block(read_only=True))
 
 
-def test_missing_description_is_left_out_and_round_trips():
-    original = block(description=None)
+@pytest.mark.parametrize("description", [None, "", "   "])
+def test_a_missing_description_shows_letta_s_default_and_round_trips(description):
+    original = block(description=description, label="notes/todo")
     data = render(original)
-    assert b"description" not in data
-    assert plan_update(original, parse(data)) == {}
+    assert data.startswith(b"---\ndescription: notes/todo block\nlimit: 20000\n---\n")
+    assert plan_update(original, parse(data)) == {}  # the default is never sent
+    assert blockfile.applied(original, parse(data)).description == description
+
+
+def test_the_default_description_is_sent_once_changed_or_on_a_block_that_has_one():
+    original = block(description=None, label="notes")
+    assert plan_update(original, parse(b"---\ndescription: My notes\n---\nHello.\n")) == {
+        "description": "My notes"}
+    assert plan_update(original, parse(b"---\ndescription: other block\n---\nHello.\n")) == {
+        "description": "other block"}
+    described = block(label="notes")  # a real description replaced by the default's words
+    assert plan_update(described, parse(b"---\ndescription: notes block\n---\nHello.\n")) == {
+        "description": "notes block"}
+
+
+def test_a_write_that_omits_limit_or_description_leaves_them_as_they_are():
+    original = block(limit=500)
+    assert plan_update(original, parse(b"---\nlimit: 500\n---\nNew.\n")) == {"value": "New.\n"}
+    assert plan_update(original, parse(b"---\ndescription: What this block contains\n---\n"
+                                       b"New.\n")) == {"value": "New.\n"}
+    assert plan_update(original, parse(b"---\n---\nNew.\n")) == {"value": "New.\n"}
+    assert blockfile.applied(original, parse(b"---\n---\nNew.\n")) == block(
+        limit=500, value="New.\n")
 
 
 def test_no_frontmatter_replaces_value_only():
