@@ -126,6 +126,23 @@ class NoInvalidator:
         """Nothing cached: nothing to do."""
 
 
+@dataclasses.dataclass
+class _Moves:
+    """One listing's moves: `desired` (block id -> (path parts, block)) as `_desired` gives
+    it, the `pinned` blocks (not moved), and `aside`: inode -> the path of a block file taken
+    off its path for another file to take it (a label swap)."""
+
+    desired: dict[str, tuple[tuple[str, ...], Block]]
+    pinned: set[str]
+    aside: dict[int, str] = dataclasses.field(default_factory=dict)
+
+    def leaving(self, node: Node, parts: tuple[str, ...]) -> bool:
+        """Whether block file `node`, now at `parts`, moves elsewhere in this listing."""
+        block = node.block
+        return (node.kind is Kind.BLOCK and block is not None and block.id in self.desired
+                and block.id not in self.pinned and self.desired[block.id][0] != parts)
+
+
 class MountState:
     """What one mount shows, and the only writer of it.
 
@@ -397,6 +414,7 @@ class MountState:
         for node in self._shown_attached() if attached_only else self.tree.blocks():
             if node.block.id not in desired and node.block.id not in kept:
                 self._gone_on_server(node)
+        moves = _Moves(desired, pinned)
         for block_id, (parts, block) in desired.items():
             node = self.tree.block_node(block_id)
             if node is None:
@@ -404,11 +422,12 @@ class MountState:
                 continue
             if block_id in pinned:
                 continue  # shown as the journal makes it (moved, written) until replayed
-            if self.tree.parts(node) != parts and not self._moved_on_server(node, parts):
+            if self.tree.parts(node) != parts and not self._moved_on_server(node, parts, moves):
                 continue
             if self.tree.bind(node, block, listed_at):
                 changed.append(node.inode)
                 self._record(self.tree.path(node), bytes(node.content), Origin.SERVER)
+        self._place_aside(moves)
 
     def _gone_on_server(self, node: Node) -> None:
         """The block file `node` leaves the mount: its block was deleted or detached."""
@@ -429,20 +448,65 @@ class MountState:
         self._record(self.tree.path(node), bytes(node.content), Origin.SERVER)
         log.info("%s: new on the server", self.tree.path(node))
 
-    def _moved_on_server(self, node: Node, parts: tuple[str, ...]) -> bool:
+    def _moved_on_server(self, node: Node, parts: tuple[str, ...], moves: _Moves) -> bool:
         """Move the block file `node` to `parts` (relabelled, attached or detached on the
-        server); False when that path is taken (it stays where it is until it is free)."""
-        old_path, old_parent, old_name = self.tree.path(node), node.parent, node.name
+        server); False when that path is taken (it stays where it is until it is free). A file
+        at `parts` that moves away in this same listing (labels swapped: `a` <-> `b`) is first
+        set aside (`moves`), so both get where they belong."""
+        aside = moves.aside.pop(node.inode, None)  # its removal is recorded already
+        old_path = aside or self.tree.path(node)
+        old_parent, old_name = node.parent, node.name
+        self._set_aside(parts, moves)
         parent = self._free_parent(parts, node.block.id)
         if parent is None:
+            if aside is not None:  # set aside itself: it waits there
+                moves.aside[node.inode] = aside
             return False
         self.tree.move(node, parent, parts[-1])
         self.invalidator.entry(old_parent, old_name)
         self.invalidator.entry(parent.inode, parts[-1])
-        self._record(old_path, None, Origin.SERVER)
+        if aside is None:
+            self._record(old_path, None, Origin.SERVER)
         self._record(self.tree.path(node), bytes(node.content), Origin.SERVER)
         log.info("%s: moved on the server to %s", old_path, self.tree.path(node))
         return True
+
+    def _set_aside(self, parts: tuple[str, ...], moves: _Moves) -> None:
+        """If the block file at `parts` is one this listing moves elsewhere, take it off its
+        path (to a name no lookup can ask for: `_apply` runs with no checkpoint, so no
+        operation sees it) until its own turn."""
+        parent = self.tree.makedirs(parts[:-1])
+        inode = parent.children.get(parts[-1]) if parent is not None else None
+        node = self.tree.node(inode) if inode is not None else None
+        if node is None or not moves.leaving(node, self.tree.parts(node)):
+            return
+        path = moves.aside[node.inode] = self.tree.path(node)
+        self.invalidator.entry(node.parent, node.name)
+        self.tree.move(node, self.tree.root, f"\0aside-{node.inode}")
+        self._record(path, None, Origin.SERVER)  # before another file's text is recorded there
+
+    def _place_aside(self, moves: _Moves) -> None:
+        """Place the files set aside whose turn came before they were (their path was taken
+        then): where the listing puts them, else back where they were; a file that can go
+        to neither leaves the mount (its block stays on the server) with a WARNING."""
+        for inode, path in list(moves.aside.items()):
+            node = self.tree.node(inode)
+            parts, _block = moves.desired[node.block.id]
+            if self._moved_on_server(node, parts, moves):
+                continue
+            moves.aside.pop(inode, None)
+            back = tuple(path.split("/"))
+            parent = self.tree.makedirs(back[:-1])
+            if parent is not None and back[-1] not in parent.children:
+                self.tree.move(node, parent, back[-1])
+                self.invalidator.entry(parent.inode, back[-1])
+                self._record(path, bytes(node.content), Origin.SERVER)
+                continue
+            log.warning("%s: its block %s moved on the server to %s, which is taken, and "
+                        "its own path is taken too; not shown until one is free", path,
+                        node.block.id, "/".join(parts))
+            self._gone[node.inode] = path
+            self._remove(node, notify=True)  # its removal was recorded when it was set aside
 
     def _note_duplicates(self, desired: dict[str, tuple[tuple[str, ...], Block]]) -> None:
         """Keep `duplicates` (path -> the ids of the blocks that would show there, oldest

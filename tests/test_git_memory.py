@@ -391,6 +391,20 @@ async def test_server_relabels_detaches_and_new_blocks_show_at_their_paths(git_w
     assert "system/persona.md" not in files and "notes/todo.md" not in files
 
 
+async def test_a_label_swap_on_the_server_moves_both_files(git_world):
+    fake, state, ids = git_world.fake, git_world.state, git_world.ids
+    before = state.tree.files()
+    fake.blocks[ids["todo"]]["label"] = "system/human"
+    fake.blocks[ids["human"]]["label"] = "notes/todo"
+    assert await Poller(state, git_world.remote).poll_attached()
+    files = state.tree.files()
+    assert files["system/human.md"].split(b"---\n")[-1] == (
+        before["notes/todo.md"].split(b"---\n")[-1])
+    assert files["notes/todo.md"].split(b"---\n")[-1] == (
+        before["system/human.md"].split(b"---\n")[-1])
+    assert state.tree.problems() == []
+
+
 # -- the journal ----------------------------------------------------------------------------------
 
 async def test_changes_made_while_the_server_is_away_are_replayed_in_the_layout(git_world):

@@ -95,6 +95,54 @@ async def test_detach_attach_relabel_and_delete_move_the_same_inode(world, polle
     assert new_inode != inode  # a block gone and back is a new file, never a reused inode
 
 
+async def test_a_label_swap_on_the_server_moves_both_files(world, poller):
+    # human <-> persona relabelled at once: each path shows its new block, each inode follows
+    # its block, and history says where each text is
+    fake, ids = world.fake, world.ids
+    human_inode = await inode_of(world.fs, "system/human.md")
+    persona_inode = await inode_of(world.fs, "system/persona.md")
+    fake.blocks[ids["human"]]["label"] = "persona"
+    fake.blocks[ids["persona"]]["label"] = "human"
+    await poller.poll_once()
+    assert await inode_of(world.fs, "system/persona.md") == human_inode
+    assert await inode_of(world.fs, "system/human.md") == persona_inode
+    assert (await read_all(world.fs, "system/persona.md")).endswith(b"The human.\n")
+    assert (await read_all(world.fs, "system/human.md")).endswith(b"I am.")
+    assert world.state.tree.problems() == []
+
+
+async def test_a_rotation_of_three_labels_and_a_swap_across_directories_are_applied(world,
+                                                                                      poller):
+    fake, ids = world.fake, world.ids
+    fake.blocks[ids["human"]]["label"] = "persona"
+    fake.blocks[ids["persona"]]["label"] = "notes"  # attached: system/notes.md
+    fake.blocks[ids["notes"]]["label"] = "human"  # detached: human.md at the root
+    await poller.poll_once()
+    files = world.state.tree.files()
+    assert files["system/persona.md"].endswith(b"The human.\n")
+    assert files["system/notes.md"].endswith(b"I am.")
+    assert files["human.md"].endswith(b"n")
+    assert "system/human.md" not in files and "notes.md" not in files
+
+
+async def test_a_file_set_aside_for_a_swap_whose_new_path_is_taken_leaves_the_mount(world,
+                                                                                      poller):
+    # persona moves to a path another block keeps (two blocks, one label) while human takes
+    # persona's path: persona's file has nowhere to go and leaves; its block stays
+    fake, ids = world.fake, world.ids
+    extra = fake.add_block("extra", "Extra.\n", agent=world.agent)
+    await poller.poll_once()
+    fake.blocks[ids["human"]]["label"] = "persona"
+    fake.blocks[ids["persona"]]["label"] = "extra"
+    await poller.poll_once()
+    files = world.state.tree.files()
+    assert files["system/persona.md"].endswith(b"The human.\n")
+    assert files["system/extra.md"].endswith(b"Extra.\n")
+    assert world.state.tree.block_node(ids["persona"]) is None
+    assert ids["persona"] in fake.blocks and extra in fake.agents[world.agent]
+    assert world.state.tree.problems() == []
+
+
 async def test_a_block_in_its_grace_period_is_not_brought_back(world, poller):
     await unlink(world.fs, "system/human.md")
     await poller.poll_once()  # still attached on the server: the retirer has not run yet

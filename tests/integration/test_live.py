@@ -44,6 +44,22 @@ def test_api_side_edit_create_delete_attach_detach_reach_the_mount(mount, api):
     assert "from-api.md" not in mount.sh("ls -A").stdout
 
 
+def test_a_label_swap_on_the_server_is_shown_and_a_write_goes_to_the_block_now_there(mount,
+                                                                                    api):
+    human = block_by_label(api, mount.agent_id, "human")
+    persona = block_by_label(api, mount.agent_id, "persona")
+    # a swap through a free label, as the server's unique label per agent requires, at once
+    api.patch(f"/v1/blocks/{human['id']}", json={"label": "swap-tmp"})
+    api.patch(f"/v1/blocks/{persona['id']}", json={"label": "human"})
+    api.patch(f"/v1/blocks/{human['id']}", json={"label": "persona"})
+    wait_for(lambda: (mount.path / "system/human.md").read_text().endswith(persona["value"])
+             and (mount.path / "system/persona.md").read_text().endswith(human["value"]), SEEN)
+    mount.sh("echo 'Through the path human.md.' > system/human.md")
+    assert api.get(f"/v1/blocks/{persona['id']}").json()["value"] == "Through the path human.md.\n"
+    assert api.get(f"/v1/blocks/{human['id']}").json()["value"] == human["value"]
+    assert "swap-tmp" not in mount.sh("ls -A system").stdout
+
+
 def test_server_changes_are_committed_under_the_server_author(mount, api):
     human = block_by_label(api, mount.agent_id, "human")
     api.patch(f"/v1/blocks/{human['id']}", json={"value": "By the agent.\n"})
