@@ -203,9 +203,22 @@ class GitMemoryLayout(Layout):
         # Scratch first: emacs's lock `.#x.md` is a label to Letta but a symlink to emacs.
         if not parts or is_scratch_name(parts[-1]):
             return PathKind.SCRATCH
+        if not _keepable(parts):
+            return PathKind.REFUSED
         if label_from_path("/".join(parts)) is None:
             return PathKind.KEPT
         return PathKind.BLOCK if self.location_at(parts) is not None else PathKind.REFUSED
+
+
+def _keepable(parts: tuple[str, ...]) -> bool:
+    """Whether a file may be at `parts` at all: no `.git` in any case (a nested repository in
+    the mount, or in a pushed tree, would let its config run commands for whoever uses git
+    there; git itself refuses such paths), no empty, `.` or `..` name, no control character,
+    at most MAX_PATH bytes."""
+    if any(name.casefold() == ".git" or name in ("", ".", "..")
+           or any(ord(c) < 32 or ord(c) == 127 for c in name) for name in parts):
+        return False
+    return len("/".join(parts).encode("utf-8", "surrogateescape")) <= MAX_PATH
 
 
 CLASSIC = ClassicLayout()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from memfuse import layout as layout_module
 from memfuse.layout import (CLASSIC, GIT_MEMORY, GIT_MEMORY_TAG, PathKind, is_scratch_name,
                             label_from_path, layout_for_tags)
 from memfuse.model import MAX_PATH, Location
@@ -136,8 +137,10 @@ def test_a_git_memory_block_file_is_one_letta_reads_as_that_block(letta):
         elif want is not None:
             assert GIT_MEMORY.parts(Location(True, want)) is None, path
             assert kind in (PathKind.REFUSED, PathKind.SCRATCH), path
-        else:
+        elif layout_module._keepable(parts):
             assert kind in (PathKind.KEPT, PathKind.SCRATCH), path
+        else:  # `.git`, `..`, a control character: no file at all
+            assert kind in (PathKind.REFUSED, PathKind.SCRATCH), path
     assert blocks > 1000
 
 
@@ -304,3 +307,9 @@ def test_the_paths_of_the_issue_in_each_layout():
 ])
 def test_the_layout_follows_the_agents_tag(tags, layout):
     assert layout_for_tags(tags) is layout
+
+
+@pytest.mark.parametrize("path", [".git/config", "evil/.git/config", "a/.GIT/HEAD", "a/.Git",
+                                  "a/../b.txt", "a/\x01.txt"])
+def test_a_path_with_git_s_directory_or_a_bad_name_is_refused_not_kept(path):
+    assert GIT_MEMORY.kind(tuple(path.split("/"))) is PathKind.REFUSED
