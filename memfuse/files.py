@@ -388,7 +388,8 @@ class BlockFiles:
             with self._deadline() as deadline:
                 try:
                     block = await self.remote.create(location, parsed, self._budget(),
-                                                     marker=create_marker(provisional.id))
+                                                     marker=create_marker(provisional.id),
+                                                     retiring=self.state.unlinked_ids)
                     log.info("%s: created block %s", path, block.id)
                     return block
                 except LabelTaken as exc:

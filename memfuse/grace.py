@@ -54,6 +54,8 @@ class Graveyard:
         self._tombstones: dict[tuple[str, ...], Tombstone] = {}
         self._wakeup = trio.Event()
         self._retiring: dict[tuple[str, ...], trio.Event] = {}  # set when that retirement ends
+        self._in_retirement: dict[tuple[str, ...], Tombstone] = {}  # retirements under way
+        self._retired: set[str] = set()  # blocks retired by this mount (ids: a few bytes each)
         self._held: dict[tuple[str, ...], int] = {}  # paths whose tombstones wait past deadline
 
     def bury(self, parts: tuple[str, ...], block: Block, attached: bool, entry: Any = None
@@ -73,8 +75,15 @@ class Graveyard:
         return self._tombstones.get(parts)
 
     def pending_block_ids(self) -> set[str]:
-        """Blocks whose files were unlinked and that are not retired yet."""
-        return {t.block.id for t in self._tombstones.values()}
+        """Blocks whose files were unlinked and that are not retired yet: in their grace
+        period, or being retired now."""
+        return ({t.block.id for t in self._tombstones.values()}
+                | {t.block.id for t in self._in_retirement.values()})
+
+    def unlinked_block_ids(self) -> set[str]:
+        """`pending_block_ids` and every block this mount retired: none of them is a new
+        file's block, whatever a listing read a moment ago says."""
+        return self.pending_block_ids() | self._retired
 
     async def quiet(self, parts: tuple[str, ...]) -> None:
         """Return once no retirement of a block unlinked at `parts` is under way: a new file
@@ -97,8 +106,10 @@ class Graveyard:
 
     async def _attempt(self, tomb: Tombstone, retire: Retire) -> None:
         done = self._retiring[tomb.parts] = trio.Event()
+        self._in_retirement[tomb.parts] = tomb
         try:
             await retire(tomb)
+            self._retired.add(tomb.block.id)
         except FsError as exc:
             tomb.tries += 1
             if tomb.tries >= RETIRE_TRIES:
@@ -113,6 +124,8 @@ class Graveyard:
         finally:
             if self._retiring.get(tomb.parts) is done:
                 del self._retiring[tomb.parts]
+            if self._in_retirement.get(tomb.parts) is tomb:
+                del self._in_retirement[tomb.parts]
             done.set()
 
     async def run(self, retire: Retire) -> None:

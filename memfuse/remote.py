@@ -418,9 +418,13 @@ class Remote:
         return Block(block_id, location.label, parsed.value, limit, description)
 
     async def create(self, location: Location, parsed: blockfile.ParsedFile,
-                     budget: float | None = None, marker: str | None = None) -> Block:
+                     budget: float | None = None, marker: str | None = None,
+                     retiring: Callable[[], set[str]] = set) -> Block:
         """A new block for a new file: `POST /v1/blocks/` tagged `owner:<agent>` (fields as
-        `new_block` makes them), then attach it when `location.attached`. marker: a tag the
+        `new_block` makes them), then attach it when `location.attached`. retiring: the ids
+        of blocks whose files were removed (being retired: detached, then untagged), asked
+        after the listings, which may predate a retirement: never this label's block. marker:
+        a tag the
         block carries until it is complete (attached), so that a create repeated after a
         failure finds the block the first attempt made (`find_marked`) instead of making a
         second; dropped at the end. budget: seconds of retries (default: the client's).
@@ -439,7 +443,8 @@ class Remote:
             if taken:  # one attached (system/<label>.md) is another file: not this label's;
                 # nor is one another create marked: a create of system/<label>.md under way
                 attached = {b.id for b in await self._attached(budget)}
-                taken = [b for b in taken if b.id not in attached
+                unlinked = retiring()
+                taken = [b for b in taken if b.id not in attached and b.id not in unlinked
                          and not _marked_by_another(b, marker)]
             own = next((b for b in taken if marker is not None and marker in b.tags), None)
             if own is not None:  # an earlier attempt's POST that landed late: this create's

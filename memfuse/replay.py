@@ -155,6 +155,7 @@ class Replayer:
                     result = Outcome(self._refuse(entries, exc), recorded=True)
                 self._failures.pop(last.seq, None)
                 self._stuck.pop(last.block_id, None)
+                self._settled(entries)
                 self.state.replayed(entries, result.block, result.words, sent=result.sent,
                                     recorded=result.recorded)
             self.last_replay = f"{last.path}: {result.words}" + (
@@ -162,6 +163,14 @@ class Replayer:
             log.info("journal: %s", self.last_replay)
         self.key_refused = None  # every unit got an answer other than a refused key
         return not held
+
+    def _settled(self, entries: list[Entry]) -> None:
+        """A unit is settled: when it holds a create, tell MountState what its block could hold,
+        so that a POST of it that takes effect only now is known for an orphan."""
+        if entries[0].kind == CREATE:
+            contents = [e for e in entries if e.kind in (WRITE, CREATE)]
+            self.state.settled_create(create_marker(entries[0].block_id), {
+                _target(contents[:n]).value for n in range(1, len(contents) + 1)})
 
     @staticmethod
     def _passes_over(entries: list[Entry], exc: FsError) -> bool:
@@ -308,7 +317,8 @@ class Replayer:
         try:
             if found is None:
                 block = await self.remote.create(location, _target(contents), WRITE_BUDGET,
-                                                 marker=marker)
+                                                 marker=marker,
+                                                 retiring=self.state.unlinked_ids)
                 return Outcome("created", block, sent=True)
             return await self._finish(*found, first, contents, sent_values, location, path,
                                       node)

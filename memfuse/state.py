@@ -175,6 +175,9 @@ class MountState:
         self.journal = journal
         self._warned: set[str] = set()
         self.duplicates: dict[str, list[str]] = {}  # path -> ids of the blocks it could show
+        # create marker -> the values its block could hold, of each journaled create replayed:
+        # a block carrying one is a late POST of a create already settled (an orphan)
+        self._settled_creates: dict[str, set[str]] = {}
         self._gone: dict[int, str] = {}  # inode -> the path of a block file whose block left
         # the server (deleted, or detached and no longer owned) while the kernel still held it
         # called after a change of times or modes alone (no history): fileattrs keeps them
@@ -183,6 +186,24 @@ class MountState:
     def pinned(self) -> set[str]:
         """Blocks shown as the journal makes them until it is replayed (Journal.pinned)."""
         return self.journal.pinned() if self.journal is not None else set()
+
+    def unlinked_ids(self) -> set[str]:
+        """Blocks whose files were unlinked: in their grace period, being retired, retired by
+        this mount, or their unlink journaled. A create never takes one as its label's."""
+        ids = self.graveyard.unlinked_block_ids()
+        return ids | self.journal.hidden() if self.journal is not None else ids
+
+    def settled_create(self, marker: str, values: set[str]) -> None:
+        """A journaled create tagging its block `marker` is settled (made, refused, or
+        created and removed); `values`: what any attempt of it could have POSTed."""
+        self._settled_creates[marker] = values
+
+    def orphan(self, block: Block) -> bool:
+        """Whether `block` was made by an attempt of a journaled create that is settled
+        already (its POST took effect after replay had looked for it: a cut link the server
+        went on with) and holds only what that create sent: a block nobody has as a file,
+        which the poller deletes (`Remote.discard`)."""
+        return any(block.value in self._settled_creates.get(tag, ()) for tag in block.tags)
 
     def hidden(self) -> set[str]:
         """Blocks whose files were unlinked and that are not retired yet: in their grace period

@@ -233,6 +233,43 @@ async def test_a_second_block_whose_delete_got_no_answer_is_deleted_later(world)
     assert "new.md" not in world.state.tree.files()
 
 
+@pytest.mark.parametrize("path", ["system/new.md", "new.md"])
+async def test_a_post_landing_after_its_create_was_settled_is_deleted_not_shown(world, path):
+    # found by scripts/chaos --faults flapping: the online create's POST took effect seconds
+    # later, after replay had found nothing and settled "created and removed"
+    world.fake.down = True
+    await _new_file(world, path, b"x\n")
+    [entry] = world.journal.pending()
+    marker, owner = f"memfuse-create:{entry.block_id}", f"owner:{world.agent}"
+    parent, _, name = path.rpartition("/")
+    await world.fs.unlink(await inode_of(world.fs, parent) if parent else ROOT_INODE,
+                          name.encode(), None)
+    await trio.sleep(5)  # the unlink's grace period ends (mock clock)
+    await _server_back(world)
+    assert "created and removed" in world.replayer.last_replay
+    late = world.fake.add_block("new", "x\n", agent=world.agent, attached=False,
+                                tags=[owner, marker])
+    poller = Poller(world.state, world.remote)
+    await poller.poll_once()
+    assert late not in world.fake.blocks and _live(world, "new") == []
+    assert await poller.poll_once()
+    assert "new.md" not in world.state.tree.files()
+
+
+async def test_an_edited_block_of_a_settled_create_is_not_deleted(world):
+    world.fake.down = True
+    await _new_file(world, "new.md", b"x\n")
+    [entry] = world.journal.pending()
+    await world.fs.unlink(ROOT_INODE, b"new.md", None)
+    await trio.sleep(5)
+    await _server_back(world)
+    late = world.fake.add_block("new", "edited by the agent\n", agent=world.agent,
+                                attached=False, tags=[f"owner:{world.agent}",
+                                                      f"memfuse-create:{entry.block_id}"])
+    assert await Poller(world.state, world.remote).poll_once()
+    assert late in world.fake.blocks and "new.md" in world.state.tree.files()
+
+
 async def test_a_write_journaled_behind_a_stuck_create_is_sent(world):
     world.fake.lose_answer = _is_marker_drop
     await _new_file(world, "system/new.md", b"x\n")
