@@ -513,7 +513,10 @@ class Server:
 
     def stop(self) -> None:
         """Ask `run` (in another thread) to return."""
-        self._server.trigger.pull_trigger(self._close_all)
+        try:
+            self._server.trigger.pull_trigger(self._close_all)
+        except OSError:  # EBADF: another pull (a worker's answer) woke the loop, which ran
+            pass  # `_close_all` already, the trigger itself included, before this pull wrote
 
     def _close_all(self) -> None:
         for dispatcher in list(self._map.values()):
