@@ -228,13 +228,17 @@ def _report(plan: Plan, say: Say, agent_id: str, dry_run: bool, tagged: bool) ->
 async def disable(remote: Remote, record: Record | None, say: Say) -> None:
     """Undo what `record` says `enable` did, in the reverse order: detach the blocks it
     attached, remove the tag, rename the labels back; each only where the block is still as
-    `enable` left it (else said and left). The record is removed at the end. Without a
-    record, only the tag is removed. Raises ServerCallError."""
+    `enable` left it (else said and left). The tag stays when the record says the agent had
+    it before the first `enable` (that tag was not enable's to remove). The record is removed
+    at the end. Without a record, only the tag is removed. Raises ServerCallError."""
     attached = await remote.attached()
     by_id = {b.id: b for b in attached}
     detached = await _detach_attached(remote, record.attached if record else [], by_id, say)
     tags = await remote.agent_tags(budget=None)
-    if GIT_MEMORY_TAG in tags:
+    if record is not None and record.tagged_before:
+        say(f"kept the tag {GIT_MEMORY_TAG}: the agent had it before memfuse git-memory "
+            f"enable")
+    elif GIT_MEMORY_TAG in tags:
         await remote.set_tags([t for t in tags if t != GIT_MEMORY_TAG])
         say(f"removed the tag {GIT_MEMORY_TAG}")
     taken = {b.label for b in attached if b.id not in detached}

@@ -125,6 +125,18 @@ async def test_disable_leaves_what_changed_since_enable(classic):
     assert any(line.startswith("left as it is: system/human") for line in said)
 
 
+async def test_disable_keeps_a_tag_the_agent_had_before_enable(classic):
+    fake, agent, _ = classic
+    fake.agent_tags[agent].append(GIT_MEMORY_TAG)  # a git-memory agent with classic labels
+    await run(fake, agent, "enable")
+    assert "system/human" in labels(fake, agent)
+    said = await run(fake, agent, "disable")
+    assert "human" in labels(fake, agent)  # the renames are undone ...
+    assert GIT_MEMORY_TAG in fake.agent_tags[agent]  # ... the tag was not enable's
+    assert f"kept the tag {GIT_MEMORY_TAG}: the agent had it before memfuse git-memory " \
+        f"enable" in said
+
+
 def test_plan_leaves_collisions_markers_and_prompt_labels():
     from memfuse.model import Block
     attached = [Block("a", "human", "", 1), Block("b", "system/human", "", 1),
