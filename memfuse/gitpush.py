@@ -44,7 +44,7 @@ from .errors import FsError
 from .history import BRANCH, HistoryRepo
 from .layout import GIT_MEMORY, Layout, PathKind
 from .model import Block, Location
-from .remote import Client, Remote
+from .remote import Client, Remote, Stale
 
 log = logging.getLogger("memfuse.push")
 
@@ -230,26 +230,38 @@ class Outcome:
 
 
 async def _step(remote: Remote, step: Step) -> None:
+    """One step through `remote` (under `reject`): an update or relabel sends its fields
+    with the block as the push was judged against as the conflict base, so an edit that
+    reached the server since (an agent's tool call after the take) is never overwritten; it
+    is Stale. A relabel sends its fields before the new label, so a file still showing the old
+    label's default description sends none."""
     assert step.parsed is not None or step.kind == "retire"
     if step.kind == "update":
-        await remote.update(step.block, step.parsed)
+        await remote.update(step.block, step.parsed, base=step.block)
     elif step.kind == "create":
         await remote.create(step.location, step.parsed)
     elif step.kind == "relabel":
-        block = await remote.relocate(step.block, step.attached, step.location)
-        await remote.update(block, step.parsed)
+        written = await remote.update(step.block, step.parsed, base=step.block)
+        await remote.relocate(written.block, step.attached, step.location)
     else:
         await remote.retire(step.block, step.attached)
 
 
 async def apply(remote: Remote, steps: list[Step]) -> Outcome:
-    """Apply `steps` in order through `remote`, stopping at the first that fails."""
+    """Apply `steps` in order through `remote` (made with `on_conflict="reject"`), stopping
+    at the first that fails (a Stale one too: the block changed on the server after the push
+    was judged)."""
     outcome = Outcome()
     for step in steps:
         try:
             await _step(remote, step)
+        except Stale:
+            outcome.failed, outcome.reason = step, (
+                "its block changed on the server while the push was applied (ESTALE); the "
+                "server's version is kept")
         except FsError as exc:
             outcome.failed, outcome.reason = step, f"{exc.reason} ({_errno_name(exc)})"
+        if outcome.failed is not None:
             log.warning("agent %s: push: %s failed: %s", remote.agent_id, step.words(),
                         outcome.reason)
             return outcome
@@ -313,8 +325,8 @@ class Receiver:
         return self._in_part(new, pushed, outcome)
 
     async def _apply(self, steps: list[Step]) -> Outcome:
-        async with self.client() as client:
-            return await apply(Remote(client, self.agent_id), steps)
+        async with self.client() as client:  # reject: a push never overwrites a newer block
+            return await apply(Remote(client, self.agent_id, on_conflict="reject"), steps)
 
     def _acknowledge(self, head: bytes | None, new: bytes, pushed: Plan) -> Verdict:
         if not self.repo.move(head, new):

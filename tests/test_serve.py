@@ -14,7 +14,7 @@ from dulwich.client import HTTPUnauthorized
 from dulwich.errors import GitProtocolError, NotGitRepository
 from dulwich.repo import Repo
 
-from memfuse import blockfile, daemon, gitserve
+from memfuse import blockfile, daemon, gitpush, gitserve
 from memfuse.config import Config, RunningMount
 from memfuse.model import Block
 from memfuse.writerlock import WriterLock
@@ -489,3 +489,47 @@ def test_a_push_the_server_takes_in_part_moves_main_to_what_was_applied(fake, se
     again = commit_all(target)
     assert push(target, served, agent)[0] == again
     assert fake.blocks[ids["persona"]]["value"] == "Pushed persona.\n"
+
+
+def test_an_api_edit_made_while_a_push_is_applied_is_never_overwritten(
+        fake, served, tmp_path, classic, monkeypatch):
+    agent, ids = classic
+    target = tmp_path / "clone"
+    clone(served, agent, target)
+    (target / "system/human.md").write_text("Pushed human.\n")
+    (target / "system/persona.md").write_text("Pushed persona.\n")
+    commit_all(target)
+    receive = gitpush.Receiver.receive
+
+    def edited_after_the_take(self, *args):  # an agent's tool call between take and apply
+        fake.blocks[ids["human"]]["value"] = "Edited through the API.\n"
+        return receive(self, *args)
+
+    monkeypatch.setattr(gitpush.Receiver, "receive", edited_after_the_take)
+    status, said = push(target, served, agent)
+    assert "its block changed on the server while the push was applied (ESTALE)" in status
+    assert "not applied: system/human.md, system/persona.md" in said
+    assert fake.blocks[ids["human"]]["value"] == "Edited through the API.\n"
+    assert fake.blocks[ids["persona"]]["value"] == "I am.\n"  # nothing after the stale step
+    again = tmp_path / "again"
+    clone(served, agent, again)  # the next fetch has the API edit
+    assert (again / "system/human.md").read_text().endswith("---\nEdited through the API.\n")
+
+
+def test_a_renamed_file_that_shows_the_default_description_sends_no_description(
+        fake, served, tmp_path):
+    agent = fake.add_agent()
+    block_id = fake.add_block("human", "The human.\n", agent=agent, description="")
+    fake.add_block("persona", "I am.\n", agent=agent)
+    target = tmp_path / "clone"
+    clone(served, agent, target)
+    assert "description: human block" in (target / "system/human.md").read_text()
+    (target / "system/human.md").rename(target / "system/person.md")
+    porcelain.add(str(target), [str(target / "system/person.md")])
+    porcelain.rm(str(target), [str(target / "system/human.md")], cached=True)
+    pushed = commit_all(target)
+    fake.requests.clear()
+    assert push(target, served, agent)[0] == pushed
+    assert fake.blocks[block_id]["label"] == "person"
+    assert fake.blocks[block_id]["description"] == ""  # not "human block", the old default
+    assert not any("description" in body for body in fake.patches())
