@@ -24,6 +24,11 @@ history until its answer is sent; a ref advertisement, and a push before its pac
 first take the agent's live blocks into the history (gitsync.py), so a pull sees an API edit at
 once and a push on a base the server has moved past is not a fast-forward.
 
+When Letta does not answer (ServerAway) at the lookup or the take, a fetch is served the last
+known history only to a key Letta accepted for that agent within ACCEPTED_FOR seconds
+(AcceptedKeys, digests only); any other request, and every push, is refused with 503 and the
+reason (issue 20 point 7).
+
 dulwich's server side (`dulwich.web.HTTPGitApplication`, `dulwich.server.UploadPackHandler`,
 `ReceivePackHandler`) speaks git's protocol; memfuse writes none of it. A push's ref update is
 decided by PushHandler, a ReceivePackHandler whose update hook hands it to gitpush.Receiver. The HTTP server is waitress: pure Python
@@ -39,6 +44,7 @@ import base64
 import binascii
 import dataclasses
 import functools
+import hashlib
 import ipaddress
 import logging
 import re
@@ -62,7 +68,7 @@ from .config import (Config, ConfigError, JsonRecord, RunningMount, check_agent_
                      private_dir)
 from .history import HistoryRepo
 from .layout import CLASSIC, Layout, layout_for_tags
-from .errors import AgentGone, KeyRefused, ServerCallError
+from .errors import AgentGone, KeyRefused, ServerAway, ServerCallError
 from .remote import Client, Remote, make_client
 from .writerlock import WriterLock
 
@@ -73,6 +79,8 @@ ROUTE = re.compile(r"/v1/git/(?P<agent>[^/]+)/state\.git(?P<rest>/[^/]+(?:/[^/]+
 UPLOAD_PACK = "git-upload-pack"
 RECEIVE_PACK = "git-receive-pack"
 LOCK_WAIT = 10.0  # seconds a request waits for another request's hold on the agent's history
+ACCEPTED_FOR = 600.0  # seconds: while Letta does not answer, a fetch is served the last known
+# history only with a key Letta accepted for that agent this recently (issue 20 point 7)
 RETRY_BUDGET = 5.0  # seconds of retries of one Letta call within a request
 THREADS = 8  # requests answered at once
 REALM = "Letta API key"
@@ -82,6 +90,13 @@ MOUNTED = ("agent {agent} is mounted; serving a mounted agent comes later (memfu
 BUSY = ("the history of agent {agent} is busy: another request or process writes it; try "
         "again")
 SMART_ONLY = "memfuse serve speaks git's smart HTTP only (git-upload-pack, git-receive-pack)"
+AWAY_PUSH = ("the Letta server does not answer ({failure}): a push cannot be checked against "
+             "it or applied now; nothing was applied. Push again once it answers")
+AWAY_UNKNOWN_KEY = ("the Letta server does not answer ({failure}), and it has not accepted "
+                    "this request's key for agent {agent} in the last {minutes} minutes: the "
+                    "last known history is served only to a key it accepted that recently")
+AWAY_NO_HISTORY = ("the Letta server does not answer ({failure}), and there is no history of "
+                   "agent {agent} here to serve")
 
 
 class Refusal(Exception):
@@ -164,10 +179,11 @@ def mounted(config: Config) -> bool:
     return record is not None and record.alive()
 
 
-async def _answered(call):
+async def _answered(call, away: bool = False):
     """Await a Letta call made with the request's key; its refusals become the request's
     answer. Raises Refusal: 401 + `WWW-Authenticate: Basic` when Letta refuses the key (or
-    wants one), 404 for an agent it does not know, 503 when it does not answer."""
+    wants one), 404 for an agent it does not know, 503 when it does not answer as it should.
+    away: no answer (ServerAway) is raised as it is, for the caller to decide."""
     try:
         return await call
     except KeyRefused:
@@ -178,8 +194,40 @@ async def _answered(call):
         raise Refusal("404 Not Found", f"not found: no such agent on the Letta server "
                                        f"({exc.status} {exc.detail})") from None
     except ServerCallError as exc:
+        if away and isinstance(exc, ServerAway):
+            raise
         raise Refusal("503 Service Unavailable",
                       f"the Letta server did not answer as it should: {exc.failure}") from None
+
+
+class AcceptedKeys:
+    """Which request keys Letta accepted for which agent, and when (its answer to the agent
+    lookup, `GET /v1/agents/{id}`): `(agent id, SHA-256 of the key) -> (layout, clock time)`.
+    Only digests are kept. Thread-safe (waitress answers requests in threads). clock:
+    seconds, monotonic."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self._seen: dict[tuple[str, str], tuple[Layout, float]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _digest(key: str | None) -> str:
+        return hashlib.sha256((key or "").encode()).hexdigest()
+
+    def accepted(self, agent_id: str, key: str | None, layout: Layout) -> None:
+        """Letta accepted `key` for `agent_id` just now; the agent's layout then."""
+        with self._lock:
+            self._seen[(agent_id, self._digest(key))] = (layout, self.clock())
+
+    def recent(self, agent_id: str, key: str | None, within: float) -> Layout | None:
+        """The agent's layout when Letta accepted `key` for it at most `within` seconds ago,
+        else None."""
+        with self._lock:
+            seen = self._seen.get((agent_id, self._digest(key)))
+        if seen is None or self.clock() - seen[1] > within:
+            return None
+        return seen[0]
 
 
 class _Held:
@@ -223,14 +271,17 @@ class GitEndpoint:
 
     transport: an httpx transport for the Letta client (tests). lock_wait: seconds a request
     waits for the agent's history. on_answer(request line, status line, error or None): after
-    each request (the status record).
+    each request (the status record). keys: the keys Letta accepted (AcceptedKeys; a fetch
+    while it does not answer is served to those of the last ACCEPTED_FOR seconds).
     """
 
     def __init__(self, base_url: str, *, transport: httpx.AsyncBaseTransport | None = None,
                  lock_wait: float = LOCK_WAIT,
-                 on_answer: Callable[[str, str, str | None], None] | None = None):
+                 on_answer: Callable[[str, str, str | None], None] | None = None,
+                 keys: AcceptedKeys | None = None):
         self.base_url, self.transport, self.lock_wait = base_url, transport, lock_wait
         self.on_answer = on_answer
+        self.keys = keys or AcceptedKeys()
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         what = f"{environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO')}"
@@ -261,25 +312,57 @@ class GitEndpoint:
     async def _prepare(self, request: GitRequest, key: str | None) -> _Held:
         """Check the request's key and the agent with Letta, hold the agent's history and, for
         an advertisement or a push, take the live blocks into it (a push is then judged
-        against the server as it is). Raises Refusal, OSError."""
+        against the server as it is). While Letta does not answer, a fetch is served the last
+        known history (`_away`). Raises Refusal, OSError."""
         config = agent_config(request.agent_id, self.base_url)
         async with self._client(key) as client:
             remote = Remote(client, request.agent_id)
-            layout = layout_for_tags(await _answered(remote.agent_tags(None)))
+            try:
+                layout = layout_for_tags(await _answered(remote.agent_tags(None), away=True))
+            except ServerAway as exc:
+                return await self._away(request, key, config, exc)
+            self.keys.accepted(request.agent_id, key, layout)
             held = await self._hold(config)
             held.layout = layout
             try:
                 if request.advertisement or request.service == RECEIVE_PACK:
                     held.found = await self._take(remote, held, config)
+            except ServerAway as exc:
+                held.close()
+                return await self._away(request, key, config, exc)
             except BaseException:
                 held.close()
                 raise
         return held
 
+    async def _away(self, request: GitRequest, key: str | None, config: Config,
+                    exc: ServerAway) -> _Held:
+        """Letta did not answer (`exc`): a fetch gets the agent's last known history, held,
+        when Letta accepted this request's key for the agent within ACCEPTED_FOR seconds;
+        anything else is refused. Raises Refusal 503 (a push; an unknown or old key; no
+        history here)."""
+        failure = exc.failure
+        if request.service == RECEIVE_PACK:
+            raise Refusal("503 Service Unavailable", AWAY_PUSH.format(failure=failure))
+        layout = self.keys.recent(request.agent_id, key, ACCEPTED_FOR)
+        if layout is None:
+            raise Refusal("503 Service Unavailable", AWAY_UNKNOWN_KEY.format(
+                failure=failure, agent=request.agent_id, minutes=round(ACCEPTED_FOR / 60)))
+        held = await self._hold(config)
+        held.layout = layout
+        if held.repo.head() is None:
+            held.close()
+            raise Refusal("503 Service Unavailable", AWAY_NO_HISTORY.format(
+                failure=failure, agent=request.agent_id))
+        log.warning("agent %s: the Letta server does not answer (%s); the last known history "
+                    "is served", request.agent_id, failure)
+        return held
+
     @staticmethod
     async def _take(remote: Remote, held: _Held, config: Config) -> gitsync.Live:
-        """Commit the agent's live blocks on the held history (gitsync). Raises Refusal."""
-        found = await _answered(gitsync.live(remote, held.layout))
+        """Commit the agent's live blocks on the held history (gitsync). Raises Refusal,
+        ServerAway."""
+        found = await _answered(gitsync.live(remote, held.layout), away=True)
         sha = await trio.to_thread.run_sync(gitsync.take, held.repo, found, held.layout,
                                             config.block_map_file)
         if sha is not None:

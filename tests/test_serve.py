@@ -533,3 +533,94 @@ def test_a_renamed_file_that_shows_the_default_description_sends_no_description(
     assert fake.blocks[block_id]["label"] == "person"
     assert fake.blocks[block_id]["description"] == ""  # not "human block", the old default
     assert not any("description" in body for body in fake.patches())
+
+
+# --- the Letta server away (issue 20 point 7) ---------------------------------------------------
+
+@pytest.fixture
+def clock():
+    return [1000.0]  # seconds; the tests move it
+
+
+@pytest.fixture
+def served_with_clock(fake, clock, monkeypatch):
+    """`served`, its accepted keys on `clock`, and a short retry budget for a server away."""
+    monkeypatch.setattr(gitserve, "RETRY_BUDGET", 0.2)
+    app = gitserve.GitEndpoint("http://letta.test", transport=fake.transport(), lock_wait=0.5,
+                               keys=gitserve.AcceptedKeys(clock=lambda: clock[0]))
+    server = gitserve.Server(app, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    yield server.url
+    server.stop()
+    thread.join(10)
+
+
+def refs_answer(served: str, agent: str, key: str | None, service: str = "git-upload-pack"
+                ) -> httpx.Response:
+    auth = ("letta", key) if key else None
+    return httpx.get(f"{git_url(served, agent)}/info/refs", params={"service": service},
+                     auth=auth)
+
+
+def test_while_letta_is_away_a_fetch_is_served_the_last_history_to_a_key_it_accepted_lately(
+        fake, served_with_clock, tmp_path, classic, clock):
+    agent, _ids = classic
+    served = served_with_clock
+    clone(served, agent, tmp_path / "clone", key="k1")
+    fake.down = True  # the Letta server stops answering
+    clock[0] += 590  # 9 min 50 s later
+    again = clone(served, agent, tmp_path / "again", key="k1")
+    assert files(tmp_path / "again") == files(tmp_path / "clone")
+    assert again.head() == history(agent).refs[b"refs/heads/main"]
+    other = refs_answer(served, agent, "k2")  # a key Letta never accepted for the agent
+    assert other.status_code == 503
+    assert "has not accepted this request's key" in other.text and "ConnectError" in other.text
+    assert refs_answer(served, agent, None).status_code == 503  # nor no key at all
+    clock[0] += 20  # over 10 minutes since Letta accepted k1
+    late = refs_answer(served, agent, "k1")
+    assert late.status_code == 503 and "in the last 10 minutes" in late.text
+    fake.down = False  # back: k1 is accepted again and the fetch is live
+    assert refs_answer(served, agent, "k1").status_code == 200
+
+
+def test_while_letta_is_away_a_push_is_refused_and_nothing_is_applied(
+        fake, served_with_clock, tmp_path, classic):
+    agent, ids = classic
+    served = served_with_clock
+    target = tmp_path / "clone"
+    clone(served, agent, target, key="k1")
+    before = history(agent).refs[b"refs/heads/main"]
+    (target / "system/human.md").write_text("Pushed.\n")
+    commit_all(target)
+    fake.down = True
+    answer = refs_answer(served, agent, "k1", "git-receive-pack")
+    assert answer.status_code == 503
+    assert "a push cannot be checked against it or applied now; nothing was applied" in answer.text
+    with pytest.raises(GitProtocolError, match="503"):
+        porcelain.push(str(target), git_url(served, agent), "main", username="letta",
+                       password="k1", errstream=io.BytesIO())
+    fake.down = False
+    assert fake.blocks[ids["human"]]["value"] == "The human.\n"
+    assert history(agent).refs[b"refs/heads/main"] == before
+    assert push_with_key(target, served, agent, "k1") == commit_head(target)  # then it lands
+    assert fake.blocks[ids["human"]]["value"] == "Pushed.\n"
+
+
+def push_with_key(target: Path, served: str, agent: str, key: str) -> bytes | str:
+    result = porcelain.push(str(target), git_url(served, agent), "main", username="letta",
+                            password=key, errstream=io.BytesIO())
+    status = result.ref_status.get(b"refs/heads/main") if result.ref_status else None
+    return status or result.refs[b"refs/heads/main"]
+
+
+def commit_head(target: Path) -> bytes:
+    return Repo(str(target)).head()
+
+
+def test_accepted_keys_keep_digests_only():
+    keys = gitserve.AcceptedKeys(clock=lambda: 5.0)
+    keys.accepted("agent-1", "sk-secret", gitserve.CLASSIC)
+    assert keys.recent("agent-1", "sk-secret", 10) is gitserve.CLASSIC
+    assert keys.recent("agent-2", "sk-secret", 10) is None
+    assert "sk-secret" not in repr(keys._seen)

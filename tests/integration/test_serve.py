@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import DEFAULT_BLOCKS, MEMFUSE, block_by_label, start_mount, stop_mount
+from .conftest import (DEFAULT_BLOCKS, MEMFUSE, block_by_label, make_agent, start_mount,
+                       stop_mount)
 
 pytestmark = pytest.mark.integration
 
@@ -169,6 +170,37 @@ def test_a_stale_push_is_refused_then_pull_rebase_and_push_land(serve, agent, ap
     git("push", "-q", "origin", "main", cwd=clone, env=home)
     assert block_by_label(api, agent, "human")["value"] == "Mine.\n"
     assert block_by_label(api, agent, "persona")["value"] == "Edited by the API.\n"
+
+
+def test_with_the_server_cut_off_a_recent_key_fetches_the_last_history_a_push_is_refused(
+        agent, api, home, proxy, tmp_path):
+    env = dict(home, LETTA_BASE_URL=proxy.url)  # serve reaches Letta through a real proxy
+    unseen = make_agent(api, DEFAULT_BLOCKS)
+    serve = Serve(env)
+    try:
+        clone = tmp_path / "clone"
+        git("clone", "-q", serve.git_url(agent), str(clone), env=env)
+        (clone / "system/human.md").write_text("---\ndescription: About the human\n---\nOff.\n")
+        commit(clone, "edit while the server is away", env)
+        proxy.cut()
+        again = tmp_path / "again"
+        git("clone", "-q", serve.git_url(agent), str(again), env=env)  # the last known history
+        assert (again / "system/human.md").read_text().endswith("The human.\n")
+        # git sends no key unless asked (the test server wants none), so the key Letta
+        # accepted is "none"; an agent no request fetched lately is refused
+        other = git("clone", serve.git_url(unseen), str(tmp_path / "o"), env=env, check=False)
+        assert other.returncode != 0
+        assert "has not accepted this request's key" in other.stderr, other.stderr
+        pushed = git("push", "origin", "main", cwd=clone, env=env, check=False)
+        assert pushed.returncode != 0
+        assert "nothing was applied" in pushed.stderr, pushed.stderr
+        proxy.restore()
+        assert block_by_label(api, agent, "human")["value"] == "The human.\n"
+        git("push", "-q", "origin", "main", cwd=clone, env=env)  # back: it lands
+        assert block_by_label(api, agent, "human")["value"] == "Off.\n"
+    finally:
+        serve.stop()
+        api.delete(f"/v1/agents/{unseen}")
 
 
 def test_a_mounted_agent_is_refused_for_now_and_status_shows_the_serve(serve, agent, home,
