@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-
 from scale import BASE, MEMFUSE, ensure_population, note_label
 from sections import replace_section
 
@@ -198,7 +197,7 @@ def render(f: Figures) -> str:
         return (f"| {what} | {med(samples):.2f} s (max {max(samples):.2f}) | {floor} | "
                 f"{med(floor_samples):.3f} s | {med(samples) / med(floor_samples):.1f}× |")
     return "\n".join([
-        f"## `memfuse serve` (`python bench/serve.py`; issue 20 points 3 and 9)",
+        "## `memfuse serve` (`python bench/serve.py`; issue 20 points 3 and 9)",
         "",
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}: the agent "
         f"`memfuse-scale-{f.blocks}` ({f.blocks} detached notes of 5 KB + 3 attached blocks, "
@@ -218,10 +217,10 @@ def render(f: Figures) -> str:
         row("push of one changed block, live when it returns", f.push,
             "the calls it needs, raw (`GET` + `PATCH`)", f.push_raw),
         "",
-        f"Target (issue 20 point 3): a clone of an agent with 1,000 blocks in at most 2 s. A "
-        f"clone, a pull and a push each list the agent's blocks first (the take), so each pays "
-        f"the listings; a push also reads each block it changes before its `PATCH` (the "
-        f"conflict base).",
+        "Target (issue 20 point 3): a clone of an agent with 1,000 blocks in at most 2 s. A "
+        "clone, a pull and a push each list the agent's blocks first (the take), so each pays "
+        "the listings; a push also reads each block it changes before its `PATCH` (the "
+        "conflict base).",
     ])
 
 
