@@ -62,6 +62,8 @@ PROGRESS_FROM = 1000   # owned blocks from which a mount reports how its load go
 UMOUNT_PUSH = 5.0      # seconds an unmount tries to push the last snapshot to the git remote
 ATTRS_DELAY = 1.0      # seconds from a chmod, chown or utimens to saving the times and modes
 WRITER_WAIT = 10.0     # seconds a mount waits for `memfuse serve` to let the agent's history go
+MOUNT_SUBJECT = "Snapshot at mount"  # the server's changes found at mount (then `: <paths>`)
+SWITCH_SUBJECT = "Layout switch {old} -> {new} at mount"  # the same when the layout changed
 
 
 class MountError(Exception):
@@ -292,7 +294,7 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
         config.base_url, config.api_key, retry_budget=config.retry_budget, transport=transport))
     has_history = (config.history_dir / "HEAD").exists()  # checked before open() makes one
     agent, away = await _reach(client, config, has_history)
-    layout = _layout(config, agent)
+    layout, switched_from = _layout(config, agent)
     repo = await _open_history(stack, config)
     pusher = _pusher(stack, config)
     snapshots = Snapshotter(repo, quiet_period=config.quiet_period,
@@ -303,7 +305,8 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
                        journal=journal, layout=layout)
     remote = Remote(client, config.agent_id, on_conflict=config.on_conflict)
     away = await _load(config, repo, snapshots, state, remote, away, on_progress)
-    attrs = await _commit_at_mount(stack, config, snapshots, state)
+    attrs = await _commit_at_mount(stack, config, snapshots, state, SWITCH_SUBJECT.format(
+        old=switched_from, new=layout.name) if switched_from else MOUNT_SUBJECT)
     files = BlockFiles(state, remote, revalidate=config.revalidate)
     namespace = Namespace(state, remote, files)
     faults = Faults()
@@ -367,12 +370,13 @@ async def _reach(client: Client, config: Config,
         return AgentFacts(), exc
 
 
-def _layout(config: Config, agent: AgentFacts) -> Layout:
+def _layout(config: Config, agent: AgentFacts) -> tuple[Layout, str | None]:
     """The layout of this mount (layout.py): the one the agent's tags choose when the server
     answered, else the one the history's block map recorded (classic for a map that names
-    none, or no map: `_from_history` then refuses the mount). Logged when it differs from
-    the recorded one (the snapshot at mount then moves the files). Raises MountError for a
-    layout this memfuse does not know (a newer memfuse recorded it)."""
+    none, or no map: `_from_history` then refuses the mount); and the recorded layout's name
+    when the tags chose another (a switch: the snapshot at mount then moves the files, in
+    one commit, so `git log --follow` finds each file's past), else None. Raises MountError
+    for a layout this memfuse does not know (a newer memfuse recorded it)."""
     try:
         saved = blockmap.read(config.block_map_file)
     except blockmap.BlockMapError:
@@ -384,13 +388,15 @@ def _layout(config: Config, agent: AgentFacts) -> Layout:
                              f"{saved[0]!r}, which this memfuse does not know")
         log.info("agent %s: mounted in the %s layout its history recorded", config.agent_id,
                  recorded.name)
-        return recorded
+        return recorded, None
     layout = layout_for_tags(agent.tags)
+    switched_from = None
     if saved is not None and recorded is not layout:
+        switched_from = saved[0]
         log.info("the agent's memory model changed since the last mount (%s -> %s layout): "
                  "the snapshot at mount moves its files", saved[0], layout.name)
     log.info("agent %s: mounted in the %s layout", config.agent_id, layout.name)
-    return layout
+    return layout, switched_from
 
 
 async def _open_history(stack: contextlib.AsyncExitStack, config: Config) -> HistoryRepo:
@@ -457,14 +463,16 @@ async def _load(config: Config, repo: HistoryRepo, snapshots: Snapshotter, state
 
 
 async def _commit_at_mount(stack: contextlib.AsyncExitStack, config: Config,
-                           snapshots: Snapshotter, state: MountState) -> _AttrsSaver:
-    """Commit the snapshot at mount, save the block map and the times and modes with each
-    commit from now on, and save the times and modes again after the unmount."""
+                           snapshots: Snapshotter, state: MountState,
+                           subject: str) -> _AttrsSaver:
+    """Commit the snapshot at mount (`subject`: MOUNT_SUBJECT, or SWITCH_SUBJECT when the
+    layout changed), save the block map and the times and modes with each commit from now
+    on, and save the times and modes again after the unmount."""
     saver = _BlockMapSaver(config.block_map_file, state)
     attrs = _AttrsSaver(config.attrs_file, state)
     state.on_attributes = attrs.changed
     snapshots.on_commit = _together(saver.capture, attrs.capture)
-    await snapshots.flush({Origin.SERVER: "Snapshot at mount",
+    await snapshots.flush({Origin.SERVER: subject,
                            Origin.LOCAL: "Local edit (recovered at mount)"})
     await saver.capture()()  # also when nothing was committed (a map from an older memfuse)
     await attrs.capture()()

@@ -4,6 +4,7 @@ filesystem level over the fake API: labels are paths, every block file is an att
 tests/integration/test_git_memory.py."""
 import errno
 import json
+import subprocess
 import os
 from functools import partial
 from types import SimpleNamespace
@@ -549,6 +550,16 @@ async def test_a_classic_history_whose_agent_got_tagged_mounts_in_the_new_layout
         assert sorted(repo.files()) == ["system/human.md"]
     finally:
         repo.close()
+    # the switch is one commit of moves: git's rename detection follows each file through it
+    follow = subprocess.run(["git", "--git-dir", str(config.history_dir), "log", "--follow",
+                             "--name-status", "--format=%an: %s", "--", "system/human.md"],
+                            capture_output=True, text=True, check=True).stdout
+    lines = [line for line in follow.splitlines() if line]
+    assert lines == ["Letta server: Layout switch classic -> git-memory at mount: "
+                     "system/human.md, system/system/human.md",
+                     "R100\tsystem/system/human.md\tsystem/human.md",
+                     "Letta server: Snapshot at mount: system/system/human.md",
+                     "A\tsystem/system/human.md"]
 
 
 @pytest.mark.real_clock
