@@ -1,5 +1,13 @@
 """The `memory_filesystem` block: letta-code's view of the memory layout, kept equal to the
-mount's tree by memfuse (read-only in the mount)."""
+mount's tree by memfuse (read-only in the mount), in the classic layout only.
+
+A git-memory agent's block is not kept (issue 19 point 4): 0.16.8 renders such an agent with
+`_render_memory_blocks_git`, which never calls `_render_memory_filesystem` and draws the tree
+itself (`<external_projection>` from the labels, a `<projection>` path per `system/` block);
+a `memory_filesystem` label there is outside `system/`, so its value is in no part of the
+prompt. Keeping it would cost a PATCH and a history commit (pulled by every letta-code clone)
+per tree change, for a value nobody reads. An existing one is left as it is (read-only, as
+letta-code's READ_ONLY_BLOCK_LABELS has it); none is ever made."""
 from __future__ import annotations
 
 import logging
@@ -7,6 +15,7 @@ import logging
 import trio
 
 from .errors import FsError
+from .layout import CLASSIC
 from .remote import Remote
 from .state import MountState
 from .tree import Kind, Node, Tree
@@ -47,7 +56,10 @@ class TreeBlockKeeper:
 
     async def refresh(self) -> None:
         """PATCH the block's value when it differs from the rendered tree; the new version is
-        recorded to history as a local change. Failures are logged (the next refresh retries)."""
+        recorded to history as a local change. Failures are logged (the next refresh retries).
+        Nothing in the git-memory layout (the module's docstring)."""
+        if self.state.layout is not CLASSIC:
+            return
         node = self.state.memory_filesystem_node()
         if node is None:
             return

@@ -16,6 +16,7 @@ from memfuse import daemon
 from memfuse import state as state_module
 from memfuse.config import Config
 from memfuse.history import HistoryRepo, Snapshotter
+from memfuse.keeper import TreeBlockKeeper
 from memfuse.layout import CLASSIC, GIT_MEMORY, GIT_MEMORY_TAG
 from memfuse.model import Block, Origin
 from memfuse.poller import Poller
@@ -593,3 +594,16 @@ async def test_kept_files_survive_unmount_a_remount_and_a_local_first_mount(git_
     assert [r for r in fake.requests[before:] if r[0] != "GET"] == []  # never sent
     fake.down = True  # a local-first mount: from the history alone
     assert await _serve_until(config, fake, read) == (b"import sys\n", b"{}\n")
+
+
+async def test_a_memory_filesystem_block_is_not_kept_in_the_git_memory_layout(git_world):
+    fake = git_world.fake
+    block_id = fake.add_block("memory_filesystem", "/memory/", agent=git_world.agent)
+    await Poller(git_world.state, git_world.remote).poll_once()
+    fake.requests.clear()
+    await create(git_world.fs, "notes/new.md", b"x")
+    await TreeBlockKeeper(git_world.state, git_world.remote).refresh()
+    assert fake.blocks[block_id]["value"] == "/memory/"  # 0.16.8 draws the tree itself
+    assert not [p for m, p, _ in fake.requests if m == "PATCH" and block_id in p]
+    assert "memory_filesystem.md" in await listdir(git_world.fs, "")
+
