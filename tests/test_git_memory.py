@@ -9,6 +9,7 @@ import os
 from functools import partial
 from types import SimpleNamespace
 
+import pyfuse3
 import pytest
 import trio
 
@@ -607,3 +608,29 @@ async def test_a_memory_filesystem_block_is_not_kept_in_the_git_memory_layout(gi
     assert not [p for m, p, _ in fake.requests if m == "PATCH" and block_id in p]
     assert "memory_filesystem.md" in await listdir(git_world.fs, "")
 
+
+
+@pytest.mark.parametrize("policy", ["overwrite", "reject"])
+async def test_the_conflict_rule_holds_in_the_git_memory_layout(git_world, policy):
+    fs, fake = git_world.fs, git_world.fake
+    git_world.remote.on_conflict = policy
+    info = await fs.open(await inode_of(fs, "notes/todo.md"), os.O_WRONLY | os.O_TRUNC, None)
+    fake.blocks[git_world.ids["todo"]]["value"] = "Server's words.\n"
+    await fs.write(info.fh, 0, b"Mine.\n")
+    if policy == "overwrite":
+        await fs.flush(info.fh)
+    else:
+        with pytest.raises(pyfuse3.FUSEError) as caught:
+            await fs.flush(info.fh)
+        assert caught.value.errno == errno.ESTALE
+    await fs.release(info.fh)
+    versions = [(p, c.split(b"---\n")[-1], o) for p, c, o in git_world.records]
+    if policy == "overwrite":
+        assert fake.blocks[git_world.ids["todo"]]["value"] == "Mine.\n"
+        assert versions == [("notes/todo.md", b"Server's words.\n", Origin.SERVER),
+                            ("notes/todo.md", b"Mine.\n", Origin.LOCAL)]
+    else:
+        assert fake.blocks[git_world.ids["todo"]]["value"] == "Server's words.\n"
+        assert versions == [("notes/todo.md", b"Server's words.\n", Origin.SERVER),
+                            ("notes/todo.md", b"Mine.\n", Origin.REJECTED),
+                            ("notes/todo.md", b"Server's words.\n", Origin.SERVER)]

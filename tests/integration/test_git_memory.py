@@ -13,10 +13,11 @@ import json
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
-from .conftest import make_agent, start_mount, stop_mount, wait_for
+from .conftest import MEMFUSE, make_agent, start_mount, stop_mount, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -178,3 +179,45 @@ def test_a_skills_companion_file_is_kept_across_remount_kill_9_and_a_local_first
     assert not any("pdftotext -layout" in b["value"] or "crash" in b["value"]
                    for b in blocks.values())
     assert api.get("/v1/blocks/", params={"label": "skills/pdf/extract"}).json() == []
+
+
+def test_mount_all_gives_each_agent_its_layout_and_each_history_reaches_its_git_remote(
+        git_agent, home, api, tmp_path):
+    """Many agents and the remote push, in both layouts: `mount --all` of a tagged and a
+    classic agent, edits and a kept file, `umount --all`, then each bare remote's main."""
+    tag = f"memfuse-test-{os.urandom(4).hex()}"
+    api.patch(f"/v1/agents/{git_agent}", json={"tags": [TAG, tag]}).raise_for_status()
+    classic = make_agent(api, [{"label": "human", "value": "The human.\n", "limit": 2000}])
+    api.patch(f"/v1/agents/{classic}", json={"tags": [tag]}).raise_for_status()
+    for agent_id in (git_agent, classic):
+        subprocess.run(["git", "init", "-q", "--bare", str(tmp_path / f"{agent_id}.git")],
+                       check=True)
+    env = home
+    memory = {a: Path(env["HOME"]) / ".letta/agents" / a / "memory" for a in (git_agent, classic)}
+    try:
+        result = subprocess.run([MEMFUSE, "mount", "--all", "--tag", tag, "--git-remote",
+                                 str(tmp_path / "{agent}.git")], env=env, capture_output=True,
+                                text=True, timeout=240)
+        assert result.returncode == 0, result.stderr
+        assert "2 mounted" in result.stdout
+        assert (memory[git_agent] / "notes/todo.md").exists()
+        assert not (memory[git_agent] / "system/notes").exists()  # not the classic layout
+        assert (memory[classic] / "system/human.md").exists()
+        (memory[git_agent] / "notes/todo.md").write_text("- one\n- two\n")
+        (memory[git_agent] / "notes/todo.txt").write_text("kept, never sent\n")
+        (memory[classic] / "system/human.md").write_text("Edited.\n")
+    finally:
+        result = subprocess.run([MEMFUSE, "umount", "--all"], env=env, capture_output=True,
+                                text=True, timeout=240)
+        api.delete(f"/v1/agents/{classic}")
+    assert result.returncode == 0, result.stderr
+
+    def remote(agent_id: str, *args: str) -> str:
+        return subprocess.run(["git", "--git-dir", str(tmp_path / f"{agent_id}.git"), *args],
+                              capture_output=True, text=True, check=True).stdout
+
+    assert remote(git_agent, "show", "main:notes/todo.md").endswith("---\n- one\n- two\n")
+    assert remote(git_agent, "show", "main:notes/todo.txt") == "kept, never sent\n"
+    assert "system/persona.md" in remote(git_agent, "ls-tree", "-r", "--name-only", "main")
+    assert remote(classic, "show", "main:system/human.md").endswith("---\nEdited.\n")
+    assert attached(api, git_agent)["notes/todo"]["value"] == "- one\n- two\n"
