@@ -85,6 +85,19 @@ def _blank(description: str | None) -> bool:
     return not (description or "").strip()
 
 
+def shown_description(block: Block) -> str:
+    """The description `block`'s file shows: its own, or `default_description` for none (or
+    only blanks). Two blocks that differ only there read the same as files."""
+    return default_description(block.label) if _blank(block.description) else block.description
+
+
+def conflict_fields(block: Block) -> tuple[str, str, int]:
+    """What a conflict compares of a block: (value, the description its file shows, limit).
+    A blank description and its default read the same, so a block read back from its file
+    (a local-first mount) is no change of one without a description."""
+    return block.value, shown_description(block), block.limit
+
+
 def render(block: Block) -> bytes:
     """The file content for `block`: frontmatter + value, UTF-8 bytes.
 
@@ -93,8 +106,7 @@ def render(block: Block) -> bytes:
     so a round trip sends nothing for it.
     """
     header: dict[str, Any] = {}
-    header["description"] = (default_description(block.label) if _blank(block.description)
-                             else block.description)
+    header["description"] = shown_description(block)
     header["limit"] = block.limit
     if block.read_only:
         header["read_only"] = True

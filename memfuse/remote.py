@@ -184,10 +184,6 @@ def _marked_by_another(block: Block, marker: str | None) -> bool:
     return any(t.startswith(CREATE_MARKER) and t != marker for t in block.tags)
 
 
-def _content(block: Block) -> tuple:
-    return block.value, block.description, block.limit
-
-
 class Remote:
     """The block API calls of one mount: `client` for agent `agent_id`.
 
@@ -389,7 +385,7 @@ class Remote:
             if base is not None:
                 current = await self._call(self.client.get_block(base.id, budget=budget),
                                            changes=False)
-                if _content(current) != _content(base):
+                if blockfile.conflict_fields(current) != blockfile.conflict_fields(base):
                     blockfile.plan_update(current, parsed)  # refused is refused, conflict or not
                     if self.on_conflict == "reject":
                         raise Stale("changed on the server after it was opened "

@@ -11,6 +11,7 @@ outcome in the tree and history.
 """
 from __future__ import annotations
 
+
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -54,6 +55,15 @@ def _made(entries: list[Entry]) -> Block:
     for entry in entries:
         block = blockfile.applied(block, blockfile.parse(entry.content))
     return block
+
+
+def _changed_since(current: Block, base: dict) -> bool:
+    """Whether the server's block `current` changed since a journaled write's `base`
+    (journal.base_of): its value, limit or description, the description as a file shows it
+    (a blank one and its default read the same: a local-first mount reads blocks back from
+    their files, so its bases hold the default where the server holds none)."""
+    then = Block(current.id, current.label, base["value"], base["limit"], base["description"])
+    return blockfile.conflict_fields(current) != blockfile.conflict_fields(then)
 
 
 def _target(entries: list[Entry]) -> blockfile.ParsedFile:
@@ -398,7 +408,7 @@ class Replayer:
         if not changes:
             return Outcome("already on the server", current)
         recorded = False
-        if base_of(current) != base:
+        if _changed_since(current, base):
             where = path or entry_path
             if self.remote.on_conflict == "reject":
                 if path is not None:

@@ -261,3 +261,30 @@ async def test_an_edit_a_killed_daemon_never_committed_is_shown_and_committed_as
     author, subject = history(config)[0]
     assert subject == "Local edit (recovered at mount): system/human.md"
     assert author != "Letta server"
+
+
+async def test_a_blank_description_shown_as_its_default_is_no_conflict_at_replay(setup):
+    """A block without a description shows `<label> block`; a local-first mount reads its
+    blocks back from those files. Under `reject`, the replay of an edit made offline must
+    not take that shown default for a change on the server (it would refuse the edit)."""
+    import dataclasses
+
+    fake, config, ids = setup
+    config = dataclasses.replace(config, on_conflict="reject")
+    fake.blocks[ids["human"]]["description"] = ""
+    await mount_once_online(config, fake)
+    fake.down = True
+    human = config.mountpoint / "system/human.md"
+    async with trio.open_nursery() as nursery:
+        reports, _notices = await start(nursery, config, fake.transport())
+        assert reports == [None]
+        assert (await in_thread(human.read_text)).startswith("---\ndescription: human block\n")
+        await in_thread(human.write_text, "Written while the server was away.\n")
+        fake.down = False
+        await wait_until(lambda: trio.to_thread.run_sync(
+            lambda: Journal(config.journal_file).pending() == []))
+        nursery.cancel_scope.cancel()
+    assert fake.blocks[ids["human"]]["value"] == "Written while the server was away.\n"
+    assert fake.blocks[ids["human"]]["description"] == ""
+    subjects = [subject for _author, subject in history(config)]
+    assert not any(s.startswith("Rejected") for s in subjects), subjects

@@ -1,5 +1,6 @@
 """Server -> mount (the poller), conflicts, the memory_filesystem block, and the status report,
 at the filesystem level over the fake API."""
+import dataclasses
 import errno
 import os
 import time
@@ -8,7 +9,9 @@ import pyfuse3
 import pytest
 import trio
 
+from memfuse import blockfile
 from memfuse.model import Block, Origin
+from memfuse.remote import Stale
 from memfuse.status import Status
 from memfuse.keeper import TreeBlockKeeper, render_memory_filesystem
 from memfuse.poller import Poller
@@ -348,3 +351,17 @@ async def test_duplicate_labels_are_shown_not_hidden(world, poller, caplog):
                     duplicates=[f"notes.md: shows {world.ids['notes']}; also {extra}"]
                     ).render(now=0.0)
     assert f"duplicates     notes.md: shows {world.ids['notes']}; also {extra}" in report
+
+
+async def test_a_base_showing_the_default_description_is_no_conflict_with_a_blank_one(world):
+    """A file shows a blank description as `<label> block`, so a writer who read that did not
+    see a different block than the server's blank one (a local-first mount's bases)."""
+    world.remote.on_conflict = "reject"
+    block = world.fake.blocks[world.ids["human"]]
+    block["description"] = ""
+    base = Block(block["id"], "human", block["value"], block["limit"], "human block")
+    written = await world.remote.update(base, blockfile.parse(b"New.\n"), base=base)
+    assert written.theirs is None and block["value"] == "New.\n" and block["description"] == ""
+    base = dataclasses.replace(base, description="another")  # a real change still is one
+    with pytest.raises(Stale):
+        await world.remote.update(base, blockfile.parse(b"Newer.\n"), base=base)
