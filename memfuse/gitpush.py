@@ -12,7 +12,8 @@ server as it is now, and the push is the difference between that head and the pu
    says it (a push made on a base the server has moved past is one).
 2. **Checks**, every changed file, before any call that changes a block (`plan`): the
    layout's `kind` of its path (a block file, a kept file of the git-memory layout; anything
-   else is refused with the reason), a regular file, the frontmatter (blockfile.parse), the
+   else is refused with the reason), a regular file, a kept file's size (the mount's caps:
+   KEPT_FILE_LIMIT each, KEPT_LIMIT in all), the frontmatter (blockfile.parse), the
    limit (the pushed `limit`, else the block's on the server; a new block's default), a
    `read_only` block unchanged and never removed, and at least one block file left.
 3. **Apply** (`apply`), with the request's key, through Remote, the seam the mount's writes
@@ -42,7 +43,7 @@ from dulwich.graph import can_fast_forward
 from . import blockfile
 from .errors import FsError
 from .history import BRANCH, HistoryRepo
-from .layout import GIT_MEMORY, Layout, PathKind
+from .layout import GIT_MEMORY, KEPT_FILE_LIMIT, KEPT_LIMIT, Layout, PathKind
 from .model import Block, Location
 from .remote import Client, Remote, Stale
 
@@ -145,6 +146,10 @@ class _Planner:
             return self.refuse(path, "not a regular file (a symlink or a submodule): memfuse "
                                      "keeps regular files only")
         if kind is PathKind.KEPT:
+            if len(data) > KEPT_FILE_LIMIT:
+                return self.refuse(path, f"a file that is no block is kept up to "
+                                         f"{KEPT_FILE_LIMIT >> 20} MiB ({KEPT_FILE_LIMIT} "
+                                         f"bytes); it has {len(data)} (EFBIG)")
             return self.plan.kept.append(path)
         try:
             parsed = blockfile.parse(data)
@@ -199,6 +204,12 @@ class _Planner:
         if not any(self.layout.kind(_parts(p)) is PathKind.BLOCK for p in new):
             self.plan.refusals.append("the push leaves no block file (Letta's own sync refuses "
                                       "to empty an agent's memory the same way)")
+        kept = sum(len(data) for p, (_mode, data) in new.items()
+                   if data is not None and self.layout.kind(_parts(p)) is PathKind.KEPT)
+        if kept > KEPT_LIMIT:
+            self.plan.refusals.append(f"the files that are no block come to {kept} bytes, over "
+                                      f"the {KEPT_LIMIT >> 20} MiB ({KEPT_LIMIT} bytes) a "
+                                      f"mount keeps of them (ENOSPC)")
         return self.plan
 
 

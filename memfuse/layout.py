@@ -33,6 +33,11 @@ from .model import MAX_PATH, SUFFIX, SYSTEM_DIR, Location, can_be_file, is_block
 GIT_MEMORY_TAG = "git-memory-enabled"
 SKILLS_DIR = "skills"
 SKILL_FILE = "SKILL.md"
+# Files that are no block (PathKind.KEPT, git-memory layout) are kept in history, in the
+# daemon's memory while mounted: a cap on each and on all, checked before any byte is taken
+# (by a mount, and by a push of `memfuse serve`).
+KEPT_FILE_LIMIT = 1 << 20  # bytes of one kept file (EFBIG past it)
+KEPT_LIMIT = 32 << 20  # bytes of all the kept files of a mount or a pushed tree (ENOSPC past it)
 
 
 class PathKind(enum.Enum):

@@ -27,7 +27,7 @@ from . import blockfile, fileattrs
 from .errors import FsError
 from .grace import Graveyard, Tombstone
 from .journal import CREATE, RELOCATE, WRITE, Entry, Journal
-from .layout import CLASSIC, Layout, PathKind
+from .layout import CLASSIC, KEPT_FILE_LIMIT, KEPT_LIMIT, Layout, PathKind
 from .model import (MAX_PATH, MEMORY_FILESYSTEM_LABEL, Block, Location, Origin, create_marker,
                     is_provisional)
 from .scratch import ScratchStore
@@ -38,10 +38,6 @@ log = logging.getLogger("memfuse.state")
 Recorder = Callable[..., None]  # (path, content or None, Origin[, reason of a rejection]
 #   [, durable=True: a kept file's change, fsync'd before the call returns; raises OSError])
 
-# Files that are no block (PathKind.KEPT, git-memory layout) are kept in history, in the
-# daemon's memory while mounted: a cap on each and on all, checked before any byte is taken.
-KEPT_FILE_LIMIT = 1 << 20  # bytes of one kept file (EFBIG past it)
-KEPT_LIMIT = 32 << 20  # bytes of all the kept files of a mount (ENOSPC past it)
 
 
 def kept_error(exc: OSError) -> FsError:

@@ -624,3 +624,29 @@ def test_accepted_keys_keep_digests_only():
     assert keys.recent("agent-1", "sk-secret", 10) is gitserve.CLASSIC
     assert keys.recent("agent-2", "sk-secret", 10) is None
     assert "sk-secret" not in repr(keys._seen)
+
+
+def test_pushed_files_that_are_no_block_have_the_mounts_caps(fake, served, tmp_path,
+                                                              monkeypatch):
+    agent = fake.add_agent(tags=["git-memory-enabled"])
+    fake.add_block("system/human", "The human.\n", agent=agent)
+    monkeypatch.setattr(gitpush, "KEPT_FILE_LIMIT", 10)
+    monkeypatch.setattr(gitpush, "KEPT_LIMIT", 15)
+    target = tmp_path / "clone"
+    clone(served, agent, target)
+    before = history(agent).refs[b"refs/heads/main"]
+    (target / "big.bin").write_bytes(b"x" * 11)
+    commit_all(target)
+    status, said = push(target, served, agent)
+    assert "big.bin: a file that is no block is kept up to 0 MiB (10 bytes); it has 11 " \
+           "(EFBIG)" in status and "nothing was applied" in said
+    porcelain.reset(str(target), "hard", before)
+    (target / "a.bin").write_bytes(b"x" * 8)
+    (target / "b.bin").write_bytes(b"x" * 8)
+    commit_all(target)
+    status, _said = push(target, served, agent)
+    assert "come to 16 bytes, over the 0 MiB (15 bytes) a mount keeps of them (ENOSPC)" in status
+    assert history(agent).refs[b"refs/heads/main"] == before
+    porcelain.rm(str(target), [str(target / "b.bin")])
+    under = commit_all(target)
+    assert push(target, served, agent)[0] == under  # under the caps: taken
