@@ -125,6 +125,14 @@ def _parser() -> argparse.ArgumentParser:
                                             "(default $LETTA_BASE_URL or http://localhost:8283)")
     install.add_argument("--no-enable", action="store_true",
                          help="write the unit only; print the systemctl commands")
+    install.add_argument("--serve", action="store_true",
+                         help=f"instead: write and enable {service.SERVE_UNIT}, which runs "
+                              f"`memfuse serve` at login")
+    install.add_argument("--listen", default=gitserve.DEFAULT_LISTEN, metavar="HOST:PORT",
+                         help=f"with --serve: where it listens (default "
+                              f"{gitserve.DEFAULT_LISTEN})")
+    install.add_argument("--insecure", action="store_true",
+                         help="with --serve: as `memfuse serve --insecure`")
     return parser
 
 
@@ -544,8 +552,14 @@ def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         if args.all and (args.mountpoint or args.history_dir or args.foreground):
             parser.error("mount --all: each agent is mounted at its default mountpoint with "
                          "its default history, in the background")
-    if args.command == "service":
+    if args.command == "service" and args.serve:
+        if args.all or args.agent_id is not None or args.tag:
+            parser.error("service install --serve: one unit serves every agent; give no "
+                         "AGENT_ID, --all or --tag")
+    elif args.command == "service":
         _check_selection(parser, args, "service install")
+        if args.insecure or args.listen != gitserve.DEFAULT_LISTEN:
+            parser.error("service install: --listen and --insecure go with --serve")
 
 
 def _mount(args: argparse.Namespace) -> int:
@@ -582,7 +596,10 @@ def _git_remote(args: argparse.Namespace) -> str | None:
 
 def _service_install(args: argparse.Namespace) -> int:
     """`memfuse service install AGENT_ID|--all`: write the unit, then enable the instances
-    with systemctl when a user systemd answers, else print the commands (service.py)."""
+    with systemctl when a user systemd answers, else print the commands (service.py);
+    `--serve`: the same for the unit of `memfuse serve`. Raises ConfigError (--listen)."""
+    if args.serve:
+        return _service_install_serve(args)
     if args.all:
         try:
             agents, where = _selected_agents(args)
@@ -609,16 +626,40 @@ def _service_install(args: argparse.Namespace) -> int:
     return code
 
 
+def _service_install_serve(args: argparse.Namespace) -> int:
+    """`memfuse service install --serve [--listen HOST:PORT] [--insecure]`."""
+    _listen_address(args.listen, args.insecure)
+    try:
+        unit = service.install_unit(name=service.SERVE_UNIT, text=service.render_serve_unit(
+            args.listen, args.insecure))
+    except OSError as exc:
+        print(f"memfuse: could not write the unit to {service.unit_dir()}: {exc}",
+              file=sys.stderr)
+        return 1
+    print(f"memfuse: wrote {unit}")
+    lines, code = service.enable_serve(now=not args.no_enable and service.user_systemd())
+    for line in lines:
+        print(line if line.startswith(("  ", "systemctl")) else f"memfuse: {line}")
+    return code
+
+
+def _listen_address(listen: str, insecure: bool) -> tuple[str, int]:
+    """`--listen`'s (host, port). Raises ConfigError: not HOST:PORT, or beyond loopback
+    without `insecure`."""
+    host, port = gitserve.parse_listen(listen)
+    if not gitserve.loopback(host) and not insecure:
+        raise ConfigError(f"--listen {listen}: git sends the API key as a Basic password, "
+                          f"in clear text beyond loopback and memfuse serves no TLS; put a TLS "
+                          f"proxy in front and pass --insecure to listen there anyway")
+    return host, port
+
+
 def _serve(args: argparse.Namespace) -> int:
     """`memfuse serve`: git's smart HTTP for the agents of the server, in the foreground until
     SIGINT or SIGTERM (gitserve.py). One line on stdout with the URL once it listens; a status
     record for `memfuse status` while it runs. Raises ConfigError (a bad --listen, a
     non-loopback one without --insecure)."""
-    host, port = gitserve.parse_listen(args.listen)
-    if not gitserve.loopback(host) and not args.insecure:
-        raise ConfigError(f"--listen {args.listen}: git sends the API key as a Basic password, "
-                          f"in clear text beyond loopback and memfuse serves no TLS; put a TLS "
-                          f"proxy in front and pass --insecure to listen there anyway")
+    host, port = _listen_address(args.listen, args.insecure)
     _setup_logging(args.debug)
     base_url = args.base_url or os.environ.get("LETTA_BASE_URL") or DEFAULT_BASE_URL
     app = gitserve.GitEndpoint(base_url)

@@ -1,4 +1,5 @@
-"""`memfuse service install`: the systemd user unit that mounts an agent at login.
+"""`memfuse service install`: the systemd user units that mount an agent at login, and that
+run `memfuse serve` (`--serve`: SERVE_UNIT, one per user, its ExecStart carrying --listen).
 
 The unit is a template, `memfuse@.service`, shipped in the package (package data); its instance
 is the agent id, and it runs `memfuse mount <agent-id> --foreground` (SIGTERM unmounts cleanly).
@@ -20,6 +21,7 @@ from pathlib import Path
 from .config import check_agent_id
 
 TEMPLATE = "memfuse@.service"
+SERVE_UNIT = "memfuse-serve.service"
 PLACEHOLDER = "@MEMFUSE@"  # where the template's ExecStart names the memfuse to run
 SYSTEMCTL_TIMEOUT = 30.0  # seconds for one systemctl call (enable --now waits for the start)
 
@@ -41,9 +43,9 @@ def env_file() -> Path:
     return config_home() / "memfuse" / "env"
 
 
-def template() -> str:
-    """The unit template as shipped in the package (with PLACEHOLDER for the command)."""
-    return resources.files("memfuse").joinpath(TEMPLATE).read_text()
+def template(name: str = TEMPLATE) -> str:
+    """The unit `name` as shipped in the package (with PLACEHOLDER for the command)."""
+    return resources.files("memfuse").joinpath(name).read_text()
 
 
 def memfuse_command() -> list[str]:
@@ -71,15 +73,25 @@ def render_unit(command: list[str] | None = None) -> str:
     return template().replace(PLACEHOLDER, " ".join(_exec_word(w) for w in command))
 
 
-def install_unit(command: list[str] | None = None) -> Path:
-    """Write the rendered unit to `unit_dir()/memfuse@.service` (created if missing; replaced
-    atomically, so a memfuse moved or upgraded is picked up by installing again). Returns the
-    path. Raises OSError."""
+def render_serve_unit(listen: str, insecure: bool = False,
+                      command: list[str] | None = None) -> str:
+    """SERVE_UNIT with `command` (default memfuse_command()) `serve --listen <listen>` (and
+    `--insecure`) in ExecStart. `listen` is checked by the caller (cli)."""
+    command = memfuse_command() if command is None else command
+    words = [*command, "serve", "--listen", listen, *(["--insecure"] if insecure else [])]
+    return template(SERVE_UNIT).replace(PLACEHOLDER, " ".join(_exec_word(w) for w in words))
+
+
+def install_unit(command: list[str] | None = None, *, name: str = TEMPLATE,
+                 text: str | None = None) -> Path:
+    """Write the unit `name` (`text`, default the rendered template) to `unit_dir()` (created
+    if missing; replaced atomically, so a memfuse moved or upgraded is picked up by installing
+    again). Returns the path. Raises OSError."""
     directory = unit_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / TEMPLATE
-    tmp = path.with_name(f".{TEMPLATE}.tmp")
-    tmp.write_text(render_unit(command))
+    path = directory / name
+    tmp = path.with_name(f".{name}.tmp")
+    tmp.write_text(render_unit(command) if text is None else text)
     os.replace(tmp, path)
     return path
 
@@ -101,17 +113,41 @@ def user_systemd() -> bool:
         return False
 
 
+def _env_file_line() -> list[str]:
+    if env_file().exists():
+        return []
+    return [f"the units read LETTA_BASE_URL and LETTA_API_KEY from {env_file()} (KEY=value "
+            f"lines; create it yourself, chmod 600): without it they use "
+            f"http://localhost:8283 with no key"]
+
+
+def enable_serve(*, now: bool) -> tuple[list[str], int]:
+    """Enable and start SERVE_UNIT with systemctl when `now` (restarted when it runs, so a
+    new --listen takes), else say which commands would. Returns (lines for a person, exit
+    status: 1 when a systemctl call failed)."""
+    lines = _env_file_line()
+    commands = [["systemctl", "--user", "daemon-reload"],
+                ["systemctl", "--user", "enable", SERVE_UNIT],
+                ["systemctl", "--user", "restart", SERVE_UNIT]]
+    if not now:
+        lines.append("no user systemd answers here (or --no-enable); to run it at login, run:")
+        lines += ["  " + " ".join(command) for command in commands]
+        return lines, 0
+    for command in commands:
+        result = subprocess.run(command, capture_output=True, text=True,
+                                timeout=SYSTEMCTL_TIMEOUT)
+        if result.returncode != 0:
+            return lines + [f"FAILED: {' '.join(command)}: {result.stderr.strip()}"], 1
+    return lines + [f"enabled {SERVE_UNIT} and started it"], 0
+
+
 def enable(agent_ids: list[str], *, now: bool, mounted: frozenset[str] = frozenset()
            ) -> tuple[list[str], int]:
     """Enable (and start) `memfuse@<id>.service` for each id with systemctl when `now`, else
     say which commands would. An agent in `mounted` (served by a daemon started by hand) is
     enabled but not started: its service would fail as "already mounted" and retry.
     Returns (lines for a person, exit status: 1 when a systemctl call failed)."""
-    lines: list[str] = []
-    if not env_file().exists():
-        lines.append(f"the units read LETTA_BASE_URL and LETTA_API_KEY from {env_file()} "
-                     f"(KEY=value lines; create it yourself, chmod 600): without it they use "
-                     f"http://localhost:8283 with no key")
+    lines = _env_file_line()
     if not agent_ids:
         return lines, 0
     commands = [["systemctl", "--user", "daemon-reload"]] + [

@@ -149,10 +149,60 @@ def test_the_unit_dir_is_under_xdg_config_home_else_dot_config(home, monkeypatch
 def test_the_unit_template_is_package_data():
     """`pip install` / `uv tool install` carry the template only if setuptools is told to."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert service.TEMPLATE in config["tool"]["setuptools"]["package-data"]["memfuse"]
-    assert (ROOT / "memfuse" / service.TEMPLATE).is_file()
+    for unit in (service.TEMPLATE, service.SERVE_UNIT):
+        assert unit in config["tool"]["setuptools"]["package-data"]["memfuse"]
+        assert (ROOT / "memfuse" / unit).is_file()
 
 
 def test_memfuse_installs_on_any_python_from_3_11():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert config["project"]["requires-python"] == ">=3.11"
+
+
+# --- the unit of `memfuse serve` (issue 20 point 1) ---------------------------------------------
+
+def test_install_serve_writes_a_unit_that_verifies_and_runs_serve_with_its_listen(
+        home, monkeypatch, capsys):
+    calls = fake_systemctl(home, monkeypatch, answers=False)
+    assert cli.main(["service", "install", "--serve", "--listen", "127.0.0.1:9285"]) == 0
+    unit = home / "config/systemd/user/memfuse-serve.service"
+    text = unit.read_text()
+    exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
+    program = exec_start.removeprefix("ExecStart=").split()[0]
+    assert Path(program).is_absolute() and os.access(program, os.X_OK)
+    assert exec_start.endswith(" serve --listen 127.0.0.1:9285")
+    assert "EnvironmentFile=-%E/memfuse/env" in text and "sk-secret-key" not in text
+    result = verify(unit, home)
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), (
+        result.stdout + result.stderr)
+    out = capsys.readouterr().out
+    assert "\n  systemctl --user enable memfuse-serve.service\n" in out
+    assert "\n  systemctl --user restart memfuse-serve.service\n" in out
+    assert calls.read_text().splitlines() == ["--user show-environment"]
+
+
+def test_install_serve_enables_and_restarts_it_with_a_user_systemd(home, monkeypatch, capsys):
+    calls = fake_systemctl(home, monkeypatch, answers=True)
+    assert cli.main(["service", "install", "--serve"]) == 0
+    assert calls.read_text().splitlines() == [
+        "--user show-environment", "--user daemon-reload",
+        "--user enable memfuse-serve.service", "--user restart memfuse-serve.service"]
+    assert "enabled memfuse-serve.service and started it" in capsys.readouterr().out
+    text = (home / "config/systemd/user/memfuse-serve.service").read_text()
+    assert " serve --listen 127.0.0.1:8285\n" in text  # serve's default
+
+
+def test_install_serve_refuses_an_address_beyond_loopback_without_insecure(home, monkeypatch,
+                                                                           capsys):
+    fake_systemctl(home, monkeypatch, answers=False)
+    assert cli.main(["service", "install", "--serve", "--listen", "0.0.0.0:8285"]) == 2
+    assert "put a TLS proxy in front and pass --insecure" in capsys.readouterr().err
+    assert not (home / "config/systemd/user/memfuse-serve.service").exists()
+    assert cli.main(["service", "install", "--serve", "--listen", "0.0.0.0:8285",
+                     "--insecure"]) == 0
+    text = (home / "config/systemd/user/memfuse-serve.service").read_text()
+    assert " serve --listen 0.0.0.0:8285 --insecure\n" in text
+    with pytest.raises(SystemExit):  # one unit serves every agent
+        cli.main(["service", "install", "--serve", "agent-x"])
+    with pytest.raises(SystemExit):  # --listen belongs to --serve
+        cli.main(["service", "install", "agent-x", "--listen", "127.0.0.1:1"])
