@@ -8,7 +8,8 @@ history starts empty; git is the real `git` CLI.
 
 - first clone: the first `git clone` through serve (every block taken into a new history).
 - clone: `git clone` through serve once the history exists. Each clone takes the live blocks
-  first (the listings, then nothing to commit). Floors: `git clone file://` of a bare copy of
+  first (the listings, then a commit of what changed: from the second round on, the raw
+  PATCH of the round before). Floors: `git clone file://` of a bare copy of
   the same history (git's own pack transport, no server), and the raw listings that the take
   needs (`GET /v1/agents/{id}/core-memory/blocks` and `GET /v1/blocks/?tags=owner:<id>`, one
   page each, httpx).

@@ -235,7 +235,7 @@ async def disable(remote: Remote, record: Record | None, say: Say) -> None:
     by_id = {b.id: b for b in attached}
     detached = await _detach_attached(remote, record.attached if record else [], by_id, say)
     tags = await remote.agent_tags(budget=None)
-    if record is not None and record.tagged_before:
+    if GIT_MEMORY_TAG in tags and record is not None and record.tagged_before:
         say(f"kept the tag {GIT_MEMORY_TAG}: the agent had it before memfuse git-memory "
             f"enable")
     elif GIT_MEMORY_TAG in tags:

@@ -17,10 +17,12 @@ server as it is now, and the push is the difference between that head and the pu
    limit (the pushed `limit`, else the block's on the server; a new block's default), a
    `read_only` block unchanged and never removed, and at least one block file left.
 3. **Apply** (`apply`), with the request's key, through Remote, the seam the mount's writes
-   use: relabels (a removed block file whose value a new one holds: `Remote.relocate`), updates
-   (`Remote.update`: one PATCH), creates (`Remote.create`: POST tagged `owner:<agent>`,
-   attached as the layout says), removals (`Remote.retire`: detach and drop the owner tag;
-   never a delete).
+   use, under `reject`: relabels (a removed block file whose value a new one holds: its fields
+   by `Remote.update`, then `Remote.relocate`), updates (`Remote.update`: a GET, then one PATCH
+   when the block is still as judged), creates (`Remote.create`: POST tagged `owner:<agent>`,
+   attached as the layout says), removals (`Remote.retire`: detach and drop the owner tag,
+   when the block is still as judged; never a delete). A block changed on the server since
+   it was judged is Stale: that step fails and the push is taken in part (4).
 4. **The ref.** All applied: the branch moves to the pushed commit itself (same id; no
    commit on top). A call that fails: the branch moves to a commit on the old head holding the
    files applied so far (and the kept files), and the ref's status is `ng`, naming the applied
@@ -241,11 +243,11 @@ class Outcome:
 
 
 async def _step(remote: Remote, step: Step) -> None:
-    """One step through `remote` (under `reject`): an update or relabel sends its fields
+    """One step through `remote` (under `reject`): an update, relabel or removal is sent
     with the block as the push was judged against as the conflict base, so an edit that
-    reached the server since (an agent's tool call after the take) is never overwritten; it
-    is Stale. A relabel sends its fields before the new label, so a file still showing the old
-    label's default description sends none."""
+    reached the server since (an agent's tool call after the take) is never overwritten nor
+    detached; it is Stale. A relabel sends its fields before the new label, so a file still
+    showing the old label's default description sends none."""
     assert step.parsed is not None or step.kind == "retire"
     if step.kind == "update":
         await remote.update(step.block, step.parsed, base=step.block)
@@ -255,7 +257,7 @@ async def _step(remote: Remote, step: Step) -> None:
         written = await remote.update(step.block, step.parsed, base=step.block)
         await remote.relocate(written.block, step.attached, step.location)
     else:
-        await remote.retire(step.block, step.attached)
+        await remote.retire(step.block, step.attached, base=step.block)
 
 
 async def apply(remote: Remote, steps: list[Step]) -> Outcome:

@@ -90,13 +90,14 @@ MOUNTED = ("agent {agent} is mounted; serving a mounted agent comes later (memfu
 BUSY = ("the history of agent {agent} is busy: another request or process writes it; try "
         "again")
 SMART_ONLY = "memfuse serve speaks git's smart HTTP only (git-upload-pack, git-receive-pack)"
-AWAY_PUSH = ("the Letta server does not answer ({failure}): a push cannot be checked against "
-             "it or applied now; nothing was applied. Push again once it answers")
-AWAY_UNKNOWN_KEY = ("the Letta server does not answer ({failure}), and it has not accepted "
+# "away": no answer, a 5xx, or a 408/429 ("not now") within the retry budget (ServerAway)
+AWAY_PUSH = ("the Letta server does not answer now ({failure}): a push cannot be checked "
+             "against it or applied; nothing was applied. Push again once it answers")
+AWAY_UNKNOWN_KEY = ("the Letta server does not answer now ({failure}), and it has not accepted "
                     "this request's key for agent {agent} in the last {minutes} minutes: the "
                     "last known history is served only to a key it accepted that recently")
-AWAY_NO_HISTORY = ("the Letta server does not answer ({failure}), and there is no history of "
-                   "agent {agent} here to serve")
+AWAY_NO_HISTORY = ("the Letta server does not answer now ({failure}), and there is no history "
+                   "of agent {agent} here to serve")
 
 
 class Refusal(Exception):
@@ -216,9 +217,19 @@ class AcceptedKeys:
         return hashlib.sha256((key or "").encode()).hexdigest()
 
     def accepted(self, agent_id: str, key: str | None, layout: Layout) -> None:
-        """Letta accepted `key` for `agent_id` just now; the agent's layout then."""
+        """Letta accepted `key` for `agent_id` just now; the agent's layout then. Entries
+        older than ACCEPTED_FOR are dropped (nothing asks for them any more)."""
+        now = self.clock()
         with self._lock:
-            self._seen[(agent_id, self._digest(key))] = (layout, self.clock())
+            self._seen = {k: seen for k, seen in self._seen.items()
+                          if now - seen[1] <= ACCEPTED_FOR}
+            self._seen[(agent_id, self._digest(key))] = (layout, now)
+
+    def refused(self, agent_id: str, key: str | None) -> None:
+        """Letta refused `key` for `agent_id`, or knows no such agent, just now: an earlier
+        acceptance no longer counts (a revoked key, a deleted agent)."""
+        with self._lock:
+            self._seen.pop((agent_id, self._digest(key)), None)
 
     def recent(self, agent_id: str, key: str | None, within: float) -> Layout | None:
         """The agent's layout when Letta accepted `key` for it at most `within` seconds ago,
@@ -321,6 +332,10 @@ class GitEndpoint:
                 layout = layout_for_tags(await _answered(remote.agent_tags(None), away=True))
             except ServerAway as exc:
                 return await self._away(request, key, config, exc)
+            except Refusal as refusal:
+                if refusal.status.startswith(("401", "404")):  # the key, or the agent, gone
+                    self.keys.refused(request.agent_id, key)
+                raise
             self.keys.accepted(request.agent_id, key, layout)
             held = await self._hold(config)
             held.layout = layout

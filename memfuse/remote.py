@@ -560,16 +560,22 @@ class Remote:
         except BlockGone:  # not attached (any more)
             pass
 
-    async def retire(self, block: Block, attached: bool, budget: float | None = None) -> bool:
+    async def retire(self, block: Block, attached: bool, budget: float | None = None,
+                     base: Block | None = None) -> bool:
         """What unlinking a block file means on the server: detach it (when attached) and drop
         the owner tag. The block itself is never deleted. Safe to repeat. Returns False when it
         was already gone from the server. budget: seconds of retries (default: the client's).
-        Raises FsError (ServerAway when the server does not answer)."""
+        base: the block as the remover saw it; under `reject`, a block changed since
+        (conflict_fields) is left as it is and Stale raised (a push never takes away an edit
+        it did not see). Raises FsError (ServerAway when the server does not answer, Stale)."""
         async with self.lock(block.id):
             try:
                 current = await self._observed(self.client.get_block(block.id, budget=budget))
             except BlockGone:
                 return False
+            if (base is not None and self.on_conflict == "reject"
+                    and blockfile.conflict_fields(current) != blockfile.conflict_fields(base)):
+                raise Stale("changed on the server after it was read; left as it is", current)
             if attached:
                 await self._detach(block.id, budget)
             if self.owner_tag in current.tags:

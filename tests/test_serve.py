@@ -596,7 +596,7 @@ def test_while_letta_is_away_a_push_is_refused_and_nothing_is_applied(
     fake.down = True
     answer = refs_answer(served, agent, "k1", "git-receive-pack")
     assert answer.status_code == 503
-    assert "a push cannot be checked against it or applied now; nothing was applied" in answer.text
+    assert "a push cannot be checked against it or applied; nothing was applied" in answer.text
     with pytest.raises(GitProtocolError, match="503"):
         porcelain.push(str(target), git_url(served, agent), "main", username="letta",
                        password="k1", errstream=io.BytesIO())
@@ -650,3 +650,56 @@ def test_pushed_files_that_are_no_block_have_the_mounts_caps(fake, served, tmp_p
     porcelain.rm(str(target), [str(target / "b.bin")])
     under = commit_all(target)
     assert push(target, served, agent)[0] == under  # under the caps: taken
+
+
+@pytest.mark.parametrize("gone", ["key revoked", "agent deleted"])
+def test_a_key_or_agent_letta_refused_since_is_not_served_while_it_is_away(
+        fake, served_with_clock, tmp_path, classic, gone):
+    agent, _ids = classic
+    served = served_with_clock
+    fake.required_key = "k1"
+    clone(served, agent, tmp_path / "clone", key="k1")
+    if gone == "key revoked":
+        fake.required_key = "k2"
+        assert refs_answer(served, agent, "k1").status_code == 401
+    else:
+        del fake.agents[agent]
+        assert refs_answer(served, agent, "k1").status_code == 404
+    fake.down = True
+    answer = refs_answer(served, agent, "k1")
+    assert answer.status_code == 503 and "has not accepted this request's key" in answer.text
+
+
+def test_when_only_the_block_listing_fails_a_fetch_is_served_the_last_history(
+        fake, served_with_clock, tmp_path, classic):
+    agent, _ids = classic
+    served = served_with_clock
+    target = tmp_path / "clone"
+    clone(served, agent, target, key="k1")
+    fake.fail_paths[f"/v1/agents/{agent}/core-memory/blocks"] = 503  # the take fails, not the lookup
+    again = clone(served, agent, tmp_path / "again", key="k1")
+    assert again.head() == history(agent).refs[b"refs/heads/main"]
+    answer = refs_answer(served, agent, "k1", "git-receive-pack")
+    assert answer.status_code == 503 and "nothing was applied" in answer.text
+    del fake.fail_paths[f"/v1/agents/{agent}/core-memory/blocks"]
+    assert refs_answer(served, agent, "k1").status_code == 200  # the history was let go
+
+
+def test_a_removal_never_detaches_a_block_edited_after_the_push_was_judged(
+        fake, served, tmp_path, classic, monkeypatch):
+    agent, ids = classic
+    target = tmp_path / "clone"
+    clone(served, agent, target)
+    porcelain.rm(str(target), [str(target / "system/persona.md")])
+    commit_all(target)
+    receive = gitpush.Receiver.receive
+
+    def edited_after_the_take(self, *args):
+        fake.blocks[ids["persona"]]["value"] = "Edited through the API.\n"
+        return receive(self, *args)
+
+    monkeypatch.setattr(gitpush.Receiver, "receive", edited_after_the_take)
+    status, _said = push(target, served, agent)
+    assert "its block changed on the server while the push was applied (ESTALE)" in status
+    assert ids["persona"] in fake.agents[agent]  # still attached, with the agent's edit
+    assert fake.blocks[ids["persona"]]["value"] == "Edited through the API.\n"
