@@ -93,6 +93,12 @@ def test_sed_and_vim_edit_blocks_in_place(git_mount, api, tmp_path):
     assert git_mount.sh("git show HEAD:system/human.md").stdout.endswith("The human is Ada.\n")
     log = git_mount.sh("git log --format=%s").stdout
     assert "Local edit" in log
+    # cp: a copy at a block path is a new block under that label, with the file's fields
+    git_mount.sh("cp system/human.md notes/human.md && cp -a notes/todo.md notes/todo-copy.md")
+    copies = attached(api, git_mount.agent_id)
+    assert copies["notes/human"]["value"] == "The human is Ada.\n"
+    assert copies["notes/todo-copy"]["value"] == "- one\n- two\n"
+    assert copies["notes/human"]["id"] != copies["system/human"]["id"]
 
 
 def test_create_mv_dir_rename_and_rm(git_mount, api):
