@@ -64,7 +64,8 @@ class Live:
         (`blockfile.shows`: a file pushed with its own frontmatter, say) keeps those bytes:
         the server's answer is no change, and no commit normalises what was pushed."""
         kept = {path: committed[path] for path, block, _attached in self.shown
-                if path in committed and blockfile.shows(committed[path], block)}
+                if path in committed and committed[path] != self.files[path]
+                and blockfile.shows(committed[path], block)}  # parsed only where they differ
         return {**self.files, **kept}
 
 
@@ -90,11 +91,12 @@ async def live(remote: Remote, layout: Layout) -> Live:
 
 def changes(committed: dict[str, bytes], files: dict[str, bytes],
             layout: Layout) -> dict[str, bytes | None]:
-    """What makes the history's head (`committed`, path -> bytes) show `files`: every file of
-    `files` (HistoryRepo.commit drops those already there), and None for each committed path
-    that is no live file, except the files `layout` keeps (PathKind.KEPT: a skill's scripts,
+    """What makes the history's head (`committed`, path -> bytes) show `files`: each file of
+    `files` whose bytes differ from the committed ones, and None for each committed path that
+    is no live file, except the files `layout` keeps (PathKind.KEPT: a skill's scripts,
     images; the repository holds them, the server never reads them)."""
-    result: dict[str, bytes | None] = dict(files)
+    result: dict[str, bytes | None] = {path: data for path, data in files.items()
+                                       if committed.get(path) != data}
     for path in committed.keys() - files.keys():
         if layout.kind(tuple(path.split("/"))) is not PathKind.KEPT:
             result[path] = None

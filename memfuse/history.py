@@ -52,6 +52,20 @@ def gitfile_content(repo_path: Path) -> bytes:
     return f"gitdir: {repo_path.resolve()}\n".encode()
 
 
+class _ObjectCache:
+    """`store[sha]`, each object read once (objects are immutable): `Tree.lookup_path` reads
+    every tree on a path from the store again, the root's too, so a commit of n files in one
+    directory would parse that directory n times."""
+
+    def __init__(self, store):
+        self.store, self.objects = store, {}
+
+    def __call__(self, sha: bytes):
+        if sha not in self.objects:
+            self.objects[sha] = self.store[sha]
+        return self.objects[sha]
+
+
 class HistoryRepo:
     """The history repository. Blocking (dulwich): call it from a worker thread.
 
@@ -111,13 +125,14 @@ class HistoryRepo:
         file. Retries when the branch moved under it (compare-and-swap).
         """
         store = self.repo.object_store
+        lookup = _ObjectCache(store)  # lookup_path reads from the root tree for every path
         while True:
             head = self.head()
             tree = store[store[head].tree] if head else Tree()
             entries, lines, names = [], [], []
             for path, content in sorted(changes.items()):
                 try:
-                    _mode, old_sha = tree.lookup_path(store.__getitem__, path.encode())
+                    _mode, old_sha = tree.lookup_path(lookup, path.encode())
                 except KeyError:
                     old_sha = None
                 if content is None:
