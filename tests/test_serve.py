@@ -28,10 +28,9 @@ def fake(tmp_path, monkeypatch):
     return FakeLetta()
 
 
-@pytest.fixture
-def served(fake):
-    """The base URL of a GitEndpoint over `fake`, served by waitress on a free port."""
-    app = gitserve.GitEndpoint("http://letta.test", transport=fake.transport(), lock_wait=0.5)
+def serving(app: gitserve.GitEndpoint):
+    """Serve `app` with waitress on a free loopback port in a thread; yields its base URL,
+    then stops it."""
     server = gitserve.Server(app, "127.0.0.1", 0)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -39,6 +38,13 @@ def served(fake):
     server.stop()
     thread.join(10)
     assert not thread.is_alive()
+
+
+@pytest.fixture
+def served(fake):
+    """The base URL of a GitEndpoint over `fake`, served by waitress on a free port."""
+    yield from serving(gitserve.GitEndpoint("http://letta.test", transport=fake.transport(),
+                                            lock_wait=0.5))
 
 
 def git_url(served: str, agent: str) -> str:
@@ -278,6 +284,14 @@ def commit_all(target: Path, message: str = "edit") -> bytes:
                             committer=b"A <a@a>", all=True)
 
 
+def rename_and_commit(target: Path, old: str, new: str) -> bytes:
+    """`git mv old new` in the clone `target`, committed (`commit_all`)."""
+    (target / old).rename(target / new)
+    porcelain.add(str(target), [str(target / new)])
+    porcelain.rm(str(target), [str(target / old)], cached=True)
+    return commit_all(target)
+
+
 def push(target: Path, served: str, agent: str, force: bool = False) -> tuple[bytes | str, str]:
     """`git push origin main` from `target`: (the ref's status: its sha when ok, else the
     `ng` reason; what the remote said)."""
@@ -338,10 +352,7 @@ def test_a_renamed_block_file_is_relabelled_not_made_again(fake, served, tmp_pat
     agent, ids = classic
     target = tmp_path / "clone"
     clone(served, agent, target)
-    (target / "system/human.md").rename(target / "system/person.md")
-    porcelain.add(str(target), [str(target / "system/person.md")])
-    porcelain.rm(str(target), [str(target / "system/human.md")], cached=True)
-    pushed = commit_all(target)
+    pushed = rename_and_commit(target, "system/human.md", "system/person.md")
     fake.requests.clear()
     assert push(target, served, agent)[0] == pushed
     assert fake.blocks[ids["human"]]["label"] == "person"
@@ -524,10 +535,7 @@ def test_a_renamed_file_that_shows_the_default_description_sends_no_description(
     target = tmp_path / "clone"
     clone(served, agent, target)
     assert "description: human block" in (target / "system/human.md").read_text()
-    (target / "system/human.md").rename(target / "system/person.md")
-    porcelain.add(str(target), [str(target / "system/person.md")])
-    porcelain.rm(str(target), [str(target / "system/human.md")], cached=True)
-    pushed = commit_all(target)
+    pushed = rename_and_commit(target, "system/human.md", "system/person.md")
     fake.requests.clear()
     assert push(target, served, agent)[0] == pushed
     assert fake.blocks[block_id]["label"] == "person"
@@ -546,14 +554,9 @@ def clock():
 def served_with_clock(fake, clock, monkeypatch):
     """`served`, its accepted keys on `clock`, and a short retry budget for a server away."""
     monkeypatch.setattr(gitserve, "RETRY_BUDGET", 0.2)
-    app = gitserve.GitEndpoint("http://letta.test", transport=fake.transport(), lock_wait=0.5,
-                               keys=gitserve.AcceptedKeys(clock=lambda: clock[0]))
-    server = gitserve.Server(app, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    yield server.url
-    server.stop()
-    thread.join(10)
+    yield from serving(gitserve.GitEndpoint(
+        "http://letta.test", transport=fake.transport(), lock_wait=0.5,
+        keys=gitserve.AcceptedKeys(clock=lambda: clock[0])))
 
 
 def refs_answer(served: str, agent: str, key: str | None, service: str = "git-upload-pack"
