@@ -439,7 +439,8 @@ class GitEndpoint:
                 return await gitsync.live(Remote(client, agent_id), held.layout)
         try:
             found = trio.run(relist)
-            gitsync.remember(found, agent_config(agent_id, self.base_url).block_map_file)
+            gitsync.remember(found, agent_config(agent_id, self.base_url).block_map_file,
+                             held.layout)
         except (ServerCallError, OSError) as exc:
             log.warning("agent %s: the block map was not saved after the push (%s); the next "
                         "request saves it", agent_id, exc)

@@ -31,6 +31,24 @@ def test_changes_remove_what_the_server_no_longer_has_but_keep_a_layouts_kept_fi
         "system/human.md": b"new", "system/old.md": None}
     assert gitsync.changes(committed, live, CLASSIC) == {
         "system/human.md": b"new", "system/old.md": None, "skills/pdf/extract.py": None}
+    assert gitsync.changes(committed, {"system/human.md": b"z"}, GIT_MEMORY) == {
+        "system/old.md": None}  # a file whose bytes are committed already is no change
+
+
+async def test_take_records_the_layout_in_the_block_map(tmp_path):
+    """A mount started while the server is away mounts in the layout the map names."""
+    fake = FakeLetta()
+    agent = fake.add_agent(tags=["git-memory-enabled"])
+    fake.add_block("notes/todo", "- one\n", agent=agent)
+    repo = HistoryRepo(tmp_path / "memory.git")
+    repo.open()
+    async with LettaClient("http://letta.test", transport=fake.transport()) as client:
+        found = await gitsync.live(Remote(client, agent), GIT_MEMORY)
+    map_file = tmp_path / "memory.blocks"
+    blockmap.save(map_file, blockmap.records(found.shown))  # as an older serve left it
+    assert gitsync.take(repo, found, GIT_MEMORY, map_file) is not None
+    assert blockmap.read(map_file)[0] == "git-memory"
+    repo.close()
 
 
 async def test_take_commits_as_the_server_and_saves_the_block_map(tmp_path):
