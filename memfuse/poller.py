@@ -125,7 +125,7 @@ class Poller:
         applied = False
         try:
             attached, owned = await self.remote.listing(budget=0)
-            attached, owned = await self._without_orphans(attached, owned)
+            attached, owned = await self._without_orphans(started, attached, owned)
         except ServerCallError as exc:
             self._failed(exc)
         else:
@@ -175,7 +175,8 @@ class Poller:
         generation = self.remote.generation
         started = trio.current_time()
         try:
-            [attached] = await self._without_orphans(await self.remote.attached(budget=0))
+            [attached] = await self._without_orphans(started,
+                                                     await self.remote.attached(budget=0))
             still_owned = []
             for node in self.state.left_attached(attached):
                 try:
@@ -195,16 +196,17 @@ class Poller:
         await self.state.reconcile_attached(attached, still_owned, started)
         return True
 
-    async def _without_orphans(self, *listings: list[Block]) -> list[list[Block]]:
-        """`listings` without the blocks a settled journaled create's late POST made
-        (MountState.orphan): each is deleted (Remote.discard), never shown. The delete changes
-        the server, so this listing is not applied (`_raced`): the next one is. Raises
-        ServerCallError (no answer to a delete)."""
+    async def _without_orphans(self, started: float, *listings: list[Block]
+                               ) -> list[list[Block]]:
+        """`listings` (started at `started`, trio time) without the blocks a settled journaled
+        create's late POST made (MountState.orphan): each is deleted (Remote.discard), never
+        shown. The delete changes the server, so this listing is not applied (`_raced`): the
+        next one is. Raises ServerCallError (no answer to a delete)."""
         result = []
         for listing in listings:
             kept = []
             for block in listing:
-                if self.state.orphan(block):
+                if self.state.orphan(block, started):
                     log.warning("block %s (%s): made by a create that was settled before its "
                                 "request took effect; deleted", block.id, block.label)
                     await self.remote.discard(block)

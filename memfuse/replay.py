@@ -165,7 +165,7 @@ class Replayer:
                     result = Outcome(self._refuse(entries, exc), recorded=True)
                 self._failures.pop(last.seq, None)
                 self._stuck.pop(last.block_id, None)
-                self._settled(entries)
+                self._settled(entries, result.block)
                 self.state.replayed(entries, result.block, result.words, sent=result.sent,
                                     recorded=result.recorded)
             self.last_replay = f"{last.path}: {result.words}" + (
@@ -174,13 +174,15 @@ class Replayer:
         self.key_refused = None  # every unit got an answer other than a refused key
         return not held
 
-    def _settled(self, entries: list[Entry]) -> None:
-        """A unit is settled: when it holds a create, tell MountState what its block could hold,
-        so that a POST of it that takes effect only now is known for an orphan."""
+    def _settled(self, entries: list[Entry], block: Block | None) -> None:
+        """A unit is settled on `block` (None: no block): when it holds a create, tell
+        MountState what its block could hold and which block it is, so that a POST of it
+        that takes effect only now is known for an orphan, and its own block never is."""
         if entries[0].kind == CREATE:
             contents = [e for e in entries if e.kind in (WRITE, CREATE)]
             self.state.settled_create(create_marker(entries[0].block_id), {
-                _target(contents[:n]).value for n in range(1, len(contents) + 1)})
+                _target(contents[:n]).value for n in range(1, len(contents) + 1)},
+                block.id if block is not None else None, trio.current_time())
 
     @staticmethod
     def _passes_over(entries: list[Entry], exc: FsError) -> bool:

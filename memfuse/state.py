@@ -173,7 +173,7 @@ class MountState:
         self.duplicates: dict[str, list[str]] = {}  # path -> ids of the blocks it could show
         # create marker -> the values its block could hold, of each journaled create replayed:
         # a block carrying one is a late POST of a create already settled (an orphan)
-        self._settled_creates: dict[str, set[str]] = {}
+        self._settled_creates: dict[str, tuple[set[str], str | None, float]] = {}
         self._gone: dict[int, str] = {}  # inode -> the path of a block file whose block left
         # the server (deleted, or detached and no longer owned) while the kernel still held it
         # called after a change of times or modes alone (no history): fileattrs keeps them
@@ -189,17 +189,28 @@ class MountState:
         ids = self.graveyard.unlinked_block_ids()
         return ids | self.journal.hidden() if self.journal is not None else ids
 
-    def settled_create(self, marker: str, values: set[str]) -> None:
+    def settled_create(self, marker: str, values: set[str], made: str | None,
+                       at: float) -> None:
         """A journaled create tagging its block `marker` is settled (made, refused, or
-        created and removed); `values`: what any attempt of it could have POSTed."""
-        self._settled_creates[marker] = values
+        created and removed) at `at` (trio time); `values`: what any attempt of it could
+        have POSTed; `made`: the id of the block it settled on (None: none)."""
+        self._settled_creates[marker] = (values, made, at)
 
-    def orphan(self, block: Block) -> bool:
-        """Whether `block` was made by an attempt of a journaled create that is settled
-        already (its POST took effect after replay had looked for it: a cut link the server
-        went on with) and holds only what that create sent: a block nobody has as a file,
-        which the poller deletes (`Remote.discard`)."""
-        return any(block.value in self._settled_creates.get(tag, ()) for tag in block.tags)
+    def orphan(self, block: Block, listed_at: float) -> bool:
+        """Whether `block`, in a listing started at `listed_at` (trio time), was made by an
+        attempt of a journaled create settled before that listing (its POST took effect
+        after replay had looked for it: a cut link the server went on with), is not the
+        block that create settled on, and holds only what that create sent: a block nobody
+        has as a file, which the poller deletes (`Remote.discard`). A listing started before
+        the settle may show the create's own block with its marker not dropped yet: it
+        judges nothing."""
+        for tag in block.tags:
+            settled = self._settled_creates.get(tag)
+            if settled is not None:
+                values, made, at = settled
+                if at <= listed_at and block.id != made and block.value in values:
+                    return True
+        return False
 
     def hidden(self) -> set[str]:
         """Blocks whose files were unlinked and that are not retired yet: in their grace period
