@@ -171,8 +171,9 @@ class MountState:
         self.journal = journal
         self._warned: set[str] = set()
         self.duplicates: dict[str, list[str]] = {}  # path -> ids of the blocks it could show
-        # create marker -> the values its block could hold, of each journaled create replayed:
-        # a block carrying one is a late POST of a create already settled (an orphan)
+        # create marker -> (the values its block could hold, the block it settled on, when),
+        # of each journaled create replayed: another block carrying one, in a later listing,
+        # is a late POST of a create already settled (an orphan)
         self._settled_creates: dict[str, tuple[set[str], str | None, float]] = {}
         self._gone: dict[int, str] = {}  # inode -> the path of a block file whose block left
         # the server (deleted, or detached and no longer owned) while the kernel still held it
