@@ -621,9 +621,14 @@ def _service_install(args: argparse.Namespace) -> int:
     mounted = frozenset(a for a in agent_ids if many.live_mount(a) is not None)
     lines, code = service.enable(agent_ids, now=not args.no_enable and service.user_systemd(),
                                  mounted=mounted)
+    _print_lines(lines)
+    return code
+
+
+def _print_lines(lines: list[str]) -> None:
+    """service.py's lines for a person: commands as they are, the rest after `memfuse: `."""
     for line in lines:
         print(line if line.startswith(("  ", "systemctl")) else f"memfuse: {line}")
-    return code
 
 
 def _service_install_serve(args: argparse.Namespace) -> int:
@@ -638,8 +643,7 @@ def _service_install_serve(args: argparse.Namespace) -> int:
         return 1
     print(f"memfuse: wrote {unit}")
     lines, code = service.enable_serve(now=not args.no_enable and service.user_systemd())
-    for line in lines:
-        print(line if line.startswith(("  ", "systemctl")) else f"memfuse: {line}")
+    _print_lines(lines)
     return code
 
 

@@ -11,7 +11,6 @@ outcome in the tree and history.
 """
 from __future__ import annotations
 
-
 import logging
 from dataclasses import dataclass
 from typing import Callable

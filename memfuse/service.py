@@ -67,10 +67,14 @@ def _exec_word(word: str) -> str:
     return word
 
 
+def _render(name: str, words: list[str]) -> str:
+    """The unit `name` with the command line `words` in ExecStart (escaped for systemd)."""
+    return template(name).replace(PLACEHOLDER, " ".join(_exec_word(w) for w in words))
+
+
 def render_unit(command: list[str] | None = None) -> str:
     """The template with `command` (default memfuse_command()) in ExecStart."""
-    command = memfuse_command() if command is None else command
-    return template().replace(PLACEHOLDER, " ".join(_exec_word(w) for w in command))
+    return _render(TEMPLATE, memfuse_command() if command is None else command)
 
 
 def render_serve_unit(listen: str, insecure: bool = False,
@@ -78,8 +82,8 @@ def render_serve_unit(listen: str, insecure: bool = False,
     """SERVE_UNIT with `command` (default memfuse_command()) `serve --listen <listen>` (and
     `--insecure`) in ExecStart. `listen` is checked by the caller (cli)."""
     command = memfuse_command() if command is None else command
-    words = [*command, "serve", "--listen", listen, *(["--insecure"] if insecure else [])]
-    return template(SERVE_UNIT).replace(PLACEHOLDER, " ".join(_exec_word(w) for w in words))
+    return _render(SERVE_UNIT, [*command, "serve", "--listen", listen,
+                                *(["--insecure"] if insecure else [])])
 
 
 def install_unit(command: list[str] | None = None, *, name: str = TEMPLATE,
