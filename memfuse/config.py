@@ -155,6 +155,12 @@ class Config:
         return self.history_dir.with_suffix(".lock")
 
     @property
+    def handoff_socket(self) -> Path:
+        """Where the mount daemon answers `memfuse serve`'s requests for its agent (handoff.py):
+        `<state_dir>/git.sock`, beside the pid file `serve` finds the mount by."""
+        return self.state_dir / "git.sock"
+
+    @property
     def log_file(self) -> Path:
         """The daemon's log: `<state_dir>/memfuse.log`."""
         return self.state_dir / "memfuse.log"

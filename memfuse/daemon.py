@@ -32,7 +32,7 @@ import httpx
 import pyfuse3
 import trio
 
-from . import blockmap, fileattrs, gitmemory, mounttable
+from . import blockmap, fileattrs, gitmemory, handoff, mounttable
 from .config import Config, RunningMount, private_dir, private_file
 from .errors import AgentGone, Faults, KeyRefused, NoAnswer, ServerCallError
 from .files import BlockFiles
@@ -43,6 +43,7 @@ from .journal import Journal
 from .keeper import TreeBlockKeeper
 from .layout import GIT_MEMORY, Layout, PathKind, by_name, layout_for_tags
 from .model import Block, Location, Origin
+from .mountgit import MountGit
 from .namespace import Namespace
 from .poller import Poller
 from .remote import AgentFacts, Client, Remote, agent_facts, check_server, make_client
@@ -199,6 +200,7 @@ class Mount:
     pusher: Pusher | None = None  # with --git-remote
     attrs: _AttrsSaver | None = None  # keeps the files' times and modes across mounts
     enabled_files: frozenset[str] | None = None  # blocks `git-memory enable` attached as files
+    git: MountGit | None = None  # answers `memfuse serve` for the agent (handoff.py)
 
     @property
     def local_first(self) -> bool:
@@ -318,6 +320,7 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
                   MemoryFs(state, files, namespace, faults), poller,
                   TreeBlockKeeper(state, remote), problems, faults, agent_name=agent.name,
                   pusher=pusher, attrs=attrs)
+    mount.git = MountGit(config, repo, snapshots, state, poller, transport)
     if away is not None:
         mount.local_first_at = time.time()
         mount.notice = (f"the server at {config.base_url} cannot be reached ({away.detail}); "
@@ -757,6 +760,12 @@ async def _serve(mount: Mount, on_ready: Callable[[str | None], None],
 
         nursery.start_soon(fuse_loop)
         nursery.start_soon(watch_signals)
+        try:
+            await nursery.start(handoff.serve, mount.config.handoff_socket, mount.git.handle)
+        except OSError as exc:  # the mount works without it; `memfuse serve` cannot hand off
+            log.warning("the hand-off socket %s cannot be made (%s): memfuse serve cannot "
+                        "answer for this agent while it is mounted", mount.config.handoff_socket,
+                        exc)
         for name, task in (("the snapshotter", mount.snapshots.run),
                            ("the retirer", mount.ops.namespace.run),
                            ("the poller", mount.poller.run),

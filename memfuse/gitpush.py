@@ -240,24 +240,33 @@ class Outcome:
     done: list[Step] = field(default_factory=list)
     failed: Step | None = None
     reason: str = ""
+    blocks: dict[str, Block] = field(default_factory=dict)  # path -> the block it made, as
+    # the server answered (the updates, creates and relabels done)
+
+    def applied(self, pushed: Plan) -> dict[str, bytes | None]:
+        """The changes of `pushed` that are on the server now, and its kept files: path ->
+        pushed bytes (None: removed)."""
+        paths = [p for step in self.done for p in step.paths] + pushed.kept
+        return {p: pushed.changes[p] for p in paths}
 
 
-async def _step(remote: Remote, step: Step) -> None:
+async def _step(remote: Remote, step: Step) -> Block | None:
     """One step through `remote` (under `reject`): an update, relabel or removal is sent
     with the block as the push was judged against as the conflict base, so an edit that
     reached the server since (an agent's tool call after the take) is never overwritten nor
     detached; it is Stale. A relabel sends its fields before the new label, so a file still
-    showing the old label's default description sends none."""
+    showing the old label's default description sends none. Returns the block as the server
+    has it after the step (None for a removal)."""
     assert step.parsed is not None or step.kind == "retire"
     if step.kind == "update":
-        await remote.update(step.block, step.parsed, base=step.block)
-    elif step.kind == "create":
-        await remote.create(step.location, step.parsed)
-    elif step.kind == "relabel":
+        return (await remote.update(step.block, step.parsed, base=step.block)).block
+    if step.kind == "create":
+        return await remote.create(step.location, step.parsed)
+    if step.kind == "relabel":
         written = await remote.update(step.block, step.parsed, base=step.block)
-        await remote.relocate(written.block, step.attached, step.location)
-    else:
-        await remote.retire(step.block, step.attached, base=step.block)
+        return await remote.relocate(written.block, step.attached, step.location)
+    await remote.retire(step.block, step.attached, base=step.block)
+    return None
 
 
 async def apply(remote: Remote, steps: list[Step]) -> Outcome:
@@ -267,7 +276,7 @@ async def apply(remote: Remote, steps: list[Step]) -> Outcome:
     outcome = Outcome()
     for step in steps:
         try:
-            await _step(remote, step)
+            block = await _step(remote, step)
         except Stale:
             outcome.failed, outcome.reason = step, (
                 "its block changed on the server while the push was applied (ESTALE); the "
@@ -279,6 +288,8 @@ async def apply(remote: Remote, steps: list[Step]) -> Outcome:
                         outcome.reason)
             return outcome
         outcome.done.append(step)
+        if block is not None:
+            outcome.blocks[step.path] = block
     return outcome
 
 
@@ -317,6 +328,16 @@ class Receiver:
 
     def receive(self, ref: bytes, old: bytes, new: bytes) -> Verdict:
         """Check, apply and acknowledge the update of `ref` from `old` to `new`."""
+        judged = self.judge(ref, old, new)
+        if isinstance(judged, Verdict):
+            return judged
+        head, pushed = judged
+        return self.settle(head, new, pushed, trio.run(self.apply, pushed.steps))
+
+    def judge(self, ref: bytes, old: bytes, new: bytes) -> Verdict | tuple[bytes | None, Plan]:
+        """The checks of an update of `ref` from `old` to `new`, before any server call: the
+        refusal's Verdict, or (the head it was judged on, the Plan to apply). Blocking
+        (dulwich)."""
         if ref != BRANCH:
             return Verdict(False, f"memfuse serve takes pushes to {BRANCH.decode()} only")
         if new == ZERO:
@@ -332,14 +353,19 @@ class Receiver:
             return Verdict(False, f"refused, nothing applied: {'; '.join(pushed.refusals)}",
                            ("push refused; nothing was applied:",
                             *(f"  {line}" for line in pushed.refusals)))
-        outcome = trio.run(self._apply, pushed.steps)
+        return head, pushed
+
+    async def apply(self, steps: list[Step]) -> Outcome:
+        """Send `steps` to the server with the request's key (`apply`)."""
+        async with self.client() as client:  # reject: a push never overwrites a newer block
+            return await apply(Remote(client, self.agent_id, on_conflict="reject"), steps)
+
+    def settle(self, head: bytes | None, new: bytes, pushed: Plan, outcome: Outcome) -> Verdict:
+        """Move the branch for what `outcome` applied of `pushed` (judged on `head`): to
+        `new` when all of it, else to a commit of the part applied. Blocking (dulwich)."""
         if outcome.failed is None:
             return self._acknowledge(head, new, pushed)
         return self._in_part(new, pushed, outcome)
-
-    async def _apply(self, steps: list[Step]) -> Outcome:
-        async with self.client() as client:  # reject: a push never overwrites a newer block
-            return await apply(Remote(client, self.agent_id, on_conflict="reject"), steps)
 
     def _acknowledge(self, head: bytes | None, new: bytes, pushed: Plan) -> Verdict:
         if not self.repo.move(head, new):
@@ -352,7 +378,7 @@ class Receiver:
 
     def _in_part(self, new: bytes, pushed: Plan, outcome: Outcome) -> Verdict:
         applied = [p for step in outcome.done for p in step.paths]
-        changes = {p: pushed.changes[p] for p in applied + pushed.kept}
+        changes = outcome.applied(pushed)
         author = self.repo.repo[new].author
         if changes:
             self.repo.commit(changes, author, f"{SUBJECT} ({outcome.reason})")

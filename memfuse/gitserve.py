@@ -17,12 +17,15 @@ password, no key. The serve process's own LETTA_API_KEY is never read here. Lett
 challenge), 404/422 -> 404 (git says "not found"), no answer -> 503. Keys are in no log line,
 commit, status record or command line.
 
-An agent that is mounted (its daemon's pid file names a live daemon) is answered 503 for now:
-its daemon is its history's one writer, and handing requests to it is a later step. Otherwise
-the request holds the history's one-writer lock (writerlock.py) from before it reads the
-history until its answer is sent; a ref advertisement, and a push before its pack is taken,
-first take the agent's live blocks into the history (gitsync.py), so a pull sees an API edit at
-once and a push on a base the server has moved past is not a fast-forward.
+An agent that is not mounted: the request holds the history's one-writer lock (writerlock.py)
+from before it reads the history until its answer is sent; a ref advertisement, and a push
+before its pack is taken, first take the agent's live blocks into the history (gitsync.py), so
+a pull sees an API edit at once and a push on a base the server has moved past is not a
+fast-forward. A mounted agent (its daemon's pid file names a live daemon, which holds that lock
+for its life): the request is handed to the daemon over its socket (handoff.py, mountgit.py).
+Before an advertisement the daemon lists the server and commits its snapshot; a push's objects
+are held in memory (_Quarantine) and sent to the daemon with the ref update and the request's
+key, and the daemon's Verdict is the answer. serve then only reads the history.
 
 When Letta does not answer (ServerAway) at the lookup or the take, a fetch is served the last
 known history only to a key Letta accepted for that agent within ACCEPTED_FOR seconds
@@ -41,6 +44,7 @@ with an input already de-chunked, which dulwich would de-chunk again).
 from __future__ import annotations
 
 import base64
+import errno
 import binascii
 import dataclasses
 import functools
@@ -60,10 +64,12 @@ import trio
 import waitress
 from dulwich.protocol import (CAPABILITY_ATOMIC, CAPABILITY_DELETE_REFS,
                               CAPABILITY_SIDE_BAND_64K, SIDE_BAND_CHANNEL_PROGRESS)
+from dulwich.object_store import BaseObjectStore, MemoryObjectStore
+from dulwich.objects import ShaFile
 from dulwich.server import DictBackend, ReceivePackHandler, UploadPackHandler
 from dulwich.web import GunzipFilter, HTTPGitApplication, LimitedInputFilter
 
-from . import gitpush, gitsync, procs
+from . import gitpush, gitsync, handoff, procs
 from .config import (Config, ConfigError, JsonRecord, RunningMount, check_agent_id, letta_home,
                      private_dir)
 from .history import HistoryRepo
@@ -82,11 +88,12 @@ LOCK_WAIT = 10.0  # seconds a request waits for another request's hold on the ag
 ACCEPTED_FOR = 600.0  # seconds: while Letta does not answer, a fetch is served the last known
 # history only with a key Letta accepted for that agent this recently (issue 20 point 7)
 RETRY_BUDGET = 5.0  # seconds of retries of one Letta call within a request
+HANDOFF_TIMEOUT = 120.0  # seconds serve waits for a mount daemon's answer (a sync, a push)
 THREADS = 8  # requests answered at once
 REALM = "Letta API key"
 
-MOUNTED = ("agent {agent} is mounted; serving a mounted agent comes later (memfuse umount it "
-           "first, or use its mount)")
+HANDOFF_FAILED = ("agent {agent} is mounted, and its daemon did not answer memfuse serve "
+                  "({failure}); try again")
 BUSY = ("the history of agent {agent} is busy: another request or process writes it; try "
         "again")
 SMART_ONLY = "memfuse serve speaks git's smart HTTP only (git-upload-pack, git-receive-pack)"
@@ -242,12 +249,13 @@ class AcceptedKeys:
 
 
 class _Held:
-    """The history a request reads, opened, and the one-writer lock it holds on it; `close`
+    """The history a request reads, opened, and the one-writer lock it holds on it (None: the
+    agent is mounted, and `handoff` is its daemon's socket, which writes for it); `close`
     lets both go (once). `layout` is the agent's, `found` the live blocks taken into the
     history before the answer (None when they were not)."""
 
-    def __init__(self, lock: WriterLock, repo: HistoryRepo):
-        self.lock, self.repo = lock, repo
+    def __init__(self, lock: WriterLock | None, repo: HistoryRepo, handoff: Path | None = None):
+        self.lock, self.repo, self.handoff = lock, repo, handoff
         self.layout: Layout = CLASSIC
         self.found: gitsync.Live | None = None
 
@@ -255,7 +263,8 @@ class _Held:
         try:
             self.repo.close()
         finally:
-            self.lock.release()
+            if self.lock is not None:
+                self.lock.release()
 
 
 class _Body:
@@ -340,7 +349,10 @@ class GitEndpoint:
             held = await self._hold(config)
             held.layout = layout
             try:
-                if request.advertisement or request.service == RECEIVE_PACK:
+                if held.handoff is not None:
+                    if request.advertisement:
+                        await self._synced(held, config)
+                elif request.advertisement or request.service == RECEIVE_PACK:
                     held.found = await self._take(remote, held, config)
             except ServerAway as exc:
                 held.close()
@@ -387,25 +399,48 @@ class GitEndpoint:
             log.warning("agent %s: block %s; left out", remote.agent_id, line)
         return found
 
+    @staticmethod
+    async def _synced(held: _Held, config: Config) -> None:
+        """Have the mount daemon list the server and commit its snapshot (handoff `sync`).
+        Raises ServerAway when the server did not answer its listing, Refusal 503 when the
+        daemon did not answer."""
+        assert held.handoff is not None
+        try:
+            answer = await trio.to_thread.run_sync(handoff.call, held.handoff, {"op": "sync"},
+                                                   HANDOFF_TIMEOUT)
+        except handoff.HandoffError as exc:
+            raise Refusal("503 Service Unavailable", HANDOFF_FAILED.format(
+                agent=config.agent_id, failure=exc)) from None
+        if "away" in answer:
+            raise ServerAway(errno.EIO, str(answer["away"]))
+        if "error" in answer:
+            raise Refusal("503 Service Unavailable", HANDOFF_FAILED.format(
+                agent=config.agent_id, failure=answer["error"]))
+
     async def _hold(self, config: Config) -> _Held:
-        """The agent's history, opened (made when new, 0700) with its one-writer lock held.
-        Raises Refusal 503 when the agent is mounted or the lock stays taken."""
-        if mounted(config):
-            raise Refusal("503 Service Unavailable", MOUNTED.format(agent=config.agent_id))
-        lock = WriterLock(config.writer_lock_file)
+        """The agent's history, opened: with its one-writer lock held (made when new, 0700),
+        or, for a mounted agent, to read while its daemon writes (`handoff` set). Raises
+        Refusal 503 when the lock stays taken by another request."""
+        lock: WriterLock | None = WriterLock(config.writer_lock_file)
         private_dir(config.state_dir)
-        if not await trio.to_thread.run_sync(lock.acquire, self.lock_wait,
-                                             lambda: mounted(config)):
-            text = MOUNTED if mounted(config) else BUSY
-            raise Refusal("503 Service Unavailable", text.format(agent=config.agent_id))
+        if mounted(config) or not await trio.to_thread.run_sync(
+                lock.acquire, self.lock_wait, lambda: mounted(config)):
+            if not mounted(config):
+                raise Refusal("503 Service Unavailable", BUSY.format(agent=config.agent_id))
+            lock = None
+            if not (config.history_dir / "HEAD").exists():  # the daemon makes it at mount
+                raise Refusal("503 Service Unavailable", HANDOFF_FAILED.format(
+                    agent=config.agent_id, failure=f"no history at {config.history_dir} yet"))
         try:
             repo = HistoryRepo(config.history_dir)
             await trio.to_thread.run_sync(repo.open)
-            private_dir(config.history_dir)
+            if lock is not None:
+                private_dir(config.history_dir)
         except BaseException:
-            lock.release()
+            if lock is not None:
+                lock.release()
             raise
-        return _Held(lock, repo)
+        return _Held(lock, repo, None if lock is not None else config.handoff_socket)
 
     def _git(self, environ: dict[str, Any], start_response: Callable, request: GitRequest,
              held: _Held, key: str | None) -> Iterable[bytes]:
@@ -413,15 +448,21 @@ class GitEndpoint:
         filters, as `make_wsgi_chain` wraps them): upload-pack, or receive-pack whose ref
         updates memfuse decides (PushHandler)."""
         prefix = f"/v1/git/{request.agent_id}/state.git"
-        app = HTTPGitApplication(DictBackend({prefix: held.repo.repo}))
-        found = held.found.shown if held.found is not None else []
-        receiver = gitpush.Receiver(held.repo, held.layout,
-                                    {path: (block, attached) for path, block, attached in found},
-                                    lambda: self._client(key), request.agent_id)
-        app.handlers = {UPLOAD_PACK.encode(): UploadPackHandler,
-                        RECEIVE_PACK.encode(): functools.partial(
-                            PushHandler, receiver=receiver,
-                            after=lambda: self._remember(request.agent_id, held, key))}
+        if held.handoff is not None:  # mounted: its daemon takes the push, serve writes nothing
+            quarantine = _Quarantine(held.repo.repo.object_store)
+            app = HTTPGitApplication(DictBackend({prefix: _HandedRepo(held.repo.repo,
+                                                                      quarantine)}))
+            pushes = functools.partial(PushHandler, receiver=HandedReceiver(
+                held.handoff, key, quarantine), after=lambda: None)
+        else:
+            app = HTTPGitApplication(DictBackend({prefix: held.repo.repo}))
+            found = held.found.shown if held.found is not None else []
+            receiver = gitpush.Receiver(
+                held.repo, held.layout, {path: (block, attached) for path, block, attached
+                                         in found}, lambda: self._client(key), request.agent_id)
+            pushes = functools.partial(PushHandler, receiver=receiver, after=lambda: self._remember(
+                request.agent_id, held, key))
+        app.handlers = {UPLOAD_PACK.encode(): UploadPackHandler, RECEIVE_PACK.encode(): pushes}
         try:
             body = LimitedInputFilter(GunzipFilter(app))(environ, start_response)
         except BaseException:
@@ -446,6 +487,95 @@ class GitEndpoint:
                         "request saves it", agent_id, exc)
 
 
+class _Quarantine(MemoryObjectStore):
+    """The objects a push to a mounted agent brings, held in memory, over the history's store
+    `base`, which is read through and never written: the daemon adds them (mountgit.py)."""
+
+    def __init__(self, base: BaseObjectStore):
+        super().__init__(object_format=base.object_format)
+        self.base = base
+
+    def __getitem__(self, name):
+        try:
+            return super().__getitem__(name)
+        except KeyError:
+            return self.base[name]
+
+    def contains_loose(self, sha) -> bool:
+        return super().contains_loose(sha) or self.base.contains_loose(sha)
+
+    def contains_packed(self, sha) -> bool:
+        return self.base.contains_packed(sha)
+
+    def incoming(self) -> list[ShaFile]:
+        """The objects the push brought."""
+        return list(self._data.values())
+
+
+class _ReadOnlyRefs:
+    """A history's refs that dulwich's receive-pack reads but never writes: the mount daemon
+    moved the branch already (or refused to)."""
+
+    def __init__(self, refs):
+        self._refs = refs
+
+    def __getattr__(self, name: str):
+        return getattr(self._refs, name)
+
+    def __getitem__(self, name):
+        return self._refs[name]
+
+    def __contains__(self, name) -> bool:
+        return name in self._refs
+
+    def set_if_equals(self, *_args, **_kwargs) -> bool:
+        return False
+
+    def remove_if_equals(self, *_args, **_kwargs) -> bool:
+        return False
+
+    def add_if_new(self, *_args, **_kwargs) -> bool:
+        return False
+
+
+class _HandedRepo:
+    """A mounted agent's history as dulwich's handlers see it: read as it is, a push's objects
+    going to `quarantine`, its refs never written by serve."""
+
+    def __init__(self, repo, quarantine: _Quarantine):
+        self._repo, self.object_store = repo, quarantine
+        self.refs = _ReadOnlyRefs(repo.refs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._repo, name)
+
+
+class HandedReceiver:
+    """Takes a push for a mounted agent: its objects (`quarantine`) and ref update go to the
+    daemon on `socket` with the request's `key` (handoff `push`); the daemon's Verdict is the
+    answer. Blocking."""
+
+    moved = False  # serve moves nothing: the daemon did, and keeps its own block map
+
+    def __init__(self, socket: Path, key: str | None, quarantine: _Quarantine):
+        self.socket, self.key, self.quarantine = socket, key, quarantine
+
+    def receive(self, ref: bytes, old: bytes, new: bytes) -> gitpush.Verdict:
+        """The daemon's Verdict on the update of `ref` from `old` to `new`."""
+        request = {"op": "push", "ref": ref.decode(), "old": old.decode(), "new": new.decode(),
+                   "key": self.key,
+                   "objects": handoff.objects_message(self.quarantine.incoming())}
+        try:
+            answer = handoff.call(self.socket, request, HANDOFF_TIMEOUT)
+        except handoff.HandoffError as exc:
+            return gitpush.Verdict(False, f"the mount's daemon did not answer ({exc}); the "
+                                          f"push may be applied in part: fetch to see")
+        if "error" in answer:
+            return gitpush.Verdict(False, f"the mount's daemon failed: {answer['error']}")
+        return gitpush.Verdict(bool(answer.get("ok")), str(answer.get("reason", "")),
+                               tuple(str(line) for line in answer.get("lines", ())))
+
+
 class PushHandler(ReceivePackHandler):
     """dulwich's receive-pack (it reads the pack into the history's object store and speaks
     the protocol), with memfuse deciding each ref update: `_on_update`, dulwich's hook before
@@ -460,7 +590,8 @@ class PushHandler(ReceivePackHandler):
     a work tree. `after` runs once a push moved the branch."""
 
     def __init__(self, backend, args, proto, stateless_rpc: bool = False,
-                 advertise_refs: bool = False, *, receiver: gitpush.Receiver,
+                 advertise_refs: bool = False, *,
+                 receiver: gitpush.Receiver | HandedReceiver,
                  after: Callable[[], None]):
         super().__init__(backend, args, proto, stateless_rpc=stateless_rpc,
                          advertise_refs=advertise_refs)

@@ -8,6 +8,7 @@ compare-and-swap, so a commit someone made with git in between becomes the paren
 from __future__ import annotations
 
 import base64
+import contextlib
 import getpass
 import json
 import logging
@@ -16,7 +17,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import trio
 from dulwich.diff_tree import tree_changes
@@ -262,6 +263,7 @@ class Snapshotter:
     max_delay: float = 3.0  # seconds: writes that never stop still commit this often
     _pending: list[_Change] = field(default_factory=list)
     _lock: trio.Lock = field(default_factory=trio.Lock)
+    _flushing: trio.Lock = field(default_factory=trio.Lock)  # one flush at a time; `paused`
     _wakeup: trio.Event = field(default_factory=trio.Event)
     _last_change: float = 0.0
     last_commit: bytes | None = None
@@ -357,7 +359,22 @@ class Snapshotter:
         ends early where a file's next version does not start with its last (so every version
         that is not a prefix of the next is committed), and a rejected edit's subject gives its
         reason. subjects: the commits' subject by origin (default SUBJECTS). Afterwards the
-        uncommitted-changes file holds only what was recorded meanwhile."""
+        uncommitted-changes file holds only what was recorded meanwhile. Waits while the
+        snapshots are `paused`."""
+        async with self._flushing:
+            await self._flush(subjects)
+
+    @contextlib.asynccontextmanager
+    async def paused(self) -> AsyncIterator[None]:
+        """Commit everything pending, then no snapshot until the block exits: a served push
+        (mountgit.py) judges the head as the mount shows it and moves the branch itself.
+        Changes recorded meanwhile stay pending and are committed after it, on the branch as
+        it is then (a change the branch already holds makes no commit)."""
+        async with self._flushing:
+            await self._flush()
+            yield
+
+    async def _flush(self, subjects: dict[Origin, str] | None = None) -> None:
         pending, self._pending = self._pending, []
         after = self.on_commit() if pending and self.on_commit is not None else None
         runs: list[tuple[Origin, str | None, dict[str, bytes | None]]] = []

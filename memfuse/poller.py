@@ -26,8 +26,10 @@ a second and little CPU; the bytes of the full listing still grow with the value
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from typing import AsyncIterator
 
 import trio
 
@@ -75,6 +77,15 @@ class Poller:
         self._wake = trio.Event()
         self._full_done = trio.Event()  # set (and replaced) after each full listing attempt
         self._full_failed = False  # the last full listing got no answer
+        self._polling = trio.Lock()  # held by each listing and its reconciliation; `paused`
+
+    @contextlib.asynccontextmanager
+    async def paused(self) -> AsyncIterator[None]:
+        """No listing starts or is applied while the block runs (one under way finishes
+        first): a served push (mountgit.py) changes the server, then has the mount show it
+        from one listing that starts after, with the pushed bytes (Tree.pushed)."""
+        async with self._polling:
+            yield
 
     @property
     def reachable(self) -> bool:
@@ -89,12 +100,14 @@ class Poller:
             if self._wanted or trio.current_time() >= next_full:
                 self._wanted = False
                 started = trio.current_time()
-                await self.poll_once()
+                async with self._polling:
+                    await self.poll_once()
                 spent = self.full_duration = trio.current_time() - started
                 next_full = trio.current_time() + max(self.full_interval,
                                                       FULL_COST_FACTOR * spent)
             else:
-                await self.poll_attached()
+                async with self._polling:
+                    await self.poll_attached()
             with trio.move_on_after(max(0.0, min(self.interval,
                                                  next_full - trio.current_time()))):
                 await self._wake.wait()

@@ -1186,6 +1186,71 @@ class MountState:
 
     # -- the kernel's references ---------------------------------------------------------------
 
+    # -- a git push served by the mount (mountgit.py) --------------------------------------------
+
+    def shown_blocks(self) -> dict[str, tuple[Block, bool]]:
+        """Path -> (block, attached) of every block file the mount shows: what a push is
+        judged against (gitpush.plan's `live`)."""
+        return {self.tree.path(node): (node.block, self.location(node).attached)
+                for node in self.tree.blocks() if node.block is not None}
+
+    def expect_pushed(self, blocks: dict[str, Block], changes: dict[str, bytes | None]) -> None:
+        """A push put `changes` (path -> bytes) on the server as `blocks` (path -> the block
+        the server answered): the next `bind` of each block shows the pushed bytes, not its
+        rendering, when they say exactly what it is (Tree.pushed)."""
+        for path, block in blocks.items():
+            if changes.get(path) is not None:
+                self.tree.pushed[block.id] = changes[path]
+
+    async def show_pushed(self, changes: dict[str, bytes | None]) -> None:
+        """After a push and the listing that shows its blocks: a block whose pushed bytes no
+        listing bound (its block did not change: only the file's form did) shows them now;
+        the kept files of `changes` (path -> bytes, None: removed) are shown as pushed. Each
+        change is recorded (SERVER: the branch holds it already, so it makes no commit) and
+        the kernel's cache of it dropped."""
+        changed: list[int] = []
+        for block_id in list(self.tree.pushed):
+            node = self.tree.block_node(block_id)
+            if node is not None and node.block is not None and self.tree.bind(
+                    node, node.block, trio.current_time()):
+                self._record(self.tree.path(node), bytes(node.content), Origin.SERVER)
+                changed.append(node.inode)
+        self.tree.pushed.clear()
+        for path, data in sorted(changes.items()):
+            parts = tuple(path.split("/"))
+            if self.is_kept_path(parts):
+                changed += self._pushed_kept(parts, data)
+        for inode in changed:
+            await self.invalidator.inode(inode)
+
+    def _pushed_kept(self, parts: tuple[str, ...], data: bytes | None) -> list[int]:
+        """Show the kept file at `parts` as a push left it (None: removed); returns the inode
+        whose content changed. A path a block file or directory has taken is left out with a
+        WARNING (the branch holds the file)."""
+        path, node = "/".join(parts), self._node_at(parts)
+        if data is None:
+            if node is not None and node.kind is Kind.KEPT:
+                self._remove(node, notify=True)
+                self._record(path, None, Origin.SERVER)
+            return []
+        missing = [d for d in range(1, len(parts)) if self._node_at(parts[:d]) is None]
+        parent = self.tree.makedirs(parts[:-1])
+        if parent is not None:
+            for depth in missing:  # a new directory: the kernel may hold a negative entry
+                self.invalidator.entry(self._node_at(parts[:depth - 1]).inode, parts[depth - 1])
+        if parent is None or (node is not None and node.kind is not Kind.KEPT):
+            log.warning("%s: a pushed file cannot be shown (a block file or directory has its "
+                        "path); the history holds it", path)
+            return []
+        if node is None:
+            node = self.tree.add(Kind.KEPT, parent, parts[-1])
+            self.invalidator.entry(parent.inode, parts[-1])
+        elif node.content == data:
+            return []
+        self._set_kept(node, data)
+        self._record(path, data, Origin.SERVER)
+        return [node.inode]
+
     def looked_up(self, node: Node) -> None:
         """The kernel got an entry for `node` (lookup, create, mkdir, symlink, readdirplus)."""
         self.tree.looked_up(node)

@@ -97,6 +97,9 @@ class Tree:
         self._nodes: dict[int, Node] = {}
         self._next_inode = ROOT_INODE + 1
         self._by_block: dict[str, int] = {}
+        # block id -> the file bytes a served git push gave it (mountgit.py): its next `bind`
+        # shows them instead of the rendering when they say exactly what the block is
+        self.pushed: dict[str, bytes] = {}
         self.root = Node(ROOT_INODE, Kind.DIR, ROOT_INODE, "", now, now, mode=0o755)
         self._nodes[ROOT_INODE] = self.root
         self.system = self.add(Kind.DIR, self.root, SYSTEM_DIR)
@@ -191,7 +194,8 @@ class Tree:
 
     def bind(self, node: Node, block: Block, checked_at: float) -> bool:
         """Make `node` show the server's `block`; returns True when the content changed (and
-        then moves mtime/ctime to now).
+        then moves mtime/ctime to now). The content is `blockfile.render(block)`, or the bytes
+        a git push gave the block (`pushed`) when they say exactly what it is.
 
         checked_at: when the server read that returned `block` started, or when the write that
         returned it completed (trio clock). A read older than what the node already shows of
@@ -200,7 +204,11 @@ class Tree:
         if (node.block is not None and node.block.id == block.id
                 and checked_at < node.checked_at):
             return False
-        if node.block == block and node.kind is Kind.BLOCK:  # unchanged: nothing to render
+        pushed = self.pushed.pop(block.id, None)
+        if pushed is not None and not blockfile.shows(pushed, block):
+            pushed = None  # the block is not what was pushed (changed since): rendered
+        if (node.block == block and node.kind is Kind.BLOCK
+                and pushed in (None, node.content)):  # unchanged: nothing to render
             node.checked_at = checked_at
             return False
         if node.block is not None and node.block.id != block.id:
@@ -209,7 +217,7 @@ class Tree:
         node.kind, node.block, node.checked_at = Kind.BLOCK, block, checked_at
         if node.parent:  # an unlinked node shows no block in the mount
             self._by_block[block.id] = node.inode
-        content = blockfile.render(block)
+        content = pushed if pushed is not None else blockfile.render(block)
         if content == node.content:
             if node.read_only != was_read_only:  # the mode changed: attributes must follow
                 node.version += 1

@@ -39,7 +39,8 @@ PREFIXES = {"fs": "tests/test_fs.py", "ns": "tests/test_namespace.py",
             "hook-mount": "tests/integration/test_letta_hook.py",
             "serve": "tests/test_serve.py", "gitsync": "tests/test_gitsync.py",
             "writerlock": "tests/test_writerlock.py",
-            "serve-mount": "tests/integration/test_serve.py"}
+            "serve-mount": "tests/integration/test_serve.py",
+            "mountgit": "tests/test_mountgit.py"}
 
 
 def rows():

@@ -14,8 +14,9 @@ from dulwich.client import HTTPUnauthorized
 from dulwich.errors import GitProtocolError, NotGitRepository
 from dulwich.repo import Repo
 
-from memfuse import blockfile, daemon, gitpush, gitserve
+from memfuse import blockfile, daemon, gitpush, gitserve, handoff
 from memfuse.config import Config, RunningMount
+from memfuse.history import HistoryRepo
 from memfuse.model import Block
 from memfuse.writerlock import WriterLock
 
@@ -159,7 +160,8 @@ def test_gits_dumb_protocol_is_refused_before_letta_is_asked(fake, served):
     assert fake.requests == []  # refused before Letta is asked anything
 
 
-def test_a_mounted_agent_is_answered_503_for_now(fake, served, tmp_path, monkeypatch):
+def test_a_mounted_agent_whose_daemon_does_not_answer_is_a_503_and_nothing_is_written(
+        fake, served, tmp_path, monkeypatch):
     agent = fake.add_agent()
     fake.add_block("human", "The human.\n", agent=agent)
     config = Config.build(agent)
@@ -167,12 +169,20 @@ def test_a_mounted_agent_is_answered_503_for_now(fake, served, tmp_path, monkeyp
     RunningMount(agent, str(config.mountpoint), 1, "http://letta.test",
                  str(config.log_file)).save(config.pid_file)
     monkeypatch.setattr(RunningMount, "alive", lambda self: True)
-    with pytest.raises(GitProtocolError, match="503"):
+    monkeypatch.setattr(handoff, "CONNECT_WAIT", 0.2)
+    with pytest.raises(GitProtocolError, match="503"):  # no daemon listens on its socket
         clone(served, agent, tmp_path / "clone")
     answer = httpx.get(f"{git_url(served, agent)}/info/refs",
                        params={"service": "git-upload-pack"})
-    assert answer.status_code == 503 and "is mounted" in answer.text
-    assert not config.history_dir.exists()  # nothing written behind the daemon's back
+    assert answer.status_code == 503 and "is mounted, and its daemon did not answer" in answer.text
+    assert not config.history_dir.exists()  # serve writes nothing for a mounted agent
+    made = HistoryRepo(config.history_dir)  # as a mount makes it
+    made.open()
+    made.close()
+    answer = httpx.get(f"{git_url(served, agent)}/info/refs",
+                       params={"service": "git-upload-pack"})
+    assert answer.status_code == 503 and str(config.handoff_socket) in answer.text
+    assert not (config.history_dir / "refs/heads/main").exists()
 
 
 def test_a_request_waits_for_the_history_lock_and_gives_up_with_503(fake, served):

@@ -7,6 +7,7 @@ import re
 import select
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -203,20 +204,70 @@ def test_with_the_server_cut_off_a_recent_key_fetches_the_last_history_a_push_is
         api.delete(f"/v1/agents/{unseen}")
 
 
-def test_a_mounted_agent_is_refused_for_now_and_status_shows_the_serve(serve, agent, home,
-                                                                       tmp_path):
+def tree(root: Path) -> dict[str, bytes]:
+    """Path -> bytes of every file under `root` but `.git`."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and ".git" not in p.relative_to(root).parts}
+
+
+def test_a_mounted_agent_is_served_by_its_daemon_live_both_ways(serve, agent, api, home,
+                                                               tmp_path):
     status = subprocess.run([MEMFUSE, "status"], env=home, capture_output=True, text=True,
                             timeout=30)
     assert f"memfuse serve at {serve.url}" in status.stdout
     m = start_mount(agent, home)
+    clone = tmp_path / "clone"
     try:
-        result = git("clone", serve.git_url(agent), str(tmp_path / "clone"), env=home,
-                     check=False)
-        assert result.returncode != 0
-        assert "is mounted" in result.stderr
+        git("clone", serve.git_url(agent), str(clone), env=home)
+        assert tree(clone) == tree(m.path)
+        # an edit in the mount is in the very next pull
+        (m.path / "system/human.md").write_text("Written in the mount.\n")
+        git("pull", "--ff-only", cwd=clone, env=home)
+        assert (clone / "system/human.md").read_text().endswith("---\nWritten in the mount.\n")
+        # a push of an edit (no limit key: not the mount's rendering), a create and a git rm
+        (clone / "system/human.md").write_text("---\ndescription: About them\n---\nPushed.\n")
+        (clone / "todo.md").write_text("---\ndescription: Things\n---\nbuy milk\n")
+        git("rm", "-q", "system/persona.md", cwd=clone, env=home)
+        git("add", "-A", cwd=clone, env=home)
+        git("commit", "-q", "-m", "edit, create, remove", cwd=clone, env=home)
+        git("push", "-q", "origin", "main", cwd=clone, env=home)
+        # on the server and in the mount when git push returns, with the pushed bytes
+        assert block_by_label(api, agent, "human")["value"] == "Pushed.\n"
+        assert (m.path / "system/human.md").read_bytes() == (
+            b"---\ndescription: About them\n---\nPushed.\n")
+        assert (m.path / "todo.md").read_text().endswith("---\nbuy milk\n")
+        assert not (m.path / "system/persona.md").exists()
+        pushed = git("rev-parse", "HEAD", cwd=clone, env=home).stdout.strip()
+        history = m.state / "memory.git"
+        assert git("--git-dir", str(history), "rev-parse", "main", env=home
+                   ).stdout.strip() == pushed  # no commit normalised it
+
+        # writes in the mount and pushes from the clone at once, then both agree byte for byte
+        def write_in_the_mount() -> None:
+            for i in range(20):
+                (m.path / "notes.md").write_text(f"note {i}\n")
+        writer = threading.Thread(target=write_in_the_mount)
+        writer.start()
+        for i in range(5):
+            (clone / "todo.md").write_text(f"---\ndescription: Things\n---\nitem {i}\n")
+            git("commit", "-q", "-am", f"item {i}", cwd=clone, env=home)
+            for _attempt in range(5):  # a write in the mount moved main: rebase, push again
+                if git("push", "-q", "origin", "main", cwd=clone, env=home,
+                       check=False).returncode == 0:
+                    break
+                git("pull", "-q", "--rebase", cwd=clone, env=home)
+            else:
+                pytest.fail("a push kept being refused")
+            assert (m.path / "todo.md").read_text().endswith(f"---\nitem {i}\n")
+        writer.join(60)
+        git("pull", "-q", "--ff-only", cwd=clone, env=home)
+        assert tree(clone) == tree(m.path)
+        assert (m.path / "notes.md").read_text().endswith("---\nnote 19\n")
+        git("fsck", "--strict", cwd=clone, env=home)
+        git("--git-dir", str(history), "fsck", "--strict", env=home)
     finally:
         stop_mount(m)
-    git("clone", serve.git_url(agent), str(tmp_path / "after"), env=home)
+    git("pull", "-q", "--ff-only", cwd=clone, env=home)  # served by serve itself again
     code, err = serve.stop()
     assert code == 0 and "serve stopped" in err
     assert not list((Path(home["HOME"]) / ".letta/serve").glob("*.json"))
