@@ -20,6 +20,9 @@ from . import procs
 DEFAULT_BASE_URL = "http://localhost:8283"  # the Letta server, without --base-url or LETTA_BASE_URL
 
 GIT_REMOTE_ENV = "MEMFUSE_GIT_REMOTE"
+MEMFS_BASE_URL_ENV = "LETTA_MEMFS_BASE_URL"  # where letta-code finds the git endpoint: `memfuse serve`
+DEFAULT_SERVE_LISTEN = "127.0.0.1:8285"  # `memfuse serve` without --listen
+DEFAULT_MEMFS_BASE_URL = f"http://{DEFAULT_SERVE_LISTEN}"
 AGENT_PLACEHOLDER = "{agent}"  # in a git remote URL: the agent id (one repository per agent)
 AGENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")  # one path component, never ..
 
@@ -104,6 +107,7 @@ class Config:
     retry_budget: float = 10.0
     debug: bool = False
     git_remote: str | None = field(default=None, repr=False)  # may hold credentials
+    memfs_base_url: str = DEFAULT_MEMFS_BASE_URL  # `memfuse serve` (LETTA_MEMFS_BASE_URL)
 
     @classmethod
     def build(cls, agent_id: str, mountpoint: str | None = None, *, base_url: str | None = None,
@@ -112,7 +116,9 @@ class Config:
         """Fill the defaults: mountpoint `~/.letta/agents/<id>/memory`, history next to it as
         `memory.git`, base URL from `--base-url`, else LETTA_BASE_URL, else localhost:8283;
         git remote from `--git-remote`, else MEMFUSE_GIT_REMOTE, else none, with `{agent}` in
-        it replaced by the agent id (one repository per agent: `mount --all`, the systemd unit)."""
+        it replaced by the agent id (one repository per agent: `mount --all`, the systemd unit);
+        `memfuse serve`'s URL from LETTA_MEMFS_BASE_URL (letta-code's own variable), else
+        serve's default (`memfs_url`)."""
         home = agent_dir(agent_id)
         return cls(
             agent_id=agent_id,
@@ -121,10 +127,19 @@ class Config:
                          else home / "memory.git"),
             base_url=base_url or os.environ.get("LETTA_BASE_URL") or DEFAULT_BASE_URL,
             api_key=os.environ.get("LETTA_API_KEY") or None,
+            memfs_base_url=(os.environ.get(MEMFS_BASE_URL_ENV) or DEFAULT_MEMFS_BASE_URL
+                            ).rstrip("/"),
             git_remote=(git_remote or os.environ.get(GIT_REMOTE_ENV) or "").replace(
                 AGENT_PLACEHOLDER, agent_id) or None,
             **settings,
         )
+
+    @property
+    def memfs_url(self) -> str:
+        """The agent's git endpoint, as letta-code builds it (`src/agent/memory-git.ts`):
+        `<memfs_base_url>/v1/git/<agent-id>/state.git`. The mount's history names it as its
+        `origin` (HistoryRepo.track), so letta-code finds the repository it expects."""
+        return f"{self.memfs_base_url}/v1/git/{self.agent_id}/state.git"
 
     @property
     def state_dir(self) -> Path:

@@ -303,7 +303,11 @@ async def _start(stack: contextlib.AsyncExitStack, config: Config, problems: Las
                             on_committed=pusher and (lambda _sha: pusher.poke()))
     _teardown(stack, "the last snapshot", snapshots.flush)
     journal = Journal(config.journal_file)
-    state = MountState(Tree(gitfile=gitfile_content(config.history_dir)), snapshots.record,
+    # git memory: `.git` links to the history, so letta-code can write its hooks through it
+    gitlink = layout is GIT_MEMORY
+    gitfile = (os.fsencode(config.history_dir.resolve()) if gitlink
+               else gitfile_content(config.history_dir))
+    state = MountState(Tree(gitfile=gitfile, gitlink=gitlink), snapshots.record,
                        journal=journal, layout=layout)
     remote = Remote(client, config.agent_id, on_conflict=config.on_conflict)
     away = await _load(config, repo, snapshots, state, remote, away, on_progress)
@@ -403,11 +407,16 @@ def _layout(config: Config, agent: AgentFacts) -> tuple[Layout, str | None]:
 
 
 async def _open_history(stack: contextlib.AsyncExitStack, config: Config) -> HistoryRepo:
-    """The agent's history repository, opened (made if new) and private, closed at unmount."""
+    """The agent's history repository, opened (made if new) and private, closed at unmount,
+    with `origin` the agent's `memfuse serve` endpoint (HistoryRepo.track: letta-code's memory
+    directory is the mount)."""
     repo = HistoryRepo(config.history_dir)
     await trio.to_thread.run_sync(repo.open)
     private_dir(config.history_dir)
     _teardown(stack, "closing the history", repo.close)
+    if not await trio.to_thread.run_sync(repo.track, config.memfs_url):
+        log.info("the history's origin is not a memfuse serve endpoint; left as it is (letta-"
+                 "code would not find its memory repository here)")
     return repo
 
 

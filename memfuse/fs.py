@@ -157,7 +157,7 @@ class MemoryFs(pyfuse3.Operations):
                                         if self.tree.node(i).kind is Kind.DIR)
             attr.st_size = BLOCK_SIZE
             attr.attr_timeout = DIR_ATTR_TIMEOUT
-        elif node.kind is Kind.SYMLINK:
+        elif node.kind is Kind.SYMLINK or (node.kind is Kind.GITFILE and self.tree.gitlink):
             attr.st_mode = stat.S_IFLNK | 0o777
             attr.st_size = len(node.content)
         else:
@@ -345,9 +345,10 @@ class MemoryFs(pyfuse3.Operations):
             new=True))
 
     async def readlink(self, inode, ctx):
-        """FUSE readlink: the target of a scratch link."""
+        """FUSE readlink: the target of a scratch link, or of `.git` (the history) in the
+        git-memory layout."""
         node = self._node(inode)
-        if node.kind is not Kind.SYMLINK:
+        if not (node.kind is Kind.SYMLINK or (node.kind is Kind.GITFILE and self.tree.gitlink)):
             raise pyfuse3.FUSEError(errno.EINVAL)
         return bytes(node.content)
 

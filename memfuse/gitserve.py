@@ -70,8 +70,8 @@ from dulwich.server import DictBackend, ReceivePackHandler, UploadPackHandler
 from dulwich.web import GunzipFilter, HTTPGitApplication, LimitedInputFilter
 
 from . import gitpush, gitsync, handoff, procs
-from .config import (Config, ConfigError, JsonRecord, RunningMount, check_agent_id, letta_home,
-                     private_dir)
+from .config import (DEFAULT_SERVE_LISTEN, Config, ConfigError, JsonRecord, RunningMount,
+                     check_agent_id, letta_home, private_dir)
 from .history import HistoryRepo
 from .layout import CLASSIC, Layout, layout_for_tags
 from .errors import AgentGone, KeyRefused, ServerAway, ServerCallError
@@ -80,7 +80,7 @@ from .writerlock import WriterLock
 
 log = logging.getLogger("memfuse.serve")
 
-DEFAULT_LISTEN = "127.0.0.1:8285"
+DEFAULT_LISTEN = DEFAULT_SERVE_LISTEN
 ROUTE = re.compile(r"/v1/git/(?P<agent>[^/]+)/state\.git(?P<rest>/[^/]+(?:/[^/]+)?)\Z")
 UPLOAD_PACK = "git-upload-pack"
 RECEIVE_PACK = "git-receive-pack"

@@ -32,6 +32,8 @@ from .model import Origin
 log = logging.getLogger("memfuse.history")
 
 BRANCH = b"refs/heads/main"
+ORIGIN = b"origin"
+TRACKING = b"refs/remotes/origin/main"  # main as `memfuse serve` serves it: main itself
 FILE_MODE = 0o100644
 SERVER_AUTHOR = b"Letta server <server@letta>"
 INDEX_LOCK_WAIT = 5.0  # seconds a snapshot waits for a git command to release index.lock
@@ -78,6 +80,7 @@ class HistoryRepo:
         self.path = path
         self._repo: Repo | None = None
         self.last_message: str | None = None  # first line of the last commit made here
+        self.tracking = False  # `track`ed: refs/remotes/origin/main follows main
 
     def open(self) -> None:
         """Open the repository, creating it (HEAD -> refs/heads/main) if it does not exist."""
@@ -91,6 +94,39 @@ class HistoryRepo:
         config.write_to_path()
         repo.refs.set_symbolic_ref(b"HEAD", BRANCH)
         self._repo = repo
+
+    def track(self, url: str) -> bool:
+        """Make the history the repository letta-code expects in its memory directory (issue
+        20 point 6; `src/agent/memory-git.ts`): `origin` is `url` (the agent's `memfuse serve`
+        endpoint), `main` tracks `origin/main`, and `refs/remotes/origin/main` is `main` and
+        follows it (what serve serves for a mounted agent is this very branch), so its pull,
+        its ahead/behind check and its push find nothing to do. git's automatic gc is off: a
+        git command in the mount never repacks under the daemon. An `origin` that is no memfs
+        endpoint (no `/v1/git/` in it: a person's own) is left alone, and nothing is tracked.
+        Returns whether `origin` is the endpoint now. Raises OSError."""
+        config = self.repo.get_config()
+        try:
+            current = config.get((b"remote", ORIGIN), b"url")
+        except KeyError:
+            current = None
+        if current is not None and b"/v1/git/" not in current:
+            return False
+        config.set((b"remote", ORIGIN), b"url", url.encode())
+        config.set((b"remote", ORIGIN), b"fetch", b"+refs/heads/*:refs/remotes/origin/*")
+        config.set((b"branch", b"main"), b"remote", ORIGIN)
+        config.set((b"branch", b"main"), b"merge", BRANCH)
+        config.set((b"gc",), b"auto", b"0")
+        config.set((b"maintenance",), b"auto", b"false")
+        config.write_to_path()
+        self.tracking = True
+        head = self.head()
+        if head is not None:
+            self.repo.refs[TRACKING] = head
+        return True
+
+    def _follow(self, commit_id: bytes) -> None:
+        if self.tracking:
+            self.repo.refs[TRACKING] = commit_id
 
     def close(self) -> None:
         """Close the repository's files (at unmount); `open` may be called again."""
@@ -163,6 +199,7 @@ class HistoryRepo:
             commit.message = f"{subject}: {shown}\n\n" .encode() + "\n".join(lines).encode() + b"\n"
             store.add_object(commit)
             if self.repo.refs.set_if_equals(BRANCH, head, commit.id):
+                self._follow(commit.id)
                 self._update_index(entries)
                 self.last_message = commit.message.decode().splitlines()[0]
                 return commit.id
@@ -176,6 +213,7 @@ class HistoryRepo:
         old_tree = store[expected].tree if expected else None
         if not self.repo.refs.set_if_equals(BRANCH, expected, commit_id):
             return False
+        self._follow(commit_id)
         entries: list[tuple[bytes, int | None, bytes | None]] = []
         for change in tree_changes(store, old_tree, store[commit_id].tree):
             if change.new is None or change.new.path is None:

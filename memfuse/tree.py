@@ -91,7 +91,7 @@ class Tree:
     every other module only reads it. `on_change(node)` is called whenever what a block file
     shows changes (its content or mode, or it stops being a block file), after the change."""
 
-    def __init__(self, gitfile: bytes | None = None):
+    def __init__(self, gitfile: bytes | None = None, gitlink: bool = False):
         now = time.time_ns()
         self.on_change: Callable[[Node], None] = lambda node: None
         self._nodes: dict[int, Node] = {}
@@ -103,6 +103,10 @@ class Tree:
         self.root = Node(ROOT_INODE, Kind.DIR, ROOT_INODE, "", now, now, mode=0o755)
         self._nodes[ROOT_INODE] = self.root
         self.system = self.add(Kind.DIR, self.root, SYSTEM_DIR)
+        # `.git` at the root: a gitfile (`gitdir: <history>`), or with `gitlink` a symbolic
+        # link to the history (`gitfile` is then its target): letta-code writes its hooks
+        # through `<memory>/.git/hooks/`, which must be a directory
+        self.gitlink = gitlink
         if gitfile is not None:
             self.add(Kind.GITFILE, self.root, GITFILE_NAME, content=gitfile)
 

@@ -71,7 +71,8 @@ async def make_world(nursery, grace: float = 0.2, journal: bool = True, after=No
                     Path(tempfile.mkdtemp(prefix="memfuse-journal-")) / "memory.journal")
     journal_file = Journal(journal_path) if journal else None
     remote = Remote(client, agent)
-    state = MountState(Tree(gitfile=b"gitdir: /somewhere/memory.git\n"),
+    gitfile = b"/somewhere/memory.git" if git_memory else b"gitdir: /somewhere/memory.git\n"
+    state = MountState(Tree(gitfile=gitfile, gitlink=git_memory),  # as daemon.py makes it
                        lambda path, content, origin, reason=None, durable=False: (
                            records.append((path, content, origin)),
                            reasons.append(reason) if origin.value == "rejected" else None),

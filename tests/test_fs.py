@@ -49,6 +49,16 @@ async def test_gitfile_points_at_history_and_is_read_only(world):
     assert caught.value.errno == errno.EACCES
 
 
+async def test_in_the_git_memory_layout_git_is_a_link_to_the_history(nursery):
+    world = await make_world(nursery, git_memory=True)
+    inode = await inode_of(world.fs, ".git")
+    assert stat.S_ISLNK((await world.fs.getattr(inode, None)).st_mode)
+    assert await world.fs.readlink(inode, None) == b"/somewhere/memory.git"
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await world.fs.unlink(pyfuse3.ROOT_INODE, b".git", None)
+    assert caught.value.errno == errno.EPERM
+
+
 async def test_shell_redirect_sends_exactly_one_patch_with_the_value(world):
     fs = world.fs
     info = await fs.open(await inode_of(fs, "system/human.md"), os.O_WRONLY | os.O_TRUNC, None)

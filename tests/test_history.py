@@ -243,3 +243,34 @@ async def test_a_rejected_edits_commit_says_why_it_was_refused(tmp_path):
         f"{user}|Rejected local edit (the server changed first): system/human.md",
         f"{user}|Rejected local edit (value is 41 characters, over the limit of 40): "
         "system/persona.md"]
+
+
+def test_track_names_the_endpoint_as_origin_and_origin_main_follows_main(tmp_path):
+    repo = make_repo(tmp_path)
+    first = repo.commit({"a.md": b"a"}, SERVER_AUTHOR, "Server change")
+    url = "http://127.0.0.1:8285/v1/git/agent-1/state.git"
+    assert repo.track(url)
+    assert git(repo, "remote", "get-url", "origin").strip() == url
+    assert git(repo, "rev-parse", "--abbrev-ref", "main@{u}").strip() == "origin/main"
+    assert git(repo, "rev-parse", "origin/main").strip() == first.decode()
+    assert git(repo, "config", "gc.auto").strip() == "0"
+    second = repo.commit({"a.md": b"b"}, SERVER_AUTHOR, "Server change")
+    assert git(repo, "rev-parse", "origin/main").strip() == second.decode()
+    third = repo.commit({"a.md": b"c"}, SERVER_AUTHOR, "Server change")
+    for ref in (b"refs/heads/main", b"refs/remotes/origin/main"):
+        repo.repo.refs[ref] = second  # as a push judged on `second` finds them
+    assert repo.move(second, third)
+    assert git(repo, "rev-parse", "origin/main").strip() == third.decode()
+    assert git(repo, "rev-list", "--count", "main@{u}..main").strip() == "0"
+
+
+def test_track_leaves_a_persons_own_origin_alone(tmp_path):
+    repo = make_repo(tmp_path)
+    repo.commit({"a.md": b"a"}, SERVER_AUTHOR, "Server change")
+    subprocess.run(["git", "--git-dir", str(repo.path), "remote", "add", "origin",
+                    "git@example.org:me/memory.git"], check=True)
+    assert not repo.track("http://127.0.0.1:8285/v1/git/agent-1/state.git")
+    assert git(repo, "remote", "get-url", "origin").strip() == "git@example.org:me/memory.git"
+    repo.commit({"a.md": b"b"}, SERVER_AUTHOR, "Server change")
+    refs = git(repo, "for-each-ref", "--format=%(refname)")
+    assert "refs/remotes/origin/main" not in refs  # nothing tracked for it

@@ -3,6 +3,7 @@ clone, a pull after an API edit, an unknown agent, a push (applied, refused, sta
 a mounted agent, status, and a clean stop on SIGTERM."""
 from __future__ import annotations
 
+import os
 import re
 import select
 import signal
@@ -333,3 +334,54 @@ def test_letta_codes_memfs_startup_sync_clones_through_serve(serve, tagged_agent
     status = subprocess.run([letta_code, "memory", "status", "--agent", tagged_agent], env=env,
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert '"summary": "clean"' in status.stdout, status.stdout + status.stderr
+
+
+def test_letta_code_on_the_live_mount_finds_its_repository_and_has_nothing_to_do(
+        serve, tagged_agent, home, api, letta_code, letta_url, tmp_path):
+    env = dict(home, LETTA_BASE_URL=letta_url, LETTA_MEMFS_BASE_URL=serve.url,
+               LETTA_MEMFS_LOCAL="1")
+    m = start_mount(tagged_agent, env)  # at its default place: letta-code's memory directory
+    history = m.state / "memory.git"
+    try:
+        assert git("remote", "get-url", "origin", cwd=m.path, env=home).stdout.strip() == (
+            f"{serve.url}/v1/git/{tagged_agent}/state.git")
+        before = git("rev-parse", "main", cwd=m.path, env=home).stdout.strip()
+        run = subprocess.run([letta_code, "--agent", tagged_agent, "-p", "hi",
+                              "--memfs-startup", "blocking"], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=180)
+        output = run.stdout + run.stderr
+        assert "Memory git sync failed" not in output, output
+        assert os.path.ismount(m.path)
+        # its startup pull had nothing to do: the mount is live
+        assert git("rev-parse", "main", cwd=m.path, env=home).stdout.strip() == before
+        assert not list((history / "refs").rglob("letta-backup*"))  # no reset to recover
+        status = subprocess.run([letta_code, "memory", "status", "--agent", tagged_agent],
+                                env=env, cwd=tmp_path, capture_output=True, text=True,
+                                timeout=120)
+        assert '"summary": "clean"' in status.stdout, status.stdout + status.stderr
+        # an edit in the mount is live at once; letta-code's commit (through its hook) and
+        # push then succeed with nothing left to send
+        human = m.path / "system/human.md"
+        human.write_text(human.read_text().replace("The human.\n", "Edited in the mount.\n"))
+        assert block_by_label(api, tagged_agent, "system/human")["value"] == (
+            "Edited in the mount.\n")
+        assert (history / "hooks/pre-commit").exists()  # written through the mount's .git
+        # the snapshot may have committed the edit already; if not, this commit does
+        git("commit", "-qam", "edit through the hook", cwd=m.path, env=env, check=False)
+        git("push", "-q", "origin", "main", cwd=m.path, env=env)
+        assert git("status", "--porcelain", cwd=m.path, env=home).stdout == ""
+        assert git("show", "main:system/human.md", cwd=m.path, env=home).stdout.endswith(
+            "---\nEdited in the mount.\n")
+        status = subprocess.run([letta_code, "memory", "status", "--agent", tagged_agent],
+                                env=env, cwd=tmp_path, capture_output=True, text=True,
+                                timeout=120)
+        assert '"summary": "clean"' in status.stdout, status.stdout + status.stderr
+        assert block_by_label(api, tagged_agent, "system/human")["value"] == (
+            "Edited in the mount.\n")
+        # its hooks and config stay out of the history: no key, no hook in any commit
+        git("--git-dir", str(history), "fsck", "--strict", env=home)
+        listed = git("--git-dir", str(history), "log", "--all", "--name-only", "--format=",
+                     env=home).stdout
+        assert ".git" not in listed and "hooks" not in listed
+    finally:
+        stop_mount(m)
