@@ -109,11 +109,15 @@ AWAY_NO_HISTORY = ("the Letta server does not answer now ({failure}), and there 
 
 class Refusal(Exception):
     """An HTTP answer other than git's: `status` (`"404 Not Found"`), the `text` git shows
-    (as `remote:` lines, text/plain), extra `headers`."""
+    (as `remote:` lines, text/plain), extra `headers`. `refused_by_letta`: Letta refused the
+    request's key or does not know the agent (an earlier acceptance of the key no longer
+    counts)."""
 
-    def __init__(self, status: str, text: str, headers: list[tuple[str, str]] | None = None):
+    def __init__(self, status: str, text: str, headers: list[tuple[str, str]] | None = None,
+                 refused_by_letta: bool = False):
         super().__init__(text)
         self.status, self.text, self.headers = status, text, headers or []
+        self.refused_by_letta = refused_by_letta
 
     def answer(self, start_response: Callable) -> list[bytes]:
         """Start the response and return its body."""
@@ -197,10 +201,12 @@ async def _answered(call, away: bool = False):
     except KeyRefused:
         raise Refusal("401 Unauthorized", "the Letta server refused the request's API key "
                                           "(the password of its Basic authorization)",
-                      [("WWW-Authenticate", f'Basic realm="{REALM}"')]) from None
+                      [("WWW-Authenticate", f'Basic realm="{REALM}"')],
+                      refused_by_letta=True) from None
     except AgentGone as exc:
         raise Refusal("404 Not Found", f"not found: no such agent on the Letta server "
-                                       f"({exc.status} {exc.detail})") from None
+                                       f"({exc.status} {exc.detail})",
+                      refused_by_letta=True) from None
     except ServerCallError as exc:
         if away and isinstance(exc, ServerAway):
             raise
@@ -342,7 +348,7 @@ class GitEndpoint:
             except ServerAway as exc:
                 return await self._away(request, key, config, exc)
             except Refusal as refusal:
-                if refusal.status.startswith(("401", "404")):  # the key, or the agent, gone
+                if refusal.refused_by_letta:  # the key, or the agent, gone
                     self.keys.refused(request.agent_id, key)
                 raise
             self.keys.accepted(request.agent_id, key, layout)

@@ -366,9 +366,15 @@ def test_letta_code_on_the_live_mount_finds_its_repository_and_has_nothing_to_do
         assert block_by_label(api, tagged_agent, "system/human")["value"] == (
             "Edited in the mount.\n")
         assert (history / "hooks/pre-commit").exists()  # written through the mount's .git
-        # the snapshot may have committed the edit already; if not, this commit does
-        git("commit", "-qam", "edit through the hook", cwd=m.path, env=env, check=False)
+        # letta-code's commit (its pre-commit hook runs) and push exit 0; the snapshot may
+        # have committed the edit already, so the commit may hold no change
+        git("commit", "-qa", "--allow-empty", "-m", "edit through the hook", cwd=m.path,
+            env=env)
+        committed = git("rev-parse", "HEAD", cwd=m.path, env=home).stdout.strip()
         git("push", "-q", "origin", "main", cwd=m.path, env=env)
+        assert git("rev-parse", "main", cwd=m.path, env=home).stdout.strip() == committed
+        assert git("rev-list", "--count", "main@{u}..main", cwd=m.path, env=home
+                   ).stdout.strip() == "0"
         assert git("status", "--porcelain", cwd=m.path, env=home).stdout == ""
         assert git("show", "main:system/human.md", cwd=m.path, env=home).stdout.endswith(
             "---\nEdited in the mount.\n")
