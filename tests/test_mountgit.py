@@ -16,10 +16,10 @@ from dulwich.repo import Repo
 
 from memfuse import gitserve, handoff
 from memfuse.config import Config, RunningMount
-from memfuse.daemon import serve
 from memfuse.history import BRANCH
 
 from .fakeletta import FakeLetta
+from .test_daemon import run_until_ready
 
 pytestmark = pytest.mark.real_clock  # pyfuse3's loop serves real syscalls from worker threads
 
@@ -56,15 +56,7 @@ class Served:
 
 
 async def mounted(nursery, config, fake) -> None:
-    reports, ready = [], trio.Event()
-
-    def on_ready(error):
-        reports.append(error)
-        ready.set()
-
-    nursery.start_soon(partial(serve, config, on_ready, transport=fake.transport()))
-    await ready.wait()
-    assert reports == [None]
+    assert await run_until_ready(nursery, config, fake) == [None]
 
 
 def in_thread(fn, *args, **kwargs):
