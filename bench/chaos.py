@@ -271,11 +271,30 @@ def _trial(api: httpx.Client, setup: Rig, number: int, offline: bool, rng: rando
             proxy.restore()
         _memfuse(env, "mount", agent)
         wait_drained(env, agent, state)
+        lost = len(result.details)
         check_server(api, agent, writer, f"trial {number}", result)
         _memfuse(env, "umount", agent)
         fsck(state, f"trial {number}", result)
+        if len(result.details) > lost:
+            result.details.append(evidence(setup, result.details[lost:]))
     finally:
         writer.stop(0)
+
+
+def evidence(setup: Rig, complaints: list[str]) -> str:
+    """What a failed trial leaves to explain it: the daemon log's lines that name a file the
+    `complaints` name (both daemons' runs), and where a copy of the agent's state directory
+    (log, journal, history) is kept for reading, `~/.cache/memfuse-chaos-kept/<agent>`."""
+    names = set(re.findall(r"(?:new-\d+|human|notes)\.md", " ".join(complaints)))
+    log = setup.state / "memfuse.log"
+    lines = [line for line in (log.read_text(errors="replace").splitlines()
+                               if log.exists() else [])
+             if any(name in line for name in names) or "journal" in line
+             or "Traceback" in line or "ERROR" in line]
+    kept = Path(os.path.expanduser("~/.cache/memfuse-chaos-kept")) / setup.agent
+    shutil.copytree(setup.state, kept, symlinks=True, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("memory"))
+    return f"kept in {kept}; log lines:\n" + "\n".join(lines[-80:])
 
 
 def outage(base_url: str, seconds: float = 60.0) -> dict:

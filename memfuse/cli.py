@@ -517,7 +517,7 @@ def status(target: str | None) -> int:
                 print(f"memfuse: {_unrecorded(mount)}")
             code = 1
         else:
-            report = Status.load(mount.status_file)
+            report = Status.of(mount.status_file, record.pid)
             print(report.render() if report else f"agent {record.agent_id} at {mountpoint} "
                   f"(pid {record.pid}): starting, no status yet")
             if mount.foreign:

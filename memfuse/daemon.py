@@ -718,12 +718,16 @@ async def _mount(stack: contextlib.AsyncExitStack, mount: Mount) -> None:
     _teardown(stack, "sending unsent writes", send_pending)
 
 
+def _save_status(mount: Mount) -> None:
+    try:
+        mount.status().save(mount.config.status_file)
+    except OSError as exc:
+        log.warning("could not write %s: %s", mount.config.status_file, exc)
+
+
 async def _publish_status(mount: Mount) -> None:
     while True:
-        try:
-            mount.status().save(mount.config.status_file)
-        except OSError as exc:
-            log.warning("could not write %s: %s", mount.config.status_file, exc)
+        _save_status(mount)
         await trio.sleep(STATUS_INTERVAL)
 
 
@@ -793,4 +797,5 @@ async def _serve(mount: Mount, on_ready: Callable[[str | None], None],
             log.warning("%s", mount.notice)
             if on_notice is not None:
                 on_notice(mount.notice)
+        _save_status(mount)  # a `memfuse status` right after `mount` returns reads this one
         on_ready(None)

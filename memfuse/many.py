@@ -160,8 +160,8 @@ def mount_rows() -> list[MountRow]:
     for pid_file, record in running_mounts():
         alive = record.alive()
         rows.append(MountRow(record, alive,
-                             Status.load(pid_file.with_name("memfuse.status.json")) if alive
-                             else None,
+                             Status.of(pid_file.with_name("memfuse.status.json"), record.pid)
+                             if alive else None,
                              stale_mount=not alive and is_mounted(Path(record.mountpoint))))
     return rows
 

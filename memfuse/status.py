@@ -9,6 +9,7 @@ import logging
 import time
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Callable
 
 from .config import JsonRecord
@@ -75,6 +76,15 @@ class Status(JsonRecord):
     layout_changed: str | None = None  # the layout the agent's tags choose now, if not this one
     out_of_prompt: list[str] | None = None  # git memory: attached labels like `human` that its
                                             # prompt no longer shows (gitmemory.out_of_prompt)
+
+    @classmethod
+    def of(cls, path: Path, pid: int) -> "Status | None":
+        """The report the daemon `pid` wrote to `path`, or None: no report yet, or one another
+        daemon wrote. A daemon killed with SIGKILL leaves its last report behind, and the next
+        mount's daemon replaces it only at its first publish; until then that report speaks of
+        a journal the new daemon has not replayed, so it must not pass for the new one's."""
+        report = cls.load(path)
+        return report if report is not None and report.pid == pid else None
 
     def render(self, now: float | None = None) -> str:
         """The human-readable report."""

@@ -180,6 +180,24 @@ def test_status_of_a_live_daemon_prints_its_report(home, capsys, live_pid):
     assert "http://x: reachable" in out
 
 
+def test_status_of_a_live_daemon_never_shows_a_dead_daemons_report(home, capsys, live_pid):
+    # kill -9 leaves the last report; the next daemon's pid file is written before its first
+    # report: until that report, the old one (here: journal empty) is not this daemon's
+    state = home / ".letta/agents/agent-1"
+    state.mkdir(parents=True)
+    RunningMount("agent-1", str(state / "memory"), live_pid, "http://x",
+                 str(state / "memfuse.log")).save(state / "memfuse.pid")
+    Status(agent_id="agent-1", mountpoint=str(state / "memory"), base_url="http://x",
+           pid=dead_pid(), reachable=True, last_poll=None, pending_writes=0, pending_unlinks=0,
+           uncommitted=0, last_commit=None, last_commit_message=None, last_commit_at=None,
+           last_conflict=None, last_error=None, last_error_at=None,
+           updated_at=1e12).save(state / "memfuse.status.json")
+    assert cli.main(["status", "agent-1"]) == 0
+    out = capsys.readouterr().out
+    assert f"(pid {live_pid}): starting, no status yet" in out
+    assert "journal" not in out
+
+
 def test_umount_of_a_dead_daemon_with_no_mount_left_says_so(home, capsys):
     state = home / ".letta/agents/agent-1"
     state.mkdir(parents=True)

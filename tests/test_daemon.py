@@ -381,3 +381,29 @@ async def test_the_daemon_holds_the_history_lock_and_a_mount_waits_for_its_holde
     finally:
         lock.release()
     assert "memfuse serve" in reports[0] and not config.pid_file.exists()
+
+
+async def test_the_status_report_is_this_daemons_own_once_it_says_ready(setup):
+    # a daemon killed with SIGKILL leaves its last report behind: here one whose journal is
+    # empty. When the next daemon says it is ready, the report must be its own, or a
+    # `memfuse status` run at once takes the dead daemon's "journal empty" for this one's.
+    fake, config = setup
+    config.state_dir.mkdir(parents=True)
+    (config.state_dir / "memfuse.status.json").write_text(json.dumps({
+        "agent_id": config.agent_id, "mountpoint": str(config.mountpoint), "base_url": "x",
+        "pid": 1, "reachable": True, "last_poll": None, "pending_writes": 0,
+        "pending_unlinks": 0, "uncommitted": 0, "last_commit": None,
+        "last_commit_message": None, "last_commit_at": None, "last_conflict": None,
+        "last_error": None, "last_error_at": None, "updated_at": 1e12}))
+    at_ready = []
+
+    def on_ready(error):  # called before any background task has run
+        at_ready.append(json.loads(config.status_file.read_text())["pid"])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(serve, config, on_ready, transport=fake.transport()))
+        with trio.fail_after(10):
+            while not at_ready:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert at_ready == [os.getpid()]

@@ -27,7 +27,7 @@ def pid_file(home, agent_id: str, pid: int, name: str = "", base_url: str = "htt
 
 def status_file(state, agent_id: str, updated_at: float, **fields):
     values = dict(agent_id=agent_id, mountpoint=str(state / "memory"), base_url="http://x",
-                  pid=os.getpid(), reachable=True, last_poll=None, pending_writes=0,
+                  pid=RunningMount.load(state / "memfuse.pid").pid, reachable=True, last_poll=None, pending_writes=0,
                   pending_unlinks=0, uncommitted=0, last_commit=None, last_commit_message=None,
                   last_commit_at=None, last_conflict=None, last_error=None, last_error_at=None,
                   updated_at=updated_at)
@@ -187,11 +187,14 @@ def test_list_shows_one_line_per_mount_with_its_state_and_pending_work(home, mon
     status_file(pid_file(home, "agent-d", me, "Dee"), "agent-d", now - 60)
     pid_file(home, "agent-e", dead_pid(), "Eve")
     pid_file(home, "agent-f", me, "Fay")  # no status yet
+    # a daemon killed with SIGKILL left its report: not the live daemon's
+    status_file(pid_file(home, "agent-g", me, "Gil"), "agent-g", now, pid=dead_pid())
     assert cli.main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["AGENT", "NAME", "MOUNTPOINT", "SERVER", "STATE", "PENDING"]
     rows = {line.split()[0]: " ".join(line.split()) for line in lines[1:]}
-    assert sorted(rows) == ["agent-a", "agent-b", "agent-c", "agent-d", "agent-e", "agent-f"]
+    assert sorted(rows) == ["agent-a", "agent-b", "agent-c", "agent-d", "agent-e", "agent-f",
+                            "agent-g"]
     state = home / ".letta/agents"
     assert f"{state}/agent-a/memory" in rows["agent-a"] and "http://one" in rows["agent-a"]
     assert rows["agent-a"].endswith("serving 1 unsent, 2 journaled, 3 uncommitted")
@@ -202,6 +205,7 @@ def test_list_shows_one_line_per_mount_with_its_state_and_pending_work(home, mon
     assert rows["agent-d"].endswith("not responding for 60 s none")
     assert rows["agent-e"].endswith("dead daemon ?")
     assert rows["agent-f"].endswith("starting ?")
+    assert rows["agent-g"].endswith("starting ?")
     assert len({line.index("http://") for line in lines[1:]}) == 1  # columns aligned
 
 
