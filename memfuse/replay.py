@@ -65,6 +65,19 @@ def _changed_since(current: Block, base: dict) -> bool:
     return blockfile.conflict_fields(current) != blockfile.conflict_fields(then)
 
 
+def _ours(current: Block, contents: list[Entry]) -> bool:
+    """Whether the server's block `current` is what the first n of a block's journaled writes
+    `contents` make, for some n: this mount's own write, whose PATCH the server took before
+    the answer was lost (the write was then journaled on the block as it was), or a replay
+    cut short after its PATCH. Not a change of somebody else's, so no conflict."""
+    fields, block = blockfile.conflict_fields(current), contents[0].base_block()
+    for entry in contents:  # one pass: a long outage journals many writes to one block
+        block = blockfile.applied(block, blockfile.parse(entry.content))
+        if blockfile.conflict_fields(block) == fields:
+            return True
+    return False
+
+
 def _target(entries: list[Entry]) -> blockfile.ParsedFile:
     """What a block's journaled writes, in order, make of it, as one file (`_made`)."""
     block = _made(entries)
@@ -409,7 +422,7 @@ class Replayer:
         if not changes:
             return Outcome("already on the server", current)
         recorded = False
-        if _changed_since(current, base):
+        if _changed_since(current, base) and not _ours(current, contents):
             where = path or entry_path
             if self.remote.on_conflict == "reject":
                 if path is not None:

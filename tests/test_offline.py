@@ -300,6 +300,26 @@ async def test_several_journaled_writes_to_one_block_chain_without_false_conflic
     assert world.files.last_conflict is None
 
 
+
+@pytest.mark.parametrize("policy", ["overwrite", "reject"])
+async def test_a_write_whose_answer_was_lost_is_no_conflict_with_itself_at_replay(world, policy):
+    # the link dies after the server took the PATCH: the write is journaled on the block as it
+    # was, and the server now holds that very write. Replay must not take it for somebody
+    # else's change (under reject, the person's writes would be turned away).
+    world.remote.on_conflict = policy
+    world.fake.lose_answer = lambda method, path, body: method == "PATCH"
+    await write(world, "system/human.md", b"one\n")  # taken; answer lost; journaled
+    assert world.fake.blocks[world.ids["human"]]["value"] == "one\n"
+    await write(world, "system/human.md", b"two\n")
+    assert len(world.journal.pending()) == 2
+    world.fake.down = False
+    start = len(world.records)
+    assert await world.replayer.replay()
+    assert world.fake.blocks[world.ids["human"]]["value"] == "two\n"
+    assert world.files.last_conflict is None
+    assert not [o for _p, _c, o in world.records[start:] if o in (Origin.REJECTED,
+                                                                  Origin.SERVER)]
+
 # -- namespace changes while the server is away ---------------------------------------------------
 
 from memfuse.model import is_provisional  # noqa: E402
