@@ -55,20 +55,34 @@ ZERO = b"0" * 40
 SUBJECT = "Part of a push"  # the commit of a push the server took in part
 MAX_STATUS = 1000  # characters of a ref's `ng` reason (one pkt-line; the rest is in the remote lines)
 
-Files = dict[str, tuple[int, bytes | None]]  # path -> (git mode, bytes; None: no blob here)
+@dataclass(frozen=True)
+class Unread:
+    """A file both sides of a push hold alike (same mode, same object id `sha`): its bytes
+    are never read, and it compares equal on both sides, so `plan` passes over it."""
+
+    sha: bytes
 
 
-def files_at(repo: HistoryRepo, commit_id: bytes | None) -> Files:
-    """Every file of the commit `commit_id` ({} for None): path -> (mode, bytes), bytes None
-    for what is no blob (a submodule)."""
-    if commit_id is None:
-        return {}
-    store = repo.repo.object_store
-    found: Files = {}
-    for path, mode, sha in store.iter_tree_contents(store[commit_id].tree):
-        blob = store[sha].as_raw_string() if stat.S_ISREG(mode) or stat.S_ISLNK(mode) else None
-        found[path.decode("utf-8", "surrogateescape")] = (mode, blob)
-    return found
+# path -> (git mode, bytes; None: no blob here; Unread: alike on both sides)
+Files = dict[str, tuple[int, "bytes | Unread | None"]]
+
+
+def pushed_files(repo: HistoryRepo, head: bytes | None, new: bytes, layout: Layout
+                 ) -> tuple[Files, Files]:
+    """The files of the commits `head` (None: no commit) and `new`, as `plan` takes them: the
+    bytes of a file are read where the two differ, and of every kept file (PathKind.KEPT:
+    their total size is checked); any other file alike on both sides is Unread (at 1,000
+    blocks, reading every blob of both trees was a tenth of a push)."""
+    old_entries = repo.entries(head) if head is not None else {}
+    new_entries = repo.entries(new)
+
+    def read(path: str, mode: int, sha: bytes, other: dict) -> tuple[int, bytes | Unread | None]:
+        if other.get(path) == (mode, sha) and layout.kind(_parts(path)) is not PathKind.KEPT:
+            return mode, Unread(sha)
+        return mode, repo.blob(sha) if stat.S_ISREG(mode) or stat.S_ISLNK(mode) else None
+
+    return ({path: read(path, *entry, new_entries) for path, entry in old_entries.items()},
+            {path: read(path, *entry, old_entries) for path, entry in new_entries.items()})
 
 
 def _errno_name(exc: FsError) -> str:
@@ -347,7 +361,7 @@ class Receiver:
             return Verdict(False, "non-fast-forward", (
                 "the server's memory changed since your last fetch (or the push is no "
                 "descendant of main): pull (git pull --rebase), then push again",))
-        pushed = plan(files_at(self.repo, head), files_at(self.repo, new), self.live,
+        pushed = plan(*pushed_files(self.repo, head, new, self.layout), self.live,
                       self.layout)
         if pushed.refusals:
             return Verdict(False, f"refused, nothing applied: {'; '.join(pushed.refusals)}",

@@ -153,6 +153,20 @@ class HistoryRepo:
         return {path.decode(): store[sha].as_raw_string()
                 for path, _mode, sha in store.iter_tree_contents(store[head].tree)}
 
+    def entries(self, commit_id: bytes | None = None) -> dict[str, tuple[int, bytes]]:
+        """Path -> (git mode, object id) of every file of the commit `commit_id` (default:
+        the branch head; {} when there is none): its trees are read, no blob is."""
+        commit_id = self.head() if commit_id is None else commit_id
+        if commit_id is None:
+            return {}
+        store = self.repo.object_store
+        return {path.decode("utf-8", "surrogateescape"): (mode, sha)
+                for path, mode, sha in store.iter_tree_contents(store[commit_id].tree)}
+
+    def blob(self, sha: bytes) -> bytes:
+        """The bytes of the blob `sha` (hex object id). KeyError when it is not here."""
+        return self.repo.object_store[sha].as_raw_string()
+
     def commit(self, changes: dict[str, bytes | None], author: bytes, subject: str
                ) -> bytes | None:
         """Commit `changes` (path -> new content, None = deleted) on top of the branch head.

@@ -83,3 +83,29 @@ def test_a_file_whose_bytes_say_what_its_block_is_keeps_its_bytes(tmp_path):
     locked = Block("block-2", "persona", "v\n", 100, read_only=True)
     assert not blockfile.shows(b"v\n", locked)  # read_only left out says false
     assert blockfile.shows(blockfile.render(locked), locked)
+
+
+def test_a_take_reads_only_the_committed_blobs_that_differ_and_removes_the_rest(tmp_path,
+                                                                                monkeypatch):
+    # compared by object id: at 1,000 blocks, reading every committed blob was a third of a
+    # take. A path the server no longer shows is removed, a kept file of the layout is not.
+    repo = HistoryRepo(tmp_path / "memory.git")
+    repo.open()
+    before = gitsync.Live()
+    for label in ("system/a", "system/b", "system/c"):
+        before.add(block(label), True, GIT_MEMORY)
+    gitsync.take(repo, before, GIT_MEMORY, tmp_path / "memory.blocks")
+    repo.commit({"skills/pdf/extract.py": b"print()\n"}, b"p <p@x>", "Local edit")
+    read = []
+    real_blob = HistoryRepo.blob
+    monkeypatch.setattr(HistoryRepo, "blob", lambda self, sha: read.append(sha) or real_blob(
+        self, sha))
+    after = gitsync.Live()
+    for b in (block("system/a"), block("system/b", "changed\n")):
+        after.add(b, True, GIT_MEMORY)
+    old_b = repo.entries()["system/b.md"][1]
+    gitsync.take(repo, after, GIT_MEMORY, tmp_path / "memory.blocks")
+    assert read == [old_b]
+    assert sorted(repo.files()) == ["skills/pdf/extract.py", "system/a.md", "system/b.md"]
+    assert repo.files()["system/b.md"] == blockfile.render(block("system/b", "changed\n"))
+    repo.close()
