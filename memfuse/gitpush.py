@@ -257,6 +257,21 @@ class Outcome:
     blocks: dict[str, Block] = field(default_factory=dict)  # path -> the block it made, as
     # the server answered (the updates, creates and relabels done)
 
+    def shown(self, live: dict[str, tuple[Block, bool]]) -> dict[str, tuple[Block, bool]]:
+        """What the files show once the steps done are applied to `live` (path -> (block,
+        attached), as the push was judged): an updated file its block as the server answered,
+        a created or relabelled one its new block where it now is, a retired one nothing."""
+        result = dict(live)
+        for step in self.done:
+            if step.kind == "relabel":
+                result.pop(step.old_path, None)
+            if step.kind == "retire":
+                result.pop(step.path, None)
+            elif step.path in self.blocks:
+                attached = step.location.attached if step.location is not None else step.attached
+                result[step.path] = (self.blocks[step.path], attached)
+        return result
+
     def applied(self, pushed: Plan) -> dict[str, bytes | None]:
         """The changes of `pushed` that are on the server now, and its kept files: path ->
         pushed bytes (None: removed)."""
@@ -338,7 +353,8 @@ class Receiver:
                  client: Callable[[], Client], agent_id: str):
         self.repo, self.layout, self.live = repo, layout, live
         self.client, self.agent_id = client, agent_id
-        self.moved = False  # whether a push moved the branch (the block map is then re-read)
+        self.moved = False  # whether a push moved the branch (the block map is then saved)
+        self.shown = live  # path -> (block, attached) of what the branch shows now
 
     def receive(self, ref: bytes, old: bytes, new: bytes) -> Verdict:
         """Check, apply and acknowledge the update of `ref` from `old` to `new`."""
@@ -376,7 +392,9 @@ class Receiver:
 
     def settle(self, head: bytes | None, new: bytes, pushed: Plan, outcome: Outcome) -> Verdict:
         """Move the branch for what `outcome` applied of `pushed` (judged on `head`): to
-        `new` when all of it, else to a commit of the part applied. Blocking (dulwich)."""
+        `new` when all of it, else to a commit of the part applied; `shown` then says what
+        its block files show. Blocking (dulwich)."""
+        self.shown = outcome.shown(self.live)
         if outcome.failed is None:
             return self._acknowledge(head, new, pushed)
         return self._in_part(new, pushed, outcome)

@@ -467,7 +467,7 @@ class GitEndpoint:
                 held.repo, held.layout, {path: (block, attached) for path, block, attached
                                          in found}, lambda: self._client(key), request.agent_id)
             pushes = functools.partial(PushHandler, receiver=receiver, after=lambda: self._remember(
-                request.agent_id, held, key))
+                request.agent_id, held, receiver))
         app.handlers = {UPLOAD_PACK.encode(): UploadPackHandler, RECEIVE_PACK.encode(): pushes}
         try:
             body = LimitedInputFilter(GunzipFilter(app))(environ, start_response)
@@ -477,18 +477,16 @@ class GitEndpoint:
         return _Body(body, held)
 
 
-    def _remember(self, agent_id: str, held: _Held, key: str | None) -> None:
-        """After a push moved the branch: the block map saved anew from the server's blocks
-        now (the new blocks' ids), so a mount started later knows them. A failure is a
-        WARNING: the next request's advertisement saves it again."""
-        async def relist() -> gitsync.Live:
-            async with self._client(key) as client:
-                return await gitsync.live(Remote(client, agent_id), held.layout)
+    def _remember(self, agent_id: str, held: _Held, receiver: gitpush.Receiver) -> None:
+        """After a push moved the branch: the block map saved anew from what the branch shows
+        now (the judged blocks with the push's steps applied: the new blocks' ids), so a mount
+        started later knows them. A failure is a WARNING: the next request's advertisement
+        saves it again."""
         try:
-            found = trio.run(relist)
-            gitsync.remember(found, agent_config(agent_id, self.base_url).block_map_file,
-                             held.layout)
-        except (ServerCallError, OSError) as exc:
+            gitsync.remember(((path, block, attached) for path, (block, attached)
+                              in receiver.shown.items()),
+                             agent_config(agent_id, self.base_url).block_map_file, held.layout)
+        except OSError as exc:
             log.warning("agent %s: the block map was not saved after the push (%s); the next "
                         "request saves it", agent_id, exc)
 

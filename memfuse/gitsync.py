@@ -144,15 +144,16 @@ def take(repo: HistoryRepo, found: Live, layout: Layout, block_map_file: Path) -
     sha = repo.commit({**changes(committed, files, layout),
                        **removed(entries.keys() - found.files.keys(), layout)},
                       SERVER_AUTHOR, SUBJECT)
-    remember(found, block_map_file, layout)
+    remember(found.shown, block_map_file, layout)
     return sha
 
 
-def remember(found: Live, block_map_file: Path, layout: Layout) -> None:
-    """Save the block map (`block_map_file`, blockmap.py) of the files `found` shows in
-    `layout`, which the map records (a mount started while the server is away uses it),
-    unless it holds that already. Raises OSError."""
-    records = blockmap.records(found.shown)
+def remember(shown: Iterable[tuple[str, Block, bool]], block_map_file: Path, layout: Layout
+             ) -> None:
+    """Save the block map (`block_map_file`, blockmap.py) of the files `shown` ((path, block,
+    attached) each) in `layout`, which the map records (a mount started while the server is
+    away uses it), unless it holds that already. Raises OSError."""
+    records = blockmap.records(shown)
     try:
         if blockmap.read(block_map_file) == (layout.name, records):
             return

@@ -14,10 +14,13 @@ from dulwich.client import HTTPUnauthorized
 from dulwich.errors import GitProtocolError, NotGitRepository
 from dulwich.repo import Repo
 
-from memfuse import blockfile, daemon, gitpush, gitserve, handoff
+from memfuse import blockfile, blockmap, daemon, gitpush, gitserve, gitsync, handoff
 from memfuse.config import Config, RunningMount
 from memfuse.history import HistoryRepo
+from memfuse.layout import CLASSIC
+from memfuse.letta import LettaClient
 from memfuse.model import Block
+from memfuse.remote import Remote
 from memfuse.writerlock import WriterLock
 
 from .fakeletta import FakeLetta
@@ -327,6 +330,15 @@ def classic(fake):
     return agent, ids
 
 
+def assert_block_map_is_the_servers(fake: FakeLetta, agent: str, layout=CLASSIC) -> None:
+    """The block map serve saved is what a listing of the server now gives."""
+    async def listing() -> gitsync.Live:
+        async with LettaClient("http://letta.test", transport=fake.transport()) as client:
+            return await gitsync.live(Remote(client, agent), layout)
+    saved = blockmap.read(gitserve.agent_config(agent, "http://letta.test").block_map_file)
+    assert saved == (layout.name, blockmap.records(trio.run(listing).shown))
+
+
 def test_a_push_of_an_edit_a_create_and_a_removal_is_on_the_server_when_it_returns(
         fake, served, tmp_path, classic):
     agent, ids = classic
@@ -352,6 +364,7 @@ def test_a_push_of_an_edit_a_create_and_a_removal_is_on_the_server_when_it_retur
     assert fake.blocks[ids["notes"]]["tags"] == []
     assert not any(m == "DELETE" for m, _ in changing_calls(fake))
     assert "memfuse: on the server:" in said
+    assert_block_map_is_the_servers(fake, agent)  # made from the push, not a listing
     # the next pull has nothing new: no commit on top normalises the pushed bytes
     porcelain.pull(str(target), git_url(served, agent), username="letta",
                    errstream=porcelain.NoneStream())
@@ -368,6 +381,7 @@ def test_a_renamed_block_file_is_relabelled_not_made_again(fake, served, tmp_pat
     assert fake.blocks[ids["human"]]["label"] == "person"
     assert ids["human"] in fake.agents[agent]
     assert fake.calls("create") == []
+    assert_block_map_is_the_servers(fake, agent)
 
 
 BAD = "---\ndescription: d\nfoo: 1\n---\nx\n"
@@ -501,6 +515,7 @@ def test_a_push_the_server_takes_in_part_moves_main_to_what_was_applied(fake, se
             served_repo.object_store.iter_tree_contents(head.tree)}
     assert tree["system/human.md"] == b"Pushed human.\n"
     assert tree["system/persona.md"].endswith(b"---\nI am.\n")
+    assert_block_map_is_the_servers(fake, agent)
     # fixed: pull --rebase (here: pull onto the part, then commit again) and push completes it
     del fake.fail_paths[f"/v1/blocks/{ids['persona']}"]
     porcelain.reset(str(target), "hard", before)
