@@ -797,5 +797,8 @@ async def _serve(mount: Mount, on_ready: Callable[[str | None], None],
             log.warning("%s", mount.notice)
             if on_notice is not None:
                 on_notice(mount.notice)
-        _save_status(mount)  # a `memfuse status` right after `mount` returns reads this one
+        try:  # a `memfuse status` right after `mount` returns reads this one
+            _save_status(mount)
+        except Exception:  # a bug in a report: the publisher tries again, the mount serves on
+            mount.faults.caught(log, "the first status report failed unexpectedly")
         on_ready(None)

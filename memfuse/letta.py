@@ -6,11 +6,11 @@ errors carry `{"detail": ...}`; 409 means two server transactions raced and is w
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json as jsonlib
 import logging
 import ssl
+import threading
 from typing import Any, Callable
 
 import httpx
@@ -96,12 +96,19 @@ def _detail(response: httpx.Response) -> str:
     return str(detail if detail is not None else response.text[:500] or response.reason_phrase)
 
 
-@functools.cache
+_contexts = threading.local()
+
+
 def _tls() -> ssl.SSLContext:
-    """The TLS context every client shares: httpx makes one per client otherwise, loading the
-    CA bundle each time (20 ms; memfuse serve makes a client per request, profiled at 6 % of a
-    push's busy time). An SSLContext may be shared between threads."""
-    return httpx.create_ssl_context()
+    """The TLS context the clients of this thread share: httpx makes one per client otherwise,
+    loading the CA bundle each time (20 ms; memfuse serve makes a client per request, profiled
+    at 6 % of a push's busy time). One per thread, not one per process: httpcore sets the
+    context's ALPN protocols at each TLS connect, which must not race another thread's
+    handshake (serve answers requests in a pool of threads)."""
+    context = getattr(_contexts, "tls", None)
+    if context is None:
+        context = _contexts.tls = httpx.create_ssl_context()
+    return context
 
 
 class LettaClient:
