@@ -4,7 +4,8 @@ The daemon is its history's one writer (writerlock.py), so `memfuse serve` hands
 request needs written, over the hand-off socket (handoff.py; issue 20 point 5):
 
 - `sync`, before a ref advertisement: one full listing of the server, applied to the mount
-  (Poller.listed_since), then the snapshot committed (Snapshotter.flush). The head `serve`
+  (Poller.listed_since; it holds the mount's own changes back while it runs, so a mount
+  written without a pause cannot race it), then the snapshot committed (Snapshotter.flush). The head `serve`
   then advertises is the mount and the server as they are now: an edit in the mount, or an
   API edit, is in the next fetch, and a push on an older base is not a fast-forward.
 - `push`: the objects `serve` received (it writes nothing into the history) and one ref
@@ -89,7 +90,8 @@ class MountGit:
     async def sync(self) -> dict[str, Any]:
         """List the server now and commit what the mount shows. Answers `{"head": <id or
         null>}`, or `{"away": <reason>}` when the server did not answer the listing."""
-        if await self.poller.listed_since(trio.current_time(), SYNC_WAIT) is None:
+        if await self.poller.listed_since(trio.current_time(), SYNC_WAIT,
+                                          exclusive=True) is None:
             return {"away": (self.poller.last_error or "no listing in time").removeprefix(
                 "poll failed: ")}
         await self.snapshots.flush()
@@ -135,8 +137,8 @@ class MountGit:
             outcome = await receiver.apply(pushed.steps)
             changes = outcome.applied(pushed)
             self.state.expect_pushed(outcome.blocks, changes)
-        if outcome.done and await self.poller.listed_since(trio.current_time(),
-                                                           SHOW_WAIT) is None:
+        if outcome.done and await self.poller.listed_since(trio.current_time(), SHOW_WAIT,
+                                                           exclusive=True) is None:
             log.warning("push: no listing showed it in the mount yet (%s); the next one will",
                         self.poller.last_error or "none in time")
         verdict = await trio.to_thread.run_sync(receiver.settle, head, new, pushed, outcome)

@@ -44,6 +44,7 @@ log = logging.getLogger("memfuse.poller")
 FULL_INTERVAL = 3.0  # seconds between full listings, at least
 FULL_COST_FACTOR = 5  # ... and at least this many times the last full listing's duration
 MODEL_INTERVAL = 30.0  # seconds between reads of the agent's tags (its memory model), at least
+RACED_LIMIT = 3  # full listings in a row dropped for a local change: the next holds changes
 
 
 class Poller:
@@ -74,6 +75,8 @@ class Poller:
         self.full_duration = 0.0  # seconds the last full listing took
         self.applied = trio.Event()
         self._wanted = False  # a full listing was asked for (listed_since)
+        self._exclusive = False  # ... one that no local change may race (listed_since)
+        self._raced = 0  # full listings in a row dropped because a local change raced them
         self._wake = trio.Event()
         self._full_done = trio.Event()  # set (and replaced) after each full listing attempt
         self._full_failed = False  # the last full listing got no answer
@@ -113,17 +116,21 @@ class Poller:
                 await self._wake.wait()
             self._wake = trio.Event()
 
-    async def listed_since(self, since: float, timeout: float) -> float | None:
+    async def listed_since(self, since: float, timeout: float, exclusive: bool = False
+                           ) -> float | None:
         """The start (trio clock) of an applied full listing that started at or after `since`,
         asking for one at once and waiting at most `timeout` seconds for it. None when the
         server did not answer (or not in time): the caller falls back to its own read. A
         burst of opens is served this way with one listing instead of a GET each. The wait
         is at least twice what the last full listing took: thousands of blocks take seconds,
-        and a GET each meanwhile would cost more."""
+        and a GET each meanwhile would cost more. exclusive: the listing holds the mount's
+        changes back while it runs (Remote.changes_held), so a mount written without a pause
+        cannot race it (a git request that must see the mount and the server as they are)."""
         with trio.move_on_after(max(timeout, 2 * self.full_duration)):
             while self.last_full is None or self.last_full < since:
                 done = self._full_done
                 self._wanted = True
+                self._exclusive = self._exclusive or exclusive
                 self._wake.set()
                 await done.wait()
                 if self._full_failed:
@@ -132,18 +139,25 @@ class Poller:
 
     async def poll_once(self) -> bool:
         """One full listing and, unless a local change raced it, its reconciliation. Returns
-        whether it was applied."""
-        generation = self.remote.generation
-        started = trio.current_time()
+        whether it was applied. The listing holds the mount's changes back while it runs
+        (Remote.changes_held) when one was asked for so (`listed_since`), or after
+        RACED_LIMIT in a row were dropped: a mount written without a pause would otherwise
+        never see the server's changes."""
+        exclusive = self._exclusive or self._raced >= RACED_LIMIT
+        self._exclusive = False
         applied = False
         try:
-            attached, owned = await self.remote.listing(budget=0)
+            async with self.remote.changes_held() if exclusive else contextlib.nullcontext():
+                generation = self.remote.generation
+                started = trio.current_time()
+                attached, owned = await self.remote.listing(budget=0)
             attached, owned = await self._without_orphans(started, attached, owned)
         except ServerCallError as exc:
             self._failed(exc)
         else:
             self._answered()
-            if not self._raced(generation):
+            self._raced = self._raced + 1 if self._raced_since(generation) else 0
+            if not self._raced:
                 await self.state.reconcile(attached, owned, started)
                 self.last_full, applied = started, True
                 self.applied.set()
@@ -204,7 +218,7 @@ class Poller:
             self._failed(exc)
             return False
         self._answered()
-        if self._raced(generation):
+        if self._raced_since(generation):
             return False
         await self.state.reconcile_attached(attached, still_owned, started)
         return True
@@ -213,7 +227,7 @@ class Poller:
                                ) -> list[list[Block]]:
         """`listings` (started at `started`, trio time) without the blocks a settled journaled
         create's late POST made (MountState.orphan): each is deleted (Remote.discard), never
-        shown. The delete changes the server, so this listing is not applied (`_raced`): the
+        shown. The delete changes the server, so this listing is not applied (`_raced_since`): the
         next one is. Raises ServerCallError (no answer to a delete)."""
         result = []
         for listing in listings:
@@ -228,7 +242,7 @@ class Poller:
             result.append(kept)
         return result
 
-    def _raced(self, generation: int) -> bool:
+    def _raced_since(self, generation: int) -> bool:
         """A local change raced the listing: it may not show it yet."""
         return bool(self.remote.in_flight) or self.remote.generation != generation
 

@@ -13,12 +13,13 @@ the blocks returned to state.MountState.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import logging
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 import httpx
 import trio
@@ -203,6 +204,8 @@ class Remote:
         self.on_conflict = on_conflict
         self.in_flight = 0
         self.generation = 0
+        self._held: trio.Event | None = None  # while `changes_held`: set when it ends
+        self._drained: trio.Event | None = None  # set when in_flight drops to 0
         self.reachable = True
         self.reachable_since = time.time()
         self._locks: dict[str, trio.Lock] = {}
@@ -589,10 +592,30 @@ class Remote:
         async with self.lock(block.id):
             return await self._call(self.client.update_block(block.id, value=value))
 
+    @contextlib.asynccontextmanager
+    async def changes_held(self) -> AsyncIterator[None]:
+        """No state-changing call starts while the block runs; the ones under way finish
+        first. A listing made inside cannot race a local change (Poller._raced_since), so it is
+        applied even while the mount is written without a pause; a change that would start
+        meanwhile waits (its caller sees a delay of one listing, no error). Not nested."""
+        assert self._held is None
+        held = self._held = trio.Event()
+        try:
+            while self.in_flight:
+                drained = self._drained = trio.Event()
+                await drained.wait()
+            yield
+        finally:
+            self._held = self._drained = None
+            held.set()
+
     async def _call(self, coro, changes: bool = True, gone: type[ServerRefused] = BlockGone):
         """Await a client call (`_observed`). changes: it changes server state (counted in
-        `in_flight`/`generation`); gone: what a 404 means. Raises ServerCallError."""
+        `in_flight`/`generation`; it waits while `changes_held`); gone: what a 404 means.
+        Raises ServerCallError."""
         if changes:
+            while self._held is not None:
+                await self._held.wait()
             self.in_flight += 1
         try:
             return await self._observed(coro, gone)
@@ -600,3 +623,5 @@ class Remote:
             if changes:
                 self.in_flight -= 1
                 self.generation += 1
+                if not self.in_flight and self._drained is not None:
+                    self._drained.set()

@@ -249,3 +249,31 @@ async def test_opens_that_never_stop_still_ask_again_once_the_bursts_listing_is_
         await trio.sleep(0.5)
         await read_all(world.fs, "n3.md")
     assert world.fake.requests, f"served a copy more than {files_module.BURST_SPAN} s old"
+
+
+async def test_a_mount_written_without_a_pause_still_applies_a_listing(world, poller, nursery,
+                                                                      monkeypatch):
+    # each listing is raced by a local write that starts while it runs; after RACED_LIMIT
+    # dropped in a row, the next holds the mount's changes back (Remote.changes_held) and is
+    # applied, so a steadily written mount still sees the server's changes
+    from memfuse.poller import RACED_LIMIT
+
+    from .test_offline import write
+    real, started = world.remote.listing, []
+
+    async def listing_while_written(*args, **kwargs):
+        nursery.start_soon(write, world, "system/persona.md", f"local {len(started)}\n".encode())
+        started.append(1)
+        for _ in range(100):  # until the write is under way, unless changes are held
+            if world.remote.in_flight:
+                break
+            await trio.sleep(0)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(world.remote, "listing", listing_while_written)
+    world.fake.blocks[world.ids["human"]]["value"] = "Edited by the agent.\n"
+    assert [await poller.poll_once() for _ in range(RACED_LIMIT + 1)] == (
+        [False] * RACED_LIMIT + [True])
+    assert (await read_all(world.fs, "system/human.md")).endswith(b"Edited by the agent.\n")
+    await trio.sleep(0.1)  # the write held back during the last listing went on after it
+    assert world.fake.blocks[world.ids["persona"]]["value"] == f"local {RACED_LIMIT}\n"

@@ -252,13 +252,15 @@ def test_a_mounted_agent_is_served_by_its_daemon_live_both_ways(serve, agent, ap
         for i in range(5):
             (clone / "todo.md").write_text(f"---\ndescription: Things\n---\nitem {i}\n")
             git("commit", "-q", "-am", f"item {i}", cwd=clone, env=home)
-            for _attempt in range(5):  # a write in the mount moved main: rebase, push again
-                if git("push", "-q", "origin", "main", cwd=clone, env=home,
-                       check=False).returncode == 0:
+            after_writes = 0  # refusals once the writes ended
+            while True:  # a write in the mount moved main: git's refusal, rebase, push again
+                refused = git("push", "-q", "origin", "main", cwd=clone, env=home, check=False)
+                if refused.returncode == 0:
                     break
+                assert re.search(r"fetch first|non-fast-forward", refused.stderr), refused.stderr
+                after_writes += not writer.is_alive()
+                assert after_writes <= 2, "a push kept being refused after the writes ended"
                 git("pull", "-q", "--rebase", cwd=clone, env=home)
-            else:
-                pytest.fail("a push kept being refused")
             assert (m.path / "todo.md").read_text().endswith(f"---\nitem {i}\n")
         writer.join(60)
         git("pull", "-q", "--ff-only", cwd=clone, env=home)
@@ -276,6 +278,54 @@ def test_a_mounted_agent_is_served_by_its_daemon_live_both_ways(serve, agent, ap
     assert not any(KEY.encode() in p.read_bytes()
                    for p in (Path(home["HOME"]) / ".letta").rglob("*") if p.is_file())
 
+
+
+def test_a_mount_written_without_a_pause_is_fetched_at_once_and_a_push_is_never_a_503(
+        serve, agent, home, tmp_path):
+    # a listing a local write raced is dropped; a git request's listing holds the mount's
+    # writes back while it runs instead (Remote.changes_held), so it is not starved: before,
+    # each request waited 30 s and a push was refused as if the server were away
+    m = start_mount(agent, home)
+    clone = tmp_path / "clone"
+    stop, written = threading.Event(), []
+
+    def write_without_a_pause() -> None:
+        while not stop.is_set():
+            (m.path / "notes.md").write_text(f"note {len(written)}\n")
+            written.append(1)
+    try:
+        git("clone", "-q", serve.git_url(agent), str(clone), env=home)
+        writer = threading.Thread(target=write_without_a_pause)
+        writer.start()
+        try:
+            while len(written) < 3:
+                time.sleep(0.01)
+            before = len(written) - 1  # a write acknowledged before the pull started
+            git("pull", "-q", "--ff-only", cwd=clone, env=home)
+            note = int((clone / "notes.md").read_text().rsplit("note ", 1)[1])
+            assert note >= before
+            (clone / "todo.md").write_text("---\ndescription: Things\n---\nwhile written\n")
+            git("add", "-A", cwd=clone, env=home)
+            git("commit", "-q", "-m", "todo", cwd=clone, env=home)
+            for _attempt in range(3):  # main moves with each write: git's own refusal, at once
+                pushed = git("push", "-q", "origin", "main", cwd=clone, env=home, check=False)
+                if pushed.returncode == 0:
+                    break
+                assert "does not answer" not in pushed.stderr and "503" not in pushed.stderr
+                assert re.search(r"fetch first|non-fast-forward", pushed.stderr), pushed.stderr
+                git("pull", "-q", "--rebase", cwd=clone, env=home)
+        finally:
+            stop.set()
+            writer.join(30)
+        git("pull", "-q", "--rebase", cwd=clone, env=home)
+        git("push", "-q", "origin", "main", cwd=clone, env=home)
+        assert (m.path / "todo.md").read_text().endswith("---\nwhile written\n")
+        git("pull", "-q", "--ff-only", cwd=clone, env=home)
+        assert tree(clone) == tree(m.path)
+        assert (m.path / "notes.md").read_text().endswith(f"note {len(written) - 1}\n")
+    finally:
+        stop.set()
+        stop_mount(m)
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
