@@ -9,8 +9,9 @@ proxy, mounts again, waits for the journal to drain and checks:
 
 - every block on the server holds the last acknowledged value for it, or a later one (the
   write in flight when the daemon died may have landed);
-- every acknowledged new file is exactly one block the agent owns, with its value, and every
-  acknowledged removal left no block the agent owns under that label;
+- every acknowledged new file is exactly one block the agent owns, with its value (or none,
+  when an unlink of it got no answer: it may have been done, as the write in flight may have
+  landed), and every acknowledged removal left no block the agent owns under that label;
 - `git fsck --strict` of the history reports nothing.
 
 Prints `acknowledged writes: N, lost: L, fsck errors: F` and returns the counts.
@@ -136,7 +137,9 @@ class Writer:
     the mount at `mountpoint`, and every 10th change creates a new file or removes the oldest
     one it created. A change counts as acknowledged when close() or unlink() returned 0:
     `acked` file -> last acknowledged write's number, `created` new file -> its content,
-    `removed` the new files whose unlink returned 0, `count` the acknowledged changes and
+    `removed` the new files whose unlink returned 0, `unlink_failed` those whose unlink failed
+    (it may still have been done: the daemon killed after it, before its answer), `count` the
+    acknowledged changes and
     `errors` errno -> how many calls failed with it. `pause` s between changes; new files go
     to `create_dirs` in turn ("": the mount's root, a detached block; "system/": attached)."""
 
@@ -147,6 +150,7 @@ class Writer:
         self.acked: dict[str, int] = {}
         self.created: dict[str, str] = {}
         self.removed: set[str] = set()
+        self.unlink_failed: set[str] = set()  # unlinks not acknowledged: may have taken effect
         self.count = 0
         self.errors: dict[int, int] = {}
         self._stop = threading.Event()
@@ -174,7 +178,11 @@ class Writer:
                     self.created[name] = value
                 elif seq % 10 == 5 and self.created:  # remove the oldest new file
                     name = next(iter(self.created))  # the oldest
-                    os.unlink(mountpoint / name)
+                    try:
+                        os.unlink(mountpoint / name)
+                    except OSError:  # no answer: it may have been done (the daemon killed
+                        self.unlink_failed.add(name)  # after journaling it, before replying)
+                        raise
                     del self.created[name]
                     self.removed.add(name)
                 else:
@@ -212,6 +220,8 @@ def check_server(api: httpx.Client, agent: str, writer: Writer, label: str, resu
                                                  "limit": 1000}).json():
         owned.setdefault(block["label"], []).append(block["value"])
     for name, value in writer.created.items():
+        if Path(name).stem not in owned and name in writer.unlink_failed:
+            continue  # its unlink got no answer, as a write in flight may have landed
         if owned.get(Path(name).stem) != [value] and not refused(name, value):
             result.lost += 1
             result.details.append(f"{label}: new file {name} is "

@@ -582,6 +582,8 @@ while time.monotonic() < end:
         failed += 1
         print(e, file=sys.stderr)
     i += 1
+    if i == 1:
+        print("saving", flush=True)  # the reader starts now
 print(i, failed)
 """
 
@@ -617,6 +619,8 @@ def scenario_torn(s: Session, knobs: Knobs, out: Outcome) -> None:
     seconds = str(knobs.seconds * 2)
     saver = subprocess.Popen(["python3", "-c", SAVER, seconds], cwd=s.path,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    saver.stdout.readline()  # its first save is done: a reader opened before it reads through
+    # the page cache that save's O_TRUNC empties, as on any filesystem
     reader = subprocess.run(["python3", "-c", READER, seconds], cwd=s.path,
                             capture_output=True, text=True, timeout=knobs.seconds * 2 + 600)
     saved, save_err = saver.communicate(timeout=600)
