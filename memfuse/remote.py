@@ -386,7 +386,9 @@ class Remote:
         theirs = None
         async with self.lock(block.id):
             if base is not None:
-                current = await self._call(self.client.get_block(base.id, budget=budget),
+                # the block written, not base's: a file renamed over another since it was
+                # read writes that file's block (its base is what it read, by fields)
+                current = await self._call(self.client.get_block(block.id, budget=budget),
                                            changes=False)
                 if blockfile.conflict_fields(current) != blockfile.conflict_fields(base):
                     blockfile.plan_update(current, parsed)  # refused is refused, conflict or not

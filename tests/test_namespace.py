@@ -336,3 +336,23 @@ async def test_scratch_files_are_limited_and_refused_with_enospc(world, monkeypa
     assert caught.value.errno == errno.ENOSPC
     await fs.release(info.fh)
     assert await read_all(fs, "system/.a.swp") == b"abcdefgh"
+
+
+async def test_a_write_opened_before_its_file_was_renamed_over_another_lands_in_that_block(
+        world):
+    # the kernel keeps the fd on the moved inode: its close writes the file now named a.md,
+    # whose block is the replaced file's (the rename wrote the source's bytes there). The
+    # conflict check read the block the writer had opened (its base's id) and PATCHed that,
+    # the retired source block: the acknowledged bytes were lost (the ordering model found it)
+    fs, fake = world.fs, world.fake
+    await create(fs, "a.md", b"old a\n")
+    [a] = fake.by_label("a")
+    info = await fs.open(await inode_of(fs, "system/human.md"), os.O_RDWR, None)
+    own = await fs.read(info.fh, 0, 1 << 20)
+    await rename(fs, "system/human.md", "a.md")
+    await fs.write(info.fh, len(own), b"more\n")
+    await fs.flush(info.fh)
+    await fs.release(info.fh)
+    assert fake.blocks[a["id"]]["value"] == "The human.\nmore\n"
+    assert (await read_all(fs, "a.md")).endswith(b"---\nThe human.\nmore\n")
+    assert fake.blocks[world.ids["human"]]["value"] == "The human.\n"  # retired as it was
