@@ -164,16 +164,21 @@ def test_status_of_a_dead_daemon_says_so(home, capsys):
     assert f"nothing is mounted at {state / 'memory'}" in capsys.readouterr().out
 
 
+def save_status(state, pid: int) -> None:
+    """A status report of agent-1's daemon `pid`, nothing pending, in `state`."""
+    Status(agent_id="agent-1", mountpoint=str(state / "memory"), base_url="http://x",
+           pid=pid, reachable=True, last_poll=None, pending_writes=0, pending_unlinks=0,
+           uncommitted=0, last_commit=None, last_commit_message=None, last_commit_at=None,
+           last_conflict=None, last_error=None, last_error_at=None,
+           updated_at=1e12).save(state / "memfuse.status.json")
+
+
 def test_status_of_a_live_daemon_prints_its_report(home, capsys, live_pid):
     state = home / ".letta/agents/agent-1"
     state.mkdir(parents=True)
     RunningMount("agent-1", str(state / "memory"), live_pid, "http://x",
                  str(state / "memfuse.log")).save(state / "memfuse.pid")
-    Status(agent_id="agent-1", mountpoint=str(state / "memory"), base_url="http://x",
-           pid=live_pid, reachable=True, last_poll=None, pending_writes=0, pending_unlinks=0,
-           uncommitted=0, last_commit=None, last_commit_message=None, last_commit_at=None,
-           last_conflict=None, last_error=None, last_error_at=None,
-           updated_at=1e12).save(state / "memfuse.status.json")
+    save_status(state, live_pid)
     assert cli.main(["status"]) == 0
     out = capsys.readouterr().out
     assert f"agent agent-1 mounted at {state / 'memory'}" in out
@@ -187,11 +192,7 @@ def test_status_of_a_live_daemon_never_shows_a_dead_daemons_report(home, capsys,
     state.mkdir(parents=True)
     RunningMount("agent-1", str(state / "memory"), live_pid, "http://x",
                  str(state / "memfuse.log")).save(state / "memfuse.pid")
-    Status(agent_id="agent-1", mountpoint=str(state / "memory"), base_url="http://x",
-           pid=dead_pid(), reachable=True, last_poll=None, pending_writes=0, pending_unlinks=0,
-           uncommitted=0, last_commit=None, last_commit_message=None, last_commit_at=None,
-           last_conflict=None, last_error=None, last_error_at=None,
-           updated_at=1e12).save(state / "memfuse.status.json")
+    save_status(state, dead_pid())
     assert cli.main(["status", "agent-1"]) == 0
     out = capsys.readouterr().out
     assert f"(pid {live_pid}): starting, no status yet" in out
