@@ -5,9 +5,10 @@ request needs written, over the hand-off socket (handoff.py; issue 20 point 5):
 
 - `sync`, before a ref advertisement: one full listing of the server, applied to the mount
   (Poller.listed_since; it holds the mount's own changes back while it runs, so a mount
-  written without a pause cannot race it), then the snapshot committed (Snapshotter.flush). The head `serve`
-  then advertises is the mount and the server as they are now: an edit in the mount, or an
-  API edit, is in the next fetch, and a push on an older base is not a fast-forward.
+  written without a pause cannot race it), then the snapshot committed (Snapshotter.flush).
+  The head `serve` then advertises is the mount and the server as they are now: an edit
+  in the mount, or an API edit, is in the next fetch, and a push on an older base is not a
+  fast-forward.
 - `push`: the objects `serve` received (it writes nothing into the history) and one ref
   update, with the request's key. With the snapshots paused (the branch is the mount as it
   was), gitpush.Receiver judges the update against the files the mount shows; with the

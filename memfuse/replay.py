@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import trio
 
@@ -46,13 +46,19 @@ class Outcome:
     recorded: bool = False
 
 
-def _made(entries: list[Entry]) -> Block:
-    """The block a block's journaled writes (and create), in order, make of the first one's
-    base: each file's value, and each frontmatter key it names (a key left out keeps the
-    earlier write's)."""
+def _versions(entries: list[Entry]) -> Iterator[Block]:
+    """The block after each of a block's journaled writes (and create), in order, made of the
+    first one's base: each file's value, and each frontmatter key it names (a key left out
+    keeps the earlier write's)."""
     block = entries[0].base_block()
     for entry in entries:
         block = blockfile.applied(block, blockfile.parse(entry.content))
+        yield block
+
+
+def _made(entries: list[Entry]) -> Block:
+    """The block a block's journaled writes (and create), in order, make (`_versions`)."""
+    *_, block = _versions(entries)
     return block
 
 
@@ -70,12 +76,8 @@ def _ours(current: Block, contents: list[Entry]) -> bool:
     `contents` make, for some n: this mount's own write, whose PATCH the server took before
     the answer was lost (the write was then journaled on the block as it was), or a replay
     cut short after its PATCH. Not a change of somebody else's, so no conflict."""
-    fields, block = blockfile.conflict_fields(current), contents[0].base_block()
-    for entry in contents:  # one pass: a long outage journals many writes to one block
-        block = blockfile.applied(block, blockfile.parse(entry.content))
-        if blockfile.conflict_fields(block) == fields:
-            return True
-    return False
+    fields = blockfile.conflict_fields(current)
+    return any(blockfile.conflict_fields(block) == fields for block in _versions(contents))
 
 
 def _target(entries: list[Entry]) -> blockfile.ParsedFile:
